@@ -1,0 +1,54 @@
+"""The ``cheapspot`` command (also installed as ``kubectl-cheapspot``).
+
+Each sub-command lives with the part it drives and is imported only when used,
+so ``cheapspot worker`` never loads the Kubernetes client and ``cheapspot up``
+never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+# name -> ("module:function", help). The function takes the remaining argv and returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build": ("cheapspot_localcluster.cli:build_main", "build the local cluster's binaries (once, cached)"),
+    "up": ("cheapspot_localcluster.cli:up_main", "start the local cluster and S3 endpoint"),
+    "down": ("cheapspot_localcluster.cli:down_main", "stop everything `up` started"),
+    "kubeconfig": ("cheapspot_localcluster.cli:kubeconfig_main", "print the admin kubeconfig path"),
+    "nodes": ("cheapspot_localcluster.cli:nodes_main", "show the cluster's nodes in a table"),
+    "preempt": ("cheapspot_localcluster.cli:preempt_main", "simulate a spot reclaim of a node"),
+    "spot": ("cheapspot_localcluster.cli:spot_main", "take all spot capacity away or give it back"),
+    "operator": ("cheapspot_operator.main:main", "run the operator"),
+    "worker": ("cheapspot_worker.main:main", "run a worker role (train, anchor, serve)"),
+    "demo": ("cheapspot_localcluster.demo:main", "the main job, end to end on the local cluster"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: cheapspot COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _resolve(target: str) -> Callable[[Sequence[str]], int]:
+    module_name, func_name = target.split(":")
+    func: Callable[[Sequence[str]], int] = getattr(importlib.import_module(module_name), func_name)
+    return func
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"cheapspot: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return _resolve(COMMANDS[name][0])(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

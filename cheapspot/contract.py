@@ -1,0 +1,303 @@
+"""The contract between the operator and the worker pods.
+
+Both sides import this module and nothing else of each other. It holds:
+
+* the task a worker pod receives (:class:`Task`, passed as JSON in the
+  ``CHEAPSPOT_TASK`` environment variable),
+* the worker's exit codes (:class:`ExitCode`),
+* the object-store layout (:class:`Layout`): where checkpoints, round results,
+  global adapters, progress records and the final adapter live,
+* the progress record a worker publishes (:class:`Progress`), which is how the
+  operator learns what a job is doing without worker pods needing any
+  Kubernetes access.
+
+It imports nothing heavy (pydantic only) so the operator image stays small.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TASK_ENV = "CHEAPSPOT_TASK"
+"""Environment variable that carries the task as JSON."""
+
+ALLOWED_SCHEMES = ("s3", "file", "hf")
+"""URI schemes for models; datasets and outputs take s3 and file only."""
+
+MANIFEST_NAME = "MANIFEST.json"
+"""Written last in every published prefix; a reader trusts only what it lists."""
+
+
+class ExitCode(enum.IntEnum):
+    """How a worker process ends. The operator classifies pod failures by these."""
+
+    DONE = 0
+    """The role finished its work (a shard finished all rounds, the anchor published the final adapter)."""
+    PERMANENT = 65
+    """A user error that no retry can fix (bad dataset, unknown target module, unreadable
+    model, quantization without CUDA). The job fails with the worker's message; no retry."""
+    TRANSIENT = 75
+    """Something outside the worker failed (object store down after retries). Retrying may
+    succeed; counts against the job's restart budget."""
+    INTERRUPTED = 143
+    """Stopped by SIGTERM after publishing a checkpoint (128 + SIGTERM). A preemption, not a failure."""
+
+
+class Role(enum.StrEnum):
+    TRAIN = "train"
+    """Trains one shard of the dataset, round after round."""
+    ANCHOR = "anchor"
+    """Averages shard results into the next global adapter; publishes the final adapter."""
+    SERVE = "serve"
+    """Serves a base model with LoRA adapters (inference pools)."""
+
+
+class Quantization(enum.StrEnum):
+    NONE = "none"
+    INT8 = "int8"
+    NF4 = "nf4"
+
+
+class DatasetFormat(enum.StrEnum):
+    AUTO = "auto"
+    TEXT = "text"
+    PROMPT_COMPLETION = "prompt-completion"
+    CHAT = "chat"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _check_scheme(uri: str, allowed: tuple[str, ...]) -> str:
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme not in allowed:
+        raise ValueError(f"URI {uri!r} must start with one of {', '.join(s + '://' for s in allowed)}")
+    return uri
+
+
+class ModelSource(_Strict):
+    uri: str = Field(description="Hugging Face model directory: s3://, file:// or hf://<repo id>.")
+    quantization: Quantization = Field(
+        Quantization.NONE, description="Load the base model in int8 or 4-bit NF4 (CUDA only)."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _check_scheme(v, ALLOWED_SCHEMES)
+
+
+class DatasetSource(_Strict):
+    uri: str = Field(description="A JSONL file: s3:// or file://.")
+    format: DatasetFormat = Field(
+        DatasetFormat.AUTO,
+        description="text, prompt-completion (loss on the completion only), chat (messages "
+        "through the model's chat template), or auto (detected from the first record).",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _check_scheme(v, ("s3", "file"))
+
+
+class LoraSettings(_Strict):
+    r: Annotated[int, Field(gt=0, description="LoRA rank.")] = 16
+    alpha: Annotated[float, Field(gt=0, description="LoRA alpha (scale = alpha / r).")] = 32.0
+    dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout.")] = 0.05
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        alias="targetModules",
+        description="'all-linear' or a list of module names (q_proj, v_proj, ...).",
+    )
+
+
+class TrainingSettings(_Strict):
+    steps: Annotated[int, Field(gt=0, description="Optimizer steps per shard, all rounds together.")] = 1000
+    batch_size: Annotated[int, Field(gt=0, alias="batchSize", description="Sequences per optimizer step.")] = 8
+    gradient_accumulation: Annotated[
+        int, Field(gt=0, alias="gradientAccumulation", description="Micro-batches per optimizer step.")
+    ] = 1
+    learning_rate: Annotated[float, Field(gt=0, alias="learningRate", description="Peak AdamW learning rate.")] = 2e-4
+    warmup_steps: Annotated[int, Field(ge=0, alias="warmupSteps", description="Linear warmup steps.")] = 0
+    max_seq_length: Annotated[
+        int, Field(gt=0, alias="maxSeqLength", description="Longer sequences are truncated.")
+    ] = 1024
+    seed: int = Field(42, description="Seeds LoRA initialisation, data order and dropout.")
+
+
+class RoundSettings(_Strict):
+    local_steps: Annotated[
+        int, Field(gt=0, alias="localSteps", description="Inner steps each shard takes per round (H).")
+    ] = 100
+    outer_learning_rate: Annotated[
+        float, Field(gt=0, alias="outerLearningRate", description="Outer SGD learning rate (DiLoCo: 0.7).")
+    ] = 0.7
+    outer_momentum: Annotated[
+        float, Field(ge=0, lt=1, alias="outerMomentum", description="Outer Nesterov momentum (DiLoCo: 0.9).")
+    ] = 0.9
+    quorum: Annotated[
+        int | None,
+        Field(gt=0, description="Shard results the anchor waits for per round; default all shards."),
+    ] = None
+
+
+class CheckpointPolicy(_Strict):
+    every_steps: Annotated[int, Field(ge=0, alias="everySteps", description="0 turns step checkpoints off.")] = 20
+    every_seconds: Annotated[
+        float, Field(ge=0, alias="everySeconds", description="0 turns timed checkpoints off.")
+    ] = 300.0
+    keep: Annotated[int, Field(gt=0, description="Checkpoints kept per shard.")] = 3
+    sigterm_budget_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            alias="sigtermBudgetSeconds",
+            description="Time allowed to publish a checkpoint after SIGTERM (the notice minus a margin).",
+        ),
+    ] = 25.0
+
+
+class JobRef(_Strict):
+    namespace: str
+    name: str
+    uid: str = ""
+
+
+class Task(_Strict):
+    """Everything a worker pod needs. Serialised to JSON in ``CHEAPSPOT_TASK``."""
+
+    role: Role
+    job: JobRef
+    shard_index: Annotated[int, Field(ge=0)] = 0
+    shard_count: Annotated[int, Field(ge=1, le=256)] = 1
+    model: ModelSource
+    dataset: DatasetSource
+    output_uri: str = Field(description="Job prefix in object storage: s3://bucket/prefix/ or file:///dir/.")
+    lora: LoraSettings = LoraSettings()
+    training: TrainingSettings = TrainingSettings()
+    rounds: RoundSettings = RoundSettings()
+    checkpoint: CheckpointPolicy = CheckpointPolicy()
+    attempt: Annotated[int, Field(ge=0, description="Pod incarnation, for logs only.")] = 0
+
+    @field_validator("output_uri")
+    @classmethod
+    def _out(cls, v: str) -> str:
+        _check_scheme(v, ("s3", "file"))
+        return v if v.endswith("/") else v + "/"
+
+    @property
+    def round_count(self) -> int:
+        """Rounds needed to take ``training.steps`` steps, ``rounds.local_steps`` at a time."""
+        return -(-self.training.steps // self.rounds.local_steps)
+
+    def steps_in_round(self, round_index: int) -> int:
+        """Inner steps of round ``round_index`` (the last round may be shorter)."""
+        start = round_index * self.rounds.local_steps
+        return max(0, min(self.rounds.local_steps, self.training.steps - start))
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.output_uri)
+
+    def to_env(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Task:
+        env = os.environ if environ is None else environ
+        raw = env.get(TASK_ENV)
+        if not raw:
+            raise ValueError(f"environment variable {TASK_ENV} is not set")
+        return cls.model_validate_json(raw)
+
+
+class Layout:
+    """Where everything of one job lives, relative to its output prefix.
+
+    ``{root}`` is the job's ``output_uri`` (ends with ``/``)::
+
+        rounds/{r:05d}/global/              global adapter g_r (+ outer optimizer state), MANIFEST.json
+        rounds/{r:05d}/shards/{i:04d}/      shard i's adapter after round r, MANIFEST.json
+        shards/{i:04d}/checkpoints/{s:08d}/ shard i's checkpoint after global step s, MANIFEST.json
+        progress/shard-{i:04d}.json         shard i's progress record
+        progress/anchor.json                the anchor's progress record
+        final/                              the final PEFT adapter + training_summary.json, MANIFEST.json
+
+    Every key has a single writer (shard i writes only shard i's keys, the anchor the
+    rest), so no compare-and-swap is needed.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root if root.endswith("/") else root + "/"
+
+    def _join(self, *parts: str) -> str:
+        return self.root + "/".join(parts) + "/"
+
+    def global_adapter(self, round_index: int) -> str:
+        return self._join("rounds", f"{round_index:05d}", "global")
+
+    def shard_result(self, round_index: int, shard_index: int) -> str:
+        return self._join("rounds", f"{round_index:05d}", "shards", f"{shard_index:04d}")
+
+    def shard_checkpoints(self, shard_index: int) -> str:
+        return self._join("shards", f"{shard_index:04d}", "checkpoints")
+
+    def shard_checkpoint(self, shard_index: int, global_step: int) -> str:
+        return self._join("shards", f"{shard_index:04d}", "checkpoints", f"{global_step:08d}")
+
+    def progress(self, role: Role, shard_index: int = 0) -> str:
+        name = "anchor.json" if role is Role.ANCHOR else f"shard-{shard_index:04d}.json"
+        return self.root + "progress/" + name
+
+    @property
+    def final(self) -> str:
+        return self._join("final")
+
+
+class Phase(enum.StrEnum):
+    STARTING = "starting"
+    LOADING = "loading"
+    TRAINING = "training"
+    WAITING = "waiting"
+    """Round done; waiting for the next global adapter (shards) or for shard results (anchor)."""
+    CHECKPOINTING = "checkpointing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Progress(_Strict):
+    """The record a worker publishes at ``Layout.progress``. The operator reads it."""
+
+    role: Role
+    shard_index: int = 0
+    phase: Phase
+    round: int = Field(0, description="Current round (0-based).")
+    step: int = Field(0, description="Optimizer steps done by this shard, all rounds together.")
+    total_steps: int = 0
+    loss: float | None = None
+    tokens: int = Field(0, description="Tokens trained on so far.")
+    last_checkpoint_step: int | None = None
+    resumes: int = Field(0, description="Times this role resumed from a checkpoint (preemptions survived).")
+    steps_lost: int = Field(0, description="Steps redone after resumes, all together.")
+    message: str = ""
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Progress:
+        return cls.model_validate(json.loads(data))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+

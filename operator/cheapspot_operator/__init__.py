@@ -1,0 +1,1 @@
+"""cheapspot operator: watches CheapTrainJob and CheapInferencePool, plans, acts. Never imports torch."""
