@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# Session fixtures: `s3_endpoint`, `local_cluster` (both lazy: unit tests never wait for them);
+
+pytest_plugins = ["cheapspot_localcluster.testing"]
+
 _TIER_BY_FOLDER = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
 
 

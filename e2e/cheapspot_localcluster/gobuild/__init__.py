@@ -1,0 +1,1 @@
+"""Package data (gobuild); a package so the `*` package-data patterns ship it in wheels."""

@@ -1,0 +1,650 @@
+"""Plays kubelet for the simulated nodes: runs each pod as a local process.
+
+kwok keeps the simulated nodes alive; in the cluster's ``external`` pod-lifecycle mode it
+leaves pods alone and this runner owns them, as a kubelet would:
+
+* a pod bound to a live node is started as a local process: the first container's
+  ``command`` + ``args`` with its environment (``value``, ``fieldRef``, ``secretKeyRef``,
+  ``configMapKeyRef`` and ``envFrom``), in a working directory of its own, with its own
+  loopback pod IP (``127.0.0.N``) reported in ``status.podIP``;
+* **images map to the local installation**: the image name is not pulled or run; the command
+  is looked up on the runner's ``PATH``, whose first entry is the project's virtual
+  environment. ``Dockerfile.worker`` installs the same ``cheapspot`` distribution into the
+  image, so ``cheapspot worker`` means the same program in both places;
+* the pod's status stays true: Running with a started container, then Succeeded or Failed
+  with the exit code, and a termination message read from the file named by
+  ``CHEAPSPOT_TERMINATION_MESSAGE_PATH`` (the local stand-in for ``terminationMessagePath``)
+  or, with ``FallbackToLogsOnError``, the tail of the log;
+* a pod marked for deletion (deleted, evicted) gets SIGTERM, SIGKILL after its grace period,
+  and is then removed, as kubelet does;
+* a pod whose machine went away (the reclaim switched the node off: kwok no longer acts for
+  it, or the Node object is gone) is killed at once with SIGKILL and nothing more is reported
+  for it, as nothing would be on a real cloud: the control plane's own controllers deal with
+  the pod object. A node that is merely NotReady (a missed lease renewal on a busy machine)
+  keeps its processes, as a real kubelet cut off from the API server does;
+* ``emptyDir`` volumes become directories of the pod's own, and environment values under a
+  volume's ``mountPath`` (``HOME=/tmp`` with an emptyDir at ``/tmp``) point into them: a
+  local process cannot have a private ``/tmp``, so this keeps pods from sharing caches;
+* the pod's processes die with the runner (``PR_SET_PDEATHSIG``): stopping the runner is
+  every simulated machine going away at once.
+
+Decisions are a pure function (:func:`decide`); :class:`PodRunner` applies them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from cheapspot_localcluster.nodepool import KWOK_MANAGED_LABEL
+from cheapspot_localcluster.processes import _die_with_parent
+
+log = logging.getLogger("cheapspot.podrunner")
+
+TERMINATION_MESSAGE_ENV = "CHEAPSPOT_TERMINATION_MESSAGE_PATH"
+LOG_TAIL_BYTES = 2048
+"""Like kubelet: at most 2 KiB of log tail become the termination message on error."""
+
+
+class Op(enum.Enum):
+    START = "start"
+    """Start the pod's process and report it Running."""
+    TERMINATE = "terminate"
+    """Deletion asked for: SIGTERM now, SIGKILL when the grace period runs out."""
+    KILL = "kill"
+    """SIGKILL now: the grace period is over, or the pod object is gone."""
+    NODE_LOST = "node-lost"
+    """The node went away: SIGKILL now and report nothing more, as a dead kubelet would."""
+    REPORT_EXIT = "report-exit"
+    """The process ended: report Succeeded/Failed with its exit code."""
+    REMOVE = "remove"
+    """The pod is terminating and its process has ended: delete the object (grace 0)."""
+    FORGET = "forget"
+    """Nothing more to do for this pod: drop local bookkeeping."""
+
+
+@dataclass
+class Proc:
+    """What the runner knows about one pod's process."""
+
+    uid: str
+    namespace: str
+    name: str
+    node: str
+    popen: subprocess.Popen[bytes] | None
+    ip: str
+    workdir: Path
+    started_at: datetime
+    exit_code: int | None = None
+    exit_reported: bool = False
+    term_sent_at: float | None = None
+    node_lost: bool = False
+
+
+@dataclass(frozen=True)
+class PodView:
+    """The fields of a pod that matter to the runner."""
+
+    uid: str
+    node: str
+    phase: str
+    deleting: bool
+    grace_seconds: float
+
+
+def view(pod: Mapping[str, Any]) -> PodView:
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    grace = meta.get("deletionGracePeriodSeconds")
+    if grace is None:
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+    return PodView(
+        uid=meta.get("uid", ""),
+        node=spec.get("nodeName") or "",
+        phase=status.get("phase") or "Pending",
+        deleting=bool(meta.get("deletionTimestamp")),
+        grace_seconds=float(grace or 0),
+    )
+
+
+def decide(pod: PodView | None, proc: Proc | None, node_alive: bool, now: float) -> Op | None:
+    """What to do next for one pod, given what the API says and what runs locally."""
+    if proc is not None and proc.node_lost:
+        return Op.FORGET if pod is None else None
+    if pod is None:
+        if proc is None:
+            return None
+        return Op.KILL if proc.exit_code is None else Op.FORGET
+    if proc is None:
+        if not node_alive:
+            # A pod on a machine that is gone: nobody is left to act for it; the control
+            # plane's controllers (taint eviction, pod GC) deal with the object.
+            return None
+        if pod.deleting:
+            # Never started here (or started by a runner before us): nothing to stop.
+            return Op.REMOVE
+        if pod.phase == "Pending" and pod.node:
+            return Op.START
+        return None
+    if not node_alive:
+        return Op.NODE_LOST
+    if proc.exit_code is not None:
+        if not proc.exit_reported:
+            return Op.REPORT_EXIT
+        return Op.REMOVE if pod.deleting else None
+    if pod.deleting:
+        if proc.term_sent_at is None:
+            return Op.TERMINATE
+        if now - proc.term_sent_at >= pod.grace_seconds:
+            return Op.KILL
+    return None
+
+
+def machine_is_on(node: Mapping[str, Any]) -> bool:
+    """Whether the simulated machine behind ``node`` still exists.
+
+    Not the Ready condition: a real node can go NotReady (kubelet cut off from the API server)
+    while its containers run on. A reclaim switches the machine off by taking kwok's label
+    away (:func:`cheapspot_localcluster.reclaim.switch_off_patch`), then deletes the Node.
+    """
+    meta = node.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    return not meta.get("deletionTimestamp") and labels.get(KWOK_MANAGED_LABEL) == "true"
+
+
+def iso(ts: datetime) -> str:
+    return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def running_status(pod: Mapping[str, Any], ip: str, started: datetime) -> dict[str, Any]:
+    """The status a kubelet reports once the container has started."""
+    containers = pod["spec"]["containers"]
+    now = iso(started)
+    conditions = [
+        {"type": t, "status": "True", "lastTransitionTime": now}
+        for t in ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
+    ]
+    return {
+        "phase": "Running",
+        "hostIP": "127.0.0.1",
+        "hostIPs": [{"ip": "127.0.0.1"}],
+        "podIP": ip,
+        "podIPs": [{"ip": ip}],
+        "startTime": now,
+        "conditions": conditions,
+        "containerStatuses": [
+            {
+                "name": c["name"],
+                "image": c.get("image", ""),
+                "imageID": "",
+                "containerID": f"local://{pod['metadata']['uid']}/{c['name']}",
+                "ready": True,
+                "started": True,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": now}},
+            }
+            for c in containers
+        ],
+    }
+
+
+def terminated_status(
+    pod: Mapping[str, Any], exit_code: int, message: str, started: datetime, finished: datetime
+) -> dict[str, Any]:
+    """The status a kubelet reports once the (restartPolicy: Never) container has ended."""
+    reason = "Completed" if exit_code == 0 else "Error"
+    state: dict[str, Any] = {
+        "exitCode": exit_code,
+        "reason": reason,
+        "startedAt": iso(started),
+        "finishedAt": iso(finished),
+        "containerID": f"local://{pod['metadata']['uid']}",
+    }
+    if message:
+        state["message"] = message
+    return {
+        "phase": "Succeeded" if exit_code == 0 else "Failed",
+        "conditions": [
+            {
+                "type": t,
+                "status": "False",
+                "reason": "PodCompleted",
+                "lastTransitionTime": iso(finished),
+            }
+            for t in ("ContainersReady", "Ready")
+        ],
+        "containerStatuses": [
+            {
+                "name": c["name"],
+                "image": c.get("image", ""),
+                "imageID": "",
+                "ready": False,
+                "started": False,
+                "restartCount": 0,
+                "state": {"terminated": state},
+            }
+            for c in pod["spec"]["containers"]
+        ],
+    }
+
+
+def termination_message(
+    container: Mapping[str, Any], exit_code: int, message_file: Path, log_file: Path
+) -> str:
+    """kubelet's rule: the message file first; with FallbackToLogsOnError, the log tail on error."""
+    try:
+        text = message_file.read_text(errors="replace").strip()
+    except OSError:
+        text = ""
+    if text:
+        return text[-4096:]
+    if exit_code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        try:
+            data = log_file.read_bytes()[-LOG_TAIL_BYTES:]
+        except OSError:
+            return ""
+        return data.decode(errors="replace").strip()
+    return ""
+
+
+class EnvResolver:
+    """Resolves a container's environment the way kubelet does (the subset pods here use)."""
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+
+    def _secret(self, ns: str, name: str) -> dict[str, str]:
+        import base64
+
+        obj = self.core.read_namespaced_secret(name, ns)
+        return {k: base64.b64decode(v).decode() for k, v in (obj.data or {}).items()}
+
+    def _config_map(self, ns: str, name: str) -> dict[str, str]:
+        return dict(self.core.read_namespaced_config_map(name, ns).data or {})
+
+    def resolve(
+        self, pod: Mapping[str, Any], container: Mapping[str, Any], ip: str
+    ) -> dict[str, str]:
+        ns = pod["metadata"]["namespace"]
+        env: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            if "secretRef" in source:
+                data = self._secret(ns, source["secretRef"]["name"])
+            else:
+                data = self._config_map(ns, source["configMapRef"]["name"])
+            env.update({prefix + k: v for k, v in data.items()})
+        for item in container.get("env") or []:
+            name = item["name"]
+            if "value" in item:
+                env[name] = str(item["value"])
+                continue
+            ref = item.get("valueFrom") or {}
+            if "fieldRef" in ref:
+                env[name] = field_value(pod, ref["fieldRef"]["fieldPath"], ip)
+            elif "secretKeyRef" in ref:
+                env[name] = self._secret(ns, ref["secretKeyRef"]["name"])[
+                    ref["secretKeyRef"]["key"]
+                ]
+            elif "configMapKeyRef" in ref:
+                r = ref["configMapKeyRef"]
+                env[name] = self._config_map(ns, r["name"])[r["key"]]
+        return env
+
+
+def field_value(pod: Mapping[str, Any], path: str, ip: str) -> str:
+    meta = pod["metadata"]
+    simple = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta.get("uid", ""),
+        "spec.nodeName": pod["spec"].get("nodeName", ""),
+        "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
+        "status.podIP": ip,
+        "status.hostIP": "127.0.0.1",
+    }
+    if path in simple:
+        return str(simple[path])
+    for kind in ("labels", "annotations"):
+        prefix = f"metadata.{kind}['"
+        if path.startswith(prefix) and path.endswith("']"):
+            return str((meta.get(kind) or {}).get(path[len(prefix) : -2], ""))
+    raise ValueError(f"unsupported fieldRef {path!r}")
+
+
+@dataclass
+class IpPool:
+    """Loopback pod IPs, 127.0.0.2 .. 127.0.0.254, reused once a pod is gone."""
+
+    used: set[str] = field(default_factory=set)
+
+    def take(self) -> str:
+        for n in range(2, 255):
+            ip = f"127.0.0.{n}"
+            if ip not in self.used:
+                self.used.add(ip)
+                return ip
+        raise RuntimeError("no loopback pod IP left")
+
+    def give_back(self, ip: str) -> None:
+        self.used.discard(ip)
+
+
+class PodRunner:
+    """Applies :func:`decide` to every pod on a simulated node, every ``period`` seconds."""
+
+    def __init__(self, core: Any, state_dir: Path, *, period: float = 0.25) -> None:
+        self.core = core
+        self.state_dir = state_dir
+        self.period = period
+        self.procs: dict[str, Proc] = {}
+        self.ips = IpPool()
+        self.env = EnvResolver(core)
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        """Set once a pass over the cluster's pods has succeeded (the health check's answer)."""
+
+    # -- observe -------------------------------------------------------------------------
+
+    def _observe(self) -> tuple[dict[str, dict[str, Any]], set[str]]:
+        client = self.core.api_client
+        pods = client.sanitize_for_serialization(
+            self.core.list_pod_for_all_namespaces(field_selector="spec.nodeName!=")
+        )["items"]
+        nodes = client.sanitize_for_serialization(self.core.list_node())["items"]
+        alive = {n["metadata"]["name"] for n in nodes if machine_is_on(n)}
+        return {p["metadata"]["uid"]: p for p in pods}, alive
+
+    # -- loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.step()
+                self.ready.set()
+            except Exception:
+                log.exception("pod runner step failed; retrying")
+            self.stop_event.wait(self.period)
+        self.shutdown()
+
+    def step(self) -> None:
+        pods, alive = self._observe()
+        now = time.monotonic()
+        for running in self.procs.values():
+            if running.popen is not None and running.exit_code is None:
+                running.exit_code = running.popen.poll()
+        for uid in set(pods) | set(self.procs):
+            pod = pods.get(uid)
+            proc = self.procs.get(uid)
+            pv = view(pod) if pod is not None else None
+            node = pv.node if pv is not None else (proc.node if proc else "")
+            op = decide(pv, proc, node in alive, now)
+            if op is not None:
+                self.apply(op, pod, proc)
+
+    def apply(self, op: Op, pod: dict[str, Any] | None, proc: Proc | None) -> None:
+        if op is Op.START and pod is not None:
+            self._start(pod)
+        elif op is Op.TERMINATE and proc is not None:
+            self._signal(proc, signal.SIGTERM)
+            proc.term_sent_at = time.monotonic()
+        elif op in (Op.KILL, Op.NODE_LOST) and proc is not None:
+            self._signal(proc, signal.SIGKILL)
+            if proc.popen is not None:
+                proc.exit_code = proc.popen.wait()
+            if op is Op.NODE_LOST:
+                proc.node_lost = True
+                log.info("node %s lost: killed pod %s/%s", proc.node, proc.namespace, proc.name)
+        elif op is Op.REPORT_EXIT and proc is not None and pod is not None:
+            self._report_exit(pod, proc)
+        elif op is Op.REMOVE and pod is not None:
+            self._remove(pod)
+            if proc is not None:
+                self._forget(proc)
+        elif op is Op.FORGET and proc is not None:
+            self._forget(proc)
+
+    # -- act -----------------------------------------------------------------------------
+
+    def _start(self, pod: dict[str, Any]) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        container = spec["containers"][0]
+        ip = self.ips.take()
+        workdir = self.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        log_path = workdir / "log"
+        message_path = workdir / "termination-message"
+        started = datetime.now(UTC)
+        proc = Proc(
+            meta["uid"],
+            meta["namespace"],
+            meta["name"],
+            spec["nodeName"],
+            None,
+            ip,
+            workdir,
+            started,
+        )
+        self.procs[proc.uid] = proc
+        argv = list(container.get("command") or []) + list(container.get("args") or [])
+        try:
+            volumes = volume_dirs(spec, container, workdir / "volumes")
+            env = base_environment(os.environ)
+            env.update(with_volumes(self.env.resolve(pod, container, ip), volumes))
+            env.update(
+                {
+                    "HOSTNAME": meta["name"],
+                    "POD_IP": ip,
+                    TERMINATION_MESSAGE_ENV: str(message_path),
+                    "TMPDIR": str(volumes.get("/tmp", workdir)),
+                }
+            )
+            if not argv or shutil.which(argv[0], path=env.get("PATH")) is None:
+                raise FileNotFoundError(f"executable {argv[:1]} not found on PATH")
+            cwd = Path(with_volumes({"": container.get("workingDir") or ""}, volumes)[""])
+            with log_path.open("ab") as out:
+                proc.popen = subprocess.Popen(
+                    argv,
+                    env=env,
+                    # A container's workingDir is a path in its image: used only where it
+                    # exists here (or lies in one of its volumes).
+                    cwd=cwd if str(cwd) and cwd.is_dir() else workdir,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    # The pod dies with the runner, as it would with its machine.
+                    preexec_fn=_die_with_parent(),  # noqa: PLW1509 (one libc call, no locks)
+                )
+        except Exception as exc:  # kubelet's CreateContainerError and friends: say why
+            message_path.write_text(f"container could not start: {exc}")
+            proc.exit_code = 128
+            log.warning("pod %s/%s could not start: %s", proc.namespace, proc.name, exc)
+            return
+        (workdir / "pid").write_text(str(proc.popen.pid))
+        self._patch_status(pod, running_status(pod, ip, started))
+        log.info(
+            "started pod %s/%s on %s as pid %d (%s)",
+            proc.namespace,
+            proc.name,
+            proc.node,
+            proc.popen.pid,
+            ip,
+        )
+
+    def _report_exit(self, pod: dict[str, Any], proc: Proc) -> None:
+        assert proc.exit_code is not None
+        code = proc.exit_code if proc.exit_code >= 0 else 128 - proc.exit_code  # -9 -> 137
+        message = termination_message(
+            pod["spec"]["containers"][0],
+            code,
+            proc.workdir / "termination-message",
+            proc.workdir / "log",
+        )
+        status = terminated_status(pod, code, message, proc.started_at, datetime.now(UTC))
+        self._patch_status(pod, status)
+        proc.exit_reported = True
+        self.ips.give_back(proc.ip)
+        log.info("pod %s/%s exited with %d", proc.namespace, proc.name, code)
+
+    def _remove(self, pod: dict[str, Any]) -> None:
+        from kubernetes.client import V1DeleteOptions, V1Preconditions
+        from kubernetes.client.exceptions import ApiException
+
+        meta = pod["metadata"]
+        try:
+            self.core.delete_namespaced_pod(
+                meta["name"],
+                meta["namespace"],
+                body=V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=V1Preconditions(uid=meta["uid"])
+                ),
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    def _forget(self, proc: Proc) -> None:
+        self.ips.give_back(proc.ip)
+        self.procs.pop(proc.uid, None)
+
+    def _patch_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        meta = pod["metadata"]
+        try:
+            self.core.patch_namespaced_pod_status(
+                meta["name"], meta["namespace"], {"status": status}
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    @staticmethod
+    def _signal(proc: Proc, sig: signal.Signals) -> None:
+        if proc.popen is None or proc.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.popen.pid, sig)
+
+    def shutdown(self) -> None:
+        """Kill every process this runner started (the simulated machines all go away)."""
+        for proc in list(self.procs.values()):
+            self._signal(proc, signal.SIGKILL)
+            if proc.popen is not None:
+                proc.popen.wait()
+
+
+def volume_dirs(
+    spec: Mapping[str, Any], container: Mapping[str, Any], root: Path
+) -> dict[str, Path]:
+    """mountPath -> a directory of this pod's own, for each emptyDir the container mounts.
+
+    Other volume types are not simulated; their mount paths are left as they are."""
+    empty = {v["name"] for v in spec.get("volumes") or [] if "emptyDir" in v}
+    out: dict[str, Path] = {}
+    for mount in container.get("volumeMounts") or []:
+        if mount.get("name") in empty:
+            path = root / mount["name"]
+            path.mkdir(parents=True, exist_ok=True)
+            out[mount["mountPath"].rstrip("/") or "/"] = path
+    return out
+
+
+def with_volumes(env: Mapping[str, str], volumes: Mapping[str, Path]) -> dict[str, str]:
+    """``env`` with values under a volume's mount path moved into the pod's directory for it
+    (the longest mount path wins: ``/tmp/cache`` before ``/tmp``)."""
+    out = dict(env)
+    for name, value in env.items():
+        for mount in sorted(volumes, key=len, reverse=True):
+            if value == mount or value.startswith(mount.rstrip("/") + "/"):
+                out[name] = str(volumes[mount]) + value[len(mount.rstrip("/")) :]
+                break
+    return out
+
+
+def base_environment(host: Mapping[str, str]) -> dict[str, str]:
+    """What a local 'container' inherits from the host: enough to find the installation."""
+    keep = (
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "CHEAPSPOT_CACHE",
+        "HF_HOME",
+    )
+    env = {k: host[k] for k in keep if k in host}
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "/usr/bin:/bin")])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def serve_health(ready: threading.Event, port: int) -> ThreadingHTTPServer:
+    """``GET /healthz``: 200 once the runner has looked at the cluster's pods, 503 before."""
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path.startswith("/healthz") and ready.is_set()
+            self.send_response(200 if ok else 503)
+            self.end_headers()
+            self.wfile.write(b"ok" if ok else b"not ready")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Health)
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    return server
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cheapspot-podrunner", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--state-dir", required=True, type=Path)
+    parser.add_argument("--period", type=float, default=0.25)
+    parser.add_argument(
+        "--health-port", type=int, default=0, help="serve /healthz on 127.0.0.1 (0: off)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from kubernetes import client, config
+
+    api_client = config.new_client_from_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+    runner = PodRunner(client.CoreV1Api(api_client), args.state_dir, period=args.period)
+
+    def _stop(signum: int, frame: object) -> None:
+        runner.stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if args.health_port:
+        serve_health(runner.ready, args.health_port)
+    log.info("pod runner started: %s", json.dumps({"state_dir": str(args.state_dir)}))
+    runner.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

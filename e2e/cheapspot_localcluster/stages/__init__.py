@@ -1,0 +1,1 @@
+"""Package data (stages); a package so the `*` package-data patterns ship it in wheels."""

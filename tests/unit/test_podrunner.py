@@ -1,0 +1,176 @@
+"""The pod runner's decisions: table-driven, no cluster."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cheapspot_localcluster.podrunner import (
+    IpPool,
+    Op,
+    PodView,
+    Proc,
+    decide,
+    field_value,
+    machine_is_on,
+    terminated_status,
+    termination_message,
+    view,
+    volume_dirs,
+    with_volumes,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def make_pod(**overrides: Any) -> PodView:
+    base: dict[str, Any] = {
+        "uid": "u1",
+        "node": "spot-a-0",
+        "phase": "Pending",
+        "deleting": False,
+        "grace_seconds": 30.0,
+    }
+    base.update(overrides)
+    return PodView(**base)
+
+
+def make_proc(**overrides: Any) -> Proc:
+    proc = Proc("u1", "ns", "p", "spot-a-0", None, "127.0.0.2", Path("/nonexistent"), T0)
+    for k, v in overrides.items():
+        setattr(proc, k, v)
+    return proc
+
+
+@pytest.mark.parametrize(
+    ("pod", "proc", "node_alive", "now", "expected"),
+    [
+        (make_pod(), None, True, 0.0, Op.START),
+        (make_pod(), None, False, 0.0, None),  # never start on a dead node
+        (make_pod(node=""), None, True, 0.0, None),  # not scheduled yet
+        (make_pod(phase="Running"), None, True, 0.0, None),  # not ours to start
+        (make_pod(deleting=True), None, True, 0.0, Op.REMOVE),
+        (make_pod(deleting=True), None, False, 0.0, None),  # machine gone: nobody acts
+        (make_pod(phase="Running"), make_proc(), True, 0.0, None),
+        (make_pod(phase="Running", deleting=True), make_proc(), True, 0.0, Op.TERMINATE),
+        (make_pod(phase="Running", deleting=True), make_proc(term_sent_at=0.0), True, 10.0, None),
+        (
+            make_pod(phase="Running", deleting=True),
+            make_proc(term_sent_at=0.0),
+            True,
+            30.0,
+            Op.KILL,
+        ),
+        (make_pod(phase="Running"), make_proc(), False, 0.0, Op.NODE_LOST),
+        (make_pod(phase="Running"), make_proc(node_lost=True, exit_code=137), False, 0.0, None),
+        (None, make_proc(node_lost=True, exit_code=137), False, 0.0, Op.FORGET),
+        (make_pod(phase="Running"), make_proc(exit_code=0), True, 0.0, Op.REPORT_EXIT),
+        (make_pod(phase="Succeeded"), make_proc(exit_code=0, exit_reported=True), True, 0.0, None),
+        (
+            make_pod(phase="Running", deleting=True),
+            make_proc(exit_code=143, exit_reported=True),
+            True,
+            0.0,
+            Op.REMOVE,
+        ),
+        (None, make_proc(), True, 0.0, Op.KILL),
+        (None, make_proc(exit_code=0), True, 0.0, Op.FORGET),
+        (None, None, True, 0.0, None),
+    ],
+)
+def test_decide(
+    pod: PodView | None, proc: Proc | None, node_alive: bool, now: float, expected: Op | None
+) -> None:
+    assert decide(pod, proc, node_alive, now) is expected
+
+
+def test_view_takes_the_deletion_grace_period_over_the_spec() -> None:
+    pod = {
+        "metadata": {
+            "uid": "x",
+            "deletionTimestamp": "2026-01-01T00:00:00Z",
+            "deletionGracePeriodSeconds": 5,
+        },
+        "spec": {"nodeName": "n", "terminationGracePeriodSeconds": 120},
+        "status": {"phase": "Running"},
+    }
+    assert view(pod) == PodView(
+        uid="x", node="n", phase="Running", deleting=True, grace_seconds=5.0
+    )
+
+
+def test_terminated_status_reports_exit_code_and_phase() -> None:
+    pod = {"metadata": {"uid": "x"}, "spec": {"containers": [{"name": "worker", "image": "w"}]}}
+    failed = terminated_status(pod, 65, "bad dataset: line 3", T0, T0)
+    term = failed["containerStatuses"][0]["state"]["terminated"]
+    assert failed["phase"] == "Failed"
+    assert (term["exitCode"], term["reason"], term["message"]) == (
+        65,
+        "Error",
+        "bad dataset: line 3",
+    )
+    assert terminated_status(pod, 0, "", T0, T0)["phase"] == "Succeeded"
+
+
+def test_termination_message_prefers_the_file_then_falls_back_to_logs(tmp_path: Path) -> None:
+    msg, logf = tmp_path / "msg", tmp_path / "log"
+    logf.write_text("x" * 5000 + "the last words")
+    fallback = {"terminationMessagePolicy": "FallbackToLogsOnError"}
+    assert termination_message(fallback, 1, msg, logf).endswith("the last words")
+    assert len(termination_message(fallback, 1, msg, logf)) <= 2048
+    assert termination_message(fallback, 0, msg, logf) == ""  # logs only on error
+    assert termination_message({}, 1, msg, logf) == ""  # only with the fallback policy
+    msg.write_text("dataset line 7 is not JSON")
+    assert termination_message({}, 1, msg, logf) == "dataset line 7 is not JSON"
+
+
+def test_field_refs() -> None:
+    pod = {
+        "metadata": {"name": "p", "namespace": "ns", "labels": {"a": "b"}},
+        "spec": {"nodeName": "n"},
+    }
+    assert field_value(pod, "metadata.name", "1.2.3.4") == "p"
+    assert field_value(pod, "status.podIP", "1.2.3.4") == "1.2.3.4"
+    assert field_value(pod, "metadata.labels['a']", "") == "b"
+    with pytest.raises(ValueError, match="unsupported fieldRef"):
+        field_value(pod, "spec.bogus", "")
+
+
+def test_ip_pool_reuses_addresses() -> None:
+    pool = IpPool()
+    a, b = pool.take(), pool.take()
+    assert a != b
+    pool.give_back(a)
+    assert pool.take() == a
+
+
+def test_a_machine_is_on_while_kwok_acts_for_it_not_while_it_is_ready() -> None:
+    on = {"metadata": {"labels": {"cheapspot.dev/kwok-managed": "true"}}}
+    assert machine_is_on({**on, "status": {"conditions": [{"type": "Ready", "status": "False"}]}})
+    assert not machine_is_on({"metadata": {"labels": {}}})  # switched off by a reclaim
+    deleting = {"metadata": {**on["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}}
+    assert not machine_is_on(deleting)
+
+
+def test_empty_dirs_become_pod_directories_and_env_follows(tmp_path: Path) -> None:
+    spec = {"volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "cfg", "configMap": {}}]}
+    container = {
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cfg", "mountPath": "/etc/cfg"},
+        ]
+    }
+    volumes = volume_dirs(spec, container, tmp_path)
+    assert volumes == {"/tmp": tmp_path / "tmp"} and (tmp_path / "tmp").is_dir()
+    env = with_volumes(
+        {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "X": "/tmpfoo", "Y": "/etc/cfg"}, volumes
+    )
+    assert env == {
+        "HOME": str(tmp_path / "tmp"),
+        "HF_HOME": str(tmp_path / "tmp") + "/hf",
+        "X": "/tmpfoo",
+        "Y": "/etc/cfg",
+    }
