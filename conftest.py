@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 # Session fixtures: `s3_endpoint`, `local_cluster` (both lazy: unit tests never wait for them);
-
-pytest_plugins = ["cheapspot_localcluster.testing"]
+# `tiny_models`, `learnable_dataset` (built on first use).
+pytest_plugins = ["cheapspot_localcluster.testing", "cheapspot_worker.testing"]
 
 _TIER_BY_FOLDER = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
 

@@ -78,7 +78,9 @@ class _Strict(BaseModel):
 def _check_scheme(uri: str, allowed: tuple[str, ...]) -> str:
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme not in allowed:
-        raise ValueError(f"URI {uri!r} must start with one of {', '.join(s + '://' for s in allowed)}")
+        raise ValueError(
+            f"URI {uri!r} must start with one of {', '.join(s + '://' for s in allowed)}"
+        )
     return uri
 
 
@@ -120,13 +122,22 @@ class LoraSettings(_Strict):
 
 
 class TrainingSettings(_Strict):
-    steps: Annotated[int, Field(gt=0, description="Optimizer steps per shard, all rounds together.")] = 1000
-    batch_size: Annotated[int, Field(gt=0, alias="batchSize", description="Sequences per optimizer step.")] = 8
+    steps: Annotated[
+        int, Field(gt=0, description="Optimizer steps per shard, all rounds together.")
+    ] = 1000
+    batch_size: Annotated[
+        int, Field(gt=0, alias="batchSize", description="Sequences per optimizer step.")
+    ] = 8
     gradient_accumulation: Annotated[
-        int, Field(gt=0, alias="gradientAccumulation", description="Micro-batches per optimizer step.")
+        int,
+        Field(gt=0, alias="gradientAccumulation", description="Micro-batches per optimizer step."),
     ] = 1
-    learning_rate: Annotated[float, Field(gt=0, alias="learningRate", description="Peak AdamW learning rate.")] = 2e-4
-    warmup_steps: Annotated[int, Field(ge=0, alias="warmupSteps", description="Linear warmup steps.")] = 0
+    learning_rate: Annotated[
+        float, Field(gt=0, alias="learningRate", description="Peak AdamW learning rate.")
+    ] = 2e-4
+    warmup_steps: Annotated[
+        int, Field(ge=0, alias="warmupSteps", description="Linear warmup steps.")
+    ] = 0
     max_seq_length: Annotated[
         int, Field(gt=0, alias="maxSeqLength", description="Longer sequences are truncated.")
     ] = 1024
@@ -135,22 +146,42 @@ class TrainingSettings(_Strict):
 
 class RoundSettings(_Strict):
     local_steps: Annotated[
-        int, Field(gt=0, alias="localSteps", description="Inner steps each shard takes per round (H).")
+        int,
+        Field(gt=0, alias="localSteps", description="Inner steps each shard takes per round (H)."),
     ] = 100
     outer_learning_rate: Annotated[
-        float, Field(gt=0, alias="outerLearningRate", description="Outer SGD learning rate (DiLoCo: 0.7).")
+        float,
+        Field(
+            gt=0, alias="outerLearningRate", description="Outer SGD learning rate (DiLoCo: 0.7)."
+        ),
     ] = 0.7
     outer_momentum: Annotated[
-        float, Field(ge=0, lt=1, alias="outerMomentum", description="Outer Nesterov momentum (DiLoCo: 0.9).")
+        float,
+        Field(
+            ge=0, lt=1, alias="outerMomentum", description="Outer Nesterov momentum (DiLoCo: 0.9)."
+        ),
     ] = 0.9
     quorum: Annotated[
         int | None,
-        Field(gt=0, description="Shard results the anchor waits for per round; default all shards."),
+        Field(
+            gt=0, description="Shard results the anchor waits for per round; default all shards."
+        ),
     ] = None
+    poll_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            alias="pollSeconds",
+            description="How often shards poll for the next global adapter and the anchor for "
+            "shard results (object-store reads, so not too often).",
+        ),
+    ] = 5.0
 
 
 class CheckpointPolicy(_Strict):
-    every_steps: Annotated[int, Field(ge=0, alias="everySteps", description="0 turns step checkpoints off.")] = 20
+    every_steps: Annotated[
+        int, Field(ge=0, alias="everySteps", description="0 turns step checkpoints off.")
+    ] = 20
     every_seconds: Annotated[
         float, Field(ge=0, alias="everySeconds", description="0 turns timed checkpoints off.")
     ] = 300.0
@@ -180,7 +211,9 @@ class Task(_Strict):
     shard_count: Annotated[int, Field(ge=1, le=256)] = 1
     model: ModelSource
     dataset: DatasetSource
-    output_uri: str = Field(description="Job prefix in object storage: s3://bucket/prefix/ or file:///dir/.")
+    output_uri: str = Field(
+        description="Job prefix in object storage: s3://bucket/prefix/ or file:///dir/."
+    )
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     rounds: RoundSettings = RoundSettings()
@@ -285,7 +318,9 @@ class Progress(_Strict):
     loss: float | None = None
     tokens: int = Field(0, description="Tokens trained on so far.")
     last_checkpoint_step: int | None = None
-    resumes: int = Field(0, description="Times this role resumed from a checkpoint (preemptions survived).")
+    resumes: int = Field(
+        0, description="Times this role resumed from a checkpoint (preemptions survived)."
+    )
     steps_lost: int = Field(0, description="Steps redone after resumes, all together.")
     message: str = ""
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
@@ -300,4 +335,3 @@ class Progress(_Strict):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
