@@ -13,7 +13,10 @@ from collections.abc import Callable, Sequence
 
 # name -> ("module:function", help). The function takes the remaining argv and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "build": ("cheapspot_localcluster.cli:build_main", "build the local cluster's binaries (once, cached)"),
+    "build": (
+        "cheapspot_localcluster.cli:build_main",
+        "build the local cluster's binaries (once, cached)",
+    ),
     "up": ("cheapspot_localcluster.cli:up_main", "start the local cluster and S3 endpoint"),
     "down": ("cheapspot_localcluster.cli:down_main", "stop everything `up` started"),
     "kubeconfig": ("cheapspot_localcluster.cli:kubeconfig_main", "print the admin kubeconfig path"),

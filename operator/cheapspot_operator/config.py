@@ -1,0 +1,124 @@
+"""The operator's own configuration: a YAML file (the Helm chart's ConfigMap), validated.
+
+Found through ``--config PATH`` or the ``CHEAPSPOT_OPERATOR_CONFIG`` environment variable;
+without either, the defaults below apply (the ``local`` profile).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from cheapspot_operator.costs import PriceTable, default_prices
+from cheapspot_operator.placement import PlacementProfile, get_profile
+
+CONFIG_ENV = "CHEAPSPOT_OPERATOR_CONFIG"
+
+
+class WorkerSettings(BaseModel):
+    """How worker pods are run: image, command, environment. Never credentials themselves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    image: Annotated[str, Field(description="The worker image.")] = (
+        "ghcr.io/cheapspot/cheapspot-worker:0.1.0"
+    )
+    image_pull_policy: Annotated[str, Field(alias="imagePullPolicy")] = "IfNotPresent"
+    command: Annotated[
+        list[str], Field(description="The worker's command; the task comes in CHEAPSPOT_TASK.")
+    ] = ["cheapspot", "worker"]
+    env: Annotated[
+        dict[str, str],
+        Field(description="Plain environment for workers (object-store endpoint, region)."),
+    ] = {}
+    env_from_secret: Annotated[
+        str | None,
+        Field(
+            alias="envFromSecret",
+            description="A Secret whose keys become worker environment (static object-store "
+            "keys where IRSA / Pod Identity / RRSA are not available).",
+        ),
+    ] = None
+    service_account: Annotated[
+        str | None,
+        Field(alias="serviceAccount", description="Worker pods' service account (IRSA, RRSA)."),
+    ] = None
+    priority_class: Annotated[str | None, Field(alias="priorityClass")] = None
+    run_as_user: Annotated[int, Field(alias="runAsUser", ge=1)] = 10001
+
+
+class OperatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    profile: Annotated[
+        str, Field(description="Placement profile: local, eks-karpenter, eks-managed, ack, gke.")
+    ] = "local"
+    notice_seconds: Annotated[
+        int | None,
+        Field(alias="noticeSeconds", ge=1, description="Override the profile's notice length."),
+    ] = None
+    extra_tolerations: Annotated[
+        list[dict[str, Any]],
+        Field(alias="extraTolerations", description="Tolerations every worker pod gets."),
+    ] = []
+    not_ready_toleration_seconds: Annotated[
+        int,
+        Field(
+            alias="notReadyTolerationSeconds",
+            ge=0,
+            description="How long pods stay bound to a NotReady/unreachable node (default 300 "
+            "in Kubernetes; short, so a lost node frees its shard in seconds).",
+        ),
+    ] = 5
+    worker: WorkerSettings = WorkerSettings()
+    prices: Annotated[
+        dict[str, dict[str, float]],
+        Field(description="Price overrides: instance type -> {spot, on-demand} $/h."),
+    ] = {}
+    reconcile_interval_seconds: Annotated[
+        float,
+        Field(
+            alias="reconcileIntervalSeconds",
+            gt=0,
+            description="Reconcile each job at least this often; pod and node events wake it sooner.",
+        ),
+    ] = 2.0
+    namespaces: Annotated[
+        list[str], Field(description="Namespaces to watch; empty means all.")
+    ] = []
+    metrics_port: Annotated[
+        int, Field(alias="metricsPort", ge=0, le=65535, description="Prometheus; 0: off.")
+    ] = 9090
+    health_port: Annotated[
+        int | None,
+        Field(alias="healthPort", ge=1, le=65535, description="kopf's /healthz for probes."),
+    ] = None
+    peering_priority: Annotated[
+        int | None,
+        Field(
+            alias="peeringPriority",
+            description="Set to run several replicas with kopf peering; unset: standalone "
+            "(one replica, the chart's default).",
+        ),
+    ] = None
+
+    def placement_profile(self) -> PlacementProfile:
+        return get_profile(self.profile).with_overrides(
+            notice_seconds=self.notice_seconds,
+            extra_tolerations=tuple(self.extra_tolerations),
+        )
+
+    def price_table(self) -> PriceTable:
+        return default_prices().merged(self.prices)
+
+
+def load_config(path: str | Path | None = None) -> OperatorConfig:
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        return OperatorConfig()
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return OperatorConfig.model_validate(raw)

@@ -1,0 +1,227 @@
+"""Generate the CheapTrainJob CustomResourceDefinition from the pydantic models.
+
+``python -m cheapspot_operator.crd`` rewrites ``crds/cheaptrainjobs.yaml`` and the Helm
+chart's copy; ``python -m cheapspot_operator.crd --check`` fails when either differs from what
+the models say (the unit tests run the same comparison).
+
+Pydantic emits JSON Schema 2020-12; the API server wants a structural OpenAPI v3 schema. The
+translation here: ``$ref`` inlined, ``title`` dropped, ``anyOf [X, null]`` folded into ``X``,
+``exclusiveMinimum: n`` turned into ``minimum: n`` + ``exclusiveMinimum: true``, object
+defaults reduced to ``{}`` (the API server fills nested defaults itself), and the one
+string-or-list field (``lora.targetModules``) kept open (the operator's models check it).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cheapspot_operator import spec as s
+
+_DROP = {"title", "additionalProperties"}
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_PATHS = (
+    Path("crds") / "cheaptrainjobs.yaml",
+    Path("helm") / "cheapspot" / "crds" / "cheaptrainjobs.yaml",
+)
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_inline(x, defs) for x in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node.pop("$ref").rsplit("/", 1)[1]])
+        # Field-level keys (description, default, CEL rules) win over the referenced model's.
+        merged = {**target, **node}
+        rules = target.get("x-kubernetes-validations", []) + node.get(
+            "x-kubernetes-validations", []
+        )
+        if rules:
+            merged["x-kubernetes-validations"] = rules
+        node = merged
+    return {k: _inline(v, defs) for k, v in node.items()}
+
+
+def _openapi(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_openapi(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: v for k, v in node.items() if k not in _DROP}
+    if "anyOf" in node:
+        options = [o for o in node["anyOf"] if o.get("type") != "null"]
+        nullable = len(options) < len(node["anyOf"])
+        if len(options) == 1:
+            del node["anyOf"]
+            node = {k: v for k, v in {**options[0], **node}.items() if k not in _DROP}
+            if nullable and node.get("default", 0) is None:
+                del node["default"]
+        else:
+            # String or list of strings: a structural schema cannot say that, and the API
+            # server compiles no CEL for an untyped field, so it stays open here and the
+            # operator's models check it (a wrong shape fails the job with InvalidSpec).
+            del node["anyOf"]
+            node["x-kubernetes-preserve-unknown-fields"] = True
+            node["description"] = (
+                node.get("description", "") + " A string or a list of strings."
+            ).strip()
+    for key in ("exclusiveMinimum", "exclusiveMaximum"):
+        if isinstance(node.get(key), int | float) and not isinstance(node.get(key), bool):
+            bound = "minimum" if key == "exclusiveMinimum" else "maximum"
+            node[bound] = node[key]
+            node[key] = True
+    if "default" in node and node.get("type") == "object":
+        node["default"] = {}
+    if "default" in node and node["default"] is None:
+        del node["default"]
+    if "properties" in node:
+        node["properties"] = {k: _openapi(v) for k, v in node["properties"].items()}
+    if "items" in node:
+        node["items"] = _openapi(node["items"])
+    for key in ("x-kubernetes-validations",):
+        if key in node:
+            node[key] = list(node[key])
+    return node
+
+
+def openapi_schema(model: type[Any]) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a pydantic model."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    result: dict[str, Any] = _openapi(_inline(raw, defs))
+    return result
+
+
+def _without_defaults(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_without_defaults(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+
+
+def _status_schema() -> dict[str, Any]:
+    # Only the operator writes status: defaults there would only hide what it has not set.
+    schema: dict[str, Any] = _without_defaults(openapi_schema(s.TrainJobStatus))
+    conditions = schema["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    conditions["items"]["required"] = ["type", "status"]
+    # kopf keeps its handler progress here (see handlers.py: persistence settings).
+    schema["properties"]["kopf"] = {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "description": "Handler progress of the operator (kopf).",
+    }
+    return schema
+
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progressDisplay"},
+    {
+        "name": "Spot/OD",
+        "type": "string",
+        "jsonPath": ".status.shardsDisplay",
+        "description": "Shards on spot / on on-demand capacity.",
+    },
+    {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions"},
+    {"name": "Cost", "type": "string", "jsonPath": ".status.cost.display"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def build_crd() -> dict[str, Any]:
+    """The whole CustomResourceDefinition as a dict."""
+    spec_schema = openapi_schema(s.TrainJobSpec)
+    spec_schema["description"] = s.TrainJobSpec.__doc__
+    root = {
+        "type": "object",
+        "description": "A LoRA fine-tuning job whose shards run on spot GPU nodes.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema,
+            "status": _status_schema(),
+        },
+        "x-kubernetes-validations": [
+            {
+                "rule": f"self.metadata.name.size() <= {s.MAX_NAME_LENGTH}",
+                "message": f"metadata.name must be at most {s.MAX_NAME_LENGTH} characters "
+                "(pod names and labels derive from it)",
+            }
+        ],
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{s.PLURAL}.{s.GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "cheapspot"},
+        },
+        "spec": {
+            "group": s.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": s.KIND,
+                "listKind": f"{s.KIND}List",
+                "plural": s.PLURAL,
+                "singular": s.SINGULAR,
+                "shortNames": list(s.SHORT_NAMES),
+                "categories": ["cheapspot"],
+            },
+            "versions": [
+                {
+                    "name": s.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+HEADER = (
+    "# Generated from cheapspot_operator.spec by `python -m cheapspot_operator.crd`: do not edit.\n"
+)
+
+
+def render_crd() -> str:
+    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    text = render_crd()
+    stale = []
+    for rel in CRD_PATHS:
+        path = _REPO_ROOT / rel
+        if "--check" in args:
+            if not path.exists() or path.read_text() != text:
+                stale.append(str(rel))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if stale:
+        print(f"stale, run `python -m cheapspot_operator.crd`: {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,514 @@
+"""The act layer: kopf wiring and the reconciler that applies the planner's actions.
+
+One reconciliation of a job (:meth:`Reconciler.reconcile`) reads everything afresh (the job,
+its pods, the nodes, the workers' progress records), asks :func:`planning.plan` what to do and
+applies the actions in order: the status first (with the job's resourceVersion as a
+precondition, so two writers cannot both act on the same state), then pods and events. Pods
+have deterministic names (``<job>-shard-<i>-<attempt>``) and are created if absent, a 409 being
+success. Nothing lives only in memory: an operator killed at any point and restarted rebuilds
+the same picture and creates no duplicates.
+
+kopf choices, on purpose:
+
+* **A per-job loop without a finalizer.** kopf's timers and daemons put a finalizer on every
+  object so they can be stopped before deletion; our reconciliation needs no clean-up (pods
+  go through ownerReferences, output stays in object storage), and a finalizer would make
+  ``kubectl delete ctj`` hang whenever the operator is down. So a ``kopf.on.event`` handler
+  on the CheapTrainJob starts one asyncio task per job that reconciles every
+  ``reconcileIntervalSeconds`` (level-based, like a timer) and at once when poked; pod and
+  node events poke the affected jobs, which is how a reclaim notice becomes a replacement pod
+  within a second. The task ends when the job is deleted.
+* **Watch timeouts**: ``settings.watching.server_timeout`` 300 s (the API server ends the
+  watch, kopf re-lists: a silently dead connection cannot stall the operator for long),
+  ``client_timeout`` a bit above it, ``connect_timeout`` 10 s, and
+  ``settings.networking.request_timeout`` 30 s for kopf's own API calls.
+* **Handler progress in status**: ``StatusProgressStorage`` under ``status.kopf`` (the CRD
+  preserves that field) and the last-handled configuration in a ``cheapspot.dev`` annotation.
+  The event handlers here keep no progress; the setting makes the place explicit for any
+  change handler added later.
+* **Peering**: standalone unless ``peeringPriority`` is configured. The chart runs one replica
+  (Deployment strategy Recreate); several replicas need distinct peering priorities.
+* **Events**: kopf's own per-handler events are posted at WARNING and above only; the Events a
+  user should notice (Preempted, FellBackToOnDemand, ReturnedToSpot, Completed, failures)
+  come from the planner and are posted by :meth:`Reconciler.post_event`.
+* **Errors**: an invalid spec (which the CRD's schema normally stops) fails the job with
+  reason ``InvalidSpec`` once: retrying cannot fix it. Any other error is logged, counted and
+  retried at the next tick: the loop never dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from cheapspot.contract import Layout, Progress, Role
+from cheapspot_operator import metrics
+from cheapspot_operator import spec as s
+from cheapspot_operator.config import OperatorConfig
+from cheapspot_operator.costs import PriceTable
+from cheapspot_operator.kubeapi import ApiError, KubeApi
+from cheapspot_operator.manifests import JobInfo, Placement, build_anchor_pod, build_shard_pod
+from cheapspot_operator.observed import (
+    ANCHOR_INDEX,
+    LABEL_JOB,
+    JobView,
+    NodeView,
+    Observed,
+    node_view,
+    pod_view,
+)
+from cheapspot_operator.phases import JobPhase
+from cheapspot_operator.placement import PlacementProfile
+from cheapspot_operator.planning import (
+    Action,
+    CreatePod,
+    DeletePod,
+    EmitEvent,
+    UpdateStatus,
+    plan,
+)
+
+log = logging.getLogger("cheapspot.operator")
+
+ProgressReader = Callable[[str, int, int], Mapping[int, Progress]]
+"""(output uri, shard count, anchor index) -> progress records by slot index."""
+
+
+def _job_path(namespace: str, name: str = "") -> str:
+    base = f"/apis/{s.GROUP}/{s.VERSION}/namespaces/{namespace}/{s.PLURAL}"
+    return f"{base}/{name}" if name else base
+
+
+def _pods_path(namespace: str, name: str = "") -> str:
+    base = f"/api/v1/namespaces/{namespace}/pods"
+    return f"{base}/{name}" if name else base
+
+
+def store_progress_reader(timeout_attempts: int = 2) -> ProgressReader:
+    """Progress records read through :mod:`cheapspot.store`, with few retries: a slow store
+    must not hold up reacting to a reclaim (the next tick tries again)."""
+    from cheapspot.store import RetryPolicy, Store
+
+    def read(output_uri: str, shards: int, anchor_index: int) -> Mapping[int, Progress]:
+        store = Store(output_uri, retry=RetryPolicy(attempts=timeout_attempts, base_delay=0.2))
+        layout = Layout(output_uri)
+        out: dict[int, Progress] = {}
+        slots = [(anchor_index, Role.ANCHOR, 0)] + [(i, Role.TRAIN, i) for i in range(shards)]
+        for index, role, shard in slots:
+            raw = store.get_bytes_or_none(layout.progress(role, shard))
+            if raw:
+                try:
+                    out[index] = Progress.from_json(raw)
+                except (ValueError, ValidationError):
+                    log.warning("unreadable progress record %s", layout.progress(role, shard))
+        return out
+
+    return read
+
+
+@dataclass
+class _ProgressCache:
+    """Progress records per job. The first read of a job is synchronous; later ones refresh in
+    the background at most every ``ttl`` seconds, so a slow object store never delays the
+    reaction to a reclaim (progress only drives round-boundary moves and the status)."""
+
+    reader: ProgressReader
+    ttl: float
+    entries: dict[str, tuple[float, Mapping[int, Progress]]] = field(default_factory=dict)
+    refreshing: set[str] = field(default_factory=set)
+    pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="progress")
+    )
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, uid: str, output_uri: str, shards: int) -> Mapping[int, Progress]:
+        with self.lock:
+            cached = self.entries.get(uid)
+            stale = cached is None or time.monotonic() - cached[0] >= self.ttl
+            start = stale and uid not in self.refreshing
+            if start:
+                self.refreshing.add(uid)
+        if cached is None:
+            self._refresh(uid, output_uri, shards)
+            with self.lock:
+                cached = self.entries.get(uid)
+            return cached[1] if cached else {}
+        if start:
+            self.pool.submit(self._refresh, uid, output_uri, shards)
+        return cached[1]
+
+    def _refresh(self, uid: str, output_uri: str, shards: int) -> None:
+        try:
+            records = self.reader(output_uri, shards, ANCHOR_INDEX)
+        except Exception as exc:  # the store being down must not stop pod handling
+            log.warning("cannot read progress from %s: %s", output_uri, exc)
+            records = None
+        with self.lock:
+            self.refreshing.discard(uid)
+            if records is not None:
+                self.entries[uid] = (time.monotonic(), records)
+
+
+class Reconciler:
+    """Observe, plan, act for one job at a time. Synchronous: runs in a worker thread."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        config: OperatorConfig,
+        progress_reader: ProgressReader | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        progress_ttl_seconds: float = 1.0,
+    ) -> None:
+        self.api = api
+        self.config = config
+        self.profile: PlacementProfile = config.placement_profile()
+        self.prices: PriceTable = config.price_table()
+        self.progress = _ProgressCache(
+            progress_reader or store_progress_reader(), progress_ttl_seconds
+        )
+        self.clock = clock
+        self.phases: dict[tuple[str, str], str] = {}
+
+    def reconcile(self, namespace: str, name: str) -> list[Action]:
+        started = time.monotonic()
+        try:
+            return self._reconcile(namespace, name)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+    def _reconcile(self, namespace: str, name: str) -> list[Action]:
+        job = self.api.get(_job_path(namespace, name))
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            self.phases.pop((namespace, name), None)
+            return []
+        meta = job["metadata"]
+        status = s.parse_status(job.get("status"))
+        try:
+            spec = s.parse_spec(job.get("spec") or {})
+        except ValidationError as exc:
+            return self._invalid(job, status, exc)
+        pods = [
+            v
+            for p in self.api.list(_pods_path(namespace), f"{LABEL_JOB}={name}")
+            if _owned_by(p, meta["uid"]) and (v := pod_view(p)) is not None
+        ]
+        nodes = {n.name: n for n in (node_view(raw) for raw in self.api.list("/api/v1/nodes"))}
+        progress = self.progress.get(meta["uid"], spec.output.uri, spec.shards)
+        observed = Observed(
+            job=JobView(namespace, name, meta["uid"], int(meta.get("generation", 1)), status),
+            pods=tuple(pods),
+            nodes=nodes,
+            progress=progress,
+            profile=self.profile,
+            prices=self.prices,
+        )
+        actions = plan(spec, observed, self.clock())
+        self._apply(job, spec, observed, actions)
+        return actions
+
+    def _invalid(
+        self, job: dict[str, Any], status: s.TrainJobStatus, exc: ValidationError
+    ) -> list[Action]:
+        if status.phase is JobPhase.FAILED:
+            return []
+        message = "; ".join(
+            f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        failed = status.model_copy(
+            update={
+                "phase": JobPhase.FAILED,
+                "reason": "InvalidSpec",
+                "message": message,
+                "observed_generation": int(job["metadata"].get("generation", 1)),
+                "conditions": [
+                    s.Condition(
+                        type="Succeeded",
+                        status="False",
+                        reason="InvalidSpec",
+                        message=message,
+                        last_transition_time=self.clock(),
+                        observed_generation=int(job["metadata"].get("generation", 1)),
+                    )
+                ],
+            }
+        )
+        actions: list[Action] = [
+            UpdateStatus(failed),
+            EmitEvent("Warning", "InvalidSpec", message),
+        ]
+        self._apply(job, None, None, actions)
+        return actions
+
+    def _apply(
+        self,
+        job: dict[str, Any],
+        spec: s.TrainJobSpec | None,
+        observed: Observed | None,
+        actions: list[Action],
+    ) -> None:
+        meta = job["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        previous = s.parse_status(job.get("status"))
+        for action in actions:
+            if isinstance(action, UpdateStatus):
+                body = {
+                    "metadata": {"resourceVersion": meta["resourceVersion"]},
+                    "status": action.status.to_patch(),
+                }
+                try:
+                    self.api.merge_patch(_job_path(namespace, name) + "/status", body)
+                except ApiError as exc:
+                    if exc.status == 409:
+                        log.info("%s/%s changed meanwhile; replanning", namespace, name)
+                        return
+                    raise
+                self._count_status(namespace, name, previous, action.status)
+            elif isinstance(action, CreatePod):
+                assert spec is not None
+                self._create_pod(job, spec, action)
+            elif isinstance(action, DeletePod):
+                self.api.delete(_pods_path(namespace, action.name), action.grace_seconds)
+            elif isinstance(action, EmitEvent):
+                self._count_event(action)
+                self.post_event(job, action)
+
+    def _create_pod(self, job: dict[str, Any], spec: s.TrainJobSpec, action: CreatePod) -> None:
+        meta = job["metadata"]
+        info = JobInfo(meta["namespace"], meta["name"], meta["uid"], spec)
+        placement = Placement(
+            profile=self.profile,
+            capacity=action.capacity,
+            avoid_nodes=action.avoid_nodes,
+            not_ready_toleration_seconds=self.config.not_ready_toleration_seconds,
+        )
+        worker = self.config.worker
+        if action.index == ANCHOR_INDEX:
+            pod = build_anchor_pod(info, action.attempt, placement, worker)
+        else:
+            pod = build_shard_pod(info, action.index, action.attempt, placement, worker)
+        if self.api.create(_pods_path(meta["namespace"]), pod):
+            role = "anchor" if action.index == ANCHOR_INDEX else "train"
+            metrics.PODS_CREATED.labels(role=role).inc()
+            log.info("created pod %s (%s)", pod["metadata"]["name"], action.capacity.value)
+
+    def post_event(self, job: dict[str, Any], event: EmitEvent) -> None:
+        meta = job["metadata"]
+        now = self.clock()
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "metadata": {
+                "generateName": f"{meta['name']}.",
+                "namespace": meta["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": f"{s.GROUP}/{s.VERSION}",
+                "kind": s.KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "source": {"component": "cheapspot-operator"},
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.api.create(f"/api/v1/namespaces/{meta['namespace']}/events", body)
+        except ApiError as exc:  # an event lost is not worth failing a reconciliation
+            log.warning("cannot post event %s: %s", event.reason, exc)
+
+    def _count_event(self, event: EmitEvent) -> None:
+        if event.reason == "Preempted":
+            metrics.PREEMPTIONS.labels(signal=event.cause or "Unknown").inc()
+        elif event.reason == "FellBackToOnDemand":
+            metrics.FALLBACKS.labels(reason=event.cause or "Unknown").inc()
+        elif event.reason == "ReturnedToSpot":
+            metrics.RETURNS_TO_SPOT.inc()
+        elif event.reason in ("ShardFailed", "BackoffLimitExceeded"):
+            metrics.RESTARTS.inc()
+
+    def _count_status(
+        self, namespace: str, name: str, old: s.TrainJobStatus, new: s.TrainJobStatus
+    ) -> None:
+        metrics.COST.labels(basis="actual").inc(max(0.0, new.cost.dollars - old.cost.dollars))
+        metrics.COST.labels(basis="on-demand").inc(
+            max(0.0, new.cost.on_demand_dollars - old.cost.on_demand_dollars)
+        )
+        if new.phase != old.phase and new.phase.is_terminal():
+            metrics.JOBS_FINISHED.labels(phase=new.phase.value).inc()
+        self.phases[(namespace, name)] = new.phase.value
+        for phase in JobPhase:
+            metrics.JOBS.labels(phase=phase.value).set(
+                sum(1 for p in self.phases.values() if p == phase.value)
+            )
+
+
+def _connection_info(config: Any, settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix(
+        "authorization"
+    )
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else parts
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        username=config.username or None,
+        password=config.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+        trust_env=settings.networking.trust_env,
+    )
+
+
+def _owned_by(pod: Mapping[str, Any], uid: str) -> bool:
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid for r in refs)
+
+
+# --- kopf wiring ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loops:
+    """One reconcile task per job and the event that wakes it early."""
+
+    reconciler: Reconciler
+    interval: float
+    executor: ThreadPoolExecutor
+    tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
+    pokes: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+    nodes: dict[str, tuple[bool, bool, frozenset[str]]] = field(default_factory=dict)
+
+    def ensure(self, key: tuple[str, str]) -> None:
+        task = self.tasks.get(key)
+        if task is None or task.done():
+            self.pokes[key] = asyncio.Event()
+            self.tasks[key] = asyncio.create_task(self._loop(key), name=f"reconcile {key}")
+        self.poke(key)
+
+    def poke(self, key: tuple[str, str]) -> None:
+        event = self.pokes.get(key)
+        if event is not None:
+            event.set()
+
+    def poke_all(self) -> None:
+        for event in self.pokes.values():
+            event.set()
+
+    def stop(self, key: tuple[str, str]) -> None:
+        task = self.tasks.pop(key, None)
+        self.pokes.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    async def stop_all(self) -> None:
+        for key in list(self.tasks):
+            self.stop(key)
+        await asyncio.sleep(0)
+
+    async def _loop(self, key: tuple[str, str]) -> None:
+        loop = asyncio.get_running_loop()
+        poke = self.pokes[key]
+        while True:
+            poke.clear()
+            try:
+                await loop.run_in_executor(self.executor, self.reconciler.reconcile, *key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconciling %s/%s failed; retrying", *key)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(poke.wait(), timeout=self.interval)
+
+
+def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.OperatorRegistry:
+    """A kopf registry with the operator's handlers, bound to ``reconciler``."""
+    registry = kopf.OperatorRegistry()
+    loops = _Loops(
+        reconciler=reconciler,
+        interval=config.reconcile_interval_seconds,
+        executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="reconcile"),
+    )
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.watching.connect_timeout = 10
+        settings.networking.request_timeout = 30
+        settings.networking.connect_timeout = 10
+        settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="cheapspot.dev", key="last-handled-configuration"
+        )
+        settings.persistence.finalizer = "cheapspot.dev/finalizer"
+        settings.posting.level = logging.WARNING
+        settings.peering.standalone = config.peering_priority is None
+        if config.peering_priority is not None:
+            settings.peering.priority = config.peering_priority
+            settings.peering.name = "cheapspot"
+
+    @kopf.on.login(registry=registry)
+    def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+        # kopf talks with the very credentials the reconciler uses (in-cluster or the given
+        # kubeconfig), so both always reach the same API server as the same identity.
+        return _connection_info(reconciler.api.configuration, settings)
+
+    @kopf.on.cleanup(registry=registry)
+    async def shutdown(**_: Any) -> None:
+        await loops.stop_all()
+        loops.executor.shutdown(wait=False, cancel_futures=True)
+
+    @kopf.on.event(s.GROUP, s.VERSION, s.PLURAL, registry=registry)
+    async def job_event(
+        event: Mapping[str, Any], namespace: str | None, name: str | None, **_: Any
+    ) -> None:
+        if not namespace or not name:
+            return
+        if event.get("type") == "DELETED":
+            loops.stop((namespace, name))
+        else:
+            loops.ensure((namespace, name))
+
+    @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
+    async def pod_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+        if namespace:
+            loops.poke((namespace, labels[LABEL_JOB]))
+
+    @kopf.on.event("", "v1", "nodes", registry=registry)
+    async def node_event(event: Mapping[str, Any], name: str | None, **_: Any) -> None:
+        # Nodes report heartbeats constantly; only a change that matters wakes the jobs.
+        if not name:
+            return
+        if event.get("type") == "DELETED":
+            loops.nodes.pop(name, None)
+            loops.poke_all()
+            return
+        view: NodeView = node_view(event.get("object") or {})
+        state = (view.ready, view.unschedulable, view.taint_keys)
+        if loops.nodes.get(name) != state:
+            loops.nodes[name] = state
+            loops.poke_all()
+
+    return registry

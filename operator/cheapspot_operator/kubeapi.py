@@ -1,0 +1,117 @@
+"""A small JSON client for the few Kubernetes calls the operator makes.
+
+The generated ``kubernetes`` client turns every object into typed models and validates
+request bodies against them; the operator builds and reads plain dicts (the pure builders
+return them), so this talks JSON through the same ``ApiClient`` (same kubeconfig or
+in-cluster configuration, same authentication) and returns dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+REQUEST_TIMEOUT = (5.0, 30.0)
+"""(connect, read) seconds for every request: a hung API server must not hang a reconcile."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:500]}")
+        self.status = status
+        self.body = body
+
+
+class KubeApi:
+    def __init__(self, api_client: Any) -> None:
+        self._client = api_client
+
+    @property
+    def configuration(self) -> Any:
+        """The client's ``kubernetes.client.Configuration`` (host, TLS, credentials)."""
+        return self._client.configuration
+
+    @classmethod
+    def from_config(cls, kubeconfig: str | None = None) -> KubeApi:
+        """In-cluster configuration when running in a pod, else the kubeconfig."""
+        from kubernetes import client, config
+
+        try:
+            if kubeconfig:
+                raise config.ConfigException("kubeconfig given")
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        return cls(client.ApiClient())
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        _, url, headers, body, _ = self._client.param_serialize(
+            method,
+            path,
+            query_params=list(query.items()) if query else None,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self._client.call_api(
+            method, url, header_params=headers, body=body, _request_timeout=REQUEST_TIMEOUT
+        )
+        data = response.read() or b"{}"
+        if not 200 <= response.status < 300:
+            raise ApiError(int(response.status), data.decode(errors="replace"))
+        return json.loads(data)
+
+    # -- the calls the operator makes ----------------------------------------------------
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self.request("GET", path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    def list(self, path: str, label_selector: str | None = None) -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        items: list[dict[str, Any]] = self.request("GET", path, query=query).get("items") or []
+        return items
+
+    def create(self, path: str, body: Mapping[str, Any]) -> bool:
+        """Create ``body``; False when it already exists (409), which callers treat as done."""
+        try:
+            self.request("POST", path, body=dict(body))
+        except ApiError as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def merge_patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "PATCH", path, body=dict(body), content_type="application/merge-patch+json"
+        )
+        return result
+
+    def delete(self, path: str, grace_seconds: int | None = None) -> bool:
+        """Delete; False when it was already gone (404)."""
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if grace_seconds is not None:
+            body["gracePeriodSeconds"] = grace_seconds
+        try:
+            self.request("DELETE", path, body=body)
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True

@@ -1,0 +1,32 @@
+"""Prometheus metrics. Names carry units, counters end in ``_total``, labels stay few."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PREEMPTIONS = Counter(
+    "cheapspot_preemptions_total",
+    "Shard or anchor pods lost to a reclaim, by signal.",
+    ["signal"],
+)
+FALLBACKS = Counter(
+    "cheapspot_fallbacks_total",
+    "Shards moved to on-demand capacity, by reason.",
+    ["reason"],
+)
+RETURNS_TO_SPOT = Counter("cheapspot_returns_to_spot_total", "Shards moved back to spot.")
+RESTARTS = Counter("cheapspot_restarts_total", "Worker failures that spent a restart budget.")
+JOBS_FINISHED = Counter("cheapspot_jobs_finished_total", "Jobs that ended, by phase.", ["phase"])
+COST = Counter(
+    "cheapspot_cost_dollars_total",
+    "What the jobs' pods cost, by capacity type priced (actual, on-demand equivalent).",
+    ["basis"],
+)
+PODS_CREATED = Counter("cheapspot_pods_created_total", "Worker pods created, by role.", ["role"])
+RECONCILE_SECONDS = Histogram(
+    "cheapspot_reconcile_duration_seconds",
+    "Time one job's reconciliation takes (observe, plan, act).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+RECONCILE_ERRORS = Counter("cheapspot_reconcile_errors_total", "Reconciliations that raised.")
+JOBS = Gauge("cheapspot_jobs", "CheapTrainJobs known to this operator, by phase.", ["phase"])

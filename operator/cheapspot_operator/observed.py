@@ -1,0 +1,156 @@
+"""What the planner sees: small, typed views of the job, its pods and their nodes. Pure.
+
+The handlers read raw Kubernetes objects (dicts) and progress records; :func:`pod_view` and
+:func:`node_view` reduce them to the facts the planner decides on, so planner tests build views
+directly and never need a Kubernetes object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cheapspot.contract import Progress
+from cheapspot_operator.costs import PriceTable
+from cheapspot_operator.placement import PlacementProfile
+from cheapspot_operator.spec import TrainJobStatus
+
+LABEL_JOB = "cheapspot.dev/job"
+LABEL_ROLE = "cheapspot.dev/role"
+LABEL_SHARD = "cheapspot.dev/shard"
+LABEL_CAPACITY = "cheapspot.dev/capacity-type"
+ANNOTATION_ATTEMPT = "cheapspot.dev/attempt"
+ANCHOR_INDEX = -1
+"""The anchor's slot index (shards are 0..N-1)."""
+INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    index: int
+    """Shard index, or :data:`ANCHOR_INDEX`."""
+    attempt: int
+    capacity: str
+    node_name: str = ""
+    phase: str = "Pending"
+    deleting: bool = False
+    exit_code: int | None = None
+    termination_message: str = ""
+    reason: str = ""
+    """``status.reason`` (``Evicted`` after an eviction)."""
+    disruption_target: bool = False
+    disruption_reason: str = ""
+    unschedulable_since: datetime | None = None
+    """``PodScheduled=False, reason=Unschedulable``: its lastTransitionTime."""
+
+    @property
+    def terminated(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ready: bool = True
+    unschedulable: bool = False
+    taint_keys: frozenset[str] = frozenset()
+
+    @property
+    def instance_type(self) -> str:
+        for key in INSTANCE_TYPE_LABELS:
+            if key in self.labels:
+                return self.labels[key]
+        return ""
+
+
+@dataclass(frozen=True)
+class JobView:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    status: TrainJobStatus
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything one reconciliation of one job looks at."""
+
+    job: JobView
+    pods: tuple[PodView, ...]
+    nodes: Mapping[str, NodeView]
+    progress: Mapping[int, Progress]
+    """Progress records by slot index (:data:`ANCHOR_INDEX` for the anchor)."""
+    profile: PlacementProfile
+    prices: PriceTable
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and value:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return None
+
+
+def pod_view(pod: Mapping[str, Any]) -> PodView | None:
+    """The planner's view of one of the job's pods; None for pods that are not ours."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    if LABEL_ROLE not in labels or ANNOTATION_ATTEMPT not in annotations:
+        return None
+    index = ANCHOR_INDEX if labels[LABEL_ROLE] == "anchor" else int(labels.get(LABEL_SHARD, 0))
+    status = pod.get("status") or {}
+    exit_code: int | None = None
+    message = ""
+    for cs in status.get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated")
+        if terminated:
+            exit_code = int(terminated.get("exitCode", 0))
+            message = str(terminated.get("message") or terminated.get("reason") or "")
+    disruption, disruption_reason, unschedulable_since = False, "", None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            disruption, disruption_reason = True, str(cond.get("reason") or "")
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            unschedulable_since = _parse_time(cond.get("lastTransitionTime"))
+    return PodView(
+        name=str(meta.get("name")),
+        index=index,
+        attempt=int(annotations[ANNOTATION_ATTEMPT]),
+        capacity=str(labels.get(LABEL_CAPACITY, "")),
+        node_name=str((pod.get("spec") or {}).get("nodeName") or ""),
+        phase=str(status.get("phase") or "Pending"),
+        deleting=bool(meta.get("deletionTimestamp")),
+        exit_code=exit_code,
+        termination_message=message or str(status.get("message") or ""),
+        reason=str(status.get("reason") or ""),
+        disruption_target=disruption,
+        disruption_reason=disruption_reason,
+        unschedulable_since=unschedulable_since,
+    )
+
+
+def node_view(node: Mapping[str, Any]) -> NodeView:
+    meta = node.get("metadata") or {}
+    spec = node.get("spec") or {}
+    ready = True
+    for cond in (node.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            ready = cond.get("status") == "True"
+    return NodeView(
+        name=str(meta.get("name")),
+        labels=dict(meta.get("labels") or {}),
+        ready=ready,
+        unschedulable=bool(spec.get("unschedulable")),
+        taint_keys=frozenset(str(t.get("key")) for t in spec.get("taints") or []),
+    )

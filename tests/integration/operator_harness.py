@@ -1,0 +1,345 @@
+"""Shared pieces of the operator integration tests: the CRD installed, the operator running as
+``cheapspot operator`` in a subprocess (so a test can SIGKILL it), a namespace per test, and
+helpers that play the worker: progress records written to S3, pod outcomes set on the pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from cheapspot.contract import Layout, Phase, Progress, Role
+from cheapspot_operator.crd import build_crd
+from cheapspot_operator.kubeapi import ApiError, KubeApi
+from cheapspot_operator.spec import GROUP, PLURAL, VERSION
+
+T = TypeVar("T")
+NOTICE_SECONDS = 10
+FALLBACK_SECONDS = 5
+
+
+def wait_for(
+    what: str, check: Callable[[], T | None], timeout: float = 30.0, poll: float = 0.2
+) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+def jobs_path(ns: str, name: str = "") -> str:
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
+    return f"{base}/{name}" if name else base
+
+
+def install_crd(api: KubeApi) -> None:
+    crd = build_crd()
+    name = crd["metadata"]["name"]
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    existing = api.get(f"{path}/{name}")
+    if existing is None:
+        api.create(path, crd)
+    else:
+        crd["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+        api.request("PUT", f"{path}/{name}", body=crd)
+
+    def established() -> bool:
+        got = api.get(f"{path}/{name}") or {}
+        conds = (got.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conds)
+
+    wait_for("the CRD to be established", established, timeout=30)
+
+
+def job_body(name: str, output_uri: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"uri": "s3://cheapspot/models/tiny/"},
+        "dataset": {"uri": "s3://cheapspot/data/qa.jsonl"},
+        "output": {"uri": output_uri},
+        "training": {"steps": 300},
+        "rounds": {"localSteps": 100},
+        "shards": 3,
+        "resources": {"gpu": 1, "cpu": "1", "memory": "1Gi", "instanceTypes": ["g5.xlarge"]},
+        "anchor": {"cpu": "500m", "memory": "512Mi"},
+        "spot": {"fallbackAfterSeconds": FALLBACK_SECONDS, "maxPreemptionsPerHour": 100},
+    }
+    body.update(spec)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "CheapTrainJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+@dataclass
+class OperatorProcess:
+    """``cheapspot operator`` against the local cluster; SIGKILL and restart at will."""
+
+    kubeconfig: Path
+    config_path: Path
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cheapspot.cli",
+                "operator",
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--config",
+                str(self.config_path),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.starts += 1
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, no goodbye, like an OOM kill or a node loss."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+@dataclass
+class Harness:
+    api: KubeApi
+    cluster: Any
+    s3: Any
+    operator: OperatorProcess
+    namespace: str
+    created_nodes: list[str] = field(default_factory=list)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def output_uri(self, name: str) -> str:
+        return f"s3://{self.s3.bucket}/{self.namespace}/{name}/"
+
+    def apply(self, name: str, **spec: Any) -> dict[str, Any]:
+        body = job_body(name, self.output_uri(name), **spec)
+        self.api.create(jobs_path(self.namespace), body)
+        return body
+
+    def job(self, name: str) -> dict[str, Any]:
+        got = self.api.get(jobs_path(self.namespace, name))
+        assert got is not None, f"job {name} is gone"
+        return got
+
+    def status(self, name: str) -> dict[str, Any]:
+        status: dict[str, Any] = self.job(name).get("status") or {}
+        return status
+
+    def condition(self, name: str, type_: str) -> dict[str, Any] | None:
+        for c in self.status(name).get("conditions") or []:
+            if c["type"] == type_:
+                cond: dict[str, Any] = c
+                return cond
+        return None
+
+    def table(self, name: str) -> dict[str, str]:
+        """The row ``kubectl get ctj NAME`` prints, column name -> cell."""
+        raw = self._table(name)
+        columns = [c["name"] for c in raw["columnDefinitions"]]
+        (row,) = raw["rows"]
+        return {c: str(v) for c, v in zip(columns, row["cells"], strict=True)}
+
+    def _table(self, name: str) -> dict[str, Any]:
+        client = self.api._client
+        _, url, headers, _body, _ = client.param_serialize(
+            "GET",
+            jobs_path(self.namespace, name),
+            header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+            auth_settings=["BearerToken"],
+        )
+        response = client.call_api("GET", url, header_params=headers)
+        data: dict[str, Any] = json.loads(response.read())
+        return data
+
+    # -- pods and nodes ----------------------------------------------------------------------
+
+    def pods(self, job: str) -> list[dict[str, Any]]:
+        return self.api.list(
+            f"/api/v1/namespaces/{self.namespace}/pods", f"cheapspot.dev/job={job}"
+        )
+
+    def live_pods(self, job: str) -> list[dict[str, Any]]:
+        return [
+            p
+            for p in self.pods(job)
+            if not p["metadata"].get("deletionTimestamp")
+            and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        ]
+
+    def shard_pods(self, job: str, shard: int) -> list[dict[str, Any]]:
+        return [
+            p
+            for p in self.live_pods(job)
+            if p["metadata"]["labels"].get("cheapspot.dev/shard") == str(shard)
+        ]
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        return self.api.get(f"/api/v1/nodes/{name}")
+
+    def node_capacity(self, name: str) -> str:
+        node = self.node(name) or {}
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        return str(labels.get("cheapspot.dev/capacity-type", ""))
+
+    def running_on_nodes(self, job: str, expect: int) -> list[dict[str, Any]] | None:
+        pods = [
+            p
+            for p in self.live_pods(job)
+            if (p.get("status") or {}).get("phase") == "Running" and p["spec"].get("nodeName")
+        ]
+        return pods if len(pods) == expect else None
+
+    def set_outcome(self, pod: str, exit_code: int, message: str = "") -> None:
+        """Play the worker's end: the container terminated with ``exit_code``."""
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        terminated: dict[str, Any] = {
+            "exitCode": exit_code,
+            "reason": "Completed" if exit_code == 0 else "Error",
+            "startedAt": now,
+            "finishedAt": now,
+        }
+        if message:
+            terminated["message"] = message
+        status = {
+            "status": {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "containerStatuses": [
+                    {
+                        "name": "worker",
+                        "image": "cheapspot-worker:test",
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"terminated": terminated},
+                    }
+                ],
+            }
+        }
+        self.api.merge_patch(f"/api/v1/namespaces/{self.namespace}/pods/{pod}/status", status)
+
+    # -- the worker's progress ----------------------------------------------------------------
+
+    def write_progress(self, job: str, index: int, **fields: Any) -> None:
+        from cheapspot.store import Store
+
+        role = Role.ANCHOR if index < 0 else Role.TRAIN
+        record = Progress(
+            role=role,
+            shard_index=max(index, 0),
+            phase=fields.pop("phase", Phase.TRAINING),
+            **fields,
+        )
+        layout = Layout(self.output_uri(job))
+        Store(self.output_uri(job)).put_bytes(
+            layout.progress(role, max(index, 0)), record.to_json()
+        )
+
+    def events(self, job: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.api.list(f"/api/v1/namespaces/{self.namespace}/events")
+            if e.get("involvedObject", {}).get("name") == job
+            and e.get("involvedObject", {}).get("kind") == "CheapTrainJob"
+        ]
+
+
+def restore_nodes(api: KubeApi, cluster: Any) -> None:
+    """Give back what a test took away: every pool node exists, is Ready, and spot is on."""
+    from cheapspot_localcluster.nodepool import expand
+    from cheapspot_localcluster.reclaim import is_ready
+
+    for node in api.list("/api/v1/nodes"):
+        if not is_ready(node) or node["spec"].get("taints"):
+            api.delete(f"/api/v1/nodes/{node['metadata']['name']}", 0)
+    wait_for(
+        "switched-off nodes to go",
+        lambda: all(is_ready(n) for n in api.list("/api/v1/nodes")),
+        timeout=60,
+    )
+    cluster.spot_on()
+    cluster.create_nodes()
+    expected = len(list(expand(cluster.pools)))
+    wait_for(
+        "every pool node Ready",
+        lambda: sum(1 for n in api.list("/api/v1/nodes") if is_ready(n)) >= expected,
+        timeout=60,
+    )
+
+
+def make_harness(
+    local_cluster: Any, s3_endpoint: Any, tmp_path: Path, **config: Any
+) -> Iterator[Harness]:
+    api = KubeApi(local_cluster.api_client())
+    install_crd(api)
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    api.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
+    for key, value in s3_endpoint.env().items():
+        os.environ[key] = value
+    cfg: dict[str, Any] = {
+        "profile": "local",
+        "noticeSeconds": NOTICE_SECONDS,
+        "reconcileIntervalSeconds": 1,
+        "metricsPort": 0,
+        "namespaces": [namespace],
+        "worker": {"image": "cheapspot-worker:test", "env": {"AWS_REGION": s3_endpoint.region}},
+    }
+    cfg.update(config)
+    config_path = tmp_path / "operator.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ) | s3_endpoint.env()
+    operator = OperatorProcess(
+        kubeconfig=Path(local_cluster.kubeconfig_path),
+        config_path=config_path,
+        env=env,
+        log_path=tmp_path / "operator.log",
+    )
+    operator.start()
+    harness = Harness(api, local_cluster, s3_endpoint, operator, namespace)
+    try:
+        yield harness
+    finally:
+        operator.stop()
+        print(f"--- operator log (tail) ---\n{operator.log()}")
+        with contextlib.suppress(ApiError):
+            api.delete(f"/api/v1/namespaces/{namespace}")
+        restore_nodes(api, local_cluster)

@@ -1,0 +1,101 @@
+"""The CRD is generated from the pydantic models and must not drift from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from cheapspot_operator.crd import CRD_PATHS, build_crd, render_crd
+from cheapspot_operator.spec import TrainJobSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("rel", CRD_PATHS, ids=str)
+def test_the_committed_crd_is_what_the_models_generate(rel: Path) -> None:
+    assert (ROOT / rel).read_text() == render_crd(), (
+        f"{rel} is stale: run `python -m cheapspot_operator.crd`"
+    )
+
+
+def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    if isinstance(node, dict):
+        if "type" in node or "x-kubernetes-preserve-unknown-fields" in node or "properties" in node:
+            out.append((path, node))
+        for key, child in (node.get("properties") or {}).items():
+            out += _walk(child, f"{path}.{key}")
+        if "items" in node:
+            out += _walk(node["items"], f"{path}[]")
+    return out
+
+
+def test_the_schema_is_structural() -> None:
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        for banned in ("$ref", "anyOf", "title", "additionalProperties", "$defs"):
+            assert banned not in node, (path, banned)
+        if isinstance(node.get("exclusiveMinimum"), bool):
+            assert "minimum" in node, path
+
+
+def test_every_spec_field_has_a_description() -> None:
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    missing = [p for p, n in _walk(spec) if p and not p.endswith("[]") and "description" not in n]
+    assert missing == []
+
+
+def test_crd_names_columns_and_subresources() -> None:
+    crd = build_crd()
+    assert crd["metadata"]["name"] == "cheaptrainjobs.cheapspot.dev"
+    assert crd["spec"]["names"]["shortNames"] == ["ctj"]
+    assert crd["spec"]["scope"] == "Namespaced"
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    for name in ("Phase", "Progress", "Spot/OD", "Preemptions", "Cost", "Age"):
+        assert name in columns
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    for field in ("model", "dataset", "output", "shards"):
+        rules = [r["rule"] for r in spec[field]["x-kubernetes-validations"]]
+        assert "self == oldSelf" in rules, field
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"][
+        "conditions"
+    ]
+    assert conditions["x-kubernetes-list-type"] == "map"
+
+
+def _examples() -> list[Path]:
+    return sorted((ROOT / "crds" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _examples(), ids=lambda p: p.name)
+def test_examples_are_valid_specs(path: Path) -> None:
+    doc = yaml.safe_load(path.read_text())
+    assert doc["apiVersion"] == "cheapspot.dev/v1alpha1" and doc["kind"] == "CheapTrainJob"
+    TrainJobSpec.model_validate(doc["spec"])
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"shards": 0}, "shards"),
+        ({"shards": 257}, "shards"),
+        ({"model": {"uri": "ftp://x/"}}, "model"),
+        ({"lora": {"r": 0}}, "lora"),
+        ({"training": {"steps": -1}}, "training"),
+        ({"dataset": {"uri": "s3://d", "format": "csv"}}, "dataset"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_pydantic_rejects_what_the_crd_rejects(change: dict[str, Any], field: str) -> None:
+    from cheapspot_operator.testing import spec_dict
+
+    with pytest.raises(ValidationError) as info:
+        TrainJobSpec.model_validate(spec_dict(**change))
+    assert field in str(info.value)

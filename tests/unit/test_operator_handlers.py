@@ -1,0 +1,175 @@
+"""The act layer against an in-memory API: order of writes, idempotency, conflicts."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from cheapspot.contract import Progress
+from cheapspot_operator.config import OperatorConfig
+from cheapspot_operator.handlers import Reconciler
+from cheapspot_operator.kubeapi import ApiError
+from cheapspot_operator.testing import EPOCH, FakeClock, spec_dict
+
+JOB = "/apis/cheapspot.dev/v1alpha1/namespaces/ns/cheaptrainjobs/qa-lora"
+PODS = "/api/v1/namespaces/ns/pods"
+
+
+class FakeApi:
+    """Just enough of the API server: objects by path, resourceVersion preconditions."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.version = 1
+        self.conflict_next_patch = False
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        obj = self.objects.get(path)
+        return copy.deepcopy(obj) if obj else None
+
+    def list(self, path: str, label_selector: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for key, obj in self.objects.items():
+            if key.rsplit("/", 1)[0] != path:
+                continue
+            if label_selector:
+                k, v = label_selector.split("=")
+                if obj["metadata"].get("labels", {}).get(k) != v:
+                    continue
+            out.append(copy.deepcopy(obj))
+        return out
+
+    def create(self, path: str, body: Mapping[str, Any]) -> bool:
+        self.calls.append(("create", body["metadata"].get("name", "event")))
+        if path.endswith("/events"):
+            return True
+        key = f"{path}/{body['metadata']['name']}"
+        if key in self.objects:
+            return False
+        self.objects[key] = copy.deepcopy(dict(body))
+        return True
+
+    def merge_patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        self.calls.append(("patch", path))
+        target = self.objects[path.removesuffix("/status")]
+        if (
+            self.conflict_next_patch
+            or body["metadata"]["resourceVersion"] != target["metadata"]["resourceVersion"]
+        ):
+            self.conflict_next_patch = False
+            raise ApiError(409, "conflict")
+        target["status"] = copy.deepcopy(body["status"])
+        self.version += 1
+        target["metadata"]["resourceVersion"] = str(self.version)
+        return copy.deepcopy(target)
+
+    def delete(self, path: str, grace_seconds: int | None = None) -> bool:
+        self.calls.append(("delete", path))
+        return self.objects.pop(path, None) is not None
+
+
+def _world(**spec: Any) -> tuple[FakeApi, Reconciler]:
+    api = FakeApi()
+    api.objects[JOB] = {
+        "metadata": {
+            "name": "qa-lora",
+            "namespace": "ns",
+            "uid": "uid-1",
+            "generation": 1,
+            "resourceVersion": "1",
+        },
+        "spec": spec_dict(**spec),
+    }
+    api.objects["/api/v1/nodes/spot-1"] = {
+        "metadata": {"name": "spot-1", "labels": {"cheapspot.dev/capacity-type": "spot"}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+    def no_progress(uri: str, shards: int, anchor: int) -> Mapping[int, Progress]:
+        return {}
+
+    reconciler = Reconciler(
+        api,  # type: ignore[arg-type]
+        OperatorConfig(),
+        progress_reader=no_progress,
+        clock=FakeClock(EPOCH),
+    )
+    return api, reconciler
+
+
+def test_status_is_written_before_any_pod_is_created() -> None:
+    api, r = _world(shards=2)
+    r.reconcile("ns", "qa-lora")
+    kinds = [c[0] for c in api.calls]
+    assert kinds[0] == "patch"
+    assert kinds.count("create") >= 3
+    pods = api.list(PODS)
+    assert sorted(p["metadata"]["name"] for p in pods) == [
+        "qa-lora-anchor-0",
+        "qa-lora-shard-0-0",
+        "qa-lora-shard-1-0",
+    ]
+    assert api.objects[JOB]["status"]["phase"] == "Pending"
+
+
+def test_reconciling_again_creates_nothing_new() -> None:
+    api, r = _world(shards=2)
+    r.reconcile("ns", "qa-lora")
+    before = len(api.list(PODS))
+    r.reconcile("ns", "qa-lora")
+    r.reconcile("ns", "qa-lora")
+    assert len(api.list(PODS)) == before
+
+
+def test_a_lost_status_write_stops_the_round_and_nothing_else_happens() -> None:
+    api, r = _world(shards=2)
+    api.conflict_next_patch = True
+    r.reconcile("ns", "qa-lora")
+    assert api.list(PODS) == []
+    r.reconcile("ns", "qa-lora")
+    assert len(api.list(PODS)) == 3
+
+
+def test_a_restarted_operator_finds_everything_in_the_cluster() -> None:
+    api, r = _world(shards=2)
+    r.reconcile("ns", "qa-lora")
+    _, fresh = _world(shards=2)
+    fresh.api = api  # type: ignore[assignment]
+    fresh.reconcile("ns", "qa-lora")
+    assert len(api.list(PODS)) == 3
+
+
+def test_an_invalid_spec_fails_the_job_once_with_the_field_named() -> None:
+    api, r = _world(shards=0)
+    r.reconcile("ns", "qa-lora")
+    status = api.objects[JOB]["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidSpec"
+    assert "spec.shards" in status["message"]
+    calls = len(api.calls)
+    r.reconcile("ns", "qa-lora")
+    assert len(api.calls) == calls
+
+
+def test_a_preemption_is_counted_in_the_metrics_by_signal() -> None:
+    from prometheus_client import REGISTRY
+
+    def count() -> float:
+        value = REGISTRY.get_sample_value(
+            "cheapspot_preemptions_total", {"signal": "InterruptionNotice"}
+        )
+        return value or 0.0
+
+    api, r = _world(shards=1)
+    r.reconcile("ns", "qa-lora")
+    pod = api.objects[f"{PODS}/qa-lora-shard-0-0"]
+    pod["spec"]["nodeName"] = "spot-1"
+    pod["status"] = {"phase": "Running"}
+    api.objects["/api/v1/nodes/spot-1"]["spec"] = {
+        "taints": [{"key": "cheapspot.dev/interruption", "effect": "NoSchedule"}]
+    }
+    before = count()
+    r.reconcile("ns", "qa-lora")
+    assert count() == before + 1
+    assert f"{PODS}/qa-lora-shard-0-1" in api.objects

@@ -1,0 +1,66 @@
+"""The Helm chart, checked without a helm binary: values against the schema, every value a
+template uses exists, the config the chart writes is one the operator accepts."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cheapspot_operator.config import OperatorConfig, WorkerSettings
+
+# jsonschema comes with the dev tools (moto); the chart check needs nothing else.
+jsonschema = pytest.importorskip("jsonschema")
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "cheapspot"
+
+
+def _values() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    return data
+
+
+def test_default_values_match_the_schema() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.validate(_values(), schema)
+    bad = _values() | {"profile": "azure"}
+    try:
+        jsonschema.validate(bad, schema)
+    except jsonschema.ValidationError:
+        pass
+    else:
+        raise AssertionError("an unknown profile passed the values schema")
+
+
+def test_every_value_a_template_uses_exists() -> None:
+    values = _values()
+    for template in (CHART / "templates").glob("*"):
+        for ref in re.findall(r"\.Values\.([A-Za-z0-9_.]+)", template.read_text()):
+            node: Any = values
+            for part in ref.split("."):
+                assert isinstance(node, dict) and part in node, f"{template.name}: .Values.{ref}"
+                node = node[part]
+
+
+def test_the_config_the_chart_writes_uses_the_operators_keys() -> None:
+    text = (CHART / "templates" / "configmap.yaml").read_text()
+    body = text.split("config.yaml: |", 1)[1]
+    top = set(re.findall(r"^    ([A-Za-z]+):", body, re.M))
+    worker = set(re.findall(r"^      ([A-Za-z]+):", body, re.M))
+    known = {f.alias or n for n, f in OperatorConfig.model_fields.items()}
+    known_worker = {f.alias or n for n, f in WorkerSettings.model_fields.items()}
+    assert top <= known, top - known
+    assert worker <= known_worker, worker - known_worker
+
+
+def test_the_chart_runs_one_operator_with_least_privilege() -> None:
+    deployment = (CHART / "templates" / "deployment.yaml").read_text()
+    assert "replicas: 1" in deployment and "type: Recreate" in deployment
+    rbac = (CHART / "templates" / "rbac.yaml").read_text()
+    assert '"*"' not in rbac and "secrets" not in rbac
+    assert "cheaptrainjobs/status" in rbac
+    assert (CHART / "crds" / "cheaptrainjobs.yaml").exists()
