@@ -1,39 +1,349 @@
-"""``cheapspot demo`` (``make demo``): for now, the local cluster and object store, shown.
+"""``cheapspot demo`` (``make demo``): a LoRA job on spot nodes that get reclaimed, end to end.
 
-Brings up the cluster (building its binaries on first use) and the S3 endpoint, prints the
-nodes with capacity type, zone and GPUs, and leaves everything running for you to explore.
-A later issue turns this into the full job: train on spot, get preempted, finish anyway.
+On this machine, with nothing but Python and the cluster binaries (built on first use):
+
+1. brings up the local cluster (a real control plane, simulated spot and on-demand GPU nodes,
+   pods run as local processes), an S3 endpoint and the operator;
+2. builds a tiny Qwen2-architecture model and a dataset locally and uploads them;
+3. applies the quickstart example from ``crds/examples`` (the YAML a user applies on EKS or
+   ACK) with the model, data and output locations pointed at the local S3, and its steps
+   shrunk to fit a laptop;
+4. shows each shard's progress live while it reclaims two spot nodes: one with notice, one
+   without;
+5. checks the adapter loads in stock PEFT, prints a summary, and as its last line the same
+   summary as one JSON object; then tears everything down (``--keep-cluster`` leaves the
+   cluster and its S3 endpoint up to explore).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import shutil
 import sys
+import tempfile
+import threading
+import time
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from cheapspot_localcluster import cli
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from cheapspot.contract import Phase
+from cheapspot_localcluster.cluster import LocalCluster
+from cheapspot_localcluster.components import PodLifecycle, Ports
+from cheapspot_localcluster.stack import LocalBackend
+from cheapspot_localcluster.trainjobs import (
+    SMALL,
+    Resume,
+    TrainJobs,
+    deep_merge,
+    fetch_final,
+    job_from_example,
+    load_in_peft,
+    publish_materials,
+    read_progress,
+    resumes_from_logs,
+)
+
+console = Console(highlight=False)
+NAMESPACE = "demo"
+JOB = "qa-lora"
+NOTICE_S = 5
+
+
+@dataclass
+class Reclaim:
+    """A reclaim the demo injects: which shard's node, with how much notice, at what share of
+    that shard's steps."""
+
+    shard: int
+    notice_s: float
+    at_fraction: float
+    node: str = ""
+    started_at: float = 0.0
+    done: bool = False
+
+
+@dataclass
+class Story:
+    """What happened, for the live view and the summary."""
+
+    lines: list[str] = field(default_factory=list)
+    reclaims: list[Reclaim] = field(default_factory=list)
+
+    def say(self, line: str) -> None:
+        self.lines.append(f"[dim]{time.strftime('%H:%M:%S')}[/] {line}")
+
+
+def demo_overrides(steps: int, shards: int) -> dict[str, Any]:
+    return deep_merge(
+        SMALL,
+        {
+            "training": {"steps": steps},
+            "shards": shards,
+            "rounds": {"localSteps": max(1, steps // 4)},
+        },
+    )
+
+
+def shard_table(status: dict[str, Any], progress: dict[int, Any], shards: int, total: int) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for column in ("shard", "", "round", "step", "loss", "node", "capacity"):
+        table.add_column(column, no_wrap=True)
+    slots = {int(s.get("index", i)): s for i, s in enumerate(status.get("shards") or [])}
+    for i in range(shards):
+        slot, rec = slots.get(i, {}), progress.get(i)
+        step = rec.step if rec is not None else int(slot.get("step") or 0)
+        loss = rec.loss if rec is not None else slot.get("loss")
+        rnd = rec.round if rec is not None else slot.get("round")
+        capacity = str(slot.get("capacityType", ""))
+        colour = "green" if capacity == "spot" else "yellow"
+        table.add_row(
+            str(i),
+            ProgressBar(total=total, completed=min(step, total), width=16),
+            "" if rnd is None else str(rnd),
+            f"{step}/{total}",
+            "" if loss is None else f"{loss:.3f}",
+            str(slot.get("node", "")),
+            f"[{colour}]{capacity}[/]",
+        )
+    return table
+
+
+@dataclass
+class Showing:
+    """The job being shown: where to look, and what the demo did to it."""
+
+    backend: LocalBackend
+    jobs: TrainJobs
+    output_uri: str
+    shards: int
+    total: int
+    story: Story
+    started: float = field(default_factory=time.monotonic)
+
+
+def view(run: Showing, status: dict[str, Any], progress: dict[int, Any]) -> Panel:
+    cost = status.get("cost") or {}
+    head = (
+        f"job [bold]{JOB}[/]  phase [bold]{status.get('phase', 'Pending')}[/]  "
+        f"elapsed {time.monotonic() - run.started:.0f}s  "
+        f"preemptions {status.get('preemptions', 0)}  "
+        f"cost ${float(cost.get('dollars', 0)):.4f} "
+        f"(on-demand ${float(cost.get('onDemandDollars', 0)):.4f})"
+    )
+    table = shard_table(status, progress, run.shards, run.total)
+    return Panel(
+        Group(head, table, *run.story.lines[-6:]), title="cheapspot demo: LoRA on spot nodes"
+    )
+
+
+def inject(run: Showing, stop: threading.Event) -> None:
+    """Reclaim the planned shards' nodes once they are far enough along."""
+    for plan in run.story.reclaims:
+        while not stop.is_set():
+            rec = read_progress(run.output_uri, run.shards).get(plan.shard)
+            # Mid-round, while it trains: a shard waiting for the others has nothing to lose.
+            if (
+                rec is not None
+                and rec.phase is Phase.TRAINING
+                and rec.step >= plan.at_fraction * run.total
+            ):
+                break
+            stop.wait(0.3)
+        status = run.jobs.status(JOB)
+        if stop.is_set() or status.get("phase") != "Running":
+            return
+        slots = status.get("shards") or []
+        slot = slots[plan.shard] if plan.shard < len(slots) else {}
+        plan.node = str(slot.get("node", ""))
+        if not plan.node or slot.get("done") or slot.get("podPhase") != "Running":
+            continue  # the shard finished meanwhile (progress records lag a little)
+        plan.started_at = time.time()
+        how = f"with {plan.notice_s:g}s notice" if plan.notice_s else "without notice"
+        run.story.say(f"[red]reclaiming[/] {plan.node} (shard {plan.shard}) {how}")
+        run.backend.reclaim(plan.node, plan.notice_s)
+        plan.done = True
+        run.story.say(f"{plan.node} is gone; shard {plan.shard} carried on elsewhere")
+
+
+def pod_logs(backend: LocalBackend, job: str, shards: int) -> dict[tuple[int, int], str]:
+    """The logs of every shard pod the job had, by (shard, attempt), from the pod runner."""
+    root = backend.cluster.layout.root / "podrunner" / "pods"
+    logs: dict[tuple[int, int], str] = {}
+    for path in root.glob(f"{backend.namespace}_{job}-shard-*/log"):
+        pod = path.parent.name.split("_")[1]  # qa-lora-shard-<i>-<attempt>
+        *_, shard, attempt = pod.rsplit("-", 2)
+        if shard.isdigit() and attempt.isdigit() and int(shard) < shards:
+            logs[int(shard), int(attempt)] = path.read_text(errors="replace")
+    return logs
+
+
+def summary_table(summary: dict[str, Any], resumes: list[Resume]) -> Table:
+    table = Table(title="summary", show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("result", "[green]succeeded[/]" if summary["succeeded"] else "[red]failed[/]")
+    table.add_row("wall time", f"{summary['wall_seconds']:.0f}s")
+    table.add_row("reclaims survived", str(summary["reclaims"]))
+    per = ", ".join(
+        f"shard {r.shard}: {r.steps_lost} lost, training again after {r.first_step_at - t:.1f}s"
+        for r, t in resume_times(resumes, summary)
+    )
+    table.add_row(
+        "steps lost", f"{summary['steps_lost']}  ({per})" if per else str(summary["steps_lost"])
+    )
+    saved = summary["cost_on_demand_usd"] - summary["cost_spot_usd"]
+    table.add_row(
+        "cost",
+        f"${summary['cost_spot_usd']:.4f} on spot vs ${summary['cost_on_demand_usd']:.4f} "
+        f"on-demand (saved ${saved:.4f})",
+    )
+    table.add_row(
+        "adapter", f"{summary['adapter_uri']}  (loads in stock PEFT: {summary['adapter_loads']})"
+    )
+    return table
+
+
+def resume_times(resumes: list[Resume], summary: dict[str, Any]) -> list[tuple[Resume, float]]:
+    starts = summary.get("_reclaim_starts", {})
+    return [(r, starts[r.shard]) for r in resumes if r.shard in starts]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cheapspot-demo-"))
+    cluster = LocalCluster(
+        "cheapspot-demo",
+        ports=Ports.free(),
+        pod_lifecycle=PodLifecycle.EXTERNAL,
+        with_s3=True,
+        die_with_parent=not args.keep_cluster,
+    )
+    backend: LocalBackend | None = None
+    try:
+        with console.status("starting the local cluster, its S3 endpoint and the pod runner") as st:
+            cluster.start(progress=st.update)
+        nodes = len(cluster.node_objects())
+        console.print(
+            f"cluster up in {time.monotonic() - started:.0f}s: {nodes} simulated nodes "
+            f"(spot: {', '.join(cluster.spot_nodes())}), S3 at {cluster.s3.url}"
+        )
+        os.environ.update(cluster.s3.env())
+        with console.status("building a tiny Qwen2 model and a dataset, uploading them"):
+            materials = publish_materials(cluster.s3.uri(""), workdir)
+        backend = LocalBackend(cluster, cluster.s3, NAMESPACE, workdir, notice_s=NOTICE_S)
+        with console.status("installing the CRD and starting the operator"):
+            backend.install()
+        output_uri = cluster.s3.uri(f"jobs/{JOB}/")
+        body = job_from_example(
+            JOB,
+            model_uri=materials.model_uri,
+            dataset_uri=materials.dataset_uri,
+            output_uri=output_uri,
+            overrides=demo_overrides(args.steps, args.shards),
+        )
+        jobs = TrainJobs(cluster.api_client(), NAMESPACE)
+        jobs.apply(body)
+        console.print(
+            f"applied crds/examples/quickstart.yaml as {NAMESPACE}/{JOB}: model {materials.model_uri}, data {materials.dataset_uri}"
+        )
+
+        total, shards = args.steps, args.shards
+        story = Story(reclaims=[Reclaim(0, NOTICE_S, 0.25), Reclaim(min(1, shards - 1), 0, 0.6)])
+        live_run = Showing(backend, jobs, output_uri, shards, total, story)
+        stop = threading.Event()
+        injector = threading.Thread(target=inject, args=(live_run, stop), daemon=True)
+        injector.start()
+        status: dict[str, Any] = {}
+        with Live(console=console, refresh_per_second=4, transient=False) as live:
+            while True:
+                status = jobs.status(JOB)
+                live.update(view(live_run, status, read_progress(output_uri, shards)))
+                if status.get("phase") in ("Succeeded", "Failed"):
+                    break
+                if time.monotonic() - live_run.started > args.timeout:
+                    story.say("[red]timed out[/]")
+                    break
+                time.sleep(0.5)
+        stop.set()
+        injector.join(timeout=120)
+
+        succeeded = status.get("phase") == "Succeeded"
+        adapter_dir = workdir / "adapter"
+        loads = False
+        if succeeded:
+            fetch_final(output_uri, adapter_dir)
+            with console.status("loading the adapter with stock PEFT"):
+                loads = load_in_peft(materials.model_dir, adapter_dir) > 0
+        resumes = resumes_from_logs(pod_logs(backend, JOB, shards))
+        cost = status.get("cost") or {}
+        summary: dict[str, Any] = {
+            "succeeded": bool(succeeded and loads),
+            "reclaims": int(status.get("preemptions", 0)),
+            "steps_lost": sum(r.steps_lost for r in resumes),
+            "cost_spot_usd": round(float(cost.get("dollars", 0.0)), 6),
+            "cost_on_demand_usd": round(float(cost.get("onDemandDollars", 0.0)), 6),
+            "adapter_uri": adapter_dir.as_uri() if loads else "",
+            "adapter_s3_uri": f"{output_uri}final/",
+            "adapter_loads": loads,
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "phase": status.get("phase", ""),
+            "reason": status.get("reason", ""),
+            "_reclaim_starts": {p.shard: p.started_at for p in story.reclaims if p.done},
+        }
+        console.print()
+        console.print(summary_table(summary, resumes))
+        if args.keep_cluster:
+            console.print(
+                f"The cluster stays up: export KUBECONFIG={cluster.kubeconfig_path}; "
+                f"kubectl -n {NAMESPACE} get ctj; stop it with "
+                f"`cheapspot down --state-dir {cluster.layout.root}`"
+            )
+        summary.pop("_reclaim_starts")
+        return summary
+    finally:
+        if backend is not None:
+            backend.operator.stop()
+        if not args.keep_cluster:
+            with console.status("tearing down"):
+                cluster.stop()
+            with contextlib.suppress(OSError):
+                shutil.rmtree(cluster.layout.root / "podrunner", ignore_errors=True)
+
+
+def quiet_libraries() -> None:
+    """The demo shows its own progress: no loading bars or deprecation notes from the ML stack."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    code = cli.up_main(args)
-    if code != 0:
-        return code
-    # `up` takes more options than `nodes`; hand on only the ones naming the cluster.
-    which = argparse.ArgumentParser(add_help=False)
-    which.add_argument("--name")
-    which.add_argument("--state-dir")
-    known, _ = which.parse_known_args(args)
-    nodes_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(known).items() if v]
-    code = cli.nodes_main(nodes_args)
-    cli.console.print(
-        "\nThe cluster keeps running. Try:\n"
-        "  kubectl get nodes -L cheapspot.dev/capacity-type,topology.kubernetes.io/zone\n"
-        "  cheapspot preempt spot-gpu-zone-a-0 --notice 10\n"
-        "  cheapspot spot off   /   cheapspot spot on\n"
-        "Stop everything with `cheapspot down` (or `make clean-cluster`)."
+    parser = argparse.ArgumentParser(prog="cheapspot demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="steps per shard (default 40)")
+    parser.add_argument("--shards", type=int, default=2, help="shards (default 2)")
+    parser.add_argument("--timeout", type=float, default=600, help="give up after this long")
+    parser.add_argument(
+        "--workdir", help="where the model, data and adapter go (default: a temp dir)"
     )
-    return code
+    parser.add_argument("--keep-cluster", action="store_true", help="leave the cluster and S3 up")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    quiet_libraries()
+    summary = run(args)
+    print(json.dumps({k: v for k, v in summary.items()}, sort_keys=False))
+    return 0 if summary["succeeded"] else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,269 @@
+"""Whole jobs through the operator and real workers, with reclaims injected.
+
+Every job is the quickstart example (crds/examples/quickstart.yaml) pointed at a tiny
+Qwen2-architecture model and a dataset built here, with its steps shrunk. The promise under
+test is cheapspot's: the final adapter depends only on the spec, the data and the seed, so
+every scenario that finishes compares its adapter, byte for byte, with one job run without
+interference.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cheapspot_localcluster.stack import NOTICE_SECONDS, Backend
+from cheapspot_localcluster.trainjobs import (
+    MALFORMED_LINE,
+    Materials,
+    TrainJobs,
+    fetch_final,
+    job_from_example,
+    load_in_peft,
+    read_progress,
+    wait_for,
+)
+
+ADAPTER = "adapter_model.safetensors"
+JOB_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def jobs(backend: Backend) -> TrainJobs:
+    return TrainJobs(backend.api_client(), backend.namespace)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class World:
+    """What every scenario works with: the cluster backend, its jobs, the tiny materials and
+    where this module's jobs write."""
+
+    backend: Backend
+    jobs: TrainJobs
+    materials: Materials
+    outputs: str
+
+    def run(self, **overrides: Any) -> Run:
+        return Run(self.jobs, self.materials, self.outputs, **overrides)
+
+
+@pytest.fixture(scope="module")
+def world(backend: Backend, jobs: TrainJobs, materials: Materials, outputs: str) -> World:
+    return World(backend, jobs, materials, outputs)
+
+
+@pytest.fixture(autouse=True)
+def restored(backend: Backend) -> Iterator[None]:
+    """Each scenario starts with every node there, spot on and the operator running."""
+    backend.restore()
+    yield
+    backend.restore()
+
+
+class Run:
+    """One job of a scenario: its name, where it writes, and how to look at it."""
+
+    def __init__(
+        self, jobs: TrainJobs, materials: Materials, outputs: str, **overrides: Any
+    ) -> None:
+        self.jobs = jobs
+        self.name = f"{overrides.pop('prefix', 'job')}-{uuid.uuid4().hex[:5]}"
+        self.output_uri = f"{outputs}{self.name}/"
+        dataset = overrides.pop("dataset_uri", materials.dataset_uri)
+        from cheapspot_localcluster.trainjobs import SMALL, deep_merge
+
+        self.body = job_from_example(
+            self.name,
+            model_uri=materials.model_uri,
+            dataset_uri=dataset,
+            output_uri=self.output_uri,
+            overrides=deep_merge(SMALL, overrides),
+        )
+        self.shards = int(self.body["spec"]["shards"])
+
+    def apply(self) -> Run:
+        self.jobs.apply(self.body)
+        return self
+
+    def status(self) -> dict[str, Any]:
+        return self.jobs.status(self.name)
+
+    def finish(self, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, Any]:
+        return self.jobs.wait_finished(self.name, timeout_s, on_poll=lambda _s: None)
+
+    def shard_step(self, shard: int) -> int:
+        rec = read_progress(self.output_uri, self.shards).get(shard)
+        return rec.step if rec is not None else 0
+
+    def wait_step(self, shard: int, at_least: int, timeout_s: float = 120) -> int:
+        return wait_for(
+            f"{self.name} shard {shard} at step {at_least}",
+            lambda: (s := self.shard_step(shard)) >= at_least and s,
+            timeout_s,
+        )
+
+    def node_of(self, shard: int) -> str:
+        def placed() -> str | None:
+            for pod in self.jobs.live_pods(self.name):
+                labels = pod["metadata"].get("labels") or {}
+                if labels.get("cheapspot.dev/shard") == str(shard) and pod["spec"].get("nodeName"):
+                    return str(pod["spec"]["nodeName"])
+            return None
+
+        return wait_for(f"{self.name} shard {shard} placed", placed, 60)
+
+    def adapter(self, dest: Path) -> bytes:
+        return (fetch_final(self.output_uri, dest) / ADAPTER).read_bytes()
+
+    def live_slots(self) -> Counter[str]:
+        return Counter(
+            (p["metadata"].get("labels") or {}).get("cheapspot.dev/shard", "anchor")
+            for p in self.jobs.live_pods(self.name)
+        )
+
+
+def succeeded(status: dict[str, Any]) -> None:
+    assert status.get("phase") == "Succeeded", (
+        f"job ended {status.get('phase')}: {status.get('reason')}: {status.get('message')}"
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(
+    jobs: TrainJobs,
+    materials: Materials,
+    outputs: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> bytes:
+    """The adapter of the job run without any interference."""
+    run = Run(jobs, materials, outputs, prefix="reference").apply()
+    status = run.finish()
+    succeeded(status)
+    assert status["preemptions"] == 0 and status["restarts"] == 0
+    dest = tmp_path_factory.mktemp("reference")
+    adapter = run.adapter(dest)
+    assert load_in_peft(materials.model_dir, dest) > 0, "no LoRA parameters loaded"
+    return adapter
+
+
+def test_a_two_shard_job_survives_two_reclaims_bit_identically(
+    world: World, reference: bytes, tmp_path: Path
+) -> None:
+    backend = world.backend
+    run = world.run(prefix="reclaims").apply()
+
+    # One reclaim with notice: the shard checkpoints on SIGTERM and moves.
+    run.wait_step(0, 2)
+    first = run.node_of(0)
+    backend.reclaim(first, NOTICE_SECONDS)
+    # One without: the machine is simply gone; the shard resumes from its last checkpoint.
+    run.wait_step(1, 2)
+    second = run.node_of(1)
+    assert run.status().get("phase") == "Running", "the job finished before the 2nd reclaim"
+    backend.reclaim(second, 0)
+
+    status = run.finish()
+    succeeded(status)
+    assert status["preemptions"] == 2
+    assert status["restarts"] == 0, "a preemption spent the restart budget"
+    nodes_after = {s["node"] for s in status["shards"]}
+    assert not nodes_after & {first, second}, "a shard still claims a reclaimed node"
+    assert run.adapter(tmp_path) == reference, "the adapter depends on the reclaims"
+
+
+def test_b_all_spot_lost_falls_back_to_on_demand_and_finishes(
+    world: World, reference: bytes, tmp_path: Path
+) -> None:
+    backend, jobs = world.backend, world.jobs
+    run = world.run(prefix="nospot").apply()
+    run.wait_step(0, 2)
+    backend.spot_off()
+
+    status = run.finish()
+    succeeded(status)
+    for shard in status["shards"]:
+        assert shard["capacityType"] == "on-demand", shard
+    events = {e.get("reason") for e in jobs.events(run.name)}
+    assert any("Fall" in (r or "") or "OnDemand" in (r or "") for r in events), events
+    assert run.adapter(tmp_path) == reference
+
+
+def test_c_operator_sigkilled_three_times_finishes_without_duplicates(
+    world: World, reference: bytes, tmp_path: Path
+) -> None:
+    backend = world.backend
+    run = world.run(prefix="killop").apply()
+    worst: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for slot, n in run.live_slots().items():
+                worst[slot] = max(worst[slot], n)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for at_step in (1, 4, 7):
+            run.wait_step(0, at_step)
+            backend.kill_operator()
+            time.sleep(1.0)
+            backend.start_operator()
+        status = run.finish()
+    finally:
+        stop.set()
+        watcher.join()
+    succeeded(status)
+    assert all(n <= 1 for n in worst.values()), f"duplicate live pods: {dict(worst)}"
+    assert set(worst) == {"anchor", "0", "1"}
+    assert run.adapter(tmp_path) == reference
+
+
+def test_d_malformed_dataset_fails_with_an_actionable_reason_and_no_retry(world: World) -> None:
+    broken = world.materials.malformed_dataset_uri
+    run = world.run(prefix="malformed", dataset_uri=broken).apply()
+    status = run.finish()
+    assert status["phase"] == "Failed"
+    message = f"{status.get('reason')}: {status.get('message')}"
+    assert f"line {MALFORMED_LINE}" in message and "malformed.jsonl" in message, message
+    assert "not valid JSON" in message, message
+    assert status["restarts"] == 0
+    attempts = [
+        int(p["metadata"]["annotations"]["cheapspot.dev/attempt"]) for p in run.jobs.pods(run.name)
+    ]
+    assert max(attempts, default=0) == 0, f"a permanent error was retried: {attempts}"
+    succeeded_cond = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert succeeded_cond["status"] == "False"
+
+
+def test_e_suspend_then_resume_continues_from_the_checkpoint(
+    world: World, reference: bytes, tmp_path: Path
+) -> None:
+    jobs = world.jobs
+    run = world.run(prefix="suspend").apply()
+    run.wait_step(0, 4)
+    jobs.patch_spec(run.name, {"suspend": True})
+    wait_for("Suspended", lambda: run.status().get("phase") == "Suspended", 60)
+    wait_for("no pods while suspended", lambda: not run.jobs.live_pods(run.name), 60)
+    paused = read_progress(run.output_uri, run.shards)
+    saved = {i: p.last_checkpoint_step or 0 for i, p in paused.items() if i >= 0}
+    assert max(saved.values()) >= 2, f"nothing checkpointed before the suspend: {saved}"
+
+    jobs.patch_spec(run.name, {"suspend": False})
+    status = run.finish()
+    succeeded(status)
+    resumed = read_progress(run.output_uri, run.shards)
+    assert all(resumed[i].resumes >= 1 for i in saved if saved[i] > 0), resumed
+    # Resuming from a checkpoint loses at most the steps since it (SIGTERM checkpoints: none).
+    lost = sum(resumed[i].steps_lost for i in saved)
+    assert lost <= 2 * run.shards, f"{lost} steps redone after resume"
+    assert run.adapter(tmp_path) == reference

@@ -1,0 +1,274 @@
+"""The pod runner against the REAL control plane: pods run as local processes.
+
+What a user of the local cluster relies on: a pod's process runs with the environment
+Kubernetes would give it; its exit code becomes the pod's phase with the termination message;
+deleting the pod delivers SIGTERM and, after the grace period, SIGKILL; and a reclaimed node
+kills its pods' processes as a machine going away would.
+
+(Named apart from tests/unit/test_podrunner.py: test modules here need unique basenames.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cheapspot_localcluster.cluster import LocalCluster
+from cheapspot_localcluster.processes import _alive
+
+CAPACITY = "cheapspot.dev/capacity-type"
+
+# Reports what it sees, then does what EXIT_MODE says.
+SCRIPT = r"""
+import json, os, pathlib, signal, sys, time
+report = pathlib.Path(os.environ["REPORT"])
+seen = {k: os.environ.get(k) for k in
+        ("GREETING", "POD_IP", "MY_NAME", "MY_NODE", "FROM_SECRET", "HOME", "HF_HOME")}
+seen["pid"] = os.getpid()
+seen["cwd"] = os.getcwd()
+def on_term(signum, frame):
+    with report.open("a") as f:
+        f.write(json.dumps({"sigterm": time.time()}) + "\n")
+    if os.environ["EXIT_MODE"] != "ignore-term":
+        sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+with report.open("a") as f:
+    f.write(json.dumps(seen) + "\n")
+mode = os.environ["EXIT_MODE"]
+if mode.startswith("exit:"):
+    message = os.environ.get("MESSAGE")
+    if message:
+        pathlib.Path(os.environ["CHEAPSPOT_TERMINATION_MESSAGE_PATH"]).write_text(message)
+    print("the last words of the log", flush=True)
+    sys.exit(int(mode.split(":")[1]))
+while True:
+    time.sleep(0.1)
+"""
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(pods_running_cluster: LocalCluster) -> LocalCluster:
+    return pods_running_cluster
+
+
+@pytest.fixture
+def ns(cluster: LocalCluster) -> Iterator[str]:
+    core = cluster.core()
+    name = f"podrunner-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name}})
+    core.create_namespaced_secret(
+        name, {"metadata": {"name": "creds"}, "stringData": {"key": "s3cr3t"}}
+    )
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name)
+
+
+def make_pod(
+    name: str,
+    report: Path,
+    exit_mode: str,
+    *,
+    grace: int = 30,
+    capacity: str | None = None,
+    message: str = "",
+) -> dict[str, Any]:
+    env: list[dict[str, Any]] = [
+        {"name": "REPORT", "value": str(report)},
+        {"name": "EXIT_MODE", "value": exit_mode},
+        {"name": "MESSAGE", "value": message},
+        {"name": "GREETING", "value": "hello from the spec"},
+        {"name": "HOME", "value": "/scratch"},
+        {"name": "HF_HOME", "value": "/scratch/hf"},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "MY_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "MY_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "key"}}},
+    ]
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": grace,
+        "containers": [
+            {
+                "name": "main",
+                "image": "cheapspot/worker:test",
+                "command": ["python", "-c", SCRIPT],
+                "env": env,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+            }
+        ],
+        "volumes": [{"name": "scratch", "emptyDir": {}}],
+        "tolerations": [{"key": CAPACITY, "operator": "Exists"}],
+    }
+    if capacity:
+        spec["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": CAPACITY, "operator": "In", "values": [capacity]}
+                            ]
+                        }
+                    ]
+                }
+            }
+        }
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+
+
+def reports(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pod_dict(cluster: LocalCluster, ns: str, name: str) -> dict[str, Any] | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        obj = cluster.core().read_namespaced_pod(name, ns)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    data: dict[str, Any] = cluster.api_client().sanitize_for_serialization(obj)
+    return data
+
+
+def running(cluster: LocalCluster, ns: str, name: str) -> dict[str, Any] | None:
+    pod = pod_dict(cluster, ns, name)
+    if pod and pod.get("status", {}).get("phase") == "Running":
+        return pod
+    return None
+
+
+def finished(cluster: LocalCluster, ns: str, name: str) -> dict[str, Any] | None:
+    pod = pod_dict(cluster, ns, name)
+    if pod and pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+        return pod
+    return None
+
+
+@dataclass(frozen=True)
+class Ending:
+    exit_mode: str
+    message: str
+    phase: str
+    reason: str
+    expected_message: str
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Ending("exit:0", "", "Succeeded", "Completed", ""),
+        Ending("exit:65", "line 3 is not JSON", "Failed", "Error", "line 3 is not JSON"),
+        # No message file: FallbackToLogsOnError turns the log's tail into the message.
+        Ending("exit:75", "", "Failed", "Error", "the last words of the log"),
+    ],
+    ids=["succeeded", "message-file", "log-tail"],
+)
+def test_a_pod_runs_as_a_process_with_its_env_and_its_exit_becomes_the_phase(
+    cluster: LocalCluster, ns: str, tmp_path: Path, case: Ending
+) -> None:
+    exit_mode, message, phase = case.exit_mode, case.message, case.phase
+    reason, expected_message = case.reason, case.expected_message
+    report = tmp_path / "report.jsonl"
+    core = cluster.core()
+    core.create_namespaced_pod(ns, make_pod("job", report, exit_mode, message=message))
+
+    pod = wait_for(f"pod to end {phase}", lambda: finished(cluster, ns, "job"))
+    status = pod["status"]
+    assert status["phase"] == phase
+    terminated = status["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == int(exit_mode.split(":")[1])
+    assert terminated["reason"] == reason
+    assert terminated.get("message", "") == expected_message
+
+    (seen,) = reports(report)
+    assert seen["GREETING"] == "hello from the spec"
+    assert seen["MY_NAME"] == "job"
+    assert seen["MY_NODE"] == pod["spec"]["nodeName"]
+    assert seen["FROM_SECRET"] == "s3cr3t"
+    assert seen["POD_IP"] == status["podIP"] and seen["POD_IP"].startswith("127.0.0.")
+    # The emptyDir at /scratch is a directory of the pod's own; env values under it follow.
+    assert seen["HOME"] != "/scratch" and Path(seen["HOME"]).is_dir()
+    assert seen["HF_HOME"] == seen["HOME"] + "/hf"
+
+
+def test_deletion_delivers_sigterm_then_sigkill_after_the_grace_period(
+    cluster: LocalCluster, ns: str, tmp_path: Path
+) -> None:
+    core = cluster.core()
+    polite, stubborn = tmp_path / "polite.jsonl", tmp_path / "stubborn.jsonl"
+    core.create_namespaced_pod(ns, make_pod("polite", polite, "run", grace=30))
+    core.create_namespaced_pod(ns, make_pod("stubborn", stubborn, "ignore-term", grace=3))
+    for report in (polite, stubborn):
+        wait_for(f"{report.stem} to start", lambda r=report: reports(r))
+    for name in ("polite", "stubborn"):
+        pod = wait_for(f"{name} Running", lambda n=name: running(cluster, ns, n))
+        assert pod["status"]["containerStatuses"][0]["state"].get("running")
+
+    deleted = time.monotonic()
+    core.delete_namespaced_pod("polite", ns)
+    core.delete_namespaced_pod("stubborn", ns)
+
+    # The polite one hears SIGTERM at once and leaves well within its 30 s.
+    wait_for("polite's SIGTERM", lambda: any("sigterm" in r for r in reports(polite)), 10)
+    wait_for("polite to be gone", lambda: pod_dict(cluster, ns, "polite") is None, 15)
+    assert time.monotonic() - deleted < 15
+
+    # The stubborn one hears SIGTERM too, ignores it, and is SIGKILLed once its 3 s are up.
+    wait_for("stubborn's SIGTERM", lambda: any("sigterm" in r for r in reports(stubborn)), 10)
+    pid = reports(stubborn)[0]["pid"]
+    wait_for("stubborn's process to be killed", lambda: not _alive(pid), 20)
+    assert time.monotonic() - deleted >= 3, "killed before its grace period was up"
+    wait_for("stubborn to be gone", lambda: pod_dict(cluster, ns, "stubborn") is None, 15)
+    assert not _alive(reports(polite)[0]["pid"])
+
+
+def test_a_reclaimed_node_kills_its_pods_processes(
+    cluster: LocalCluster, ns: str, tmp_path: Path
+) -> None:
+    report = tmp_path / "victim.jsonl"
+    cluster.core().create_namespaced_pod(
+        ns, make_pod("victim", report, "run", grace=30, capacity="spot")
+    )
+    wait_for("victim to start", lambda: reports(report))
+    pod = pod_dict(cluster, ns, "victim")
+    assert pod is not None
+    node = pod["spec"]["nodeName"]
+    assert node in cluster.spot_nodes()
+    pid = reports(report)[0]["pid"]
+    assert _alive(pid)
+
+    try:
+        # No notice: the machine is simply gone. Its processes die with it, unwarned.
+        cluster.preempt(node, notice_s=0)
+        assert not _alive(pid)
+        assert not any("sigterm" in r for r in reports(report)), "a vanished machine sent SIGTERM"
+        assert pod_dict(cluster, ns, "victim") is None
+    finally:
+        cluster.create_nodes()  # give the node back for the next test
+    assert os.path.exists(report)
