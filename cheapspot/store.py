@@ -588,9 +588,7 @@ class Store:
         (someone published it first: the existing one stands). A zombie that gets past
         that check still cannot replace the manifest where conditional writes work.
         """
-        p = self.rel(prefix)
-        if not p.endswith("/"):
-            p += "/"
+        p = self._dir(prefix)
         if self.has_manifest(p):
             return False
         entries: dict[str, FileEntry] = {}
@@ -609,14 +607,20 @@ class Store:
         manifest = Manifest(entries, dict(meta or {}))
         return self.put_bytes(p + MANIFEST_NAME, manifest.to_json(), if_absent=True)
 
-    def has_manifest(self, prefix: str) -> bool:
+    def _dir(self, prefix: str) -> str:
+        """A prefix as a key directory: "" for the store's root itself, else ending in "/"."""
         p = self.rel(prefix)
-        return self.get_bytes_or_none(p.rstrip("/") + "/" + MANIFEST_NAME) is not None
+        return p if not p or p.endswith("/") else p + "/"
+
+    def _manifest_key(self, prefix: str) -> str:
+        return self._dir(prefix) + MANIFEST_NAME
+
+    def has_manifest(self, prefix: str) -> bool:
+        return self.get_bytes_or_none(self._manifest_key(prefix)) is not None
 
     def read_manifest(self, prefix: str) -> Manifest | None:
         """The prefix's manifest, None if it has none (not published, or still uploading)."""
-        p = self.rel(prefix)
-        data = self.get_bytes_or_none(p.rstrip("/") + "/" + MANIFEST_NAME)
+        data = self.get_bytes_or_none(self._manifest_key(prefix))
         return None if data is None else Manifest.from_json(data)
 
     def fetch(self, prefix: str, dest: Path, names: list[str] | None = None) -> Manifest:
@@ -625,9 +629,7 @@ class Store:
         Raises :class:`NotFoundError` if the prefix has no manifest and
         :class:`CorruptObjectError` if an object is missing or does not match it.
         """
-        p = self.rel(prefix)
-        if not p.endswith("/"):
-            p += "/"
+        p = self._dir(prefix)
         manifest = self.read_manifest(p)
         if manifest is None:
             raise NotFoundError(f"{self.uri(p)} has no {MANIFEST_NAME}: not published")
@@ -657,7 +659,7 @@ class Store:
 
     def fetch_bytes(self, prefix: str, name: str, manifest: Manifest) -> bytes:
         """One listed object of a published prefix, verified against ``manifest``."""
-        p = self.rel(prefix).rstrip("/") + "/"
+        p = self._dir(prefix)
         entry = manifest.files.get(name)
         if entry is None:
             raise CorruptObjectError(f"{self.uri(p)} lists no {name}")

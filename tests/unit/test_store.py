@@ -139,3 +139,14 @@ def test_split_store_uri_for_single_objects(tmp_path: Path) -> None:
     assert store.root_uri == f"file://{tmp_path}/data/"
     store.put_bytes(name, b"{}\n")
     assert (tmp_path / "data" / "train.jsonl").read_bytes() == b"{}\n"
+
+
+def test_a_store_rooted_at_a_published_prefix_reads_its_manifest(tmp_path: Path) -> None:
+    # A model uploaded with publish() and later opened with the model's own prefix as root.
+    Store(f"file://{tmp_path}/models/").publish("tiny/", {"config.json": b"{}"})
+    rooted = Store(f"file://{tmp_path}/models/tiny/")
+    manifest = rooted.read_manifest("")
+    assert manifest is not None and "config.json" in manifest.files
+    assert rooted.has_manifest("")
+    rooted.fetch("", tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").read_bytes() == b"{}"

@@ -109,3 +109,16 @@ def test_virtual_hosted_addressing_for_oss(monkeypatch: pytest.MonkeyPatch) -> N
         "get_object", Params={"Bucket": "my-bucket", "Key": "jobs/x"}
     )
     assert url.startswith("https://my-bucket.oss-cn-hangzhou.aliyuncs.com/jobs/x")
+
+
+def test_a_store_rooted_at_a_published_prefix_reads_its_manifest(
+    s3_env: S3Endpoint, tmp_path: Path
+) -> None:
+    # How models are read: uploaded with publish(), opened with the model's prefix as root.
+    base = s3_env.uri(f"models-{uuid.uuid4().hex[:8]}/")
+    Store(base).publish("tiny/", {"config.json": b"{}"})
+    rooted = Store(base + "tiny/")
+    manifest = rooted.read_manifest("")
+    assert manifest is not None and "config.json" in manifest.files
+    rooted.fetch("", tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").read_bytes() == b"{}"
