@@ -407,6 +407,14 @@ def _reconcile_slot(work: _Plan, slot: ShardStatus, current: PodView | None) -> 
     if verdict.outcome is Outcome.PERMANENT:
         work.failure = ("PermanentError", f"{what}: {verdict.message}")
         return slot
+    if (
+        verdict.outcome is Outcome.PREEMPTED
+        and progress is not None
+        and progress.phase is Phase.DONE
+    ):
+        # Reclaimed after its last result was published (its exit not yet reported): nothing
+        # is left to redo, so a replacement would only start and stop.
+        return slot.model_copy(update={"done": True})
     if verdict.outcome is Outcome.PREEMPTED:
         st.preemptions += 1
         st.recent_preemptions = [*st.recent_preemptions, now]

@@ -385,3 +385,13 @@ def test_phase_transitions(src: JobPhase, dst: JobPhase, ok: bool) -> None:
             transition(src, dst)
     assert JobPhase.SUCCEEDED.is_terminal() and JobPhase.FAILED.is_terminal()
     assert not JobPhase.RUNNING.is_terminal()
+
+
+def test_a_shard_reclaimed_after_its_last_result_is_done_not_replaced() -> None:
+    w = World().started()
+    w.progress[0] = make_progress(0, phase=Phase.DONE)
+    del w.nodes["spot-2"]
+    w.set_pod("qa-lora-shard-0-0", node_name="spot-2")
+    w.step(1)
+    assert [c.index for c in w.creates()] == []
+    assert w.status.shards[0].done and w.status.preemptions == 0
