@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         h: Harness = next(harnesses)
         try:
             h.apply("bench", shards=3)
-            wait_for("all pods running", lambda: h.running_on_nodes("bench", 4), timeout=120)
+            wait_for("all pods running", lambda: h.running_on_nodes("bench", 4), timeout_s=120)
             latencies: list[float] = []
             for i in range(args.reclaims):
                 shard = i % 3
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                             return p
                     return None
 
-                old = wait_for(f"shard {shard} running", running, timeout=60)
+                old = wait_for(f"shard {shard} running", running, timeout_s=60)
                 node = old["spec"]["nodeName"]
                 started = time.monotonic()
                 reclaim = cluster.preempt_in_background(node, notice_s=args.notice)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                             return p
                     return None
 
-                wait_for("the replacement to be scheduled", replaced, timeout=30, poll=0.02)
+                wait_for("the replacement to be scheduled", replaced, timeout_s=30, poll_s=0.02)
                 latency = time.monotonic() - started
                 latencies.append(latency)
                 print(

@@ -36,7 +36,8 @@ from cheapspot_localcluster.stack import (
     operator_config,
     prepare_namespace,
 )
-from cheapspot_localcluster.trainjobs import repo_root, wait_for
+from cheapspot_localcluster.trainjobs import repo_root
+from cheapspot_localcluster.waiting import wait_for
 
 CLUSTER = "cheapspot-e2e"
 RELEASE, RELEASE_NS = "cheapspot", "cheapspot-system"

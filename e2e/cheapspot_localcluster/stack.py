@@ -26,7 +26,8 @@ import yaml
 
 from cheapspot_localcluster.cluster import LocalCluster
 from cheapspot_localcluster.s3 import S3Endpoint
-from cheapspot_localcluster.trainjobs import CRD_FILE, repo_root, wait_for
+from cheapspot_localcluster.trainjobs import CRD_FILE, repo_root
+from cheapspot_localcluster.waiting import wait_for
 
 S3_SECRET = "cheapspot-object-store"
 NOTICE_SECONDS = 5

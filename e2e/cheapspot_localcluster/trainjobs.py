@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 
 from cheapspot.contract import Layout, Progress, Role
 from cheapspot.store import Store
+from cheapspot_localcluster.waiting import wait_for
 
 GROUP, VERSION, PLURAL = "cheapspot.dev", "v1alpha1", "cheaptrainjobs"
 QUICKSTART = Path("crds/examples/quickstart.yaml")
@@ -128,19 +128,6 @@ def publish_materials(bucket_uri: str, workdir: Path, arch: str = "qwen2") -> Ma
         dataset_uri=f"{root}data/train.jsonl",
         malformed_dataset_uri=f"{root}data/malformed.jsonl",
     )
-
-
-def wait_for(
-    what: str, check: Callable[[], T | None], timeout_s: float = 120, poll_s: float = 0.3
-) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(poll_s)
 
 
 class TrainJobs:

@@ -11,9 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from cheapspot.contract import Layout, Phase, Progress, Role
+from cheapspot_localcluster.waiting import wait_for
 from cheapspot_operator.crd import build_crd
 from cheapspot_operator.kubeapi import ApiError, KubeApi
 from cheapspot_operator.spec import GROUP, PLURAL, VERSION
@@ -29,19 +29,6 @@ from cheapspot_operator.spec import GROUP, PLURAL, VERSION
 T = TypeVar("T")
 NOTICE_SECONDS = 10
 FALLBACK_SECONDS = 5
-
-
-def wait_for(
-    what: str, check: Callable[[], T | None], timeout: float = 30.0, poll: float = 0.2
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(poll)
 
 
 def jobs_path(ns: str, name: str = "") -> str:
@@ -65,7 +52,7 @@ def install_crd(api: KubeApi) -> None:
         conds = (got.get("status") or {}).get("conditions") or []
         return any(c["type"] == "Established" and c["status"] == "True" for c in conds)
 
-    wait_for("the CRD to be established", established, timeout=30)
+    wait_for("the CRD to be established", established, timeout_s=30)
 
 
 def job_body(name: str, output_uri: str, **spec: Any) -> dict[str, Any]:

@@ -3,9 +3,8 @@ Kubernetes' own controllers, and a clean shutdown."""
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from cheapspot_localcluster import cli, versions
 from cheapspot_localcluster.cluster import LocalCluster
 from cheapspot_localcluster.components import Ports
 from cheapspot_localcluster.processes import _alive
+from cheapspot_localcluster.waiting import wait_for
 
 CAPACITY = "cheapspot.dev/capacity-type"
 NS = "default"
@@ -63,18 +63,6 @@ def make_pod(capacity_type: str, gpus: int = 1, name: str | None = None) -> dict
             ],
         },
     }
-
-
-def wait_for(
-    what: str, check: Callable[[], Any], timeout_s: float = 60, poll_s: float = 0.2
-) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def read_pod(core: Any, name: str) -> Any | None:

@@ -31,7 +31,7 @@ def _capacities(h: Harness, job: str) -> list[str]:
 def test_shards_fall_back_to_on_demand_and_return_at_a_round_boundary(h: Harness) -> None:
     # The default pools have two on-demand GPU nodes: two shards fit there.
     h.apply("fb", shards=2)
-    wait_for("all running", lambda: h.running_on_nodes("fb", 3), timeout=60)
+    wait_for("all running", lambda: h.running_on_nodes("fb", 3), timeout_s=60)
     h.cluster.spot_off(notice_s=0)
     wait_for(
         "both shards running on on-demand",

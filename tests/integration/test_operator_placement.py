@@ -122,7 +122,7 @@ def test_suspend_stops_pods_and_resume_brings_them_back(h: Harness) -> None:
         {"spec": {"suspend": True}},
     )
     wait_for("Suspended", lambda: h.status("nap").get("phase") == "Suspended")
-    wait_for("no pods", lambda: not h.pods("nap"), timeout=60)
+    wait_for("no pods", lambda: not h.pods("nap"), timeout_s=60)
     h.api.merge_patch(
         f"/apis/cheapspot.dev/v1alpha1/namespaces/{h.namespace}/cheaptrainjobs/nap",
         {"spec": {"suspend": False}},
@@ -145,7 +145,7 @@ def test_deleting_a_job_removes_its_pods_and_keeps_its_output(h: Harness) -> Non
         ),
         timeout=10,
     )
-    wait_for("garbage collection of its pods", lambda: not h.pods("gone"), timeout=60)
+    wait_for("garbage collection of its pods", lambda: not h.pods("gone"), timeout_s=60)
     from cheapspot.store import Store
 
     assert Store(h.output_uri("gone")).get_bytes_or_none("progress/shard-0000.json")

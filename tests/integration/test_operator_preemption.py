@@ -24,7 +24,7 @@ def _shard_node(h: Harness, job: str, shard: int) -> tuple[str, str]:
                 return p["metadata"]["name"], p["spec"]["nodeName"]
         return None
 
-    return wait_for(f"shard {shard} running", find, timeout=60)
+    return wait_for(f"shard {shard} running", find, timeout_s=60)
 
 
 def _replacement(
@@ -39,7 +39,7 @@ def _replacement(
 
 def test_a_notice_gets_a_replacement_before_the_node_is_gone(h: Harness) -> None:
     h.apply("pre", shards=3)
-    wait_for("all running", lambda: h.running_on_nodes("pre", 4), timeout=60)
+    wait_for("all running", lambda: h.running_on_nodes("pre", 4), timeout_s=60)
     pod, node = _shard_node(h, "pre", 1)
     reclaim = h.cluster.preempt_in_background(node, notice_s=NOTICE_SECONDS)
     replacement = wait_for(
@@ -59,11 +59,11 @@ def test_a_notice_gets_a_replacement_before_the_node_is_gone(h: Harness) -> None
 
 def test_a_hard_node_loss_is_replaced_within_seconds(h: Harness) -> None:
     h.apply("hard", shards=2)
-    wait_for("all running", lambda: h.running_on_nodes("hard", 3), timeout=60)
+    wait_for("all running", lambda: h.running_on_nodes("hard", 3), timeout_s=60)
     pod, node = _shard_node(h, "hard", 0)
     lost = time.monotonic()
     h.api.delete(f"/api/v1/nodes/{node}")  # the machine vanished, no notice at all
-    wait_for("a scheduled replacement", lambda: _replacement(h, "hard", 0, pod, node), timeout=10)
+    wait_for("a scheduled replacement", lambda: _replacement(h, "hard", 0, pod, node), timeout_s=10)
     elapsed = time.monotonic() - lost
     assert elapsed < 10, f"replacement after {elapsed:.1f}s"
     assert h.status("hard")["restarts"] == 0
@@ -73,9 +73,9 @@ def test_a_node_going_not_ready_is_a_preemption(h: Harness) -> None:
     from cheapspot_localcluster.reclaim import NodeOps
 
     h.apply("nr", shards=1)
-    wait_for("all running", lambda: h.running_on_nodes("nr", 2), timeout=60)
+    wait_for("all running", lambda: h.running_on_nodes("nr", 2), timeout_s=60)
     pod, node = _shard_node(h, "nr", 0)
     NodeOps(h.cluster.core()).switch_off(node)  # kubelet stops; the node goes NotReady
-    wait_for("a scheduled replacement", lambda: _replacement(h, "nr", 0, pod, node), timeout=60)
+    wait_for("a scheduled replacement", lambda: _replacement(h, "nr", 0, pod, node), timeout_s=60)
     assert h.status("nr")["restarts"] == 0
     assert h.status("nr")["preemptions"] == 1

@@ -28,7 +28,7 @@ def _no_duplicates(h: Harness, job: str) -> None:
 
 def test_sigkill_and_restart_lose_nothing_and_duplicate_nothing(h: Harness) -> None:
     h.apply("tough", shards=3)
-    wait_for("all running", lambda: h.running_on_nodes("tough", 4), timeout=60)
+    wait_for("all running", lambda: h.running_on_nodes("tough", 4), timeout_s=60)
     wait_for(
         "the status to record them",
         lambda: (h.condition("tough", "Progressing") or {}).get("reason") == "AllPodsRunning",
@@ -51,7 +51,7 @@ def test_sigkill_and_restart_lose_nothing_and_duplicate_nothing(h: Harness) -> N
         time.sleep(1.5 + round_)  # kill at different points of the reconciliation
         _no_duplicates(h, "tough")
 
-    wait_for("all running again", lambda: h.running_on_nodes("tough", 4), timeout=60)
+    wait_for("all running again", lambda: h.running_on_nodes("tough", 4), timeout_s=60)
     _no_duplicates(h, "tough")
     after = h.status("tough")
     assert after["startTime"] == before["startTime"]

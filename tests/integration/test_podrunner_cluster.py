@@ -14,7 +14,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import pytest
 
 from cheapspot_localcluster.cluster import LocalCluster
 from cheapspot_localcluster.processes import _alive
+from cheapspot_localcluster.waiting import wait_for
 
 CAPACITY = "cheapspot.dev/capacity-type"
 
@@ -52,16 +53,6 @@ if mode.startswith("exit:"):
 while True:
     time.sleep(0.1)
 """
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

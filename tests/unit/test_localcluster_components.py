@@ -40,13 +40,12 @@ def test_kwok_pod_stages_switch_with_the_pod_lifecycle_mode() -> None:
         docs = yaml.safe_load_all(components.kwok_config(mode))
         return {d["metadata"]["name"] for d in docs if d}
 
-    assert stage_names(PodLifecycle.KWOK) >= {
-        "node-initialize",
-        "node-heartbeat-with-lease",
-        "pod-ready",
-        "pod-delete",
+    nodes = {"cheapspot-node-ready", "cheapspot-node-heartbeat"}
+    assert stage_names(PodLifecycle.KWOK) == nodes | {
+        "cheapspot-pod-running",
+        "cheapspot-pod-remove",
     }
-    assert stage_names(PodLifecycle.EXTERNAL) == {"node-initialize", "node-heartbeat-with-lease"}
+    assert stage_names(PodLifecycle.EXTERNAL) == nodes
 
 
 def test_free_ports_are_distinct() -> None:
