@@ -281,7 +281,7 @@ def restore_nodes(api: KubeApi, cluster: Any) -> None:
     wait_for(
         "switched-off nodes to go",
         lambda: all(is_ready(n) for n in api.list("/api/v1/nodes")),
-        timeout=60,
+        timeout_s=60,
     )
     cluster.spot_on()
     cluster.create_nodes()
@@ -289,7 +289,7 @@ def restore_nodes(api: KubeApi, cluster: Any) -> None:
     wait_for(
         "every pool node Ready",
         lambda: sum(1 for n in api.list("/api/v1/nodes") if is_ready(n)) >= expected,
-        timeout=60,
+        timeout_s=60,
     )
 
 

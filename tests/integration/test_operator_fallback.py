@@ -36,7 +36,7 @@ def test_shards_fall_back_to_on_demand_and_return_at_a_round_boundary(h: Harness
     wait_for(
         "both shards running on on-demand",
         lambda: _capacities(h, "fb") == ["on-demand", "on-demand"],
-        timeout=FALLBACK_SECONDS + 60,
+        timeout_s=FALLBACK_SECONDS + 60,
     )
     status = h.status("fb")
     assert status["restarts"] == 0
@@ -56,7 +56,7 @@ def test_shards_fall_back_to_on_demand_and_return_at_a_round_boundary(h: Harness
     wait_for(
         "both shards back on spot",
         lambda: _capacities(h, "fb") == ["spot", "spot"],
-        timeout=60,
+        timeout_s=60,
     )
     assert h.table("fb")["Spot/OD"] == "2/0"
     assert any(e["reason"] == "ReturnedToSpot" for e in h.events("fb"))

@@ -21,7 +21,7 @@ def h(local_cluster: Any, s3_endpoint: Any, tmp_path: Path) -> Iterator[Harness]
 
 def _running(h: Harness, job: str, pods: int) -> list[dict[str, Any]]:
     running: list[dict[str, Any]] = wait_for(
-        f"{pods} running pods", lambda: h.running_on_nodes(job, pods), timeout=60
+        f"{pods} running pods", lambda: h.running_on_nodes(job, pods), timeout_s=60
     )
     return running
 
@@ -143,7 +143,7 @@ def test_deleting_a_job_removes_its_pods_and_keeps_its_output(h: Harness) -> Non
             h.api.get(f"/apis/cheapspot.dev/v1alpha1/namespaces/{h.namespace}/cheaptrainjobs/gone")
             is None
         ),
-        timeout=10,
+        timeout_s=10,
     )
     wait_for("garbage collection of its pods", lambda: not h.pods("gone"), timeout_s=60)
     from cheapspot.store import Store

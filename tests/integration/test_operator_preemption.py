@@ -45,7 +45,7 @@ def test_a_notice_gets_a_replacement_before_the_node_is_gone(h: Harness) -> None
     replacement = wait_for(
         "a scheduled replacement",
         lambda: _replacement(h, "pre", 1, pod, node),
-        timeout=NOTICE_SECONDS,
+        timeout_s=NOTICE_SECONDS,
     )
     assert h.node(node) is not None, "the replacement came only after the node was gone"
     assert h.node_capacity(replacement["spec"]["nodeName"]) == "spot"
