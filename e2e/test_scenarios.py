@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,15 +161,20 @@ def test_a_two_shard_job_survives_two_reclaims_bit_identically(
     backend = world.backend
     run = world.run(prefix="reclaims").apply()
 
-    # One reclaim with notice: the shard checkpoints on SIGTERM and moves.
+    # One reclaim with notice: the shard checkpoints on SIGTERM and moves. It runs in the
+    # background: a reclaim only ends once the node is gone (notice, NotReady, pod GC), and
+    # a job this small could finish meanwhile.
     run.wait_step(0, 2)
     first = run.node_of(0)
-    backend.reclaim(first, NOTICE_SECONDS)
-    # One without: the machine is simply gone; the shard resumes from its last checkpoint.
-    run.wait_step(1, 2)
-    second = run.node_of(1)
-    assert run.status().get("phase") == "Running", "the job finished before the 2nd reclaim"
-    backend.reclaim(second, 0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first_reclaim = pool.submit(backend.reclaim, first, NOTICE_SECONDS)
+        # One without, while shard 1 is mid-job (it cannot pass round 0 before shard 0's
+        # replacement has): the machine is simply gone; it resumes from its last checkpoint.
+        run.wait_step(1, 2)
+        second = run.node_of(1)
+        assert run.status().get("phase") == "Running", "the job finished before the 2nd reclaim"
+        backend.reclaim(second, 0)
+        first_reclaim.result(timeout=300)
 
     status = run.finish()
     succeeded(status)
