@@ -149,7 +149,25 @@ def view(run: Showing, status: dict[str, Any], progress: dict[int, Any]) -> Pane
 
 
 def inject(run: Showing, stop: threading.Event) -> None:
-    """Reclaim the planned shards' nodes once they are far enough along."""
+    """Reclaim the planned shards' nodes once they are far enough along.
+
+    Each reclaim runs in a thread of its own: one only ends once its node is gone (notice,
+    NotReady, pod GC), and the next one is due while that is still under way."""
+    under_way: list[threading.Thread] = []
+    try:
+        _inject(run, stop, under_way)
+    finally:
+        for thread in under_way:
+            thread.join()
+
+
+def _reclaim(run: Showing, plan: Reclaim) -> None:
+    run.backend.reclaim(plan.node, plan.notice_s)
+    plan.done = True
+    run.story.say(f"{plan.node} is gone; shard {plan.shard} carried on elsewhere")
+
+
+def _inject(run: Showing, stop: threading.Event, under_way: list[threading.Thread]) -> None:
     for plan in run.story.reclaims:
         while not stop.is_set():
             rec = read_progress(run.output_uri, run.shards).get(plan.shard)
@@ -172,9 +190,9 @@ def inject(run: Showing, stop: threading.Event) -> None:
         plan.started_at = time.time()
         how = f"with {plan.notice_s:g}s notice" if plan.notice_s else "without notice"
         run.story.say(f"[red]reclaiming[/] {plan.node} (shard {plan.shard}) {how}")
-        run.backend.reclaim(plan.node, plan.notice_s)
-        plan.done = True
-        run.story.say(f"{plan.node} is gone; shard {plan.shard} carried on elsewhere")
+        thread = threading.Thread(target=_reclaim, args=(run, plan), daemon=True)
+        thread.start()
+        under_way.append(thread)
 
 
 def pod_logs(backend: LocalBackend, job: str, shards: int) -> dict[tuple[int, int], str]:
