@@ -1,7 +1,7 @@
 """The act layer: kopf wiring and the reconciler that applies the planner's actions.
 
 One reconciliation of a job (:meth:`Reconciler.reconcile`) reads everything afresh (the job,
-its pods, the nodes, the workers' progress records), asks :func:`planning.plan` what to do and
+its pods, the nodes, the workers' progress records), asks :func:`planning.train.plan` what to do and
 applies the actions in order: the status first (with the job's resourceVersion as a
 precondition, so two writers cannot both act on the same state), then pods and events. Pods
 have deterministic names (``<job>-shard-<i>-<attempt>``) and are created if absent, a 409 being
@@ -70,11 +70,10 @@ from cheapspot_operator.observed import (
 )
 from cheapspot_operator.phases import JobPhase
 from cheapspot_operator.placement import PlacementProfile
-from cheapspot_operator.planning import (
+from cheapspot_operator.planning.actions import DeletePod, EmitEvent
+from cheapspot_operator.planning.train import (
     Action,
     CreatePod,
-    DeletePod,
-    EmitEvent,
     UpdateStatus,
     plan,
 )

@@ -21,7 +21,7 @@ from cheapspot_operator.observed import (
     LABEL_SHARD,
 )
 from cheapspot_operator.placement import PlacementProfile
-from cheapspot_operator.planning import pod_name
+from cheapspot_operator.planning.train import pod_name
 
 SIGTERM_MARGIN_SECONDS = 5
 """Kept back from the notice when telling the worker how long its SIGTERM checkpoint may take."""

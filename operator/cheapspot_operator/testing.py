@@ -15,11 +15,10 @@ from cheapspot.contract import Phase, Progress, Role
 from cheapspot_operator.costs import PriceTable, default_prices
 from cheapspot_operator.observed import ANCHOR_INDEX, JobView, NodeView, Observed, PodView
 from cheapspot_operator.placement import PROFILES, PlacementProfile
-from cheapspot_operator.planning import (
+from cheapspot_operator.planning.actions import DeletePod, EmitEvent
+from cheapspot_operator.planning.train import (
     Action,
     CreatePod,
-    DeletePod,
-    EmitEvent,
     UpdateStatus,
     plan,
     pod_name,

@@ -11,7 +11,8 @@ import pytest
 from cheapspot.contract import ExitCode, Phase
 from cheapspot_operator.observed import ANCHOR_INDEX
 from cheapspot_operator.phases import IllegalTransitionError, JobPhase, transition
-from cheapspot_operator.planning import Outcome, classify, plan
+from cheapspot_operator.planning.preemption import Outcome, classify
+from cheapspot_operator.planning.train import plan
 from cheapspot_operator.spec import CapacityType
 from cheapspot_operator.testing import (
     EPOCH,

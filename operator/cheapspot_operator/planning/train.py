@@ -1,4 +1,4 @@
-"""The planner: observed state and a clock in, actions out. No I/O (import-linter enforces it).
+"""The CheapTrainJob planner: observed state and a clock in, actions out. No I/O.
 
 ``plan(spec, observed, now)`` looks at one CheapTrainJob (its status, its pods, their nodes,
 the workers' progress records) and returns what to do: a new status first, then pods to
@@ -9,7 +9,8 @@ status ahead of the pods and creates what is missing under the same deterministi
 
 Every pod slot (the anchor, shard 0..N-1) has an ``attempt``; its pod is
 ``<job>-<role>-<attempt>``. A slot's current pod is the one with the slot's attempt; older
-pods are cleaned up. Each reconciliation classifies the current pod (:func:`classify`):
+pods are cleaned up. Each reconciliation classifies the current pod
+(:func:`cheapspot_operator.planning.preemption.classify`):
 
 * healthy: nothing to do, unless it should move (fallback / return to spot, see below);
 * done (exit 0): the slot is finished; the anchor finishing ends the job Succeeded;
@@ -27,14 +28,23 @@ boundary (progress phase ``waiting``) once a schedulable spot node without a not
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from cheapspot.contract import ExitCode, Layout, Phase, Progress, Role
+from cheapspot.contract import Layout, Phase, Progress, Role
 from cheapspot_operator.observed import ANCHOR_INDEX, Observed, PodView
 from cheapspot_operator.phases import JobPhase, transition
+from cheapspot_operator.planning.actions import DeletePod, EmitEvent
+from cheapspot_operator.planning.conditions import set_condition
+from cheapspot_operator.planning.preemption import (
+    Outcome,
+    Verdict,
+    classify,
+    doomed_nodes,
+    node_signal,
+    spot_available,
+)
 from cheapspot_operator.spec import (
     CapacityType,
     CheckpointStatus,
@@ -69,88 +79,7 @@ class CreatePod:
     """Nodes being reclaimed or lost: the pod must not land there."""
 
 
-@dataclass(frozen=True)
-class DeletePod:
-    name: str
-    grace_seconds: int | None = None
-    """None: the pod's own grace period (the worker checkpoints); 0: its node is gone."""
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class EmitEvent:
-    type: str
-    """Normal or Warning."""
-    reason: str
-    message: str
-    cause: str = ""
-    """Machine-readable detail (the preemption signal, the fallback reason) for metrics."""
-
-
 Action = UpdateStatus | CreatePod | DeletePod | EmitEvent
-
-
-# --- failure classification ---------------------------------------------------------------
-
-
-class Outcome(enum.StrEnum):
-    HEALTHY = "Healthy"
-    """Pending or running, nothing wrong."""
-    DONE = "Done"
-    """The worker exited 0."""
-    PREEMPTED = "Preempted"
-    """Capacity was taken away: replace at once, no restart budget spent."""
-    PERMANENT = "Permanent"
-    """A user error the worker reported: the job fails, no retry."""
-    FAILED = "Failed"
-    """Anything else: retried while the restart budget lasts."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    outcome: Outcome
-    reason: str
-    message: str = ""
-
-
-def node_signal(node_name: str, obs: Observed) -> str:
-    """Why the node ``node_name`` is going away, or "" when it is fine."""
-    if not node_name:
-        return ""
-    node = obs.nodes.get(node_name)
-    if node is None:
-        return "NodeGone"
-    if not node.ready:
-        return "NodeNotReady"
-    if obs.profile.is_interrupted(node.taint_keys):
-        return "InterruptionNotice"
-    return ""
-
-
-def classify(pod: PodView, obs: Observed, progress: Progress | None = None) -> Verdict:
-    """Sort a pod's state into one of the :class:`Outcome` classes. Order matters."""
-    if pod.phase == "Succeeded" or (pod.terminated and pod.exit_code == ExitCode.DONE):
-        return Verdict(Outcome.DONE, "Completed")
-    if pod.phase == "Failed" and pod.exit_code == ExitCode.PERMANENT:
-        message = pod.termination_message or (progress.message if progress else "")
-        return Verdict(Outcome.PERMANENT, "PermanentError", message or "permanent worker error")
-    signal = node_signal(pod.node_name, obs)
-    if signal:
-        return Verdict(Outcome.PREEMPTED, signal, f"node {pod.node_name}")
-    if pod.disruption_target:
-        return Verdict(Outcome.PREEMPTED, "DisruptionTarget", pod.disruption_reason)
-    if pod.reason == "Evicted":
-        return Verdict(Outcome.PREEMPTED, "Evicted", pod.termination_message)
-    if pod.phase == "Failed":
-        if pod.exit_code == ExitCode.INTERRUPTED:
-            return Verdict(Outcome.PREEMPTED, "Interrupted", "worker stopped by SIGTERM")
-        code = "unknown" if pod.exit_code is None else str(pod.exit_code)
-        return Verdict(
-            Outcome.FAILED, "WorkerFailed", f"exit code {code}: {pod.termination_message}"
-        )
-    if pod.deleting:
-        return Verdict(Outcome.PREEMPTED, "PodDeleted", "pod deleted outside the operator")
-    return Verdict(Outcome.HEALTHY, pod.phase)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -159,43 +88,6 @@ def classify(pod: PodView, obs: Observed, progress: Progress | None = None) -> V
 def pod_name(job_name: str, index: int, attempt: int) -> str:
     role = "anchor" if index == ANCHOR_INDEX else f"shard-{index}"
     return f"{job_name}-{role}-{attempt}"
-
-
-def set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:
-    """``conditions`` with ``new`` in place of its type; lastTransitionTime (``new``'s, the
-    current time) is kept from the old condition while the status stays the same."""
-    out: list[Condition] = []
-    for old in conditions:
-        if old.type != new.type:
-            out.append(old)
-        elif old.status == new.status and old.last_transition_time is not None:
-            out.append(new.model_copy(update={"last_transition_time": old.last_transition_time}))
-        else:
-            out.append(new)
-    if all(c.type != new.type for c in conditions):
-        out.append(new)
-    return out
-
-
-def spot_available(obs: Observed) -> bool:
-    """A schedulable, ready spot node without a reclaim notice exists."""
-    return any(
-        obs.profile.capacity_of(n.labels) is CapacityType.SPOT
-        and n.ready
-        and not n.unschedulable
-        and not obs.profile.is_interrupted(n.taint_keys)
-        for n in obs.nodes.values()
-    )
-
-
-def doomed_nodes(obs: Observed) -> tuple[str, ...]:
-    return tuple(
-        sorted(
-            n.name
-            for n in obs.nodes.values()
-            if not n.ready or obs.profile.is_interrupted(n.taint_keys)
-        )
-    )
 
 
 def at_round_boundary(progress: Progress | None) -> bool:
