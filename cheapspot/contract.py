@@ -9,7 +9,10 @@ Both sides import this module and nothing else of each other. It holds:
   global adapters, progress records and the final adapter live,
 * the progress record a worker publishes (:class:`Progress`), which is how the
   operator learns what a job is doing without worker pods needing any
-  Kubernetes access.
+  Kubernetes access,
+* for inference pools: the task a serving replica receives (:class:`ServeTask`, in the same
+  environment variable), the pod labels and annotations the operator and the router agree
+  on, and the replica's ports.
 
 It imports nothing heavy (pydantic only) so the operator image stays small.
 """
@@ -335,3 +338,74 @@ class Progress(_Strict):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# --- serving (CheapInferencePool) ------------------------------------------------------------
+
+LABEL_POOL = "cheapspot.dev/pool"
+"""On every pod of an inference pool: the pool's name."""
+LABEL_POOL_ROLE = "cheapspot.dev/pool-role"
+"""``replica`` (a vLLM server) or ``router`` (the pool's endpoint)."""
+LABEL_REPLICA = "cheapspot.dev/replica"
+"""A replica pod's slot index (0..replicas-1)."""
+ANNOTATION_DRAINING = "cheapspot.dev/draining-until"
+"""Set by the operator on a replica that is being drained (RFC 3339 deadline). The router
+sends it no new request from the moment it sees the annotation."""
+SERVE_PORT = 8000
+"""The replica's OpenAI API (vLLM) port: the router sends client requests here."""
+ADMIN_PORT = 8001
+"""The replica launcher's admin port (operator and router only, never clients):
+``GET /cheapspot/status`` and ``PUT /cheapspot/adapters`` with the desired adapter list."""
+ROUTER_PORT = 8080
+"""The router's client-facing port (the pool's Service targets it)."""
+
+
+class AdapterSource(_Strict):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="Name clients put in the OpenAI `model` field to use this adapter.",
+    )
+    uri: str = Field(
+        description="A PEFT adapter directory with a MANIFEST.json: s3:// or file:// "
+        "(a CheapTrainJob's final/ prefix works as is)."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        _check_scheme(v, ("s3", "file"))
+        return v if v.endswith("/") else v + "/"
+
+
+class EngineSettings(_Strict):
+    max_num_seqs: Annotated[int, Field(ge=1, le=4096, alias="maxNumSeqs")] = 32
+    max_loras: Annotated[int, Field(ge=1, le=256, alias="maxLoras")] = 8
+    max_lora_rank: Annotated[int, Field(ge=1, le=512, alias="maxLoraRank")] = 16
+    max_model_len: Annotated[int | None, Field(ge=16, alias="maxModelLen")] = None
+    shutdown_timeout_seconds: Annotated[
+        int, Field(ge=0, le=3600, alias="shutdownTimeoutSeconds")
+    ] = 30
+    args: list[str] = Field(default_factory=list, description="Extra vLLM server arguments.")
+
+
+class ServeTask(_Strict):
+    """What a serving replica needs. Serialised to JSON in ``CHEAPSPOT_TASK`` with role serve."""
+
+    role: Role = Role.SERVE
+    pool: JobRef
+    replica_index: Annotated[int, Field(ge=0)] = 0
+    model: ModelSource
+    adapters: list[AdapterSource] = Field(default_factory=list)
+    engine: EngineSettings = EngineSettings()
+    attempt: Annotated[int, Field(ge=0)] = 0
+
+    def to_env(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServeTask:
+        env = os.environ if environ is None else environ
+        raw = env.get(TASK_ENV)
+        if not raw:
+            raise ValueError(f"environment variable {TASK_ENV} is not set")
+        return cls.model_validate_json(raw)
