@@ -47,7 +47,8 @@ class ExitCode(enum.IntEnum):
     model, quantization without CUDA). The job fails with the worker's message; no retry."""
     TRANSIENT = 75
     """Something outside the worker failed (object store down after retries). Retrying may
-    succeed; counts against the job's restart budget."""
+    succeed: the operator backs off and retries without spending the restart budget, for a
+    bounded time (``failurePolicy.transientRetrySeconds``)."""
     INTERRUPTED = 143
     """Stopped by SIGTERM after publishing a checkpoint (128 + SIGTERM). A preemption, not a failure."""
 

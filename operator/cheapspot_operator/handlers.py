@@ -66,6 +66,7 @@ from cheapspot_operator.observed import (
     NodeView,
     Observed,
     node_view,
+    pod_requests,
     pod_view,
 )
 from cheapspot_operator.phases import JobPhase
@@ -179,6 +180,9 @@ class Reconciler:
         )
         self.clock = clock
         self.phases: dict[tuple[str, str], str] = {}
+        self.refused: dict[tuple[str, int], tuple[int, str]] = {}
+        """(job uid, slot) -> (attempt, the API server's message) of the last refused create."""
+        self._usage: tuple[float, dict[str, dict[str, float]]] | None = None
 
     def reconcile(self, namespace: str, name: str) -> list[Action]:
         started = time.monotonic()
@@ -206,7 +210,15 @@ class Reconciler:
             for p in self.api.list(_pods_path(namespace), f"{LABEL_JOB}={name}")
             if _owned_by(p, meta["uid"]) and (v := pod_view(p)) is not None
         ]
-        nodes = {n.name: n for n in (node_view(raw) for raw in self.api.list("/api/v1/nodes"))}
+        # What other pods request on each node only matters when a shard may return to spot.
+        usage = self._node_usage() if any(x.fallback_reason for x in status.shards) else {}
+        nodes = {
+            n.name: n
+            for n in (
+                node_view(raw, usage.get(raw["metadata"]["name"]))
+                for raw in self.api.list("/api/v1/nodes")
+            )
+        }
         progress = self.progress.get(meta["uid"], spec.output.uri, spec.shards)
         observed = Observed(
             job=JobView(namespace, name, meta["uid"], int(meta.get("generation", 1)), status),
@@ -215,10 +227,37 @@ class Reconciler:
             progress=progress,
             profile=self.profile,
             prices=self.prices,
+            create_refused=self._refused_for(meta["uid"], status),
         )
         actions = plan(spec, observed, self.clock())
         self._apply(job, spec, observed, actions)
         return actions
+
+    def _node_usage(self, ttl: float = 2.0) -> dict[str, dict[str, float]]:
+        """Extended resources requested by the live pods bound to each node, all namespaces;
+        one LIST shared by every job for ``ttl`` seconds."""
+        cached = self._usage
+        if cached is not None and time.monotonic() - cached[0] < ttl:
+            return cached[1]
+        usage: dict[str, dict[str, float]] = {}
+        bound = self.api.list(
+            "/api/v1/pods",
+            field_selector="spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed",
+        )
+        for pod in bound:
+            node = usage.setdefault(str(pod["spec"]["nodeName"]), {})
+            for key, amount in pod_requests(pod).items():
+                node[key] = node.get(key, 0.0) + amount
+        self._usage = (time.monotonic(), usage)
+        return usage
+
+    def _refused_for(self, uid: str, status: s.TrainJobStatus) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for slot in [*([status.anchor] if status.anchor else []), *status.shards]:
+            refused = self.refused.get((uid, slot.index))
+            if refused is not None and refused[0] == slot.attempt:
+                out[slot.index] = refused[1]
+        return out
 
     def _invalid(
         self, job: dict[str, Any], status: s.TrainJobStatus, exc: ValidationError
@@ -300,7 +339,18 @@ class Reconciler:
             pod = build_anchor_pod(info, action.attempt, placement, worker)
         else:
             pod = build_shard_pod(info, action.index, action.attempt, placement, worker)
-        if self.api.create(_pods_path(meta["namespace"]), pod):
+        try:
+            created = self.api.create(_pods_path(meta["namespace"]), pod)
+        except ApiError as exc:
+            if not 400 <= exc.status < 500 or exc.status == 429:
+                raise
+            # Refused (quota, admission, a missing service account): the planner reports it
+            # and gives up after failurePolicy.startTimeoutSeconds; retried every tick.
+            self.refused[(meta["uid"], action.index)] = (action.attempt, exc.message)
+            log.warning("pod %s refused: %s", pod["metadata"]["name"], exc.message)
+            return
+        self.refused.pop((meta["uid"], action.index), None)
+        if created:
             role = "anchor" if action.index == ANCHOR_INDEX else "train"
             metrics.PODS_CREATED.labels(role=role).inc()
             log.info("created pod %s (%s)", pod["metadata"]["name"], action.capacity.value)

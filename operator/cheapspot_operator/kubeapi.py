@@ -22,6 +22,17 @@ class ApiError(Exception):
         self.status = status
         self.body = body
 
+    @property
+    def message(self) -> str:
+        """The API server's own words (``Status.message``), else the raw body."""
+        try:
+            parsed = json.loads(self.body)
+        except ValueError:
+            return self.body[:500]
+        if isinstance(parsed, dict) and parsed.get("message"):
+            return str(parsed["message"])
+        return self.body[:500]
+
 
 class KubeApi:
     def __init__(self, api_client: Any) -> None:
@@ -82,9 +93,15 @@ class KubeApi:
             raise
         return result
 
-    def list(self, path: str, label_selector: str | None = None) -> list[dict[str, Any]]:
-        query = {"labelSelector": label_selector} if label_selector else None
-        items: list[dict[str, Any]] = self.request("GET", path, query=query).get("items") or []
+    def list(
+        self, path: str, label_selector: str | None = None, field_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector} if label_selector else {}
+        if field_selector:
+            query["fieldSelector"] = field_selector
+        items: list[dict[str, Any]] = (
+            self.request("GET", path, query=query or None).get("items") or []
+        )
         return items
 
     def create(self, path: str, body: Mapping[str, Any]) -> bool:

@@ -23,6 +23,13 @@ from cheapspot_operator.observed import (
 from cheapspot_operator.placement import PlacementProfile
 from cheapspot_operator.planning.train import pod_name
 
+NO_VOLUNTARY_DISRUPTION = {
+    "karpenter.sh/do-not-disrupt": "true",
+    "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+}
+"""Consolidation (Karpenter, the cluster autoscaler) must not take a node a training pod runs
+on: the cloud's reclaims are handled, but a voluntary scale-down only costs work for nothing."""
+
 SIGTERM_MARGIN_SECONDS = 5
 """Kept back from the notice when telling the worker how long its SIGTERM checkpoint may take."""
 
@@ -166,12 +173,15 @@ def _pod(
         "affinity": {"nodeAffinity": _node_affinity(placement, wants.instance_types)},
         "tolerations": _tolerations(placement),
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        # Bounded: a pod that fills its scratch is evicted for it (a failure with the kubelet's
+        # message), instead of filling the node's disk and getting every pod there evicted.
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": job.spec.resources.scratch_size}}],
     }
     if worker.service_account:
         pod_spec["serviceAccountName"] = worker.service_account
-    if worker.priority_class:
-        pod_spec["priorityClassName"] = worker.priority_class
+    priority_class = job.spec.priority_class_name or worker.priority_class
+    if priority_class:
+        pod_spec["priorityClassName"] = priority_class
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -179,7 +189,7 @@ def _pod(
             "name": pod_name(job.name, index, attempt),
             "namespace": job.namespace,
             "labels": labels,
-            "annotations": {ANNOTATION_ATTEMPT: str(attempt)},
+            "annotations": {ANNOTATION_ATTEMPT: str(attempt), **NO_VOLUNTARY_DISRUPTION},
             "ownerReferences": [
                 {
                     "apiVersion": f"{s.GROUP}/{s.VERSION}",

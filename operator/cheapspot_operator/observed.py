@@ -38,6 +38,9 @@ class PodView:
     phase: str = "Pending"
     deleting: bool = False
     exit_code: int | None = None
+    """The worker container's exit code once it terminated."""
+    exit_reason: str = ""
+    """The container's termination reason (``OOMKilled``, ``Error``, ``Completed``)."""
     termination_message: str = ""
     reason: str = ""
     """``status.reason`` (``Evicted`` after an eviction)."""
@@ -45,6 +48,9 @@ class PodView:
     disruption_reason: str = ""
     unschedulable_since: datetime | None = None
     """``PodScheduled=False, reason=Unschedulable``: its lastTransitionTime."""
+    waiting_reason: str = ""
+    """Why the container has not started (``ImagePullBackOff``, ``CreateContainerConfigError``)."""
+    waiting_message: str = ""
 
     @property
     def terminated(self) -> bool:
@@ -58,6 +64,14 @@ class NodeView:
     ready: bool = True
     unschedulable: bool = False
     taint_keys: frozenset[str] = frozenset()
+    allocatable: Mapping[str, float] = field(default_factory=dict)
+    """Extended resources the node offers (``nvidia.com/gpu``: 8), whole units."""
+    requested: Mapping[str, float] = field(default_factory=dict)
+    """The same resources requested by the live pods bound to the node (any job's or none);
+    empty when the observation did not look (only needed to decide a return to spot)."""
+
+    def free(self, resource: str) -> float:
+        return self.allocatable.get(resource, 0.0) - self.requested.get(resource, 0.0)
 
     @property
     def instance_type(self) -> str:
@@ -87,6 +101,9 @@ class Observed:
     """Progress records by slot index (:data:`ANCHOR_INDEX` for the anchor)."""
     profile: PlacementProfile
     prices: PriceTable
+    create_refused: Mapping[int, str] = field(default_factory=dict)
+    """Slots whose current pod the API server refused to create (quota, admission, a missing
+    service account), with its message; filled by the act layer from its last attempt."""
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -107,12 +124,18 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     index = ANCHOR_INDEX if labels[LABEL_ROLE] == "anchor" else int(labels.get(LABEL_SHARD, 0))
     status = pod.get("status") or {}
     exit_code: int | None = None
-    message = ""
+    message, exit_reason, waiting_reason, waiting_message = "", "", "", ""
     for cs in status.get("containerStatuses") or []:
-        terminated = (cs.get("state") or {}).get("terminated")
+        state = cs.get("state") or {}
+        terminated = state.get("terminated")
         if terminated:
             exit_code = int(terminated.get("exitCode", 0))
+            exit_reason = str(terminated.get("reason") or "")
             message = str(terminated.get("message") or terminated.get("reason") or "")
+        waiting = state.get("waiting")
+        if waiting:
+            waiting_reason = str(waiting.get("reason") or "")
+            waiting_message = str(waiting.get("message") or "")
     disruption, disruption_reason, unschedulable_since = False, "", None
     for cond in status.get("conditions") or []:
         if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
@@ -132,15 +155,39 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         phase=str(status.get("phase") or "Pending"),
         deleting=bool(meta.get("deletionTimestamp")),
         exit_code=exit_code,
+        exit_reason=exit_reason,
         termination_message=message or str(status.get("message") or ""),
         reason=str(status.get("reason") or ""),
         disruption_target=disruption,
         disruption_reason=disruption_reason,
         unschedulable_since=unschedulable_since,
+        waiting_reason=waiting_reason,
+        waiting_message=waiting_message,
     )
 
 
-def node_view(node: Mapping[str, Any]) -> NodeView:
+def whole_quantity(value: Any) -> float | None:
+    """A resource quantity in whole units (extended resources are integers), or None when it
+    is not a plain number (``16Gi``, ``500m``: not what GPU counts look like)."""
+    try:
+        return float(int(str(value)))
+    except ValueError:
+        return None
+
+
+def pod_requests(pod: Mapping[str, Any]) -> dict[str, float]:
+    """The extended (whole-unit) resources a pod's containers request, summed."""
+    out: dict[str, float] = {}
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for key, value in ((c.get("resources") or {}).get("requests") or {}).items():
+            amount = whole_quantity(value) if "/" in key else None
+            if amount is not None:
+                out[key] = out.get(key, 0.0) + amount
+    return out
+
+
+def node_view(node: Mapping[str, Any], requested: Mapping[str, float] | None = None) -> NodeView:
+    """``requested``: what the live pods bound to the node request (see :func:`pod_requests`)."""
     meta = node.get("metadata") or {}
     spec = node.get("spec") or {}
     ready = True
@@ -153,4 +200,10 @@ def node_view(node: Mapping[str, Any]) -> NodeView:
         ready=ready,
         unschedulable=bool(spec.get("unschedulable")),
         taint_keys=frozenset(str(t.get("key")) for t in spec.get("taints") or []),
+        allocatable={
+            k: q
+            for k, v in ((node.get("status") or {}).get("allocatable") or {}).items()
+            if "/" in k and (q := whole_quantity(v)) is not None
+        },
+        requested=dict(requested or {}),
     )

@@ -103,6 +103,17 @@ class Resources(_Spec):
             "aliyun.com/gpu-mem style names where the cluster uses them).",
         ),
     ] = "nvidia.com/gpu"
+    scratch_size: Annotated[
+        str,
+        Field(
+            alias="scratchSize",
+            pattern=QUANTITY_PATTERN,
+            max_length=32,
+            description="Size limit of each pod's scratch volume (/tmp: the downloaded base "
+            "model, the dataset, checkpoints being written). A pod that outgrows it is evicted "
+            "and the eviction counts as a failure, not a preemption: size it to the model.",
+        ),
+    ] = "100Gi"
 
 
 class AnchorSpec(_Spec):
@@ -118,6 +129,13 @@ class AnchorSpec(_Spec):
     memory: Annotated[
         str, Field(pattern=QUANTITY_PATTERN, max_length=32, description="Memory request.")
     ] = "2Gi"
+
+
+class OnMaxPreemptions(enum.StrEnum):
+    ON_DEMAND = "OnDemand"
+    """Shards move to on-demand for the rest of the job."""
+    FAIL = "Fail"
+    """The job fails with reason PreemptionLimitExceeded."""
 
 
 class SpotPolicy(_Spec):
@@ -141,6 +159,67 @@ class SpotPolicy(_Spec):
             "shards move to on-demand until the rate drops. 0 turns the rule off.",
         ),
     ] = 6
+    max_preemptions: Annotated[
+        int,
+        Field(
+            alias="maxPreemptions",
+            ge=0,
+            le=100000,
+            description="Preemptions (reclaims, evictions under node pressure) the job takes in "
+            "all; past it onMaxPreemptions applies, so a job cannot loop forever. 0: no cap.",
+        ),
+    ] = 100
+    on_max_preemptions: Annotated[
+        OnMaxPreemptions,
+        Field(
+            alias="onMaxPreemptions",
+            description="OnDemand: shards finish on on-demand capacity; Fail: the job fails.",
+        ),
+    ] = OnMaxPreemptions.ON_DEMAND
+    return_after_seconds: Annotated[
+        int,
+        Field(
+            alias="returnAfterSeconds",
+            ge=0,
+            le=86400,
+            description="A shard that fell back returns to spot only after a matching spot node "
+            "has had a free GPU this long (and only at a round boundary), so it does not flap.",
+        ),
+    ] = 120
+
+
+class FailurePolicy(_Spec):
+    transient_retry_seconds: Annotated[
+        int,
+        Field(
+            alias="transientRetrySeconds",
+            ge=0,
+            le=7 * 86400,
+            description="Transient worker failures (exit 75: object store unreachable) are "
+            "retried with backoff, without spending maxRestarts, for this long from the first "
+            "one in a row; after it they count as failures.",
+        ),
+    ] = 1800
+    transient_backoff_seconds: Annotated[
+        int,
+        Field(
+            alias="transientBackoffSeconds",
+            ge=1,
+            le=3600,
+            description="First wait before retrying after a transient failure; doubles per "
+            "failure in a row, up to 10 times this.",
+        ),
+    ] = 10
+    start_timeout_seconds: Annotated[
+        int,
+        Field(
+            alias="startTimeoutSeconds",
+            ge=10,
+            le=86400,
+            description="A pod that cannot start (image pull failing, a missing secret, pod "
+            "creation refused by quota or admission) fails the job after this long.",
+        ),
+    ] = 600
 
 
 class TrainJobSpec(_Spec):
@@ -228,9 +307,25 @@ class TrainJobSpec(_Spec):
             alias="maxRestarts",
             ge=0,
             le=1000,
-            description="Failures (not preemptions) tolerated before the job fails.",
+            description="Failures (not preemptions, not transient failures) tolerated per "
+            "shard (and for the anchor) before the job fails.",
         ),
     ] = 3
+    failure_policy: Annotated[
+        FailurePolicy,
+        Field(
+            alias="failurePolicy",
+            description="How long transient failures and pods that cannot start are waited on.",
+        ),
+    ] = FailurePolicy()
+    priority_class_name: Annotated[
+        str | None,
+        Field(
+            alias="priorityClassName",
+            max_length=253,
+            description="PriorityClass of the job's pods (default: the operator's setting).",
+        ),
+    ] = None
     suspend: Annotated[
         bool,
         Field(description="True deletes the job's pods and keeps its checkpoints; false resumes."),
@@ -302,6 +397,36 @@ class ShardStatus(_Status):
     step: int | None = None
     loss: float | None = None
     fallback_reason: Annotated[str, Field(alias="fallbackReason")] = ""
+    transient_failures: Annotated[
+        int,
+        Field(
+            alias="transientFailures",
+            description="Transient failures in a row (reset once the slot makes progress).",
+        ),
+    ] = 0
+    transient_since: Annotated[
+        datetime | None,
+        Field(alias="transientSince", description="The first transient failure in a row."),
+    ] = None
+    retry_after: Annotated[
+        datetime | None,
+        Field(
+            alias="retryAfter",
+            description="After a transient failure the next pod starts after this.",
+        ),
+    ] = None
+    transient_message: Annotated[
+        str, Field(alias="transientMessage", description="The last transient failure.")
+    ] = ""
+    blocked_reason: Annotated[
+        str,
+        Field(
+            alias="blockedReason",
+            description="Why the slot's pod cannot start (ImagePullBackOff, CreateRefused...).",
+        ),
+    ] = ""
+    blocked_message: Annotated[str, Field(alias="blockedMessage")] = ""
+    blocked_since: Annotated[datetime | None, Field(alias="blockedSince")] = None
 
 
 class ProgressStatus(_Status):
@@ -356,6 +481,13 @@ class TrainJobStatus(_Status):
     progress: ProgressStatus = ProgressStatus()
     progress_display: Annotated[str, Field(alias="progressDisplay")] = ""
     last_checkpoint: Annotated[CheckpointStatus | None, Field(alias="lastCheckpoint")] = None
+    spot_free_since: Annotated[
+        datetime | None,
+        Field(
+            alias="spotFreeSince",
+            description="Since when a matching spot node has had a free GPU (return to spot).",
+        ),
+    ] = None
     start_time: Annotated[datetime | None, Field(alias="startTime")] = None
     completion_time: Annotated[datetime | None, Field(alias="completionTime")] = None
     cost: CostStatus = CostStatus()

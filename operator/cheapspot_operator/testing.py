@@ -71,6 +71,7 @@ def make_node(
     taints: Iterable[str] = (),
     instance_type: str = "g5.xlarge",
     unschedulable: bool = False,
+    gpus: int = 1,
 ) -> NodeView:
     return NodeView(
         name=name,
@@ -81,6 +82,7 @@ def make_node(
         ready=ready,
         unschedulable=unschedulable,
         taint_keys=frozenset(taints),
+        allocatable={"nvidia.com/gpu": float(gpus)} if gpus else {},
     )
 
 
@@ -130,14 +132,32 @@ class World:
     generation: int = 1
     last: list[Action] = field(default_factory=list)
 
+    other_gpus: dict[str, int] = field(default_factory=dict)
+    """GPUs requested on a node by pods of other workloads."""
+    create_refused: dict[int, str] = field(default_factory=dict)
+
     def observed(self) -> Observed:
+        # What the act layer does: each node's GPUs requested by the live pods bound to it.
+        used: dict[str, float] = {k: float(v) for k, v in self.other_gpus.items()}
+        for pod in self.pods.values():
+            if pod.node_name and not pod.terminated:
+                gpus = (
+                    self.spec.anchor.gpu if pod.index == ANCHOR_INDEX else self.spec.resources.gpu
+                )
+                used[pod.node_name] = used.get(pod.node_name, 0.0) + gpus
+        resource = self.spec.resources.gpu_resource
+        nodes = {
+            name: replace(n, requested={resource: used.get(name, 0.0)})
+            for name, n in self.nodes.items()
+        }
         return Observed(
             job=JobView("default", JOB_NAME, "uid-1", self.generation, self.status),
             pods=tuple(self.pods.values()),
-            nodes=dict(self.nodes),
+            nodes=nodes,
             progress=dict(self.progress),
             profile=self.profile,
             prices=self.prices,
+            create_refused=dict(self.create_refused),
         )
 
     def step(self, seconds: float = 0.0, *, apply_pods: bool = True) -> list[Action]:

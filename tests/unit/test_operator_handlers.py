@@ -24,12 +24,16 @@ class FakeApi:
         self.calls: list[tuple[str, str]] = []
         self.version = 1
         self.conflict_next_patch = False
+        self.refuse: dict[str, ApiError] = {}
+        """Pod name -> the error its creation gets."""
 
     def get(self, path: str) -> dict[str, Any] | None:
         obj = self.objects.get(path)
         return copy.deepcopy(obj) if obj else None
 
-    def list(self, path: str, label_selector: str | None = None) -> list[dict[str, Any]]:
+    def list(
+        self, path: str, label_selector: str | None = None, field_selector: str | None = None
+    ) -> list[dict[str, Any]]:
         out = []
         for key, obj in self.objects.items():
             if key.rsplit("/", 1)[0] != path:
@@ -46,6 +50,8 @@ class FakeApi:
         if path.endswith("/events"):
             return True
         key = f"{path}/{body['metadata']['name']}"
+        if body["metadata"]["name"] in self.refuse:
+            raise self.refuse[body["metadata"]["name"]]
         if key in self.objects:
             return False
         self.objects[key] = copy.deepcopy(dict(body))
@@ -173,3 +179,22 @@ def test_a_preemption_is_counted_in_the_metrics_by_signal() -> None:
     r.reconcile("ns", "qa-lora")
     assert count() == before + 1
     assert f"{PODS}/qa-lora-shard-0-1" in api.objects
+
+
+def test_a_refused_pod_creation_reaches_the_status_with_the_api_servers_words() -> None:
+    api, reconciler = _world(shards=1)
+    api.refuse["qa-lora-shard-0-0"] = ApiError(
+        403,
+        '{"kind":"Status","message":"pods \\"qa-lora-shard-0-0\\" is forbidden: '
+        'exceeded quota: gpu-quota"}',
+    )
+    reconciler.reconcile("ns", "qa-lora")
+    assert f"{PODS}/qa-lora-anchor-0" in api.objects  # the rest went ahead
+    reconciler.reconcile("ns", "qa-lora")
+    status = api.objects[JOB]["status"]
+    (progressing,) = [c for c in status["conditions"] if c["type"] == "Progressing"]
+    assert progressing["reason"] == "CreateRefused"
+    assert "exceeded quota: gpu-quota" in progressing["message"]
+    del api.refuse["qa-lora-shard-0-0"]
+    reconciler.reconcile("ns", "qa-lora")
+    assert f"{PODS}/qa-lora-shard-0-0" in api.objects

@@ -185,3 +185,38 @@ def test_profiles_read_capacity_from_node_labels(
     profile: str, labels: dict[str, str], capacity: CapacityType | None
 ) -> None:
     assert PROFILES[profile].capacity_of(labels) is capacity
+
+
+def test_the_scratch_volume_has_the_size_limit_the_spec_gives() -> None:
+    pod = build_shard_pod(
+        _job(resources={"gpu": 1, "scratchSize": "40Gi"}),
+        0,
+        0,
+        Placement(PROFILES["local"], CapacityType.SPOT),
+        WORKER,
+    )
+    (volume,) = pod["spec"]["volumes"]
+    assert volume == {"name": "tmp", "emptyDir": {"sizeLimit": "40Gi"}}
+    default = _shard()["spec"]["volumes"][0]
+    assert default["emptyDir"]["sizeLimit"]  # never unbounded
+
+
+def test_training_pods_ask_autoscalers_not_to_consolidate_their_nodes() -> None:
+    for pod in (
+        _shard(),
+        build_anchor_pod(_job(), 0, Placement(PROFILES["local"], CapacityType.ON_DEMAND), WORKER),
+    ):
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["karpenter.sh/do-not-disrupt"] == "true"
+        assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+
+
+def test_the_spec_priority_class_wins_over_the_operator_default() -> None:
+    placement = Placement(PROFILES["local"], CapacityType.SPOT)
+    worker = WorkerSettings(image="w:1", priorityClass="batch-low")
+    assert (
+        build_shard_pod(_job(), 0, 0, placement, worker)["spec"]["priorityClassName"] == "batch-low"
+    )
+    pod = build_shard_pod(_job(priorityClassName="training-high"), 0, 0, placement, worker)
+    assert pod["spec"]["priorityClassName"] == "training-high"
+    assert "priorityClassName" not in build_shard_pod(_job(), 0, 0, placement, WORKER)["spec"]

@@ -159,7 +159,7 @@ def test_the_permanent_message_falls_back_to_the_progress_record() -> None:
     assert "unknown target module qkv" in w.status.message
 
 
-@pytest.mark.parametrize("exit_code", [1, ExitCode.TRANSIENT, 137])
+@pytest.mark.parametrize("exit_code", [1, 137])
 def test_other_failures_spend_the_restart_budget(exit_code: int) -> None:
     w = World(spec=make_job(maxRestarts=1)).started()
     w.set_pod("qa-lora-shard-0-0", phase="Failed", exit_code=exit_code)
@@ -210,7 +210,7 @@ def test_a_shard_without_spot_falls_back_after_the_configured_time() -> None:
 
 
 def _on_demand_after_fallback() -> World:
-    w = World(spec=make_job(spot={"fallbackAfterSeconds": 10}))
+    w = World(spec=make_job(spot={"fallbackAfterSeconds": 10, "returnAfterSeconds": 0}))
     w.step()
     w.run_all()
     w.set_pod("qa-lora-shard-0-0", phase="Pending", node_name="", unschedulable_since=w.clock.now)
@@ -396,3 +396,315 @@ def test_a_shard_reclaimed_after_its_last_result_is_done_not_replaced() -> None:
     w.step(1)
     assert [c.index for c in w.creates()] == []
     assert w.status.shards[0].done and w.status.preemptions == 0
+
+
+# --- failures judged by what the container itself did (issue: misclassified failures) ------
+
+
+def test_a_crash_whose_node_later_got_a_notice_is_a_failure_not_a_preemption() -> None:
+    w = World(spec=make_job(maxRestarts=3)).started()
+    w.set_pod("qa-lora-shard-0-0", node_name="spot-2", phase="Failed", exit_code=1)
+    w.nodes["spot-2"] = replace(w.nodes["spot-2"], taint_keys=frozenset({INTERRUPTION}))
+    w.step(1)
+    assert w.status.restarts == 1 and w.status.preemptions == 0
+    assert w.events("ShardFailed") and not w.events("Preempted")
+
+
+def test_an_oom_kill_is_a_failure_that_says_so() -> None:
+    w = World(spec=make_job(maxRestarts=0)).started()
+    w.set_pod(
+        "qa-lora-shard-0-0",
+        node_name="spot-2",
+        phase="Failed",
+        exit_code=137,
+        exit_reason="OOMKilled",
+    )
+    w.nodes["spot-2"] = replace(w.nodes["spot-2"], ready=False)
+    w.step(1)
+    assert w.status.phase is JobPhase.FAILED
+    assert w.status.preemptions == 0
+    assert "OOMKilled" in w.status.message and "resources.memory" in w.status.message
+
+
+def test_a_sigkill_on_a_node_being_reclaimed_is_still_a_preemption() -> None:
+    w = World().started()
+    w.set_pod("qa-lora-shard-0-0", node_name="spot-2", phase="Failed", exit_code=137)
+    w.nodes["spot-2"] = replace(w.nodes["spot-2"], taint_keys=frozenset({INTERRUPTION}))
+    w.step(1)
+    assert w.status.preemptions == 1 and w.status.restarts == 0
+
+
+def test_an_eviction_the_job_caused_is_a_failure_with_the_kubelets_message() -> None:
+    message = 'Usage of EmptyDir volume "tmp" exceeds the limit "20Gi". '
+    w = World(spec=make_job(maxRestarts=0)).started()
+    w.set_pod(
+        "qa-lora-shard-1-0",
+        phase="Failed",
+        reason="Evicted",
+        exit_code=137,
+        termination_message=message,
+    )
+    w.step(1)
+    assert w.status.phase is JobPhase.FAILED
+    assert w.status.preemptions == 0
+    assert "shard 1" in w.status.message and "exceeds the limit" in w.status.message
+
+
+def test_preemptions_past_the_cap_move_the_job_to_on_demand_for_good() -> None:
+    spot = {"maxPreemptions": 2, "maxPreemptionsPerHour": 0, "onMaxPreemptions": "OnDemand"}
+    w = World(spec=make_job(shards=1, spot=spot)).started()
+    for attempt in range(3):
+        w.set_pod(f"qa-lora-shard-0-{attempt}", disruption_target=True)
+        w.step(60)
+        w.run_all()
+        w.step(1)
+    assert w.pods["qa-lora-shard-0-3"].capacity == "on-demand"
+    assert w.status.shards[0].fallback_reason == "PreemptionLimit"
+    # Days later, at a round boundary with spot free, it stays on on-demand.
+    w.progress[0] = make_progress(0, phase=Phase.WAITING)
+    w.step(86400)
+    assert w.creates() == []
+    assert w.status.phase is JobPhase.RUNNING
+
+
+def test_preemptions_past_the_cap_fail_the_job_when_the_spec_says_so() -> None:
+    spot = {"maxPreemptions": 1, "maxPreemptionsPerHour": 0, "onMaxPreemptions": "Fail"}
+    w = World(spec=make_job(shards=1, spot=spot)).started()
+    w.set_pod("qa-lora-shard-0-0", disruption_target=True)
+    w.step(60)
+    w.run_all()
+    w.step(1)
+    assert w.status.phase is JobPhase.RUNNING
+    w.set_pod("qa-lora-shard-0-1", disruption_target=True)
+    w.step(60)
+    assert w.status.phase is JobPhase.FAILED
+    assert w.condition("Succeeded") == ("False", "PreemptionLimitExceeded")
+    assert "spot.maxPreemptions" in w.status.message
+
+
+# --- transient failures back off instead of spending the restart budget ----------------------
+
+
+def _all_shards_exit(w: World, code: int, attempt: int = 0, message: str = "") -> None:
+    for i in range(w.spec.shards):
+        w.set_pod(
+            f"qa-lora-shard-{i}-{attempt}",
+            phase="Failed",
+            exit_code=code,
+            termination_message=message,
+        )
+
+
+def test_a_store_outage_stopping_every_shard_backs_off_and_retries_without_spending_budget() -> (
+    None
+):
+    policy = {"transientBackoffSeconds": 10, "transientRetrySeconds": 600}
+    w = World(spec=make_job(shards=4, maxRestarts=0, failurePolicy=policy)).started()
+    _all_shards_exit(w, ExitCode.TRANSIENT, message="object store unreachable")
+    w.step(1)
+    assert w.status.phase is JobPhase.RUNNING
+    assert w.status.restarts == 0
+    assert w.creates() == []  # waiting first
+    assert len(w.events("TransientFailure")) == 4
+    status, reason = w.condition("Progressing")
+    assert (status, reason) == ("True", "BackingOff")
+    message = next(c.message for c in w.status.conditions if c.type == "Progressing")
+    assert "object store unreachable" in message and "shard 3" in message
+    w.step(5)
+    assert w.creates() == []
+    w.step(5)
+    assert sorted((c.index, c.attempt) for c in w.creates()) == [(i, 1) for i in range(4)]
+    # a second failure in a row waits twice as long
+    w.run_all()
+    w.step(1)
+    _all_shards_exit(w, ExitCode.TRANSIENT, attempt=1)
+    w.step(1)
+    w.step(19)
+    assert w.creates() == []
+    w.step(1)
+    assert len(w.creates()) == 4
+    assert w.status.restarts == 0 and w.status.phase is JobPhase.RUNNING
+
+
+def test_transient_failures_past_the_retry_window_count_as_failures() -> None:
+    policy = {"transientBackoffSeconds": 10, "transientRetrySeconds": 60}
+    w = World(spec=make_job(shards=1, maxRestarts=0, failurePolicy=policy)).started()
+    attempt = 0
+    while w.status.phase is not JobPhase.FAILED and attempt < 20:
+        w.set_pod(f"qa-lora-shard-0-{attempt}", phase="Failed", exit_code=ExitCode.TRANSIENT)
+        w.step(1)
+        w.step(200)  # past any backoff
+        w.run_all()
+        attempt += 1
+    assert w.status.phase is JobPhase.FAILED
+    assert w.condition("Succeeded") == ("False", "BackoffLimitExceeded")
+    assert "transientRetrySeconds" in w.status.message
+    assert attempt < 5  # 0 s, then > 60 s after the first: the second failure ends it
+
+
+def test_a_slot_back_at_work_starts_a_new_transient_streak() -> None:
+    policy = {"transientBackoffSeconds": 10, "transientRetrySeconds": 60}
+    w = World(spec=make_job(shards=1, maxRestarts=0, failurePolicy=policy)).started()
+    w.set_pod("qa-lora-shard-0-0", phase="Failed", exit_code=ExitCode.TRANSIENT)
+    w.step(1)
+    w.step(10)
+    w.run_all()
+    w.progress[0] = make_progress(
+        0, phase=Phase.TRAINING, updated_at=w.clock.now + timedelta(seconds=5)
+    )
+    w.step(30)
+    assert w.status.shards[0].transient_since is None
+    w.step(3600)
+    w.set_pod("qa-lora-shard-0-1", phase="Failed", exit_code=ExitCode.TRANSIENT)
+    w.step(1)
+    assert w.status.phase is JobPhase.RUNNING and w.status.restarts == 0
+
+
+def test_the_restart_budget_is_per_slot() -> None:
+    w = World(spec=make_job(shards=3, maxRestarts=1)).started()
+    for i in range(3):
+        w.set_pod(f"qa-lora-shard-{i}-0", phase="Failed", exit_code=1)
+    w.step(1)
+    assert w.status.phase is JobPhase.RUNNING
+    assert w.status.restarts == 3 and [s.restarts for s in w.status.shards] == [1, 1, 1]
+    w.run_all()
+    w.step(1)
+    w.set_pod("qa-lora-shard-1-1", phase="Failed", exit_code=1)
+    w.step(1)
+    assert w.status.phase is JobPhase.FAILED
+    assert "shard 1" in w.status.message
+
+
+# --- pods that never start -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("waiting", "reported"),
+    [
+        ("ImagePullBackOff", "ImagePullBackOff"),
+        ("ErrImagePull", "ImagePullBackOff"),
+        ("CreateContainerConfigError", "CreateContainerConfigError"),
+    ],
+)
+def test_a_pod_that_cannot_start_is_reported_then_fails_the_job(
+    waiting: str, reported: str
+) -> None:
+    w = World(spec=make_job(failurePolicy={"startTimeoutSeconds": 300}))
+    w.step()
+    w.run_all()
+    w.step(1)
+    detail = 'secret "s3-keys" not found' if "Config" in waiting else "pull access denied"
+    w.set_pod(
+        "qa-lora-shard-1-0",
+        phase="Pending",
+        node_name="spot-2",
+        waiting_reason=waiting,
+        waiting_message=detail,
+    )
+    w.step(1)
+    (event,) = w.events("PodNotStarting")
+    assert reported in event.message and detail in event.message and "shard 1" in event.message
+    assert w.condition("Progressing") == ("False", reported)
+    w.step(100)
+    assert w.events("PodNotStarting") == []  # said once
+    assert w.status.phase is JobPhase.RUNNING
+    w.step(200)
+    assert w.status.phase is JobPhase.FAILED
+    assert w.condition("Succeeded") == ("False", reported)
+    assert detail in w.status.message and "startTimeoutSeconds" in w.status.message
+
+
+def test_a_refused_pod_creation_is_reported_and_fails_the_job_after_the_timeout() -> None:
+    w = World(spec=make_job(failurePolicy={"startTimeoutSeconds": 60}))
+    w.step()
+    w.run_all()
+    del w.pods["qa-lora-shard-0-0"]
+    w.status = w.status.model_copy(
+        update={
+            "shards": [
+                w.status.shards[0].model_copy(update={"pod_phase": ""}),
+                *w.status.shards[1:],
+            ]
+        }
+    )
+    quota = (
+        'pods "qa-lora-shard-0-0" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1'
+    )
+    w.create_refused[0] = quota
+    w.step(1, apply_pods=False)
+    assert [c.index for c in w.creates()] == [0]  # still tried: the quota may be raised
+    assert w.condition("Progressing") == ("False", "CreateRefused")
+    assert "exceeded quota" in w.events("PodNotStarting")[0].message
+    w.step(60, apply_pods=False)
+    assert w.status.phase is JobPhase.FAILED
+    assert "exceeded quota" in w.status.message
+
+
+def test_a_pod_that_starts_after_all_clears_the_report() -> None:
+    w = World(spec=make_job(failurePolicy={"startTimeoutSeconds": 300})).started()
+    w.set_pod("qa-lora-shard-0-0", phase="Pending", waiting_reason="ImagePullBackOff")
+    w.step(1)
+    w.set_pod("qa-lora-shard-0-0", phase="Running", waiting_reason="")
+    w.step(1)
+    assert w.condition("Progressing") == ("True", "AllPodsRunning")
+    assert w.status.shards[0].blocked_since is None
+    w.step(600)
+    assert w.status.phase is JobPhase.RUNNING
+
+
+# --- return to spot: only to a free matching GPU, with hysteresis -----------------------------
+
+
+def test_a_shard_that_fell_back_because_spot_is_full_does_not_flap() -> None:
+    """Replays the flapping case: spot nodes exist and are Ready but every GPU is taken."""
+    spot = {"fallbackAfterSeconds": 300, "returnAfterSeconds": 120}
+    w = World(spec=make_job(shards=1, spot=spot))
+    w.other_gpus = {"spot-1": 1, "spot-2": 1}
+    w.step()
+    w.run_all()
+    w.set_pod("qa-lora-shard-0-0", phase="Pending", node_name="", unschedulable_since=w.clock.now)
+    w.step(300)
+    w.run_all()
+    w.step(1)
+    assert w.status.shards[0].capacity_type is CapacityType.ON_DEMAND
+    returns = 0
+    for round_ in range(10):  # ten round boundaries, an hour apart
+        w.progress[0] = make_progress(0, phase=Phase.WAITING, round=round_)
+        w.step(3600)
+        returns += len(w.events("ReturnedToSpot"))
+        w.progress[0] = make_progress(0, phase=Phase.TRAINING, round=round_ + 1)
+        w.step(1)
+    assert returns == 0
+    assert w.status.shards[0].capacity_type is CapacityType.ON_DEMAND
+    # A GPU frees up: not at once (hysteresis), then at the next round boundary.
+    w.other_gpus = {"spot-1": 1}
+    w.progress[0] = make_progress(0, phase=Phase.WAITING, round=11)
+    w.step(1)
+    assert w.creates() == []
+    w.step(60)
+    assert w.creates() == []
+    w.step(60)
+    (create,) = w.creates()
+    assert (create.index, create.capacity) == (0, CapacityType.SPOT)
+
+
+def test_only_as_many_shards_return_as_there_are_free_spot_gpus() -> None:
+    spot = {"fallbackAfterSeconds": 10, "returnAfterSeconds": 0}
+    w = World(spec=make_job(shards=2, spot=spot))
+    w.step()
+    for i in range(2):
+        w.set_pod(
+            f"qa-lora-shard-{i}-0", unschedulable_since=w.clock.now, node_name="", phase="Pending"
+        )
+    w.run_all({"qa-lora-anchor-0": "on-demand-1"})
+    for i in range(2):
+        w.set_pod(f"qa-lora-shard-{i}-0", phase="Pending", node_name="")
+    w.step(10)
+    w.run_all({"qa-lora-shard-0-1": "on-demand-1", "qa-lora-shard-1-1": "on-demand-1"})
+    w.step(1)
+    assert [s.capacity_type for s in w.status.shards] == [CapacityType.ON_DEMAND] * 2
+    w.other_gpus = {"spot-1": 1}  # one free GPU, on spot-2
+    for i in range(2):
+        w.progress[i] = make_progress(i, phase=Phase.WAITING)
+    w.step(1)
+    assert [(c.index, c.capacity) for c in w.creates()] == [(0, CapacityType.SPOT)]

@@ -17,13 +17,25 @@ pods are cleaned up. Each reconciliation classifies the current pod
 * preempted (interruption taint on its node, node NotReady or gone, ``DisruptionTarget``,
   eviction, SIGTERM exit, pod gone): the replacement is created at once, never on a node
   being reclaimed, and the restart budget is not touched;
+  Past ``spot.maxPreemptions`` in all, the job fails or its shards finish on on-demand, as
+  ``spot.onMaxPreemptions`` says;
 * permanent (worker exit :attr:`ExitCode.PERMANENT`): the job fails with the worker's message;
-* failed (anything else): counts against ``maxRestarts``; past it the job fails.
+* transient (exit :attr:`ExitCode.TRANSIENT`, the object store unreachable): the slot waits
+  ``failurePolicy.transientBackoffSeconds`` (doubling per failure in a row) and starts a new
+  pod, without spending ``maxRestarts``, for ``failurePolicy.transientRetrySeconds`` from the
+  first failure in a row; the Progressing condition says it is backing off and until when;
+* failed (anything else): counts against ``maxRestarts`` of that slot; past it the job fails.
+
+A pod that cannot start (image pull failing, a missing secret or config map, its creation
+refused by a quota or an admission webhook) is reported on the Progressing condition and in
+an event naming the cause; after ``failurePolicy.startTimeoutSeconds`` the job fails with it.
 
 Fallback: a spot shard pending Unschedulable for ``spot.fallbackAfterSeconds`` (measured
 from the condition's ``lastTransitionTime``), or any shard while the job is preempted more
 than ``spot.maxPreemptionsPerHour``, moves to on-demand. It returns to spot at its next round
-boundary (progress phase ``waiting``) once a schedulable spot node without a notice exists.
+boundary (progress phase ``waiting``) once a matching spot node (ready, schedulable, no
+notice) has had a free GPU for ``spot.returnAfterSeconds`` (``status.spotFreeSince``), and
+only as many shards return in one pass as there are free GPUs for them.
 """
 
 from __future__ import annotations
@@ -38,18 +50,20 @@ from cheapspot_operator.phases import JobPhase, transition
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.preemption import (
+    START_FAILURES,
     Outcome,
     Verdict,
     classify,
     doomed_nodes,
     node_signal,
-    spot_available,
+    spot_room,
 )
 from cheapspot_operator.spec import (
     CapacityType,
     CheckpointStatus,
     Condition,
     CostStatus,
+    OnMaxPreemptions,
     ProgressStatus,
     ShardStatus,
     TrainJobSpec,
@@ -122,6 +136,9 @@ class _Plan:
     avoid: tuple[str, ...] = ()
     """Nodes being reclaimed or lost."""
     failure: tuple[str, str] | None = None
+    spot_room: int = 0
+    """Shard pods that may return to spot in this pass (free GPUs on matching spot nodes,
+    once they have been free for ``spot.returnAfterSeconds``)."""
 
     def event(self, type_: str, reason: str, message: str, cause: str = "") -> None:
         self.actions.append(EmitEvent(type_, reason, message, cause))
@@ -144,6 +161,7 @@ def plan(spec: TrainJobSpec, obs: Observed, now: datetime) -> list[Action]:
         st.start_time = now
     st.recent_preemptions = [t for t in st.recent_preemptions if now - t < PREEMPTION_WINDOW]
     _ensure_slots(st, spec)
+    _watch_spot_room(work)
 
     phase = JobPhase(st.phase)
     live = [p for p in obs.pods if not p.terminated and not p.deleting]
@@ -165,6 +183,23 @@ def plan(spec: TrainJobSpec, obs: Observed, now: datetime) -> list[Action]:
     if not changed and not pod_actions:
         return []
     return [UpdateStatus(st), *pod_actions]
+
+
+def _watch_spot_room(work: _Plan) -> None:
+    """Hysteresis for the return to spot: free spot GPUs must stay free for a while."""
+    st, spec, now = work.status, work.spec, work.now
+    if not any(s.fallback_reason for s in st.shards):
+        st.spot_free_since = None
+        return
+    r = spec.resources
+    room = spot_room(work.obs, r.gpu_resource, r.gpu, work.avoid)
+    if room <= 0:
+        st.spot_free_since = None
+        return
+    if st.spot_free_since is None:
+        st.spot_free_since = now
+    if now - st.spot_free_since >= timedelta(seconds=spec.spot.return_after_seconds):
+        work.spot_room = room
 
 
 def _without_cost(st: TrainJobStatus) -> TrainJobStatus:
@@ -268,21 +303,26 @@ def _run(work: _Plan) -> None:
 
 def _reconcile_slot(work: _Plan, slot: ShardStatus, current: PodView | None) -> ShardStatus:
     st, spec, obs, now, avoid = work.status, work.spec, work.obs, work.now, work.avoid
-    limit = spec.spot.max_preemptions_per_hour
     name = pod_name(obs.job.name, slot.index, slot.attempt)
     what = "anchor" if slot.index == ANCHOR_INDEX else f"shard {slot.index}"
     progress = obs.progress.get(slot.index)
+    slot = _forget_transient_streak(slot, progress)
 
     if current is None:
         if not slot.pod_phase:
+            if slot.retry_after is not None and now < slot.retry_after:
+                return slot  # backing off after a transient failure
             # Never seen: (re)create under the deterministic name; 409 means it exists.
             slot = slot.model_copy(update={"pod": name})
-            capacity = _desired_capacity(slot, st, limit)
+            capacity, reason = _desired_capacity(slot, st, spec)
             if capacity is not slot.capacity_type:
                 slot = slot.model_copy(
-                    update={"capacity_type": capacity, "fallback_reason": "PreemptionRate"}
+                    update={"capacity_type": capacity, "fallback_reason": reason}
                 )
-            work.actions.append(CreatePod(slot.index, slot.attempt, slot.capacity_type, avoid))
+            refused = obs.create_refused.get(slot.index, "")
+            slot = _track_start(work, slot, "CreateRefused" if refused else "", refused)
+            if not work.failure:
+                work.actions.append(CreatePod(slot.index, slot.attempt, slot.capacity_type, avoid))
             return slot
         verdict = Verdict(Outcome.PREEMPTED, "PodGone", f"pod {name} disappeared")
     else:
@@ -293,7 +333,17 @@ def _reconcile_slot(work: _Plan, slot: ShardStatus, current: PodView | None) -> 
 
     if verdict.outcome is Outcome.HEALTHY:
         assert current is not None
+        stuck = current.phase == "Pending" and current.waiting_reason in START_FAILURES
+        slot = _track_start(
+            work,
+            slot,
+            current.waiting_reason if stuck else "",
+            f"pod {current.name}: {current.waiting_message}" if stuck else "",
+        )
+        if work.failure:
+            return slot
         return _maybe_move(work, slot, current, progress)
+    slot = _track_start(work, slot, "", "")
     if verdict.outcome is Outcome.DONE:
         return slot.model_copy(update={"done": True})
     if verdict.outcome is Outcome.PERMANENT:
@@ -308,41 +358,34 @@ def _reconcile_slot(work: _Plan, slot: ShardStatus, current: PodView | None) -> 
         # is left to redo, so a replacement would only start and stop.
         return slot.model_copy(update={"done": True})
     if verdict.outcome is Outcome.PREEMPTED:
-        st.preemptions += 1
-        st.recent_preemptions = [*st.recent_preemptions, now]
-        slot = slot.model_copy(update={"preemptions": slot.preemptions + 1})
-        work.event(
-            "Warning",
-            "Preempted",
-            f"{what} ({slot.pod} on {slot.node or 'no node'}): "
-            + " ".join(x for x in (verdict.reason, verdict.message) if x)
-            + "; replacement started",
+        return _preempted(work, slot, current, verdict)
+    if verdict.outcome is Outcome.TRANSIENT:
+        window = timedelta(seconds=spec.failure_policy.transient_retry_seconds)
+        since = slot.transient_since or now
+        if now - since < window:
+            return _back_off(work, slot, verdict, since)
+        verdict = Verdict(
+            Outcome.FAILED,
             verdict.reason,
+            f"{verdict.message} (transient failures for more than "
+            f"failurePolicy.transientRetrySeconds={spec.failure_policy.transient_retry_seconds})",
         )
-        if current is not None and not current.terminated and not current.deleting:
-            gone = verdict.reason in ("NodeGone", "NodeNotReady")
-            work.actions.append(DeletePod(current.name, 0 if gone else None, verdict.reason))
-        capacity = _desired_capacity(slot, st, limit)
-        reason = slot.fallback_reason
-        if capacity is not slot.capacity_type and capacity is CapacityType.ON_DEMAND:
-            reason = "PreemptionRate"
-            work.event(
-                "Warning",
-                "FellBackToOnDemand",
-                f"{what}: more than {limit} preemptions in the last hour",
-                reason,
-            )
-        slot = _fresh_slot(slot, capacity, reason)
-        slot = slot.model_copy(update={"pod": pod_name(obs.job.name, slot.index, slot.attempt)})
-        work.actions.append(CreatePod(slot.index, slot.attempt, capacity, avoid))
-        return slot
-    # Outcome.FAILED: spend the restart budget.
+    # Outcome.FAILED: spend this slot's restart budget.
     st.restarts += 1
-    slot = slot.model_copy(update={"restarts": slot.restarts + 1})
-    if st.restarts > spec.max_restarts:
+    slot = slot.model_copy(
+        update={
+            "restarts": slot.restarts + 1,
+            "transient_failures": 0,
+            "transient_since": None,
+            "retry_after": None,
+            "transient_message": "",
+        }
+    )
+    if slot.restarts > spec.max_restarts:
         work.failure = (
             "BackoffLimitExceeded",
-            f"{what}: {verdict.message} (restart {st.restarts} > maxRestarts {spec.max_restarts})",
+            f"{what}: {verdict.message} (restart {slot.restarts} > maxRestarts "
+            f"{spec.max_restarts})",
         )
         return slot
     work.event("Warning", "ShardFailed", f"{what}: {verdict.message}; restarting")
@@ -352,16 +395,145 @@ def _reconcile_slot(work: _Plan, slot: ShardStatus, current: PodView | None) -> 
     return slot
 
 
+def _preempted(
+    work: _Plan, slot: ShardStatus, current: PodView | None, verdict: Verdict
+) -> ShardStatus:
+    st, spec, obs, now, avoid = work.status, work.spec, work.obs, work.now, work.avoid
+    what = "anchor" if slot.index == ANCHOR_INDEX else f"shard {slot.index}"
+    st.preemptions += 1
+    st.recent_preemptions = [*st.recent_preemptions, now]
+    slot = slot.model_copy(update={"preemptions": slot.preemptions + 1})
+    work.event(
+        "Warning",
+        "Preempted",
+        f"{what} ({slot.pod} on {slot.node or 'no node'}): "
+        + " ".join(x for x in (verdict.reason, verdict.message) if x)
+        + "; replacement started",
+        verdict.reason,
+    )
+    if current is not None and not current.terminated and not current.deleting:
+        gone = verdict.reason in ("NodeGone", "NodeNotReady")
+        work.actions.append(DeletePod(current.name, 0 if gone else None, verdict.reason))
+    cap = spec.spot.max_preemptions
+    if _over_preemption_cap(st, spec) and spec.spot.on_max_preemptions is OnMaxPreemptions.FAIL:
+        work.failure = (
+            "PreemptionLimitExceeded",
+            f"{what}: preempted ({verdict.reason}); the job was preempted {st.preemptions} "
+            f"times, more than spot.maxPreemptions={cap} (spot.onMaxPreemptions=Fail)",
+        )
+        return slot
+    capacity, reason = _desired_capacity(slot, st, spec)
+    if capacity is not slot.capacity_type and capacity is CapacityType.ON_DEMAND:
+        work.event(
+            "Warning",
+            "FellBackToOnDemand",
+            f"{what}: more than {spec.spot.max_preemptions_per_hour} preemptions in the last hour"
+            if reason == "PreemptionRate"
+            else f"{what}: more than spot.maxPreemptions={cap} preemptions; finishing on on-demand",
+            reason,
+        )
+    else:
+        reason = slot.fallback_reason
+    slot = _fresh_slot(slot, capacity, reason)
+    slot = slot.model_copy(update={"pod": pod_name(obs.job.name, slot.index, slot.attempt)})
+    work.actions.append(CreatePod(slot.index, slot.attempt, capacity, avoid))
+    return slot
+
+
+def _back_off(work: _Plan, slot: ShardStatus, verdict: Verdict, since: datetime) -> ShardStatus:
+    """A transient failure within the retry window: wait, then a new pod; no budget spent."""
+    spec, now = work.spec, work.now
+    what = "anchor" if slot.index == ANCHOR_INDEX else f"shard {slot.index}"
+    failures = slot.transient_failures + 1
+    base = spec.failure_policy.transient_backoff_seconds
+    delay = min(base * 2 ** min(failures - 1, 10), base * 10)
+    retry_at = now + timedelta(seconds=delay)
+    work.event(
+        "Warning",
+        "TransientFailure",
+        f"{what}: {verdict.message}; retrying in {delay}s (transient failure {failures} in a "
+        f"row; maxRestarts is not spent for failurePolicy.transientRetrySeconds="
+        f"{spec.failure_policy.transient_retry_seconds})",
+        verdict.reason,
+    )
+    slot = _fresh_slot(slot, slot.capacity_type, slot.fallback_reason)
+    return slot.model_copy(
+        update={
+            "transient_failures": failures,
+            "transient_since": since,
+            "retry_after": retry_at,
+            "transient_message": verdict.message,
+        }
+    )
+
+
+WORKING = (Phase.TRAINING, Phase.CHECKPOINTING, Phase.WAITING, Phase.DONE)
+
+
+def _forget_transient_streak(slot: ShardStatus, progress: Progress | None) -> ShardStatus:
+    """A pod that got back to work after the last retry began has got past the outage (a pod
+    that fails again while still loading has not: the streak and its time limit go on)."""
+    if slot.transient_since is None or slot.retry_after is None or progress is None:
+        return slot
+    if progress.updated_at > slot.retry_after and progress.phase in WORKING:
+        return slot.model_copy(
+            update={
+                "transient_failures": 0,
+                "transient_since": None,
+                "retry_after": None,
+                "transient_message": "",
+            }
+        )
+    return slot
+
+
+def _track_start(work: _Plan, slot: ShardStatus, reason: str, message: str) -> ShardStatus:
+    """Record (or clear) why the slot's pod cannot start; fail past the start timeout."""
+    if not reason:
+        if slot.blocked_since is None and not slot.blocked_reason:
+            return slot
+        return slot.model_copy(
+            update={"blocked_reason": "", "blocked_since": None, "blocked_message": ""}
+        )
+    now, spec = work.now, work.spec
+    what = "anchor" if slot.index == ANCHOR_INDEX else f"shard {slot.index}"
+    reason = START_FAILURES.get(reason, reason)
+    since = slot.blocked_since or now
+    if reason != slot.blocked_reason:
+        work.event("Warning", "PodNotStarting", f"{what}: {reason}: {message}", reason)
+    slot = slot.model_copy(
+        update={"blocked_reason": reason, "blocked_message": message, "blocked_since": since}
+    )
+    timeout = spec.failure_policy.start_timeout_seconds
+    if now - since >= timedelta(seconds=timeout):
+        work.failure = (
+            reason,
+            f"{what}: its pod could not start for {timeout}s "
+            f"(failurePolicy.startTimeoutSeconds): {reason}: {message}",
+        )
+    return slot
+
+
+def _over_preemption_cap(st: TrainJobStatus, spec: TrainJobSpec) -> bool:
+    cap = spec.spot.max_preemptions
+    return cap > 0 and st.preemptions > cap
+
+
 def _rate_exceeded(st: TrainJobStatus, limit: int) -> bool:
     return limit > 0 and len(st.recent_preemptions) > limit
 
 
-def _desired_capacity(slot: ShardStatus, st: TrainJobStatus, limit: int) -> CapacityType:
+def _desired_capacity(
+    slot: ShardStatus, st: TrainJobStatus, spec: TrainJobSpec
+) -> tuple[CapacityType, str]:
+    """Where the slot's next pod goes and why (the fallback reason; "" for plain spot)."""
     if slot.index == ANCHOR_INDEX:
-        return CapacityType.ON_DEMAND
-    if _rate_exceeded(st, limit):
-        return CapacityType.ON_DEMAND
-    return slot.capacity_type
+        return CapacityType.ON_DEMAND, ""
+    if _over_preemption_cap(st, spec):
+        return CapacityType.ON_DEMAND, "PreemptionLimit"
+    if _rate_exceeded(st, spec.spot.max_preemptions_per_hour):
+        return CapacityType.ON_DEMAND, "PreemptionRate"
+    return slot.capacity_type, slot.fallback_reason
 
 
 def _maybe_move(
@@ -397,16 +569,18 @@ def _maybe_move(
         slot.fallback_reason
         and at_round_boundary(progress)
         and not _rate_exceeded(st, limit)
-        and spot_available(obs)
+        and not _over_preemption_cap(st, spec)
+        and work.spot_room > 0
     ):
         desired, reason = CapacityType.SPOT, ""
+        work.spot_room -= 1
     slot = slot.model_copy(update={"capacity_type": desired, "fallback_reason": reason})
     if pod.capacity == desired.value:
         return slot
     # Move now if the pod has not started work, else at the round boundary (no work lost).
     if pod.phase == "Pending" or at_round_boundary(progress):
         if desired is CapacityType.SPOT:
-            work.event("Normal", "ReturnedToSpot", f"{what}: spot capacity is back")
+            work.event("Normal", "ReturnedToSpot", f"{what}: a spot GPU is free")
         slot = _fresh_slot(slot, desired, reason)
         slot = slot.model_copy(update={"pod": pod_name(obs.job.name, slot.index, slot.attempt)})
         work.actions.append(DeletePod(pod.name, reason="Moved"))
@@ -504,7 +678,31 @@ def _conditions(st: TrainJobStatus, obs: Observed, now: datetime, gen: int) -> N
     else:
         put("Succeeded", "Unknown", "InProgress")
         waiting = [s for s in _slots(st) if s.pod_phase != "Running" and not s.done]
-        if waiting:
+        blocked = [s for s in _slots(st) if s.blocked_reason and not s.done]
+        backing_off = [s for s in _slots(st) if s.retry_after is not None and now < s.retry_after]
+        if blocked:
+            put(
+                "Progressing",
+                "False",
+                blocked[0].blocked_reason,
+                "; ".join(
+                    f"{_what(s.index)} cannot start since "
+                    f"{_stamp(s.blocked_since)}: {s.blocked_reason}: {s.blocked_message}"
+                    for s in blocked
+                ),
+            )
+        elif backing_off:
+            put(
+                "Progressing",
+                "True",
+                "BackingOff",
+                "; ".join(
+                    f"{_what(s.index)}: transient failure {s.transient_failures} in a row "
+                    f"({s.transient_message}); next pod after {_stamp(s.retry_after)}"
+                    for s in backing_off
+                ),
+            )
+        elif waiting:
             names = ", ".join(
                 "anchor" if s.index == ANCHOR_INDEX else str(s.index) for s in waiting
             )
@@ -527,6 +725,14 @@ def _conditions(st: TrainJobStatus, obs: Observed, now: datetime, gen: int) -> N
     else:
         put("OnSpot", "True", "AllShardsOnSpot")
     st.conditions = c
+
+
+def _what(index: int) -> str:
+    return "anchor" if index == ANCHOR_INDEX else f"shard {index}"
+
+
+def _stamp(t: datetime | None) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t is not None else "?"
 
 
 def _accrue_cost(st: TrainJobStatus, prev: TrainJobStatus, obs: Observed, now: datetime) -> None:
