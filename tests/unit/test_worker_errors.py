@@ -171,3 +171,19 @@ def test_the_real_command_exits_permanent_with_the_message(
     errors = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     failed = [e for e in errors if e.get("event") == "failed"]
     assert failed and "line 2: not valid JSON" in failed[0]["error"]
+
+
+def test_an_unexpected_error_is_a_plain_failure_not_a_transient_one(
+    task_for: Callable[..., Task], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cheapspot_worker.main as worker_main
+
+    def broken(task: Task) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(worker_main, "run", broken)
+    path = tmp_path / "task.json"
+    path.write_text(task_for().model_dump_json(by_alias=True))
+    code = main(["--task", str(path)])
+    assert code not in (ExitCode.TRANSIENT, ExitCode.PERMANENT, ExitCode.DONE)
+    assert code == 1

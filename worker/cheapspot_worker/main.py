@@ -64,6 +64,9 @@ def _record_failure(task: Task, message: str) -> None:
         pass
 
 
+UNEXPECTED_ERROR = 1
+"""Exit code of an error the worker does not know how to classify: a plain failure."""
+
 TERMINATION_MESSAGE_ENV = "CHEAPSPOT_TERMINATION_MESSAGE_PATH"
 DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
 
@@ -143,11 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if task is not None:
                 _record_failure(task, message)
             return ExitCode.PERMANENT
+        # Not known to be transient: an ordinary failure, retried within maxRestarts (exit
+        # 75 would be retried without spending it, for a long time, which a bug does not earn).
         logging.getLogger("cheapspot_worker").exception(
-            "unexpected error", extra={"event": "failed", "kind": "transient"}
+            "unexpected error", extra={"event": "failed", "kind": "error"}
         )
         write_termination_message(f"unexpected error: {type(exc).__name__}: {exc}")
-        return ExitCode.TRANSIENT
+        return UNEXPECTED_ERROR
     event("done", role=task.role.value)
     return ExitCode.DONE
 

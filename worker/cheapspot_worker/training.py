@@ -14,12 +14,16 @@ resumed from any checkpoint therefore computes the same bits as one that never s
 SIGTERM: the handler only sets a flag. The step in flight is finished if it fits in the
 budget (``checkpoint.sigtermBudgetSeconds``, measured from the signal), otherwise
 abandoned (the RNG is rewound to the step's start); then a checkpoint is published and
-the role ends with :class:`Interrupted`. At most the step in flight is lost.
+the role ends with :class:`Interrupted`. At most the step in flight is lost. A checkpoint
+still uploading when SIGTERM ends the role some other way (waiting for the next global
+adapter) is finished first.
+
+A loss that is not finite fails the shard at once (:class:`PermanentError`, naming the shard
+and the step) before the step is applied, so no NaN adapter is ever published.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import signal
@@ -214,6 +218,16 @@ class ShardTrainer:
     # -- the role ----------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._run()
+        except Interrupted:
+            # However SIGTERM got here (mid-step, at a round boundary while the checkpoint of
+            # the round's end is still uploading, waiting for the next global adapter), what
+            # was done is published before the process ends: the upload thread is a daemon.
+            self.finish_pending()
+            raise
+
+    def _run(self) -> None:
         self.setup()
         task = self.task
         total, per_round = task.training.steps, task.rounds.local_steps
@@ -334,8 +348,17 @@ class ShardTrainer:
                 )
                 / label_tokens
             )
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                # Nothing of this step is applied: no NaN reaches a checkpoint or a result.
+                self.optimizer.zero_grad(set_to_none=True)
+                raise PermanentError(
+                    f"shard {self.shard}: the loss is {value} at step {step + 1} (round "
+                    f"{step // self.task.rounds.local_steps}); lower training.learningRate, "
+                    "check the dataset, or raise training.warmupSteps"
+                )
             self.accelerator.backward(loss)
-            total_loss += float(loss.detach())
+            total_loss += value
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -486,5 +509,3 @@ def run_shard(task: Task, store: Store, stop: Stop) -> None:
     except TransientStoreError:
         trainer.reporter.try_flush()
         raise
-    if math.isnan(trainer.reporter.record.loss or 0.0):
-        event("loss_nan", logging.WARNING, shard=task.shard_index)
