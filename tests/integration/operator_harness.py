@@ -65,7 +65,11 @@ def job_body(name: str, output_uri: str, **spec: Any) -> dict[str, Any]:
         "shards": 3,
         "resources": {"gpu": 1, "cpu": "1", "memory": "1Gi", "instanceTypes": ["g5.xlarge"]},
         "anchor": {"cpu": "500m", "memory": "512Mi"},
-        "spot": {"fallbackAfterSeconds": FALLBACK_SECONDS, "maxPreemptionsPerHour": 100},
+        "spot": {
+            "fallbackAfterSeconds": FALLBACK_SECONDS,
+            "maxPreemptionsPerHour": 100,
+            "returnAfterSeconds": 2,
+        },
     }
     body.update(spec)
     return {
