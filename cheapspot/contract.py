@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -79,12 +80,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-def _check_scheme(uri: str, allowed: tuple[str, ...]) -> str:
-    scheme = uri.split("://", 1)[0] if "://" in uri else ""
-    if scheme not in allowed:
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def check_uri(uri: str, allowed: tuple[str, ...]) -> str:
+    """``uri`` if it has one of the ``allowed`` schemes and a usable shape (an s3:// bucket,
+    an absolute file:// path); else ValueError saying what to write instead."""
+    scheme, _, rest = uri.partition("://")
+    if "://" not in uri or scheme not in allowed:
         raise ValueError(
             f"URI {uri!r} must start with one of {', '.join(s + '://' for s in allowed)}"
         )
+    if scheme == "s3" and not _BUCKET.match(rest.split("/", 1)[0]):
+        raise ValueError(f"URI {uri!r} names no valid bucket: use s3://bucket/prefix/")
+    if scheme == "file" and not rest.startswith("/"):
+        raise ValueError(f"URI {uri!r} is not an absolute path: use file:///dir/")
     return uri
 
 
@@ -97,7 +107,7 @@ class ModelSource(_Strict):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        return _check_scheme(v, ALLOWED_SCHEMES)
+        return check_uri(v, ALLOWED_SCHEMES)
 
 
 class DatasetSource(_Strict):
@@ -111,7 +121,7 @@ class DatasetSource(_Strict):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        return _check_scheme(v, ("s3", "file"))
+        return check_uri(v, ("s3", "file"))
 
 
 class LoraSettings(_Strict):
@@ -227,7 +237,7 @@ class Task(_Strict):
     @field_validator("output_uri")
     @classmethod
     def _out(cls, v: str) -> str:
-        _check_scheme(v, ("s3", "file"))
+        check_uri(v, ("s3", "file"))
         return v if v.endswith("/") else v + "/"
 
     @property
@@ -374,7 +384,7 @@ class AdapterSource(_Strict):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        _check_scheme(v, ("s3", "file"))
+        check_uri(v, ("s3", "file"))
         return v if v.endswith("/") else v + "/"
 
 

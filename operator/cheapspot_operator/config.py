@@ -87,6 +87,17 @@ class OperatorConfig(BaseModel):
             description="Reconcile each job at least this often; pod and node events wake it sooner.",
         ),
     ] = 2.0
+    file_uris: Annotated[
+        bool,
+        Field(
+            alias="fileUris",
+            description="Allow file:// URIs in jobs: only where every worker pod and the "
+            "operator see one filesystem (the local cluster, whose pods are processes, or a "
+            "shared volume mounted everywhere). Off: a job with a file:// model, dataset or "
+            "output fails at once saying so (its shards would wait forever for each other, "
+            "and the operator would read its own filesystem).",
+        ),
+    ] = False
     namespaces: Annotated[
         list[str], Field(description="Namespaces to watch; empty means all.")
     ] = []

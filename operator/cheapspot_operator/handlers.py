@@ -204,7 +204,10 @@ class Reconciler:
         try:
             spec = s.parse_spec(job.get("spec") or {})
         except ValidationError as exc:
-            return self._invalid(job, status, exc)
+            return self._invalid(job, status, _validation_message(exc))
+        unusable = self._unusable_uris(spec)
+        if unusable:
+            return self._invalid(job, status, unusable, reason="UnsupportedURI")
         pods = [
             v
             for p in self.api.list(_pods_path(namespace), f"{LABEL_JOB}={name}")
@@ -259,25 +262,39 @@ class Reconciler:
                 out[slot.index] = refused[1]
         return out
 
+    def _unusable_uris(self, spec: s.TrainJobSpec) -> str:
+        """Why the job's URIs cannot work in this cluster, or ""."""
+        if self.config.file_uris:
+            return ""
+        uris = {"model": spec.model.uri, "dataset": spec.dataset.uri, "output": spec.output.uri}
+        local = [f"spec.{k}.uri {v}" for k, v in uris.items() if v.startswith("file://")]
+        if not local:
+            return ""
+        return (
+            f"{', '.join(local)}: file:// needs one filesystem shared by every pod, which this "
+            "cluster does not have (operator setting fileUris: false); use s3://bucket/prefix/"
+        )
+
     def _invalid(
-        self, job: dict[str, Any], status: s.TrainJobStatus, exc: ValidationError
+        self,
+        job: dict[str, Any],
+        status: s.TrainJobStatus,
+        message: str,
+        reason: str = "InvalidSpec",
     ) -> list[Action]:
         if status.phase is JobPhase.FAILED:
             return []
-        message = "; ".join(
-            f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
         failed = status.model_copy(
             update={
                 "phase": JobPhase.FAILED,
-                "reason": "InvalidSpec",
+                "reason": reason,
                 "message": message,
                 "observed_generation": int(job["metadata"].get("generation", 1)),
                 "conditions": [
                     s.Condition(
                         type="Succeeded",
                         status="False",
-                        reason="InvalidSpec",
+                        reason=reason,
                         message=message,
                         last_transition_time=self.clock(),
                         observed_generation=int(job["metadata"].get("generation", 1)),
@@ -287,7 +304,7 @@ class Reconciler:
         )
         actions: list[Action] = [
             UpdateStatus(failed),
-            EmitEvent("Warning", "InvalidSpec", message),
+            EmitEvent("Warning", reason, message),
         ]
         self._apply(job, None, None, actions)
         return actions
@@ -428,6 +445,10 @@ def _connection_info(config: Any, settings: kopf.OperatorSettings) -> kopf.Conne
         private_key_path=config.key_file,
         trust_env=settings.networking.trust_env,
     )
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
 
 
 def _owned_by(pod: Mapping[str, Any], uid: str) -> bool:

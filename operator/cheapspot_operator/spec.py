@@ -17,7 +17,7 @@ import enum
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.config import JsonDict
 
 from cheapspot.contract import (
@@ -27,6 +27,7 @@ from cheapspot.contract import (
     ModelSource,
     RoundSettings,
     TrainingSettings,
+    check_uri,
 )
 from cheapspot_operator.phases import JobPhase
 
@@ -60,6 +61,24 @@ def _scheme_rule(name: str, schemes: tuple[str, ...]) -> JsonDict:
     return _cel(rule, f"{name}.uri must start with one of {allowed}", field_path=".uri")
 
 
+def _uri_shape_rules(name: str) -> list[JsonDict]:
+    """What the contract's validator checks fully, cheaply enough for the API server's CEL
+    cost budget: an s3:// URI names a bucket, a file:// URI is an absolute path."""
+    return [
+        _cel(
+            "!self.uri.startsWith('s3://') || "
+            "(self.uri.size() > 5 && !self.uri.startsWith('s3:///'))",
+            f"{name}.uri names no bucket: use s3://bucket/prefix/",
+            field_path=".uri",
+        ),
+        _cel(
+            "!self.uri.startsWith('file://') || self.uri.startsWith('file:///')",
+            f"{name}.uri is not an absolute path: use file:///dir/",
+            field_path=".uri",
+        ),
+    ]
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -74,6 +93,11 @@ class OutputTarget(_Spec):
             "results and the final PEFT adapter land under it. Kept when the job is deleted.",
         ),
     ]
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v, ("s3", "file"))
 
 
 class Resources(_Spec):
@@ -232,6 +256,7 @@ class TrainJobSpec(_Spec):
             json_schema_extra={
                 "x-kubernetes-validations": [
                     _scheme_rule("model", ("s3", "file", "hf")),
+                    *_uri_shape_rules("model"),
                     _immutable("model"),
                 ]
             },
@@ -244,6 +269,7 @@ class TrainJobSpec(_Spec):
             json_schema_extra={
                 "x-kubernetes-validations": [
                     _scheme_rule("dataset", ("s3", "file")),
+                    *_uri_shape_rules("dataset"),
                     _immutable("dataset"),
                 ]
             },
@@ -256,6 +282,7 @@ class TrainJobSpec(_Spec):
             json_schema_extra={
                 "x-kubernetes-validations": [
                     _scheme_rule("output", ("s3", "file")),
+                    *_uri_shape_rules("output"),
                     _immutable("output"),
                 ]
             },

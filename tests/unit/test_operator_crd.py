@@ -99,3 +99,20 @@ def test_pydantic_rejects_what_the_crd_rejects(change: dict[str, Any], field: st
     with pytest.raises(ValidationError) as info:
         TrainJobSpec.model_validate(spec_dict(**change))
     assert field in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("uri", "expect"),
+    [
+        ("s3:///x", "names no valid bucket"),
+        ("s3:///", "names no valid bucket"),
+        ("file://relative/dir", "not an absolute path"),
+    ],
+)
+def test_uris_that_cannot_work_are_rejected_with_what_to_use(uri: str, expect: str) -> None:
+    from cheapspot_operator.testing import spec_dict
+
+    with pytest.raises(ValidationError) as info:
+        TrainJobSpec.model_validate(spec_dict(output={"uri": uri}))
+    assert expect in str(info.value)
+    TrainJobSpec.model_validate(spec_dict(output={"uri": "s3://bucket-1/jobs/a/"}))

@@ -198,3 +198,13 @@ def test_a_refused_pod_creation_reaches_the_status_with_the_api_servers_words() 
     del api.refuse["qa-lora-shard-0-0"]
     reconciler.reconcile("ns", "qa-lora")
     assert f"{PODS}/qa-lora-shard-0-0" in api.objects
+
+
+def test_a_file_output_in_a_cluster_without_a_shared_filesystem_fails_at_once() -> None:
+    api, reconciler = _world(output={"uri": "file:///data/out/"})
+    reconciler.reconcile("ns", "qa-lora")
+    status = api.objects[JOB]["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "UnsupportedURI"
+    assert "spec.output.uri file:///data/out/" in status["message"]
+    assert "use s3://bucket/prefix/" in status["message"]
+    assert not any(k.startswith(PODS) for k in api.objects)

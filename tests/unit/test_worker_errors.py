@@ -187,3 +187,23 @@ def test_an_unexpected_error_is_a_plain_failure_not_a_transient_one(
     code = main(["--task", str(path)])
     assert code not in (ExitCode.TRANSIENT, ExitCode.PERMANENT, ExitCode.DONE)
     assert code == 1
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_quantization_that_cannot_work_fails_before_the_model_is_fetched(
+    task_for: Callable[..., Task], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cuda: bool
+) -> None:
+    import sys
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an image without it
+    task = task_for(model=f"file://{tmp_path}/model-not-there-yet")
+    task = task.model_copy(
+        update={"model": task.model.model_copy(update={"quantization": Quantization.NF4})}
+    )
+    rc, message = _run(task, tmp_path)
+    assert rc == ExitCode.PERMANENT
+    expected = "needs the bitsandbytes package" if cuda else "nf4 needs a CUDA GPU"
+    assert expected in message and "model.quantization" in message

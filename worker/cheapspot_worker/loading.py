@@ -101,7 +101,8 @@ def check_quantization(source: ModelSource) -> Any:
     except ImportError as exc:
         raise PermanentError(
             f"quantization {source.quantization.value} needs the bitsandbytes package, which "
-            "this worker image lacks"
+            "this worker image lacks: use a worker image built with it, or set "
+            "model.quantization to none"
         ) from exc
     from transformers import BitsAndBytesConfig
 

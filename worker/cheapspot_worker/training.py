@@ -44,6 +44,7 @@ from cheapspot_worker.loading import (
     adapter_bytes,
     adapter_from_bytes,
     adapter_state,
+    check_quantization,
     load_base_model,
     load_tokenizer,
     resolve_model_dir,
@@ -149,6 +150,7 @@ class ShardTrainer:
         task = self.task
         self.reporter.update(phase=Phase.LOADING, total_steps=task.training.steps, force=True)
         setup_determinism()
+        check_quantization(task.model)  # before downloading gigabytes it could not load
         model_dir = resolve_model_dir(task.model)
         tokenizer = load_tokenizer(model_dir, task.model.uri)
         examples = load_examples(
