@@ -44,7 +44,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -81,6 +81,8 @@ from cheapspot_operator.planning.train import (
 
 log = logging.getLogger("cheapspot.operator")
 
+TERMINAL_PHASES = frozenset(p.value for p in JobPhase if p.is_terminal())
+
 ProgressReader = Callable[[str, int, int], Mapping[int, Progress]]
 """(output uri, shard count, anchor index) -> progress records by slot index."""
 
@@ -95,13 +97,36 @@ def _pods_path(namespace: str, name: str = "") -> str:
     return f"{base}/{name}" if name else base
 
 
-def store_progress_reader(timeout_attempts: int = 2) -> ProgressReader:
+class StoreProgressReader:
     """Progress records read through :mod:`cheapspot.store`, with few retries: a slow store
-    must not hold up reacting to a reclaim (the next tick tries again)."""
-    from cheapspot.store import RetryPolicy, Store
+    must not hold up reacting to a reclaim (the next tick tries again). One store client per
+    output prefix, kept: building a boto3 client costs more than the reads themselves."""
 
-    def read(output_uri: str, shards: int, anchor_index: int) -> Mapping[int, Progress]:
-        store = Store(output_uri, retry=RetryPolicy(attempts=timeout_attempts, base_delay=0.2))
+    MAX_STORES = 4096
+
+    def __init__(self, timeout_attempts: int = 2) -> None:
+        self.attempts = timeout_attempts
+        self.stores: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def store(self, output_uri: str) -> Any:
+        from cheapspot.store import RetryPolicy, Store
+
+        with self.lock:
+            store = self.stores.get(output_uri)
+            if store is None:
+                if len(self.stores) >= self.MAX_STORES:
+                    self.stores.pop(next(iter(self.stores)))
+                store = Store(output_uri, retry=RetryPolicy(attempts=self.attempts, base_delay=0.2))
+                self.stores[output_uri] = store
+            return store
+
+    def forget(self, output_uri: str) -> None:
+        with self.lock:
+            self.stores.pop(output_uri, None)
+
+    def __call__(self, output_uri: str, shards: int, anchor_index: int) -> Mapping[int, Progress]:
+        store = self.store(output_uri)
         layout = Layout(output_uri)
         out: dict[int, Progress] = {}
         slots = [(anchor_index, Role.ANCHOR, 0)] + [(i, Role.TRAIN, i) for i in range(shards)]
@@ -114,39 +139,47 @@ def store_progress_reader(timeout_attempts: int = 2) -> ProgressReader:
                     log.warning("unreadable progress record %s", layout.progress(role, shard))
         return out
 
-    return read
+
+def store_progress_reader(timeout_attempts: int = 2) -> ProgressReader:
+    return StoreProgressReader(timeout_attempts)
 
 
 @dataclass
 class _ProgressCache:
-    """Progress records per job. The first read of a job is synchronous; later ones refresh in
-    the background at most every ``ttl`` seconds, so a slow object store never delays the
-    reaction to a reclaim (progress only drives round-boundary moves and the status)."""
+    """Progress records per job, read in the background: at most every ``ttl`` seconds, and
+    a reconciliation waits for the first read of a job at most ``first_wait`` seconds. So a
+    slow or dead object store never delays the reaction to a reclaim (progress only drives
+    round-boundary moves and the status)."""
 
     reader: ProgressReader
     ttl: float
+    first_wait: float = 1.0
     entries: dict[str, tuple[float, Mapping[int, Progress]]] = field(default_factory=dict)
-    refreshing: set[str] = field(default_factory=set)
+    refreshing: dict[str, Future[None]] = field(default_factory=dict)
     pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="progress")
     )
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def get(self, uid: str, output_uri: str, shards: int) -> Mapping[int, Progress]:
+    def get(self, uid: str, output_uri: str, shards: int) -> Mapping[int, Progress] | None:
+        """The job's records, or None while none has been read yet."""
         with self.lock:
             cached = self.entries.get(uid)
             stale = cached is None or time.monotonic() - cached[0] >= self.ttl
-            start = stale and uid not in self.refreshing
-            if start:
-                self.refreshing.add(uid)
-        if cached is None:
-            self._refresh(uid, output_uri, shards)
+            running = self.refreshing.get(uid)
+            if stale and running is None:
+                running = self.pool.submit(self._refresh, uid, output_uri, shards)
+                self.refreshing[uid] = running
+        if cached is None and running is not None:
+            with contextlib.suppress(TimeoutError):
+                running.result(timeout=self.first_wait)
             with self.lock:
                 cached = self.entries.get(uid)
-            return cached[1] if cached else {}
-        if start:
-            self.pool.submit(self._refresh, uid, output_uri, shards)
-        return cached[1]
+        return cached[1] if cached else None
+
+    def forget(self, uid: str) -> None:
+        with self.lock:
+            self.entries.pop(uid, None)
 
     def _refresh(self, uid: str, output_uri: str, shards: int) -> None:
         try:
@@ -155,7 +188,7 @@ class _ProgressCache:
             log.warning("cannot read progress from %s: %s", output_uri, exc)
             records = None
         with self.lock:
-            self.refreshing.discard(uid)
+            self.refreshing.pop(uid, None)
             if records is not None:
                 self.entries[uid] = (time.monotonic(), records)
 
@@ -183,6 +216,7 @@ class Reconciler:
         self.refused: dict[tuple[str, int], tuple[int, str]] = {}
         """(job uid, slot) -> (attempt, the API server's message) of the last refused create."""
         self._usage: tuple[float, dict[str, dict[str, float]]] | None = None
+        self._finished: set[tuple[str, str]] = set()
 
     def reconcile(self, namespace: str, name: str) -> list[Action]:
         started = time.monotonic()
@@ -194,13 +228,27 @@ class Reconciler:
         finally:
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
+    def finished(self, namespace: str, name: str) -> bool:
+        """The job is gone, or Succeeded / Failed with nothing left to do for it: its loop
+        can stop (a terminal job is left alone; a new event about it reconciles it once)."""
+        return (namespace, name) in self._finished
+
     def _reconcile(self, namespace: str, name: str) -> list[Action]:
+        key = (namespace, name)
+        self._finished.discard(key)
         job = self.api.get(_job_path(namespace, name))
         if job is None or job["metadata"].get("deletionTimestamp"):
-            self.phases.pop((namespace, name), None)
+            self.phases.pop(key, None)
+            self._finished.add(key)
             return []
         meta = job["metadata"]
         status = s.parse_status(job.get("status"))
+        if status.phase.is_terminal():
+            actions = self._reconcile_terminal(job, status)
+            if not actions:
+                self.progress.forget(meta["uid"])
+                self._finished.add(key)
+            return actions
         try:
             spec = s.parse_spec(job.get("spec") or {})
         except ValidationError as exc:
@@ -227,13 +275,30 @@ class Reconciler:
             job=JobView(namespace, name, meta["uid"], int(meta.get("generation", 1)), status),
             pods=tuple(pods),
             nodes=nodes,
-            progress=progress,
+            progress=progress or {},
+            progress_known=progress is not None,
             profile=self.profile,
             prices=self.prices,
             create_refused=self._refused_for(meta["uid"], status),
         )
         actions = plan(spec, observed, self.clock())
         self._apply(job, spec, observed, actions)
+        return actions
+
+    def _reconcile_terminal(self, job: dict[str, Any], status: s.TrainJobStatus) -> list[Action]:
+        """A finished job: only stray pods (an earlier operator's) are removed; no node LIST,
+        no progress read, no status write."""
+        meta = job["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        actions: list[Action] = [
+            DeletePod(p.name, reason="JobFinished")
+            for raw in self.api.list(_pods_path(namespace), f"{LABEL_JOB}={name}")
+            if _owned_by(raw, meta["uid"])
+            and (p := pod_view(raw)) is not None
+            and not p.terminated
+            and not p.deleting
+        ]
+        self._apply(job, None, None, actions)
         return actions
 
     def _node_usage(self, ttl: float = 2.0) -> dict[str, dict[str, float]]:
@@ -469,6 +534,8 @@ class _Loops:
     tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     pokes: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     nodes: dict[str, tuple[bool, bool, frozenset[str]]] = field(default_factory=dict)
+    settled: dict[tuple[str, str], str] = field(default_factory=dict)
+    """Finished jobs by the resourceVersion last seen: the same version needs no new look."""
 
     def ensure(self, key: tuple[str, str]) -> None:
         task = self.tasks.get(key)
@@ -487,6 +554,7 @@ class _Loops:
             event.set()
 
     def stop(self, key: tuple[str, str]) -> None:
+        self.settled.pop(key, None)
         task = self.tasks.pop(key, None)
         self.pokes.pop(key, None)
         if task is not None:
@@ -508,6 +576,13 @@ class _Loops:
                 raise
             except Exception:
                 log.exception("reconciling %s/%s failed; retrying", *key)
+            else:
+                if self.reconciler.finished(*key):
+                    # Succeeded, Failed or gone: nothing costs anything any more. A later
+                    # event about the job (an edit, a stray pod) starts a new loop.
+                    self.tasks.pop(key, None)
+                    self.pokes.pop(key, None)
+                    return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(poke.wait(), timeout=self.interval)
 
@@ -558,8 +633,15 @@ def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Operat
             return
         if event.get("type") == "DELETED":
             loops.stop((namespace, name))
-        else:
-            loops.ensure((namespace, name))
+            return
+        job = event.get("object") or {}
+        phase = str((job.get("status") or {}).get("phase") or "")
+        version = str((job.get("metadata") or {}).get("resourceVersion") or "")
+        if phase in TERMINAL_PHASES and loops.settled.get((namespace, name)) == version:
+            return  # our own last status write of a finished job: nothing to do
+        if phase in TERMINAL_PHASES:
+            loops.settled[(namespace, name)] = version
+        loops.ensure((namespace, name))
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
     async def pod_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:

@@ -101,6 +101,9 @@ class Observed:
     """Progress records by slot index (:data:`ANCHOR_INDEX` for the anchor)."""
     profile: PlacementProfile
     prices: PriceTable
+    progress_known: bool = True
+    """False while the records have not been read yet (the store is slow or down): the
+    status keeps the progress it shows instead of dropping to zero."""
     create_refused: Mapping[int, str] = field(default_factory=dict)
     """Slots whose current pod the API server refused to create (quota, admission, a missing
     service account), with its message; filled by the act layer from its last attempt."""

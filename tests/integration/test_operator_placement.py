@@ -101,7 +101,7 @@ def test_other_failures_are_retried_within_max_restarts(h: Harness) -> None:
     h.apply("flaky", shards=1, maxRestarts=1)
     pods = _running(h, "flaky", 2)
     shard = next(p for p in pods if p["metadata"]["labels"]["cheapspot.dev/role"] == "train")
-    h.set_outcome(shard["metadata"]["name"], ExitCode.TRANSIENT)
+    h.set_outcome(shard["metadata"]["name"], 1, "Traceback: a bug")
     retry = wait_for(
         "a retry",
         lambda: [p for p in h.shard_pods("flaky", 0) if p["metadata"]["name"].endswith("-1")],
@@ -109,7 +109,7 @@ def test_other_failures_are_retried_within_max_restarts(h: Harness) -> None:
     assert retry[0]["metadata"]["name"] == "flaky-shard-0-1"
     assert h.status("flaky")["restarts"] == 1
     _running(h, "flaky", 2)
-    h.set_outcome("flaky-shard-0-1", ExitCode.TRANSIENT)
+    h.set_outcome("flaky-shard-0-1", 1, "Traceback: a bug")
     wait_for("Failed", lambda: h.status("flaky").get("phase") == "Failed")
     assert (h.condition("flaky", "Succeeded") or {})["reason"] == "BackoffLimitExceeded"
 

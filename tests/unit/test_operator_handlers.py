@@ -24,6 +24,7 @@ class FakeApi:
         self.calls: list[tuple[str, str]] = []
         self.version = 1
         self.conflict_next_patch = False
+        self.lists: list[str] = []
         self.refuse: dict[str, ApiError] = {}
         """Pod name -> the error its creation gets."""
 
@@ -34,6 +35,7 @@ class FakeApi:
     def list(
         self, path: str, label_selector: str | None = None, field_selector: str | None = None
     ) -> list[dict[str, Any]]:
+        self.lists.append(path)
         out = []
         for key, obj in self.objects.items():
             if key.rsplit("/", 1)[0] != path:
@@ -208,3 +210,81 @@ def test_a_file_output_in_a_cluster_without_a_shared_filesystem_fails_at_once() 
     assert "spec.output.uri file:///data/out/" in status["message"]
     assert "use s3://bucket/prefix/" in status["message"]
     assert not any(k.startswith(PODS) for k in api.objects)
+
+
+def test_a_finished_job_is_left_alone() -> None:
+    api, reconciler = _world(shards=1)
+    reads: list[str] = []
+    reconciler.progress.reader = lambda uri, shards, anchor: reads.append(uri) or {}
+    reconciler.reconcile("ns", "qa-lora")
+    api.objects[JOB]["status"]["phase"] = "Succeeded"
+    reconciler.reconcile("ns", "qa-lora")  # the pods an earlier pass created are strays now
+    assert not any(k.startswith(PODS + "/") for k in api.objects)
+    assert reconciler.finished("ns", "qa-lora") is False  # it just acted
+    api.calls.clear()
+    api.lists.clear()
+    reads.clear()
+    assert isinstance(reconciler.clock, FakeClock)
+    for _ in range(10):
+        reconciler.clock.advance(60)
+        assert reconciler.reconcile("ns", "qa-lora") == []
+    assert reconciler.finished("ns", "qa-lora")
+    assert api.calls == []  # no status write, not even for cost
+    assert "/api/v1/nodes" not in api.lists and reads == []
+
+
+def test_the_loop_of_a_finished_job_ends() -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cheapspot_operator.handlers import _Loops
+
+    class Finishes:
+        calls = 0
+
+        def reconcile(self, namespace: str, name: str) -> list[Any]:
+            self.calls += 1
+            return []
+
+        def finished(self, namespace: str, name: str) -> bool:
+            return self.calls >= 2
+
+    async def run() -> int:
+        fake = Finishes()
+        loops = _Loops(fake, 0.01, ThreadPoolExecutor(max_workers=1))  # type: ignore[arg-type]
+        loops.ensure(("ns", "job"))
+        await asyncio.sleep(0.5)
+        assert loops.tasks == {}
+        return fake.calls
+
+    assert asyncio.run(run()) == 2
+
+
+def test_a_slow_store_does_not_hold_up_a_reconciliation() -> None:
+    import time
+
+    from cheapspot_operator.handlers import _ProgressCache
+
+    def slow(uri: str, shards: int, anchor: int) -> Mapping[int, Progress]:
+        time.sleep(2.0)
+        return {}
+
+    cache = _ProgressCache(slow, ttl=1.0, first_wait=0.2)
+    started = time.monotonic()
+    assert cache.get("uid", "s3://b/p/", 1) is None
+    assert time.monotonic() - started < 1.0
+    deadline = time.monotonic() + 5
+    while cache.get("uid", "s3://b/p/", 1) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cache.get("uid", "s3://b/p/", 1) == {}
+
+
+def test_one_store_client_per_output_prefix(tmp_path: Any) -> None:
+    from cheapspot_operator.handlers import StoreProgressReader
+
+    reader = StoreProgressReader()
+    uri = f"file://{tmp_path}/job/"
+    assert reader(uri, 2, -1) == {}
+    first = reader.store(uri)
+    reader(uri, 2, -1)
+    assert reader.store(uri) is first and len(reader.stores) == 1

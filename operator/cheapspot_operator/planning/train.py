@@ -604,7 +604,14 @@ def _summarise(st: TrainJobStatus, spec: TrainJobSpec, obs: Observed, now: datet
         1 for s in shards if s.capacity_type is CapacityType.ON_DEMAND and not s.done
     )
     st.shards_display = f"{st.spot_shards}/{st.on_demand_shards}"
-    st.progress = _progress(spec, obs)
+    _summarise_progress(st, spec, obs)
+    _conditions(st, obs, now, gen)
+
+
+def _summarise_progress(st: TrainJobStatus, spec: TrainJobSpec, obs: Observed) -> None:
+    # Records not read yet (a slow store): keep what the status shows rather than drop to 0.
+    if obs.progress_known or not st.progress.rounds:
+        st.progress = _progress(spec, obs)
     if JobPhase(st.phase) is JobPhase.SUCCEEDED:
         st.progress = st.progress.model_copy(update={"percent": 100})
     pr = st.progress
@@ -622,7 +629,6 @@ def _summarise(st: TrainJobStatus, spec: TrainJobSpec, obs: Observed, now: datet
         st.last_checkpoint = CheckpointStatus(
             shard=index, step=step, uri=Layout(spec.output.uri).shard_checkpoint(index, step)
         )
-    _conditions(st, obs, now, gen)
 
 
 def _progress(spec: TrainJobSpec, obs: Observed) -> ProgressStatus:
