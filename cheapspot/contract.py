@@ -277,6 +277,7 @@ class Layout:
         progress/shard-{i:04d}.json         shard i's progress record
         progress/anchor.json                the anchor's progress record
         final/                              the final PEFT adapter + training_summary.json, MANIFEST.json
+        OWNER.json                          the job that claimed the prefix (written by the operator)
 
     Every key has a single writer (shard i writes only shard i's keys, the anchor the
     rest), so no compare-and-swap is needed.
@@ -307,6 +308,11 @@ class Layout:
     @property
     def final(self) -> str:
         return self._join("final")
+
+    @property
+    def owner(self) -> str:
+        """``OWNER.json``: the job (namespace, name, uid) that claimed this prefix."""
+        return self.root + "OWNER.json"
 
 
 class Phase(enum.StrEnum):

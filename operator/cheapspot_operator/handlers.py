@@ -140,6 +140,50 @@ class StoreProgressReader:
         return out
 
 
+OutputClaims = Callable[[str, str, str, str, bool], str]
+"""(output uri, namespace, name, uid, resume) -> "" when the job owns the prefix, else why not."""
+
+
+def store_output_claims(reader: StoreProgressReader) -> OutputClaims:
+    """Claims an output prefix for a job by writing ``OWNER.json`` if absent (a conditional
+    write where the store has one), so two jobs (or a job deleted and re-applied: a new UID)
+    never mix their checkpoints and an old ``final/`` never passes for a new result."""
+
+    def claim(output_uri: str, namespace: str, name: str, uid: str, resume: bool) -> str:
+        import json
+
+        store = reader.store(output_uri)
+        layout = Layout(output_uri)
+        record = json.dumps({"namespace": namespace, "name": name, "uid": uid}).encode()
+        raw = store.get_bytes_or_none(layout.owner)
+        if raw is None:
+            if not resume and store.has_manifest(layout.final):
+                return (
+                    f"output prefix {output_uri} already holds a finished adapter "
+                    "(final/); set spec.output.ifExists: Resume to take it as this job's "
+                    "result, or use another prefix"
+                )
+            if store.put_bytes(layout.owner, record, if_absent=True):
+                return ""
+            raw = store.get_bytes_or_none(layout.owner) or b"{}"
+        try:
+            owner = json.loads(raw)
+        except ValueError:
+            owner = {}
+        if owner.get("uid") == uid:
+            return ""
+        if resume:
+            store.put_bytes(layout.owner, record)
+            return ""
+        who = f"{owner.get('namespace', '?')}/{owner.get('name', '?')} (uid {owner.get('uid')})"
+        return (
+            f"output prefix {output_uri} belongs to job {who}; set spec.output.ifExists: "
+            "Resume to continue from what it holds, or use another prefix"
+        )
+
+    return claim
+
+
 def store_progress_reader(timeout_attempts: int = 2) -> ProgressReader:
     return StoreProgressReader(timeout_attempts)
 
@@ -203,14 +247,18 @@ class Reconciler:
         progress_reader: ProgressReader | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         progress_ttl_seconds: float = 1.0,
+        *,
+        output_claims: OutputClaims | None = None,
     ) -> None:
         self.api = api
         self.config = config
         self.profile: PlacementProfile = config.placement_profile()
         self.prices: PriceTable = config.price_table()
-        self.progress = _ProgressCache(
-            progress_reader or store_progress_reader(), progress_ttl_seconds
-        )
+        stores = StoreProgressReader()
+        self.progress = _ProgressCache(progress_reader or stores, progress_ttl_seconds)
+        self.claims = output_claims or store_output_claims(stores)
+        self.claimed: set[str] = set()
+        """UIDs of jobs whose output prefix is theirs (checked once per operator process)."""
         self.clock = clock
         self.phases: dict[tuple[str, str], str] = {}
         self.refused: dict[tuple[str, int], tuple[int, str]] = {}
@@ -256,6 +304,12 @@ class Reconciler:
         unusable = self._unusable_uris(spec)
         if unusable:
             return self._invalid(job, status, unusable, reason="UnsupportedURI")
+        if meta["uid"] not in self.claimed:
+            resume = spec.output.if_exists is s.IfOutputExists.RESUME
+            refused = self.claims(spec.output.uri, namespace, name, meta["uid"], resume)
+            if refused:
+                return self._invalid(job, status, refused, reason="OutputInUse")
+            self.claimed.add(meta["uid"])
         pods = [
             v
             for p in self.api.list(_pods_path(namespace), f"{LABEL_JOB}={name}")

@@ -83,6 +83,14 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class IfOutputExists(enum.StrEnum):
+    REFUSE = "Refuse"
+    """A prefix another job claimed, or one holding a finished adapter, fails this job."""
+    RESUME = "Resume"
+    """Take the prefix over and continue from what is there (its checkpoints, its final
+    adapter: a finished result makes the job succeed at once). Nothing is deleted."""
+
+
 class OutputTarget(_Spec):
     uri: Annotated[
         str,
@@ -93,6 +101,16 @@ class OutputTarget(_Spec):
             "results and the final PEFT adapter land under it. Kept when the job is deleted.",
         ),
     ]
+
+    if_exists: Annotated[
+        IfOutputExists,
+        Field(
+            alias="ifExists",
+            description="When the prefix belongs to another job (also one deleted and "
+            "re-applied: a new object is a new job) or holds a finished result: Refuse (the "
+            "job fails saying whose it is) or Resume (take it over and continue).",
+        ),
+    ] = IfOutputExists.REFUSE
 
     @field_validator("uri")
     @classmethod

@@ -97,3 +97,16 @@ def test_pods_the_api_server_refuses_are_reported_then_fail_the_job(refused: Har
     done = h.condition("nosa", "Succeeded") or {}
     assert done["reason"] == "CreateRefused" and "no-such-account" in done["message"]
     assert h.pods("nosa") == []
+
+
+def test_a_second_job_on_the_same_output_prefix_is_refused(h: Harness) -> None:
+    h.apply("owner", shards=1)
+    _running_shards(h, "owner", 1)
+    h.apply("intruder", shards=1, output={"uri": h.output_uri("owner")})
+    wait_for("the refusal", lambda: h.status("intruder").get("phase") == "Failed", timeout_s=30)
+    done = h.condition("intruder", "Succeeded") or {}
+    assert done["reason"] == "OutputInUse"
+    assert f"{h.namespace}/owner" in done["message"] and h.output_uri("owner") in done["message"]
+    assert any(e["reason"] == "OutputInUse" for e in h.events("intruder"))
+    assert h.pods("intruder") == []
+    assert h.status("owner")["phase"] in ("Pending", "Running")

@@ -103,6 +103,7 @@ def _world(**spec: Any) -> tuple[FakeApi, Reconciler]:
         OperatorConfig(),
         progress_reader=no_progress,
         clock=FakeClock(EPOCH),
+        output_claims=lambda uri, ns, name, uid, resume: "",
     )
     return api, reconciler
 
@@ -288,3 +289,39 @@ def test_one_store_client_per_output_prefix(tmp_path: Any) -> None:
     first = reader.store(uri)
     reader(uri, 2, -1)
     assert reader.store(uri) is first and len(reader.stores) == 1
+
+
+def test_an_output_prefix_is_claimed_by_one_job_and_refused_to_another(tmp_path: Any) -> None:
+    from cheapspot_operator.handlers import StoreProgressReader, store_output_claims
+
+    claim = store_output_claims(StoreProgressReader())
+    uri = f"file://{tmp_path}/out/"
+    assert claim(uri, "ns", "first", "uid-1", False) == ""
+    assert claim(uri, "ns", "first", "uid-1", False) == ""  # its own: fine, again
+    refused = claim(uri, "ns", "first", "uid-2", False)  # deleted and re-applied: a new UID
+    assert "belongs to job ns/first (uid uid-1)" in refused and uri in refused
+    assert "ifExists: Resume" in refused
+    assert claim(uri, "ns", "first", "uid-2", True) == ""  # asked for explicitly
+    assert "uid uid-2" in claim(uri, "ns", "other", "uid-3", False)
+
+
+def test_a_prefix_holding_a_finished_adapter_is_refused_unless_resumed(tmp_path: Any) -> None:
+    from cheapspot.store import Store
+    from cheapspot_operator.handlers import StoreProgressReader, store_output_claims
+
+    uri = f"file://{tmp_path}/old/"
+    Store(uri).publish("final/", {"adapter_model.safetensors": b"old"})
+    claim = store_output_claims(StoreProgressReader())
+    assert "already holds a finished adapter" in claim(uri, "ns", "new", "uid-9", False)
+    assert claim(uri, "ns", "new", "uid-9", True) == ""
+    assert (tmp_path / "old" / "final" / "adapter_model.safetensors").read_bytes() == b"old"
+
+
+def test_a_job_refused_its_output_prefix_fails_naming_the_owner() -> None:
+    api, reconciler = _world(shards=1)
+    reconciler.claims = lambda uri, ns, name, uid, resume: f"output prefix {uri} belongs to job x/y"
+    reconciler.reconcile("ns", "qa-lora")
+    status = api.objects[JOB]["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "OutputInUse"
+    assert "belongs to job x/y" in status["message"]
+    assert not any(k.startswith(PODS + "/") for k in api.objects)
