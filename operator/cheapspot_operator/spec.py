@@ -14,10 +14,11 @@ immutability through ``x-kubernetes-validations`` (CEL) in ``json_schema_extra``
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 
 from cheapspot.contract import (
@@ -143,6 +144,87 @@ class SpotPolicy(_Spec):
     ] = 6
 
 
+DURATION_PATTERN = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
+
+
+def parse_duration(text: str) -> float:
+    """``1d2h30m10s`` (any part may be left out) in seconds; ValueError names bad input."""
+    m = re.fullmatch(DURATION_PATTERN, text)
+    if not text or m is None:
+        raise ValueError(f"duration {text!r}: expected e.g. 48h, 90m, 1d12h")
+    units = (86400, 3600, 60, 1)
+    return float(sum(int(g[:-1]) * u for g, u in zip(m.groups(), units, strict=True) if g))
+
+
+class DeadlinePolicy(enum.StrEnum):
+    CHEAPSPOT = "CheapSpot"
+    UNIFORM_PROGRESS = "UniformProgress"
+    GREEDY = "Greedy"
+
+
+class DeadlineSpec(_Spec):
+    """When the job must be finished; spot is used while that stays safe."""
+
+    complete_by: Annotated[
+        datetime | None,
+        Field(
+            alias="completeBy",
+            description="Wall-clock time (RFC 3339) by which the final adapter must exist.",
+        ),
+    ] = None
+    max_duration: Annotated[
+        str | None,
+        Field(
+            alias="maxDuration",
+            pattern=DURATION_PATTERN,
+            min_length=2,
+            max_length=32,
+            description="Longest the job may take from its start, e.g. 48h or 1d12h.",
+        ),
+    ] = None
+    changeover_seconds: Annotated[
+        int,
+        Field(
+            alias="changeoverSeconds",
+            ge=0,
+            le=86400,
+            description="Expected time a new pod needs before it trains (scheduling, image, "
+            "model load, checkpoint restore): the price of every move between spot and "
+            "on-demand, kept in reserve before the deadline.",
+        ),
+    ] = 600
+    policy: Annotated[
+        DeadlinePolicy,
+        Field(
+            description="CheapSpot (default), UniformProgress (Can't Be Late, NSDI'24) or "
+            "Greedy; all keep the safety net that moves a shard to on-demand in time."
+        ),
+    ] = DeadlinePolicy.CHEAPSPOT
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "has(self.completeBy) != has(self.maxDuration)",
+                    "set exactly one of deadline.completeBy and deadline.maxDuration",
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DeadlineSpec:
+        if (self.complete_by is None) == (self.max_duration is None):
+            raise ValueError("set exactly one of deadline.completeBy and deadline.maxDuration")
+        return self
+
+    def resolve(self, start: datetime) -> datetime:
+        """The deadline as a wall-clock time for a job that started at ``start``."""
+        if self.complete_by is not None:
+            return self.complete_by
+        return start + timedelta(seconds=parse_duration(self.max_duration or ""))
+
+
 class TrainJobSpec(_Spec):
     """What a user asks for: a LoRA fine-tuning job, split into shards that run on spot."""
 
@@ -222,6 +304,13 @@ class TrainJobSpec(_Spec):
     spot: Annotated[SpotPolicy, Field(description="When to leave spot and when to return.")] = (
         SpotPolicy()
     )
+    deadline: Annotated[
+        DeadlineSpec | None,
+        Field(
+            description="Finish by a time: shards use spot while the deadline allows and move "
+            "to on-demand in time to meet it."
+        ),
+    ] = None
     max_restarts: Annotated[
         int,
         Field(
@@ -302,6 +391,13 @@ class ShardStatus(_Status):
     step: int | None = None
     loss: float | None = None
     fallback_reason: Annotated[str, Field(alias="fallbackReason")] = ""
+    running_seconds: Annotated[
+        float,
+        Field(
+            alias="runningSeconds",
+            description="Time this shard's pods were Running (the deadline policy's step rate).",
+        ),
+    ] = 0.0
 
 
 class ProgressStatus(_Status):
@@ -332,6 +428,31 @@ class CostStatus(_Status):
     accrued_at: Annotated[datetime | None, Field(alias="accruedAt")] = None
 
 
+class DeadlineStatus(_Status):
+    complete_by: Annotated[
+        datetime | None, Field(alias="completeBy", description="The deadline, resolved.")
+    ] = None
+    evaluated_at: Annotated[datetime | None, Field(alias="evaluatedAt")] = None
+    remaining_work_seconds: Annotated[
+        float | None,
+        Field(
+            alias="remainingWorkSeconds",
+            description="Estimated training time left for the slowest shard (its step rate).",
+        ),
+    ] = None
+    slack_seconds: Annotated[
+        float | None,
+        Field(
+            alias="slackSeconds",
+            description="Time that may still pass without progress before the deadline.",
+        ),
+    ] = None
+    on_demand_shards: Annotated[
+        list[int],
+        Field(alias="onDemandShards", description="Shards the deadline keeps on on-demand."),
+    ] = []
+
+
 class TrainJobStatus(_Status):
     phase: Annotated[
         JobPhase, Field(description="Pending, Running, Suspended, Succeeded or Failed.")
@@ -359,6 +480,7 @@ class TrainJobStatus(_Status):
     start_time: Annotated[datetime | None, Field(alias="startTime")] = None
     completion_time: Annotated[datetime | None, Field(alias="completionTime")] = None
     cost: CostStatus = CostStatus()
+    deadline: DeadlineStatus | None = None
 
     def to_patch(self) -> dict[str, Any]:
         data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -138,7 +138,8 @@ def decide(policy: Policy, s: Situation) -> Mode:
 def _safe(s: Situation, wanted: Mode) -> Mode:
     """The safety net: what ``wanted`` becomes when it could miss the deadline."""
     if wanted is Mode.SPOT and not spot_allowed(s):
-        wanted = Mode.ON_DEMAND if not can_wait(s) or s.mode is Mode.ON_DEMAND else Mode.NONE
+        # Slack only shrinks: spot that is unsafe now stays unsafe, so waiting buys nothing.
+        wanted = Mode.ON_DEMAND
     if wanted is Mode.NONE and not can_wait(s):
         wanted = Mode.ON_DEMAND
     return wanted

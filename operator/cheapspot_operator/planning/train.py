@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 from cheapspot.contract import Layout, Phase, Progress, Role
 from cheapspot_operator.observed import ANCHOR_INDEX, Observed, PodView
 from cheapspot_operator.phases import JobPhase, transition
+from cheapspot_operator.planning import train_deadline
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.preemption import (
@@ -122,6 +123,8 @@ class _Plan:
     avoid: tuple[str, ...] = ()
     """Nodes being reclaimed or lost."""
     failure: tuple[str, str] | None = None
+    deadline: train_deadline.DeadlineView | None = None
+    """What ``spec.deadline`` wants for each shard (None: the job has no deadline)."""
 
     def event(self, type_: str, reason: str, message: str, cause: str = "") -> None:
         self.actions.append(EmitEvent(type_, reason, message, cause))
@@ -144,6 +147,7 @@ def plan(spec: TrainJobSpec, obs: Observed, now: datetime) -> list[Action]:
         st.start_time = now
     st.recent_preemptions = [t for t in st.recent_preemptions if now - t < PREEMPTION_WINDOW]
     _ensure_slots(st, spec)
+    work.deadline = train_deadline.evaluate(spec, st, obs, now)
 
     phase = JobPhase(st.phase)
     live = [p for p in obs.pods if not p.terminated and not p.deleting]
@@ -159,6 +163,7 @@ def plan(spec: TrainJobSpec, obs: Observed, now: datetime) -> list[Action]:
         _run(work)
 
     _summarise(st, spec, obs, now)
+    train_deadline.accrue(st, prev, work.deadline, now)
     _accrue_cost(st, prev, obs, now)
     changed = st != prev
     pod_actions = [a for a in work.actions if not isinstance(a, UpdateStatus)]
@@ -278,9 +283,12 @@ def _reconcile_slot(work: _Plan, slot: ShardStatus, current: PodView | None) -> 
             # Never seen: (re)create under the deterministic name; 409 means it exists.
             slot = slot.model_copy(update={"pod": name})
             capacity = _desired_capacity(slot, st, limit)
+            reason = "PreemptionRate"
+            if _deadline_wants_on_demand(work, slot):
+                capacity, reason = CapacityType.ON_DEMAND, train_deadline.REASON
             if capacity is not slot.capacity_type:
                 slot = slot.model_copy(
-                    update={"capacity_type": capacity, "fallback_reason": "PreemptionRate"}
+                    update={"capacity_type": capacity, "fallback_reason": reason}
                 )
             work.actions.append(CreatePod(slot.index, slot.attempt, slot.capacity_type, avoid))
             return slot
@@ -324,7 +332,15 @@ def _reconcile_slot(work: _Plan, slot: ShardStatus, current: PodView | None) -> 
             work.actions.append(DeletePod(current.name, 0 if gone else None, verdict.reason))
         capacity = _desired_capacity(slot, st, limit)
         reason = slot.fallback_reason
-        if capacity is not slot.capacity_type and capacity is CapacityType.ON_DEMAND:
+        if _deadline_wants_on_demand(work, slot) and capacity is CapacityType.SPOT:
+            capacity, reason = CapacityType.ON_DEMAND, train_deadline.REASON
+            work.event(
+                "Warning",
+                "FellBackToOnDemand",
+                f"{what}: spot is gone and the deadline leaves no time to wait for it",
+                reason,
+            )
+        elif capacity is not slot.capacity_type and capacity is CapacityType.ON_DEMAND:
             reason = "PreemptionRate"
             work.event(
                 "Warning",
@@ -352,6 +368,16 @@ def _reconcile_slot(work: _Plan, slot: ShardStatus, current: PodView | None) -> 
     return slot
 
 
+def _deadline_wants_on_demand(work: _Plan, slot: ShardStatus) -> bool:
+    view = work.deadline
+    return view is not None and view.capacity.get(slot.index) is CapacityType.ON_DEMAND
+
+
+def _deadline_wants_spot(work: _Plan, slot: ShardStatus) -> bool:
+    view = work.deadline
+    return view is not None and view.capacity.get(slot.index) is CapacityType.SPOT
+
+
 def _rate_exceeded(st: TrainJobStatus, limit: int) -> bool:
     return limit > 0 and len(st.recent_preemptions) > limit
 
@@ -375,7 +401,15 @@ def _maybe_move(
     what = f"shard {slot.index}"
     desired = slot.capacity_type
     reason = slot.fallback_reason
-    if desired is CapacityType.SPOT:
+    if desired is CapacityType.SPOT and _deadline_wants_on_demand(work, slot):
+        desired, reason = CapacityType.ON_DEMAND, train_deadline.REASON
+        work.event(
+            "Warning",
+            "FellBackToOnDemand",
+            f"{what}: the deadline needs on-demand now to be met",
+            reason,
+        )
+    elif desired is CapacityType.SPOT:
         waited = (now - pod.unschedulable_since) if pod.unschedulable_since else None
         if waited is not None and waited >= timedelta(seconds=spec.spot.fallback_after_seconds):
             desired, reason = CapacityType.ON_DEMAND, "SpotUnavailable"
@@ -395,6 +429,7 @@ def _maybe_move(
             )
     elif (
         slot.fallback_reason
+        and (slot.fallback_reason != train_deadline.REASON or _deadline_wants_spot(work, slot))
         and at_round_boundary(progress)
         and not _rate_exceeded(st, limit)
         and spot_available(obs)
