@@ -183,6 +183,27 @@ def test_the_safety_net_never_misses_and_the_optimum_is_a_lower_bound(
         assert best <= run.cost + 1e-9, (policy, best, run.cost)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.lists(st.booleans(), min_size=40, max_size=120),
+    work_ticks=st.floats(3, 30),
+    slack_ticks=st.floats(0, 30),
+    policy=st.sampled_from(sorted(tr.KEEPS_SPOT)),
+)
+def test_fast_forward_is_exact(
+    bits: list[bool], work_ticks: float, slack_ticks: float, policy: Policy
+) -> None:
+    g = 600.0
+    trace = _trace(bits * 3, g)
+    job = tr.Job(work_ticks * g, work_ticks * g + 2.5 * g + slack_ticks * g, 0.7 * g, 0.3)
+    slow = tr.simulate(policy, trace, 0, job)
+    fast = tr.simulate(policy, trace, 0, job, tr.spot_run_ends(trace.available))
+    assert fast.finished == pytest.approx(slow.finished)
+    assert fast.cost == pytest.approx(slow.cost)
+    assert (fast.changeovers, fast.preemptions) == (slow.changeovers, slow.preemptions)
+    assert fast.spot_offered == pytest.approx(slow.spot_offered)
+
+
 # --- traces and the benchmark ----------------------------------------------------------------
 
 
