@@ -26,7 +26,7 @@ from cheapspot_operator.pricing.alibaba import AlibabaPrices
 from cheapspot_operator.pricing.aws import AwsOnDemandPrices, AwsSpotPrices, on_demand_usd
 from cheapspot_operator.pricing.quotes import (
     PriceKey,
-    ProviderUnavailable,
+    ProviderUnavailableError,
     Quote,
     decode,
     encode,
@@ -168,7 +168,7 @@ def test_an_api_error_is_a_provider_that_is_unavailable_not_a_crash() -> None:
         stub.add_client_error(
             "describe_spot_price_history", "UnauthorizedOperation", "not authorized"
         )
-        with pytest.raises(ProviderUnavailable, match="UnauthorizedOperation"):
+        with pytest.raises(ProviderUnavailableError, match="UnauthorizedOperation"):
             AwsSpotPrices(ec2).quotes(["g5.xlarge"], NOW)
 
 
@@ -178,7 +178,7 @@ def test_an_unreachable_endpoint_is_a_provider_that_is_unavailable() -> None:
         endpoint_url="http://127.0.0.1:9",
         config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=1),
     )
-    with pytest.raises(ProviderUnavailable, match="GetProducts"):
+    with pytest.raises(ProviderUnavailableError, match="GetProducts"):
         AwsOnDemandPrices("us-east-1", pricing).quotes(["g5.xlarge"], NOW)
 
 
@@ -299,7 +299,7 @@ def test_alibaba_prices_in_a_currency_without_a_configured_rate_are_refused(
 ) -> None:
     endpoint, api = ecs_api
     api.answer = _ecs_answer("CNY")
-    with pytest.raises(ProviderUnavailable, match="CNY"):
+    with pytest.raises(ProviderUnavailableError, match="CNY"):
         AlibabaPrices("cn-hangzhou", _ecs_client(endpoint)).quotes(["ecs.gn7i-c8g1.2xlarge"], NOW)
 
 
@@ -313,7 +313,7 @@ def test_an_alibaba_api_error_is_a_provider_that_is_unavailable(
         "Code": "Forbidden.RAM",
         "Message": "User not authorized to operate on the specified resource.",
     }
-    with pytest.raises(ProviderUnavailable, match="Forbidden.RAM"):
+    with pytest.raises(ProviderUnavailableError, match=r"Forbidden\.RAM"):
         AlibabaPrices("cn-hangzhou", _ecs_client(endpoint)).quotes(["ecs.gn7i-c8g1.2xlarge"], NOW)
 
 
@@ -368,6 +368,7 @@ def test_the_last_known_good_keeps_the_newest_observation_and_survives_a_round_t
 def test_the_static_table_always_answers_and_is_always_estimated() -> None:
     quotes = StaticPrices(default_prices()).quotes(["g5.xlarge"], NOW)
     assert all(q.estimated and q.source == "table" for q in quotes.values())
-    assert quotes[PriceKey("g5.xlarge", SPOT)].usd_per_hour < quotes[
-        PriceKey("g5.xlarge", OD)
-    ].usd_per_hour
+    assert (
+        quotes[PriceKey("g5.xlarge", SPOT)].usd_per_hour
+        < quotes[PriceKey("g5.xlarge", OD)].usd_per_hour
+    )

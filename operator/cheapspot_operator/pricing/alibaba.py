@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cheapspot_operator.pricing.quotes import PriceKey, ProviderUnavailable, Quote
+from cheapspot_operator.pricing.quotes import PriceKey, ProviderUnavailableError, Quote
 from cheapspot_operator.spec import CapacityType
 
 SOURCE = "alibaba-ecs"
@@ -74,7 +74,7 @@ class AlibabaPrices:
                 try:
                     body = self._client.describe_spot_price_history(request).body
                 except Exception as e:  # the SDK raises its own and transport errors alike
-                    raise ProviderUnavailable(f"ECS DescribeSpotPriceHistory: {e}") from e
+                    raise ProviderUnavailableError(f"ECS DescribeSpotPriceHistory: {e}") from e
                 currency = body.currency or currency
                 records = body.spot_prices.spot_price_type if body.spot_prices else []
                 for rec in records or []:
@@ -88,7 +88,7 @@ class AlibabaPrices:
                 offset = body.next_offset
             rate = self._usd_per.get(currency)
             if rate is None:
-                raise ProviderUnavailable(
+                raise ProviderUnavailableError(
                     f"ECS prices are in {currency} and no USD rate for it is configured "
                     "(pricing.alibaba.usdPer)"
                 )

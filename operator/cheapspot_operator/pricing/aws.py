@@ -15,7 +15,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from cheapspot_operator.pricing.quotes import PriceKey, ProviderUnavailable, Quote
+from cheapspot_operator.pricing.quotes import PriceKey, ProviderUnavailableError, Quote
 from cheapspot_operator.spec import CapacityType
 
 SPOT_SOURCE = "aws-ec2-spot"
@@ -62,7 +62,7 @@ class AwsSpotPrices:
                     if key not in newest or newest[key][0] < at:
                         newest[key] = (at, price)
         except (BotoCoreError, ClientError, KeyError, ValueError) as e:
-            raise ProviderUnavailable(f"EC2 DescribeSpotPriceHistory: {e}") from e
+            raise ProviderUnavailableError(f"EC2 DescribeSpotPriceHistory: {e}") from e
         return {k: Quote(p, SPOT_SOURCE, at) for k, (at, p) in newest.items()}
 
 
@@ -112,5 +112,5 @@ class AwsOnDemandPrices:
                     key = PriceKey(instance_type, CapacityType.ON_DEMAND)
                     out[key] = Quote(min(prices), ON_DEMAND_SOURCE, now)
         except (BotoCoreError, ClientError, ValueError) as e:
-            raise ProviderUnavailable(f"Pricing GetProducts: {e}") from e
+            raise ProviderUnavailableError(f"Pricing GetProducts: {e}") from e
         return out

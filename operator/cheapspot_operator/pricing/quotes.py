@@ -22,7 +22,7 @@ TABLE = "table"
 LAST_KNOWN = "last-known"
 
 
-class ProviderUnavailable(Exception):
+class ProviderUnavailableError(Exception):
     """A price API could not be reached or answered nonsense; the message says which."""
 
 
