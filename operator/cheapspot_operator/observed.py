@@ -15,6 +15,7 @@ from typing import Any
 from cheapspot.contract import Progress
 from cheapspot_operator.costs import PriceTable
 from cheapspot_operator.placement import PlacementProfile
+from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.spec import TrainJobStatus
 
 LABEL_JOB = "cheapspot.dev/job"
@@ -25,6 +26,22 @@ ANNOTATION_ATTEMPT = "cheapspot.dev/attempt"
 ANCHOR_INDEX = -1
 """The anchor's slot index (shards are 0..N-1)."""
 INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
+ZONE_LABELS = ("topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone")
+
+
+def quantity(value: Any) -> float:
+    """A Kubernetes CPU or count quantity (``4``, ``500m``, ``1.5``) as a number; 0 if unset."""
+    text = str(value or "").strip()
+    if not text:
+        return 0.0
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return 0.0
+
+
+def _gpus(resources: Mapping[str, Any]) -> float:
+    return sum(quantity(v) for k, v in resources.items() if "gpu" in str(k).lower())
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,9 @@ class PodView:
     disruption_reason: str = ""
     unschedulable_since: datetime | None = None
     """``PodScheduled=False, reason=Unschedulable``: its lastTransitionTime."""
+    gpus: float = 0.0
+    """GPUs the pod requests (its share of a node's cost)."""
+    cpus: float = 0.0
 
     @property
     def terminated(self) -> bool:
@@ -58,10 +78,21 @@ class NodeView:
     ready: bool = True
     unschedulable: bool = False
     taint_keys: frozenset[str] = frozenset()
+    gpus: float = 0.0
+    """Allocatable GPUs."""
+    cpus: float = 0.0
+    """Allocatable CPUs."""
 
     @property
     def instance_type(self) -> str:
         for key in INSTANCE_TYPE_LABELS:
+            if key in self.labels:
+                return self.labels[key]
+        return ""
+
+    @property
+    def zone(self) -> str:
+        for key in ZONE_LABELS:
             if key in self.labels:
                 return self.labels[key]
         return ""
@@ -87,6 +118,8 @@ class Observed:
     """Progress records by slot index (:data:`ANCHOR_INDEX` for the anchor)."""
     profile: PlacementProfile
     prices: PriceTable
+    quotes: Mapping[PriceKey, Quote] = field(default_factory=dict)
+    """Live and last known good prices (the price refresher's); the table fills gaps."""
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -123,7 +156,13 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
             and cond.get("reason") == "Unschedulable"
         ):
             unschedulable_since = _parse_time(cond.get("lastTransitionTime"))
+    requests = [
+        ((c.get("resources") or {}).get("requests") or {})
+        for c in (pod.get("spec") or {}).get("containers") or []
+    ]
     return PodView(
+        gpus=sum(_gpus(r) for r in requests),
+        cpus=sum(quantity(r.get("cpu")) for r in requests),
         name=str(meta.get("name")),
         index=index,
         attempt=int(annotations[ANNOTATION_ATTEMPT]),
@@ -147,7 +186,10 @@ def node_view(node: Mapping[str, Any]) -> NodeView:
     for cond in (node.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Ready":
             ready = cond.get("status") == "True"
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
     return NodeView(
+        gpus=_gpus(allocatable),
+        cpus=quantity(allocatable.get("cpu")),
         name=str(meta.get("name")),
         labels=dict(meta.get("labels") or {}),
         ready=ready,

@@ -426,6 +426,36 @@ class CostStatus(_Status):
     ] = 0.0
     display: Annotated[str, Field(description="Cost for the printer column.")] = "$0.00"
     accrued_at: Annotated[datetime | None, Field(alias="accruedAt")] = None
+    spot_dollars: Annotated[
+        float, Field(alias="spotDollars", description="Spent on spot capacity.")
+    ] = 0.0
+    on_demand_spent_dollars: Annotated[
+        float,
+        Field(alias="onDemandSpentDollars", description="Spent on on-demand capacity."),
+    ] = 0.0
+    savings_ratio: Annotated[
+        float,
+        Field(
+            alias="savingsRatio",
+            description="1 - dollars / onDemandDollars: the share saved against on-demand.",
+        ),
+    ] = 0.0
+    spot_seconds: Annotated[
+        float, Field(alias="spotSeconds", description="Pod seconds on spot capacity.")
+    ] = 0.0
+    on_demand_seconds: Annotated[
+        float, Field(alias="onDemandSeconds", description="Pod seconds on on-demand capacity.")
+    ] = 0.0
+    estimated: Annotated[
+        bool,
+        Field(
+            description="Some figure used a price that was not a current observation (last "
+            "known good or the static table) or a node share that was not known."
+        ),
+    ] = False
+    sources: Annotated[
+        list[str], Field(description="Where the prices came from (aws-ec2-spot, table, ...).")
+    ] = []
 
 
 class DeadlineStatus(_Status):

@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from cheapspot.contract import Layout, Phase, Progress, Role
 from cheapspot_operator.observed import ANCHOR_INDEX, Observed, PodView
 from cheapspot_operator.phases import JobPhase, transition
-from cheapspot_operator.planning import train_deadline
+from cheapspot_operator.planning import costing, train_deadline
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.preemption import (
@@ -565,6 +565,8 @@ def _conditions(st: TrainJobStatus, obs: Observed, now: datetime, gen: int) -> N
 
 
 def _accrue_cost(st: TrainJobStatus, prev: TrainJobStatus, obs: Observed, now: datetime) -> None:
+    if JobPhase(prev.phase).is_terminal():
+        return  # a finished job's cost is final
     cost = st.cost
     if cost.accrued_at is None:
         st.cost = cost.model_copy(update={"accrued_at": now})
@@ -574,23 +576,13 @@ def _accrue_cost(st: TrainJobStatus, prev: TrainJobStatus, obs: Observed, now: d
         return
     if elapsed < COST_ACCRUAL_INTERVAL and _without_cost(st) == _without_cost(prev):
         return
-    hours = elapsed.total_seconds() / 3600
-    paid, on_demand = 0.0, 0.0
-    for pod in _running(obs.pods):
-        node = obs.nodes.get(pod.node_name)
-        if node is None:
-            continue
-        capacity = obs.profile.capacity_of(node.labels) or CapacityType(
-            pod.capacity or CapacityType.ON_DEMAND.value
-        )
-        paid += obs.prices.hourly(node.instance_type, capacity) * hours
-        on_demand += obs.prices.on_demand_hourly(node.instance_type) * hours
-    dollars = cost.dollars + paid
-    st.cost = CostStatus(
-        dollars=round(dollars, 6),
-        on_demand_dollars=round(cost.on_demand_dollars + on_demand, 6),
-        display=f"${dollars:.2f}",
-        accrued_at=now,
+    usages = [
+        costing.usage(pod, node, obs.profile, obs.prices, obs.quotes)
+        for pod in _running(obs.pods)
+        if (node := obs.nodes.get(pod.node_name)) is not None
+    ]
+    st.cost = costing.add(cost, usages, elapsed.total_seconds()).model_copy(
+        update={"accrued_at": now}
     )
 
 
