@@ -173,6 +173,9 @@ def simulate(
                 run.spot_seconds += span
                 run.spot_offered += span
                 i += full
+                if done >= job.work - 1e-9:
+                    run.finished = now
+                    return run
                 continue
         if spot:
             run.spot_offered += g

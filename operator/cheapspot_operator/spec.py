@@ -225,6 +225,40 @@ class DeadlineSpec(_Spec):
         return start + timedelta(seconds=parse_duration(self.max_duration or ""))
 
 
+class BudgetAction(enum.StrEnum):
+    SUSPEND = "Suspend"
+    FAIL = "Fail"
+
+
+class BudgetSpec(_Spec):
+    """A spending limit; the anchor's cost counts."""
+
+    limit_usd: Annotated[
+        float,
+        Field(
+            alias="limitUSD",
+            gt=0,
+            description="Most the job may cost, in USD. Raising it resumes a job it suspended.",
+        ),
+    ]
+    warn_at_percent: Annotated[
+        int,
+        Field(
+            alias="warnAtPercent",
+            ge=1,
+            le=100,
+            description="A warning event and condition when spending crosses this share.",
+        ),
+    ] = 80
+    on_exceed: Annotated[
+        BudgetAction,
+        Field(
+            alias="onExceed",
+            description="Suspend (checkpoints kept, resumed when the limit is raised) or Fail.",
+        ),
+    ] = BudgetAction.SUSPEND
+
+
 class TrainJobSpec(_Spec):
     """What a user asks for: a LoRA fine-tuning job, split into shards that run on spot."""
 
@@ -310,6 +344,10 @@ class TrainJobSpec(_Spec):
             description="Finish by a time: shards use spot while the deadline allows and move "
             "to on-demand in time to meet it."
         ),
+    ] = None
+    budget: Annotated[
+        BudgetSpec | None,
+        Field(description="A spending limit: warn, then suspend or fail the job at it."),
     ] = None
     max_restarts: Annotated[
         int,
@@ -483,6 +521,20 @@ class DeadlineStatus(_Status):
     ] = []
 
 
+class BudgetStatus(_Status):
+    limit_usd: Annotated[float, Field(alias="limitUSD")] = 0.0
+    spent_usd: Annotated[float, Field(alias="spentUSD")] = 0.0
+    remaining_usd: Annotated[float, Field(alias="remainingUSD")] = 0.0
+    percent: int = 0
+    exceeded_at_limit_usd: Annotated[
+        float | None,
+        Field(
+            alias="exceededAtLimitUSD",
+            description="The limit that was reached; the job resumes once the limit is above it.",
+        ),
+    ] = None
+
+
 class TrainJobStatus(_Status):
     phase: Annotated[
         JobPhase, Field(description="Pending, Running, Suspended, Succeeded or Failed.")
@@ -511,6 +563,7 @@ class TrainJobStatus(_Status):
     completion_time: Annotated[datetime | None, Field(alias="completionTime")] = None
     cost: CostStatus = CostStatus()
     deadline: DeadlineStatus | None = None
+    budget: BudgetStatus | None = None
 
     def to_patch(self) -> dict[str, Any]:
         data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)

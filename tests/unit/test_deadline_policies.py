@@ -204,6 +204,15 @@ def test_fast_forward_is_exact(
     assert fast.spot_offered == pytest.approx(slow.spot_offered)
 
 
+@pytest.mark.parametrize("policy", sorted(tr.KEEPS_SPOT))
+def test_fast_forward_finishes_a_job_whose_work_ends_on_a_tick_boundary(policy: Policy) -> None:
+    # 3 h of work on 600 s ticks, no changeover: the last spot run ends exactly at the end.
+    trace, job = _trace("1" * 40), tr.Job(3 * HOUR, 5 * HOUR, 0.0, 0.3)
+    run = tr.simulate(policy, trace, 0, job, tr.spot_run_ends(trace.available))
+    assert run.finished == pytest.approx(3 * HOUR)
+    assert not run.missed(job)
+
+
 # --- traces and the benchmark ----------------------------------------------------------------
 
 

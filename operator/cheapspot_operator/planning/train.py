@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from cheapspot.contract import Layout, Phase, Progress, Role
 from cheapspot_operator.observed import ANCHOR_INDEX, Observed, PodView
 from cheapspot_operator.phases import JobPhase, transition
-from cheapspot_operator.planning import costing, train_deadline
+from cheapspot_operator.planning import budget, costing, train_deadline
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.preemption import (
@@ -47,6 +47,7 @@ from cheapspot_operator.planning.preemption import (
     spot_available,
 )
 from cheapspot_operator.spec import (
+    BudgetAction,
     CapacityType,
     CheckpointStatus,
     Condition,
@@ -151,15 +152,22 @@ def plan(spec: TrainJobSpec, obs: Observed, now: datetime) -> list[Action]:
 
     phase = JobPhase(st.phase)
     live = [p for p in obs.pods if not p.terminated and not p.deleting]
+    over_budget = None if phase.is_terminal() else _budget(work)
     if phase.is_terminal():
         # Nothing restarts a finished job; stray pods (an old operator's) are removed.
         work.actions += [DeletePod(p.name, reason="JobFinished") for p in live]
     elif spec.suspend:
         _suspend(work, obs, now)
+    elif over_budget is not None and spec.budget is not None:
+        if spec.budget.on_exceed is BudgetAction.FAIL:
+            _fail(work, "BudgetExceeded", over_budget)
+        else:
+            _suspend(work, obs, now, "BudgetExceeded", f"budget exceeded: {over_budget}")
     else:
         if phase is JobPhase.SUSPENDED:
             st.phase = transition(phase, JobPhase.PENDING)
-            work.event("Normal", "Resumed", "spec.suspend cleared: pods are recreated")
+            st.reason = ""
+            work.event("Normal", "Resumed", "resumed: pods are recreated from checkpoints")
         _run(work)
 
     _summarise(st, spec, obs, now)
@@ -195,12 +203,62 @@ def _store_slot(st: TrainJobStatus, slot: ShardStatus) -> None:
         st.shards[slot.index] = slot
 
 
-def _suspend(work: _Plan, obs: Observed, now: datetime) -> None:
+def _budget(work: _Plan) -> str | None:
+    """Budget status, condition and events; the reason to stop the job, if any."""
+    spec, st, obs = work.spec, work.status, work.obs
+    if spec.budget is None:
+        st.budget = None
+        return None
+    rate = sum(
+        costing.usage(pod, node, obs.profile, obs.prices, obs.quotes).usd_per_hour
+        for pod in _running(obs.pods)
+        if (node := obs.nodes.get(pod.node_name)) is not None
+    )
+    before = next((c.reason for c in st.conditions if c.type == "WithinBudget"), "")
+    verdict, st.budget = budget.evaluate(spec.budget, st.cost.dollars, rate, st.budget)
+    level = verdict.level
+    if level.value != before and level is not budget.Level.WITHIN:
+        work.event("Warning", level.value, verdict.message)
+    st.conditions = set_condition(
+        st.conditions,
+        Condition(
+            type="WithinBudget",
+            status="False" if level is budget.Level.EXCEEDED else "True",
+            reason=level.value,
+            message=verdict.message,
+            last_transition_time=work.now,
+            observed_generation=obs.job.generation,
+        ),
+    )
+    return verdict.message if level is budget.Level.EXCEEDED else None
+
+
+def _fail(work: _Plan, reason: str, message: str) -> None:
+    st = work.status
+    st.phase = transition(JobPhase(st.phase), JobPhase.FAILED)
+    st.reason, st.message, st.completion_time = reason, message, work.now
+    work.event("Warning", reason, message)
+    work.actions += [
+        DeletePod(p.name, reason=reason)
+        for p in work.obs.pods
+        if not p.terminated and not p.deleting
+    ]
+
+
+def _suspend(
+    work: _Plan,
+    obs: Observed,
+    now: datetime,
+    reason: str = "SuspendRequested",
+    message: str = "spec.suspend set: pods deleted, checkpoints kept",
+) -> None:
     st = work.status
     phase = JobPhase(st.phase)
+    st.reason = "" if reason == "SuspendRequested" else reason
+    st.message = message if st.reason else ""
     if phase is not JobPhase.SUSPENDED:
         st.phase = transition(phase, JobPhase.SUSPENDED)
-        work.event("Normal", "Suspended", "spec.suspend set: pods deleted, checkpoints kept")
+        work.event("Normal" if not st.reason else "Warning", "Suspended", message, reason)
     for slot in _slots(st):
         if slot.pod:
             # A new attempt on resume: the old pod may still be terminating under its name.
@@ -535,7 +593,7 @@ def _conditions(st: TrainJobStatus, obs: Observed, now: datetime, gen: int) -> N
         put("Progressing", "False", "Failed")
     elif phase is JobPhase.SUSPENDED:
         put("Succeeded", "Unknown", "Suspended")
-        put("Progressing", "False", "Suspended", "spec.suspend is true")
+        put("Progressing", "False", "Suspended", st.message or "spec.suspend is true")
     else:
         put("Succeeded", "Unknown", "InProgress")
         waiting = [s for s in _slots(st) if s.pod_phase != "Running" and not s.done]
@@ -547,7 +605,7 @@ def _conditions(st: TrainJobStatus, obs: Observed, now: datetime, gen: int) -> N
         else:
             put("Progressing", "True", "AllPodsRunning")
     if phase is JobPhase.SUSPENDED:
-        put("Suspended", "True", "SuspendRequested")
+        put("Suspended", "True", st.reason or "SuspendRequested")
     else:
         put("Suspended", "False", "NotSuspended")
     on_demand = [s for s in st.shards if s.capacity_type is CapacityType.ON_DEMAND and not s.done]
