@@ -92,3 +92,25 @@ def test_requests_and_allocatable_are_read_from_the_api_objects() -> None:
         }
     )
     assert (node.gpus, node.cpus, node.zone) == (4.0, 47.5, "us-east-1a")
+
+
+def test_the_cost_table_shows_spent_savings_budget_and_sources() -> None:
+    from rich.console import Console
+
+    from cheapspot_operator.costview import cost_rows, cost_table
+
+    w = World(spec=make_job(budget={"limitUSD": 10})).started()
+    w.step(3600)
+    w.step(1)
+    job = {
+        "metadata": {"namespace": "ml", "name": "qa-lora"},
+        "status": w.status.to_patch(),
+    }
+    (row,) = cost_rows([job])
+    assert row.spent == pytest.approx(1.806, abs=1e-3)
+    assert row.on_demand_equivalent == pytest.approx(3 * 1.006, abs=1e-3)
+    assert row.budget_left == pytest.approx(10 - row.spent, abs=1e-3)
+    console = Console(width=200, record=True)
+    console.print(cost_table([row]))
+    text = console.export_text()
+    assert "qa-lora" in text and "1.81*" in text and "40%" in text and "table" in text
