@@ -316,12 +316,10 @@ def start_points(trace: Trace, job: Job, starts: int) -> list[int]:
     return sorted({round(k * last / (starts - 1)) for k in range(starts)})
 
 
-def replay_one(trace: Trace, job: Job, starts: int, with_optimum: bool = True) -> list[Row]:
-    """All policies from every start point of one trace for one job."""
-    points = start_points(trace, job, starts)
-    if not points:
-        print(f"  skip {trace.name}: {trace.hours:.0f} h is shorter than the deadline")
-        return []
+def replay_one(
+    trace: Trace, job: Job, points: Sequence[int], with_optimum: bool = True
+) -> list[Row]:
+    """All policies from the given start points of one trace for one job."""
     policies: list[str] = [p.value for p in ONLINE_POLICIES]
     if with_optimum:
         policies.append(OPTIMUM)
@@ -354,14 +352,40 @@ def replay(
     with_optimum: bool = True,
     workers: int = 1,
 ) -> list[Row]:
-    tasks = [(trace, job) for job in jobs for trace in traces]
+    tasks: list[tuple[Trace, Job, list[int]]] = []
+    for job in jobs:
+        for trace in traces:
+            points = start_points(trace, job, starts)
+            if not points:
+                print(f"  skip {trace.name}: {trace.hours:.0f} h is shorter than the deadline")
+                continue
+            # Chunks, so that one long trace keeps every worker busy.
+            n = max(1, min(len(points), workers))
+            tasks += [(trace, job, points[k::n]) for k in range(n)]
     if workers <= 1:
-        return [r for t, j in tasks for r in replay_one(t, j, starts, with_optimum)]
-    from concurrent.futures import ProcessPoolExecutor
+        parts = [replay_one(t, j, p, with_optimum) for t, j, p in tasks]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(replay_one, t, j, starts, with_optimum) for t, j in tasks]
-        return [r for f in futures for r in f.result()]
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(replay_one, t, j, p, with_optimum) for t, j, p in tasks]
+            parts = [f.result() for f in futures]
+    merged: dict[tuple[str, float, str], Row] = {}
+    for part in parts:
+        for r in part:
+            key = (r.trace, r.deadline_hours, r.policy)
+            if key not in merged:
+                merged[key] = r
+                continue
+            m = merged[key]
+            m.runs += r.runs
+            m.costs += r.costs
+            m.finishes += r.finishes
+            m.spot_share += r.spot_share
+            m.spot_taken += r.spot_taken
+            m.changeovers += r.changeovers
+            m.misses += r.misses
+    return list(merged.values())
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -266,3 +266,13 @@ def test_the_benchmark_replays_a_real_trace_and_cheapspot_beats_uniform_progress
         on_demand = float(by[deadline, "on-demand"]["cost_od_hours"])
         assert best <= ours <= up < on_demand
     assert (tmp_path / "replay_groups.csv").exists()
+
+
+def test_replaying_in_several_processes_gives_the_same_figures() -> None:
+    traces = tr.load_traces(SAMPLE)
+    job = _job(24, 30)
+    one = tr.replay(traces, [job], 4, with_optimum=False, workers=1)
+    two = tr.replay(traces, [job], 4, with_optimum=False, workers=2)
+    key = lambda r: (r.policy, sorted(r.costs), r.misses)  # noqa: E731
+    assert sorted(map(key, one)) == sorted(map(key, two))
+    assert all(r.runs == 4 for r in two)
