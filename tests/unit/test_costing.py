@@ -114,3 +114,26 @@ def test_the_cost_table_shows_spent_savings_budget_and_sources() -> None:
     console.print(cost_table([row]))
     text = console.export_text()
     assert "qa-lora" in text and "1.81*" in text and "40%" in text and "table" in text
+
+
+def test_the_demo_summary_names_where_its_prices_came_from() -> None:
+    from rich.console import Console
+
+    from cheapspot_localcluster.demo import summary_table
+
+    summary = {
+        "succeeded": True,
+        "wall_seconds": 60,
+        "reclaims": 2,
+        "steps_lost": 0,
+        "cost_spot_usd": 0.01,
+        "cost_on_demand_usd": 0.03,
+        "adapter_uri": "",
+        "adapter_loads": True,
+        "price_sources": ["table"],
+        "cost_estimated": True,
+    }
+    console = Console(width=200, record=True)
+    console.print(summary_table(summary, []))
+    text = console.export_text()
+    assert "prices from" in text and "table (estimated: no live price)" in text
