@@ -227,6 +227,9 @@ def summary_table(summary: dict[str, Any], resumes: list[Resume]) -> Table:
         f"${summary['cost_spot_usd']:.4f} on spot vs ${summary['cost_on_demand_usd']:.4f} "
         f"on-demand (saved ${saved:.4f})",
     )
+    sources = ", ".join(summary.get("price_sources") or []) or "-"
+    estimated = " (estimated: no live price)" if summary.get("cost_estimated") else ""
+    table.add_row("prices from", f"{sources}{estimated}")
     table.add_row(
         "adapter", f"{summary['adapter_uri']}  (loads in stock PEFT: {summary['adapter_loads']})"
     )
@@ -312,6 +315,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "steps_lost": sum(r.steps_lost for r in resumes),
             "cost_spot_usd": round(float(cost.get("dollars", 0.0)), 6),
             "cost_on_demand_usd": round(float(cost.get("onDemandDollars", 0.0)), 6),
+            "price_sources": list(cost.get("sources") or []),
+            "cost_estimated": bool(cost.get("estimated", False)),
             "adapter_uri": adapter_dir.as_uri() if loads else "",
             "adapter_s3_uri": f"{output_uri}final/",
             "adapter_loads": loads,

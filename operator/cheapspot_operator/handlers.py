@@ -537,6 +537,16 @@ class Reconciler:
         metrics.COST.labels(basis="on-demand").inc(
             max(0.0, new.cost.on_demand_dollars - old.cost.on_demand_dollars)
         )
+        c = new.cost
+        for capacity, dollars in (
+            ("spot", c.spot_dollars),
+            ("on-demand", c.on_demand_spent_dollars),
+            ("on-demand-equivalent", c.on_demand_dollars),
+        ):
+            metrics.JOB_COST.labels(namespace, name, capacity).set(dollars)
+        metrics.COST_ESTIMATED.labels(namespace, name).set(1 if c.estimated else 0)
+        if new.budget is not None:
+            metrics.BUDGET_REMAINING.labels(namespace, name).set(new.budget.remaining_usd)
         if new.phase != old.phase and new.phase.is_terminal():
             metrics.JOBS_FINISHED.labels(phase=new.phase.value).inc()
         self.phases[(namespace, name)] = new.phase.value

@@ -30,3 +30,19 @@ RECONCILE_SECONDS = Histogram(
 )
 RECONCILE_ERRORS = Counter("cheapspot_reconcile_errors_total", "Reconciliations that raised.")
 JOBS = Gauge("cheapspot_jobs", "CheapTrainJobs known to this operator, by phase.", ["phase"])
+JOB_COST = Gauge(
+    "cheapspot_job_cost_dollars",
+    "What one job has cost so far, by capacity type (spot, on-demand) and the on-demand "
+    "equivalent of the same pod seconds (capacity_type=on-demand-equivalent).",
+    ["namespace", "job", "capacity_type"],
+)
+BUDGET_REMAINING = Gauge(
+    "cheapspot_budget_remaining_dollars",
+    "What a job's spec.budget still allows.",
+    ["namespace", "job"],
+)
+COST_ESTIMATED = Gauge(
+    "cheapspot_job_cost_estimated",
+    "1 when some of the job's cost used an estimated price (last known good or the table).",
+    ["namespace", "job"],
+)

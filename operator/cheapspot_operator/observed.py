@@ -15,6 +15,7 @@ from typing import Any
 from cheapspot.contract import Progress
 from cheapspot_operator.costs import PriceTable
 from cheapspot_operator.placement import PlacementProfile
+from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.spec import TrainJobStatus
 
 LABEL_JOB = "cheapspot.dev/job"
@@ -25,6 +26,22 @@ ANNOTATION_ATTEMPT = "cheapspot.dev/attempt"
 ANCHOR_INDEX = -1
 """The anchor's slot index (shards are 0..N-1)."""
 INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
+ZONE_LABELS = ("topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone")
+
+
+def quantity(value: Any) -> float:
+    """A Kubernetes CPU or count quantity (``4``, ``500m``, ``1.5``) as a number; 0 if unset."""
+    text = str(value or "").strip()
+    if not text:
+        return 0.0
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return 0.0
+
+
+def _gpus(resources: Mapping[str, Any]) -> float:
+    return sum(quantity(v) for k, v in resources.items() if "gpu" in str(k).lower())
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,9 @@ class PodView:
     waiting_reason: str = ""
     """Why the container has not started (``ImagePullBackOff``, ``CreateContainerConfigError``)."""
     waiting_message: str = ""
+    gpus: float = 0.0
+    """GPUs the pod requests (its share of a node's cost)."""
+    cpus: float = 0.0
 
     @property
     def terminated(self) -> bool:
@@ -69,6 +89,10 @@ class NodeView:
     requested: Mapping[str, float] = field(default_factory=dict)
     """The same resources requested by the live pods bound to the node (any job's or none);
     empty when the observation did not look (only needed to decide a return to spot)."""
+    gpus: float = 0.0
+    """Allocatable GPUs."""
+    cpus: float = 0.0
+    """Allocatable CPUs."""
 
     def free(self, resource: str) -> float:
         return self.allocatable.get(resource, 0.0) - self.requested.get(resource, 0.0)
@@ -76,6 +100,13 @@ class NodeView:
     @property
     def instance_type(self) -> str:
         for key in INSTANCE_TYPE_LABELS:
+            if key in self.labels:
+                return self.labels[key]
+        return ""
+
+    @property
+    def zone(self) -> str:
+        for key in ZONE_LABELS:
             if key in self.labels:
                 return self.labels[key]
         return ""
@@ -107,6 +138,8 @@ class Observed:
     create_refused: Mapping[int, str] = field(default_factory=dict)
     """Slots whose current pod the API server refused to create (quota, admission, a missing
     service account), with its message; filled by the act layer from its last attempt."""
+    quotes: Mapping[PriceKey, Quote] = field(default_factory=dict)
+    """Live and last known good prices (the price refresher's); the table fills gaps."""
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -149,7 +182,13 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
             and cond.get("reason") == "Unschedulable"
         ):
             unschedulable_since = _parse_time(cond.get("lastTransitionTime"))
+    requests = [
+        ((c.get("resources") or {}).get("requests") or {})
+        for c in (pod.get("spec") or {}).get("containers") or []
+    ]
     return PodView(
+        gpus=sum(_gpus(r) for r in requests),
+        cpus=sum(quantity(r.get("cpu")) for r in requests),
         name=str(meta.get("name")),
         index=index,
         attempt=int(annotations[ANNOTATION_ATTEMPT]),
@@ -197,7 +236,10 @@ def node_view(node: Mapping[str, Any], requested: Mapping[str, float] | None = N
     for cond in (node.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Ready":
             ready = cond.get("status") == "True"
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
     return NodeView(
+        gpus=_gpus(allocatable),
+        cpus=quantity(allocatable.get("cpu")),
         name=str(meta.get("name")),
         labels=dict(meta.get("labels") or {}),
         ready=ready,

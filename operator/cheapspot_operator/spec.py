@@ -14,10 +14,11 @@ immutability through ``x-kubernetes-validations`` (CEL) in ``json_schema_extra``
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.config import JsonDict
 
 from cheapspot.contract import (
@@ -264,6 +265,121 @@ class FailurePolicy(_Spec):
     ] = 600
 
 
+DURATION_PATTERN = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
+
+
+def parse_duration(text: str) -> float:
+    """``1d2h30m10s`` (any part may be left out) in seconds; ValueError names bad input."""
+    m = re.fullmatch(DURATION_PATTERN, text)
+    if not text or m is None:
+        raise ValueError(f"duration {text!r}: expected e.g. 48h, 90m, 1d12h")
+    units = (86400, 3600, 60, 1)
+    return float(sum(int(g[:-1]) * u for g, u in zip(m.groups(), units, strict=True) if g))
+
+
+class DeadlinePolicy(enum.StrEnum):
+    CHEAPSPOT = "CheapSpot"
+    UNIFORM_PROGRESS = "UniformProgress"
+    GREEDY = "Greedy"
+
+
+class DeadlineSpec(_Spec):
+    """When the job must be finished; spot is used while that stays safe."""
+
+    complete_by: Annotated[
+        datetime | None,
+        Field(
+            alias="completeBy",
+            description="Wall-clock time (RFC 3339) by which the final adapter must exist.",
+        ),
+    ] = None
+    max_duration: Annotated[
+        str | None,
+        Field(
+            alias="maxDuration",
+            pattern=DURATION_PATTERN,
+            min_length=2,
+            max_length=32,
+            description="Longest the job may take from its start, e.g. 48h or 1d12h.",
+        ),
+    ] = None
+    changeover_seconds: Annotated[
+        int,
+        Field(
+            alias="changeoverSeconds",
+            ge=0,
+            le=86400,
+            description="Expected time a new pod needs before it trains (scheduling, image, "
+            "model load, checkpoint restore): the price of every move between spot and "
+            "on-demand, kept in reserve before the deadline.",
+        ),
+    ] = 600
+    policy: Annotated[
+        DeadlinePolicy,
+        Field(
+            description="CheapSpot (default), UniformProgress (Can't Be Late, NSDI'24) or "
+            "Greedy; all keep the safety net that moves a shard to on-demand in time."
+        ),
+    ] = DeadlinePolicy.CHEAPSPOT
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "has(self.completeBy) != has(self.maxDuration)",
+                    "set exactly one of deadline.completeBy and deadline.maxDuration",
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DeadlineSpec:
+        if (self.complete_by is None) == (self.max_duration is None):
+            raise ValueError("set exactly one of deadline.completeBy and deadline.maxDuration")
+        return self
+
+    def resolve(self, start: datetime) -> datetime:
+        """The deadline as a wall-clock time for a job that started at ``start``."""
+        if self.complete_by is not None:
+            return self.complete_by
+        return start + timedelta(seconds=parse_duration(self.max_duration or ""))
+
+
+class BudgetAction(enum.StrEnum):
+    SUSPEND = "Suspend"
+    FAIL = "Fail"
+
+
+class BudgetSpec(_Spec):
+    """A spending limit; the anchor's cost counts."""
+
+    limit_usd: Annotated[
+        float,
+        Field(
+            alias="limitUSD",
+            gt=0,
+            description="Most the job may cost, in USD. Raising it resumes a job it suspended.",
+        ),
+    ]
+    warn_at_percent: Annotated[
+        int,
+        Field(
+            alias="warnAtPercent",
+            ge=1,
+            le=100,
+            description="A warning event and condition when spending crosses this share.",
+        ),
+    ] = 80
+    on_exceed: Annotated[
+        BudgetAction,
+        Field(
+            alias="onExceed",
+            description="Suspend (checkpoints kept, resumed when the limit is raised) or Fail.",
+        ),
+    ] = BudgetAction.SUSPEND
+
+
 class TrainJobSpec(_Spec):
     """What a user asks for: a LoRA fine-tuning job, split into shards that run on spot."""
 
@@ -346,6 +462,17 @@ class TrainJobSpec(_Spec):
     spot: Annotated[SpotPolicy, Field(description="When to leave spot and when to return.")] = (
         SpotPolicy()
     )
+    deadline: Annotated[
+        DeadlineSpec | None,
+        Field(
+            description="Finish by a time: shards use spot while the deadline allows and move "
+            "to on-demand in time to meet it."
+        ),
+    ] = None
+    budget: Annotated[
+        BudgetSpec | None,
+        Field(description="A spending limit: warn, then suspend or fail the job at it."),
+    ] = None
     max_restarts: Annotated[
         int,
         Field(
@@ -472,6 +599,13 @@ class ShardStatus(_Status):
     ] = ""
     blocked_message: Annotated[str, Field(alias="blockedMessage")] = ""
     blocked_since: Annotated[datetime | None, Field(alias="blockedSince")] = None
+    running_seconds: Annotated[
+        float,
+        Field(
+            alias="runningSeconds",
+            description="Time this shard's pods were Running (the deadline policy's step rate).",
+        ),
+    ] = 0.0
 
 
 class ProgressStatus(_Status):
@@ -500,6 +634,75 @@ class CostStatus(_Status):
     ] = 0.0
     display: Annotated[str, Field(description="Cost for the printer column.")] = "$0.00"
     accrued_at: Annotated[datetime | None, Field(alias="accruedAt")] = None
+    spot_dollars: Annotated[
+        float, Field(alias="spotDollars", description="Spent on spot capacity.")
+    ] = 0.0
+    on_demand_spent_dollars: Annotated[
+        float,
+        Field(alias="onDemandSpentDollars", description="Spent on on-demand capacity."),
+    ] = 0.0
+    savings_ratio: Annotated[
+        float,
+        Field(
+            alias="savingsRatio",
+            description="1 - dollars / onDemandDollars: the share saved against on-demand.",
+        ),
+    ] = 0.0
+    spot_seconds: Annotated[
+        float, Field(alias="spotSeconds", description="Pod seconds on spot capacity.")
+    ] = 0.0
+    on_demand_seconds: Annotated[
+        float, Field(alias="onDemandSeconds", description="Pod seconds on on-demand capacity.")
+    ] = 0.0
+    estimated: Annotated[
+        bool,
+        Field(
+            description="Some figure used a price that was not a current observation (last "
+            "known good or the static table) or a node share that was not known."
+        ),
+    ] = False
+    sources: Annotated[
+        list[str], Field(description="Where the prices came from (aws-ec2-spot, table, ...).")
+    ] = []
+
+
+class DeadlineStatus(_Status):
+    complete_by: Annotated[
+        datetime | None, Field(alias="completeBy", description="The deadline, resolved.")
+    ] = None
+    evaluated_at: Annotated[datetime | None, Field(alias="evaluatedAt")] = None
+    remaining_work_seconds: Annotated[
+        float | None,
+        Field(
+            alias="remainingWorkSeconds",
+            description="Estimated training time left for the slowest shard (its step rate).",
+        ),
+    ] = None
+    slack_seconds: Annotated[
+        float | None,
+        Field(
+            alias="slackSeconds",
+            description="Time that may still pass without progress before the deadline.",
+        ),
+    ] = None
+    on_demand_shards: Annotated[
+        list[int],
+        Field(alias="onDemandShards", description="Shards the deadline keeps on on-demand."),
+    ] = []
+
+
+class BudgetStatus(_Status):
+    limit_usd: Annotated[float, Field(alias="limitUSD")] = 0.0
+    spent_usd: Annotated[float, Field(alias="spentUSD")] = 0.0
+    remaining_usd: Annotated[float, Field(alias="remainingUSD")] = 0.0
+    percent: int = 0
+    exceeded_at_limit_usd: Annotated[
+        float | None,
+        Field(
+            alias="exceededAtLimitUSD",
+            description="The limit that was reached; the job resumes once the limit is above it.",
+        ),
+    ] = None
 
 
 class TrainJobStatus(_Status):
@@ -536,6 +739,8 @@ class TrainJobStatus(_Status):
     start_time: Annotated[datetime | None, Field(alias="startTime")] = None
     completion_time: Annotated[datetime | None, Field(alias="completionTime")] = None
     cost: CostStatus = CostStatus()
+    deadline: DeadlineStatus | None = None
+    budget: BudgetStatus | None = None
 
     def to_patch(self) -> dict[str, Any]:
         data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -64,3 +64,20 @@ def test_the_chart_runs_one_operator_with_least_privilege() -> None:
     assert '"*"' not in rbac and "secrets" not in rbac
     assert "cheaptrainjobs/status" in rbac
     assert (CHART / "crds" / "cheaptrainjobs.yaml").exists()
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_operator_exports() -> None:
+    from prometheus_client import REGISTRY
+
+    import cheapspot_operator.metrics  # noqa: F401  (registers the metrics)
+
+    exported = {s.name for m in REGISTRY.collect() for s in m.samples}
+    exported |= {m.name for m in REGISTRY.collect()}
+    exported |= {f"{m.name}_total" for m in REGISTRY.collect() if m.type == "counter"}
+    dashboard = json.loads((CHART / "dashboards" / "cheapspot-cost.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"\b(cheapspot_[a-z_]+)\b", e)}
+    assert used and used <= exported, used - exported
+    template = (CHART / "templates" / "grafana-dashboard.yaml").read_text()
+    assert 'grafana_dashboard: "1"' in template
+    assert "dashboards/cheapspot-cost.json" in template

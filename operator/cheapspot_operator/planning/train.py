@@ -47,6 +47,7 @@ from datetime import datetime, timedelta
 from cheapspot.contract import Layout, Phase, Progress, Role
 from cheapspot_operator.observed import ANCHOR_INDEX, Observed, PodView
 from cheapspot_operator.phases import JobPhase, transition
+from cheapspot_operator.planning import budget, costing, train_deadline
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.preemption import (
@@ -59,6 +60,7 @@ from cheapspot_operator.planning.preemption import (
     spot_room,
 )
 from cheapspot_operator.spec import (
+    BudgetAction,
     CapacityType,
     CheckpointStatus,
     Condition,
@@ -139,6 +141,8 @@ class _Plan:
     spot_room: int = 0
     """Shard pods that may return to spot in this pass (free GPUs on matching spot nodes,
     once they have been free for ``spot.returnAfterSeconds``)."""
+    deadline: train_deadline.DeadlineView | None = None
+    """What ``spec.deadline`` wants for each shard (None: the job has no deadline)."""
 
     def event(self, type_: str, reason: str, message: str, cause: str = "") -> None:
         self.actions.append(EmitEvent(type_, reason, message, cause))
@@ -162,21 +166,30 @@ def plan(spec: TrainJobSpec, obs: Observed, now: datetime) -> list[Action]:
     st.recent_preemptions = [t for t in st.recent_preemptions if now - t < PREEMPTION_WINDOW]
     _ensure_slots(st, spec)
     _watch_spot_room(work)
+    work.deadline = train_deadline.evaluate(spec, st, obs, now)
 
     phase = JobPhase(st.phase)
     live = [p for p in obs.pods if not p.terminated and not p.deleting]
+    over_budget = None if phase.is_terminal() else _budget(work)
     if phase.is_terminal():
         # Nothing restarts a finished job; stray pods (an old operator's) are removed.
         work.actions += [DeletePod(p.name, reason="JobFinished") for p in live]
     elif spec.suspend:
         _suspend(work, obs, now)
+    elif over_budget is not None and spec.budget is not None:
+        if spec.budget.on_exceed is BudgetAction.FAIL:
+            _fail(work, "BudgetExceeded", over_budget)
+        else:
+            _suspend(work, obs, now, "BudgetExceeded", f"budget exceeded: {over_budget}")
     else:
         if phase is JobPhase.SUSPENDED:
             st.phase = transition(phase, JobPhase.PENDING)
-            work.event("Normal", "Resumed", "spec.suspend cleared: pods are recreated")
+            st.reason = ""
+            work.event("Normal", "Resumed", "resumed: pods are recreated from checkpoints")
         _run(work)
 
     _summarise(st, spec, obs, now)
+    train_deadline.accrue(st, prev, work.deadline, now)
     _accrue_cost(st, prev, obs, now)
     changed = st != prev
     pod_actions = [a for a in work.actions if not isinstance(a, UpdateStatus)]
@@ -225,12 +238,62 @@ def _store_slot(st: TrainJobStatus, slot: ShardStatus) -> None:
         st.shards[slot.index] = slot
 
 
-def _suspend(work: _Plan, obs: Observed, now: datetime) -> None:
+def _budget(work: _Plan) -> str | None:
+    """Budget status, condition and events; the reason to stop the job, if any."""
+    spec, st, obs = work.spec, work.status, work.obs
+    if spec.budget is None:
+        st.budget = None
+        return None
+    rate = sum(
+        costing.usage(pod, node, obs.profile, obs.prices, obs.quotes).usd_per_hour
+        for pod in _running(obs.pods)
+        if (node := obs.nodes.get(pod.node_name)) is not None
+    )
+    before = next((c.reason for c in st.conditions if c.type == "WithinBudget"), "")
+    verdict, st.budget = budget.evaluate(spec.budget, st.cost.dollars, rate, st.budget)
+    level = verdict.level
+    if level.value != before and level is not budget.Level.WITHIN:
+        work.event("Warning", level.value, verdict.message)
+    st.conditions = set_condition(
+        st.conditions,
+        Condition(
+            type="WithinBudget",
+            status="False" if level is budget.Level.EXCEEDED else "True",
+            reason=level.value,
+            message=verdict.message,
+            last_transition_time=work.now,
+            observed_generation=obs.job.generation,
+        ),
+    )
+    return verdict.message if level is budget.Level.EXCEEDED else None
+
+
+def _fail(work: _Plan, reason: str, message: str) -> None:
+    st = work.status
+    st.phase = transition(JobPhase(st.phase), JobPhase.FAILED)
+    st.reason, st.message, st.completion_time = reason, message, work.now
+    work.event("Warning", reason, message)
+    work.actions += [
+        DeletePod(p.name, reason=reason)
+        for p in work.obs.pods
+        if not p.terminated and not p.deleting
+    ]
+
+
+def _suspend(
+    work: _Plan,
+    obs: Observed,
+    now: datetime,
+    reason: str = "SuspendRequested",
+    message: str = "spec.suspend set: pods deleted, checkpoints kept",
+) -> None:
     st = work.status
     phase = JobPhase(st.phase)
+    st.reason = "" if reason == "SuspendRequested" else reason
+    st.message = message if st.reason else ""
     if phase is not JobPhase.SUSPENDED:
         st.phase = transition(phase, JobPhase.SUSPENDED)
-        work.event("Normal", "Suspended", "spec.suspend set: pods deleted, checkpoints kept")
+        work.event("Normal" if not st.reason else "Warning", "Suspended", message, reason)
     for slot in _slots(st):
         if slot.pod:
             # A new attempt on resume: the old pod may still be terminating under its name.
@@ -315,6 +378,8 @@ def _reconcile_slot(work: _Plan, slot: ShardStatus, current: PodView | None) -> 
             # Never seen: (re)create under the deterministic name; 409 means it exists.
             slot = slot.model_copy(update={"pod": name})
             capacity, reason = _desired_capacity(slot, st, spec)
+            if _deadline_wants_on_demand(work, slot):
+                capacity, reason = CapacityType.ON_DEMAND, train_deadline.REASON
             if capacity is not slot.capacity_type:
                 slot = slot.model_copy(
                     update={"capacity_type": capacity, "fallback_reason": reason}
@@ -423,7 +488,15 @@ def _preempted(
         )
         return slot
     capacity, reason = _desired_capacity(slot, st, spec)
-    if capacity is not slot.capacity_type and capacity is CapacityType.ON_DEMAND:
+    if _deadline_wants_on_demand(work, slot) and capacity is CapacityType.SPOT:
+        capacity, reason = CapacityType.ON_DEMAND, train_deadline.REASON
+        work.event(
+            "Warning",
+            "FellBackToOnDemand",
+            f"{what}: spot is gone and the deadline leaves no time to wait for it",
+            reason,
+        )
+    elif capacity is not slot.capacity_type and capacity is CapacityType.ON_DEMAND:
         work.event(
             "Warning",
             "FellBackToOnDemand",
@@ -514,6 +587,16 @@ def _track_start(work: _Plan, slot: ShardStatus, reason: str, message: str) -> S
     return slot
 
 
+def _deadline_wants_on_demand(work: _Plan, slot: ShardStatus) -> bool:
+    view = work.deadline
+    return view is not None and view.capacity.get(slot.index) is CapacityType.ON_DEMAND
+
+
+def _deadline_wants_spot(work: _Plan, slot: ShardStatus) -> bool:
+    view = work.deadline
+    return view is not None and view.capacity.get(slot.index) is CapacityType.SPOT
+
+
 def _over_preemption_cap(st: TrainJobStatus, spec: TrainJobSpec) -> bool:
     cap = spec.spot.max_preemptions
     return cap > 0 and st.preemptions > cap
@@ -547,7 +630,15 @@ def _maybe_move(
     what = f"shard {slot.index}"
     desired = slot.capacity_type
     reason = slot.fallback_reason
-    if desired is CapacityType.SPOT:
+    if desired is CapacityType.SPOT and _deadline_wants_on_demand(work, slot):
+        desired, reason = CapacityType.ON_DEMAND, train_deadline.REASON
+        work.event(
+            "Warning",
+            "FellBackToOnDemand",
+            f"{what}: the deadline needs on-demand now to be met",
+            reason,
+        )
+    elif desired is CapacityType.SPOT:
         waited = (now - pod.unschedulable_since) if pod.unschedulable_since else None
         if waited is not None and waited >= timedelta(seconds=spec.spot.fallback_after_seconds):
             desired, reason = CapacityType.ON_DEMAND, "SpotUnavailable"
@@ -567,6 +658,7 @@ def _maybe_move(
             )
     elif (
         slot.fallback_reason
+        and (slot.fallback_reason != train_deadline.REASON or _deadline_wants_spot(work, slot))
         and at_round_boundary(progress)
         and not _rate_exceeded(st, limit)
         and not _over_preemption_cap(st, spec)
@@ -680,7 +772,7 @@ def _conditions(st: TrainJobStatus, obs: Observed, now: datetime, gen: int) -> N
         put("Progressing", "False", "Failed")
     elif phase is JobPhase.SUSPENDED:
         put("Succeeded", "Unknown", "Suspended")
-        put("Progressing", "False", "Suspended", "spec.suspend is true")
+        put("Progressing", "False", "Suspended", st.message or "spec.suspend is true")
     else:
         put("Succeeded", "Unknown", "InProgress")
         waiting = [s for s in _slots(st) if s.pod_phase != "Running" and not s.done]
@@ -716,7 +808,7 @@ def _conditions(st: TrainJobStatus, obs: Observed, now: datetime, gen: int) -> N
         else:
             put("Progressing", "True", "AllPodsRunning")
     if phase is JobPhase.SUSPENDED:
-        put("Suspended", "True", "SuspendRequested")
+        put("Suspended", "True", st.reason or "SuspendRequested")
     else:
         put("Suspended", "False", "NotSuspended")
     on_demand = [s for s in st.shards if s.capacity_type is CapacityType.ON_DEMAND and not s.done]
@@ -742,6 +834,8 @@ def _stamp(t: datetime | None) -> str:
 
 
 def _accrue_cost(st: TrainJobStatus, prev: TrainJobStatus, obs: Observed, now: datetime) -> None:
+    if JobPhase(prev.phase).is_terminal():
+        return  # a finished job's cost is final
     cost = st.cost
     if cost.accrued_at is None:
         st.cost = cost.model_copy(update={"accrued_at": now})
@@ -751,23 +845,13 @@ def _accrue_cost(st: TrainJobStatus, prev: TrainJobStatus, obs: Observed, now: d
         return
     if elapsed < COST_ACCRUAL_INTERVAL and _without_cost(st) == _without_cost(prev):
         return
-    hours = elapsed.total_seconds() / 3600
-    paid, on_demand = 0.0, 0.0
-    for pod in _running(obs.pods):
-        node = obs.nodes.get(pod.node_name)
-        if node is None:
-            continue
-        capacity = obs.profile.capacity_of(node.labels) or CapacityType(
-            pod.capacity or CapacityType.ON_DEMAND.value
-        )
-        paid += obs.prices.hourly(node.instance_type, capacity) * hours
-        on_demand += obs.prices.on_demand_hourly(node.instance_type) * hours
-    dollars = cost.dollars + paid
-    st.cost = CostStatus(
-        dollars=round(dollars, 6),
-        on_demand_dollars=round(cost.on_demand_dollars + on_demand, 6),
-        display=f"${dollars:.2f}",
-        accrued_at=now,
+    usages = [
+        costing.usage(pod, node, obs.profile, obs.prices, obs.quotes)
+        for pod in _running(obs.pods)
+        if (node := obs.nodes.get(pod.node_name)) is not None
+    ]
+    st.cost = costing.add(cost, usages, elapsed.total_seconds()).model_copy(
+        update={"accrued_at": now}
     )
 
 

@@ -1,0 +1,95 @@
+"""Per-pod cost accounting, for every kind of workload. Pure.
+
+A pod on a node for some seconds costs the node's hourly price times the pod's share of the
+node: its GPUs over the node's allocatable GPUs, its CPUs over the node's CPUs for a pod
+without GPUs, the whole node when neither is known (flagged estimated). The price is the
+node's quote (:func:`cheapspot_operator.pricing.quotes.resolve`: live, last known good, the
+table); the same seconds are also priced at on-demand, for the savings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from cheapspot_operator.costs import PriceTable
+from cheapspot_operator.observed import NodeView, PodView
+from cheapspot_operator.placement import PlacementProfile
+from cheapspot_operator.pricing.quotes import PriceKey, Quote, resolve
+from cheapspot_operator.spec import CapacityType, CostStatus
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one pod costs per hour where it runs now."""
+
+    capacity: CapacityType
+    usd_per_hour: float
+    on_demand_usd_per_hour: float
+    source: str
+    estimated: bool
+
+
+def share(pod: PodView, node: NodeView) -> float | None:
+    """The pod's share of its node; None when it cannot be known."""
+    if pod.gpus > 0 and node.gpus > 0:
+        return min(1.0, pod.gpus / node.gpus)
+    if pod.gpus <= 0 and pod.cpus > 0 and node.cpus > 0:
+        return min(1.0, pod.cpus / node.cpus)
+    return None
+
+
+def usage(
+    pod: PodView,
+    node: NodeView,
+    profile: PlacementProfile,
+    table: PriceTable,
+    quotes: Mapping[PriceKey, Quote],
+) -> Usage:
+    capacity = profile.capacity_of(node.labels) or CapacityType(
+        pod.capacity or CapacityType.ON_DEMAND.value
+    )
+    quote = resolve(PriceKey(node.instance_type, capacity, node.zone), quotes, {}, table)
+    on_demand = (
+        quote
+        if capacity is CapacityType.ON_DEMAND
+        else resolve(PriceKey(node.instance_type, CapacityType.ON_DEMAND), quotes, {}, table)
+    )
+    part = share(pod, node)
+    fraction = 1.0 if part is None else part
+    return Usage(
+        capacity=capacity,
+        usd_per_hour=quote.usd_per_hour * fraction,
+        on_demand_usd_per_hour=on_demand.usd_per_hour * fraction,
+        source=quote.source,
+        estimated=quote.estimated or on_demand.estimated or part is None,
+    )
+
+
+def add(cost: CostStatus, usages: Iterable[Usage], seconds: float) -> CostStatus:
+    """``cost`` plus ``seconds`` of every usage (``accruedAt`` is the caller's)."""
+    c = cost.model_copy(deep=True)
+    hours = seconds / 3600
+    sources = set(c.sources)
+    for u in usages:
+        dollars = u.usd_per_hour * hours
+        if u.capacity is CapacityType.SPOT:
+            c.spot_dollars += dollars
+            c.spot_seconds += seconds
+        else:
+            c.on_demand_spent_dollars += dollars
+            c.on_demand_seconds += seconds
+        c.dollars += dollars
+        c.on_demand_dollars += u.on_demand_usd_per_hour * hours
+        c.estimated = c.estimated or u.estimated
+        sources.add(u.source)
+    c.dollars = round(c.dollars, 6)
+    c.on_demand_dollars = round(c.on_demand_dollars, 6)
+    c.spot_dollars = round(c.spot_dollars, 6)
+    c.on_demand_spent_dollars = round(c.on_demand_spent_dollars, 6)
+    c.spot_seconds = round(c.spot_seconds, 3)
+    c.on_demand_seconds = round(c.on_demand_seconds, 3)
+    c.savings_ratio = round(1 - c.dollars / c.on_demand_dollars, 4) if c.on_demand_dollars else 0.0
+    c.sources = sorted(sources)
+    c.display = f"${c.dollars:.2f}"
+    return c
