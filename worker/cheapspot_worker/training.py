@@ -198,6 +198,9 @@ class ShardTrainer:
             examples=len(mine),
             trainable_parameters=sum(p.numel() for p in params),
             device=str(self.accelerator.device),
+            dtype=str(dtype).removeprefix("torch."),
+            quantization=task.model.quantization.value,
+            distillation=None if task.distillation is None else task.distillation.mode.value,
         )
 
     def adapter_snapshot(self) -> dict[str, torch.Tensor]:
@@ -266,7 +269,8 @@ class ShardTrainer:
         self.reporter.update(
             phase=Phase.DONE, step=total, round=task.round_count - 1, message="", force=True
         )
-        event("shard_done", shard=self.shard, steps=total)
+        peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if self.cuda else {}
+        event("shard_done", shard=self.shard, steps=total, **peak)
 
     def resume(self) -> tuple[int, RoundLog]:
         previous = self.reporter.previous
@@ -384,6 +388,7 @@ class ShardTrainer:
             step=step + 1,
             loss=round(total_loss, 6),
             lr=self.scheduler.get_last_lr()[0],
+            tokens=tokens,
             **distill,
         )
         self.reporter.update(step=step + 1, loss=total_loss, tokens=self.tokens)
