@@ -306,3 +306,60 @@ def test_quantized_teacher_without_cuda_is_a_permanent_error(
     rc, message = _run_shard(task, tmp_path)
     assert rc == ExitCode.PERMANENT
     assert "distillation.teacher.quantization nf4 needs a CUDA GPU" in message
+
+
+def test_a_teacher_adapter_is_fetched_verified_and_merged(
+    tiny_teacher: Path,
+    tiny_models: Callable[[str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cheapspot.contract import DistillationSettings
+    from cheapspot.store import Store
+    from cheapspot_worker.loading import load_tokenizer
+
+    monkeypatch.setenv("CHEAPSPOT_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(3)
+    tuned = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_teacher),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    ).eval()
+    saved = tmp_path / "saved"
+    tuned.save_pretrained(saved)
+    Store(f"file://{tmp_path}/").publish(
+        "teacher-sft/final/", {p.name: p for p in saved.iterdir() if p.is_file()}
+    )
+    settings = DistillationSettings.model_validate(
+        {
+            "teacher": {
+                "uri": f"file://{tiny_teacher}",
+                "adapterUri": f"file://{tmp_path}/teacher-sft/final",
+            }
+        }
+    )
+    student_dir = tiny_models("llama")
+    tokenizer = load_tokenizer(str(student_dir), "student")
+    teacher = Teacher.load(settings, tokenizer, "student", 384, cuda=False, device="cpu")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        expected = tuned(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()(input_ids=ids).logits
+    got = teacher.logits(ids, torch.ones_like(ids))
+    # Merged into the weights, the adapter gives PEFT's logits up to float rounding.
+    assert float((got - expected).abs().max()) < 1e-3
+    assert float((got - plain).abs().max()) > 1e-2, "the adapter changed nothing"
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+
+    # A corrupted adapter file is caught by the manifest, not loaded.
+    target = tmp_path / "teacher-sft/final/adapter_model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    monkeypatch.setenv("CHEAPSPOT_CACHE_DIR", str(tmp_path / "cache2"))
+    with pytest.raises(
+        PermanentError, match=r"distillation\.teacher\.adapterUri .* cannot be read"
+    ):
+        Teacher.load(settings, tokenizer, "student", 384, cuda=False, device="cpu")
