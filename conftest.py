@@ -1,4 +1,5 @@
-"""Test tiers, by folder: tests/unit -> unit, tests/integration -> integration, e2e/ -> e2e.
+"""Test tiers, by folder: tests/unit -> unit, tests/integration -> integration, e2e/ -> e2e,
+tests/gpu -> gpu.
 
 `pytest` alone runs every tier this machine can run; gpu tests skip without CUDA.
 A test may also carry a marker explicitly.
@@ -14,7 +15,7 @@ import pytest
 # `tiny_models`, `learnable_dataset` (built on first use).
 pytest_plugins = ["cheapspot_localcluster.testing", "cheapspot_worker.testing"]
 
-_TIER_BY_FOLDER = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
+_TIER_BY_FOLDER = {"unit": "unit", "integration": "integration", "e2e": "e2e", "gpu": "gpu"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -156,6 +156,12 @@ class TrainingSettings(_Strict):
         int, Field(gt=0, alias="maxSeqLength", description="Longer sequences are truncated.")
     ] = 1024
     seed: int = Field(42, description="Seeds LoRA initialisation, data order and dropout.")
+    gradient_checkpointing: bool = Field(
+        False,
+        alias="gradientCheckpointing",
+        description="Recompute activations in the backward pass: less memory, about a third "
+        "more compute. For long sequences or a base model that barely fits the GPU.",
+    )
 
 
 class RoundSettings(_Strict):
@@ -210,6 +216,62 @@ class CheckpointPolicy(_Strict):
     ] = 25.0
 
 
+class DistillationMode(enum.StrEnum):
+    LOGITS = "logits"
+    """Token-level: the frozen teacher runs alongside the student in every shard pod and the
+    student learns the teacher's next-token distribution (plus, weighted, the data's labels)."""
+
+
+class TeacherSource(ModelSource):
+    """The teacher: a base model (like ``model``) and optionally a PEFT adapter on it."""
+
+    adapter_uri: str | None = Field(
+        None,
+        alias="adapterUri",
+        description="A PEFT adapter directory (s3:// or file://; a CheapTrainJob's final/ "
+        "prefix works as is) merged into the teacher before distilling.",
+    )
+
+    @field_validator("adapter_uri")
+    @classmethod
+    def _adapter(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        check_uri(v, ("s3", "file"))
+        return v if v.endswith("/") else v + "/"
+
+
+class DistillationSettings(_Strict):
+    """Train the student (``model`` + LoRA) to imitate a teacher model."""
+
+    teacher: TeacherSource = Field(
+        description="The teacher model; it must use the student's tokenizer."
+    )
+    mode: DistillationMode = Field(
+        DistillationMode.LOGITS,
+        description="logits: token-level distillation against the teacher's next-token "
+        "distribution, the teacher frozen in each shard pod.",
+    )
+    temperature: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=100,
+            description="Softens both distributions before comparing them (T); the KL term is "
+            "scaled by T^2 so its gradients keep their size.",
+        ),
+    ] = 2.0
+    alpha: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description="Weight of the distillation term: loss = alpha * T^2 * KL(teacher_T || "
+            "student_T) + (1 - alpha) * cross-entropy on the data's labels.",
+        ),
+    ] = 0.5
+
+
 class JobRef(_Strict):
     namespace: str
     name: str
@@ -232,6 +294,7 @@ class Task(_Strict):
     training: TrainingSettings = TrainingSettings()
     rounds: RoundSettings = RoundSettings()
     checkpoint: CheckpointPolicy = CheckpointPolicy()
+    distillation: DistillationSettings | None = None
     attempt: Annotated[int, Field(ge=0, description="Pod incarnation, for logs only.")] = 0
 
     @field_validator("output_uri")

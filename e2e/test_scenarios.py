@@ -9,6 +9,7 @@ interference.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -23,13 +24,16 @@ import pytest
 
 from cheapspot_localcluster.stack import NOTICE_SECONDS, Backend
 from cheapspot_localcluster.trainjobs import (
+    DISTILLATION,
     MALFORMED_LINE,
     Materials,
     TrainJobs,
     fetch_final,
     job_from_example,
     load_in_peft,
+    publish_teacher,
     read_progress,
+    repo_root,
     wait_for,
 )
 
@@ -79,7 +83,8 @@ class Run:
         self.name = f"{overrides.pop('prefix', 'job')}-{uuid.uuid4().hex[:5]}"
         self.output_uri = f"{outputs}{self.name}/"
         dataset = overrides.pop("dataset_uri", materials.dataset_uri)
-        from cheapspot_localcluster.trainjobs import SMALL, deep_merge
+        example = overrides.pop("example", None)
+        from cheapspot_localcluster.trainjobs import SMALL, deep_merge, load_example
 
         self.body = job_from_example(
             self.name,
@@ -87,6 +92,7 @@ class Run:
             dataset_uri=dataset,
             output_uri=self.output_uri,
             overrides=deep_merge(SMALL, overrides),
+            example=None if example is None else load_example(repo_root() / example),
         )
         self.shards = int(self.body["spec"]["shards"])
 
@@ -273,3 +279,43 @@ def test_e_suspend_then_resume_continues_from_the_checkpoint(
     lost = sum(resumed[i].steps_lost for i in saved)
     assert lost <= 2 * run.shards, f"{lost} steps redone after resume"
     assert run.adapter(tmp_path) == reference
+
+
+@pytest.fixture(scope="module")
+def teacher_uri(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny trained Qwen2 teacher for the tiny Qwen2 student, built here and uploaded."""
+    return publish_teacher(backend.s3.uri(""), tmp_path_factory.mktemp("teacher"))
+
+
+def test_f_logits_distillation_survives_a_reclaim_bit_identically(
+    world: World, teacher_uri: str, tmp_path: Path
+) -> None:
+    # The distillation example as a user copies it; its 7B NF4 teacher becomes the tiny
+    # teacher, unquantized (no CUDA here).
+    distil = {
+        "example": DISTILLATION,
+        "distillation": {"teacher": {"uri": teacher_uri, "quantization": "none"}},
+    }
+    reference = world.run(prefix="distil-ref", **distil).apply()
+    status = reference.finish()
+    succeeded(status)
+    assert status["distillation"] == {"mode": "logits", "teacher": teacher_uri, "phase": "done"}
+    expected = reference.adapter(tmp_path / "reference")
+
+    run = world.run(prefix="distil", **distil).apply()
+    run.wait_step(0, 2)
+    assert run.status().get("distillation", {}).get("phase") == "training"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # In the background, as in scenario a: the reclaim ends only once the node is gone.
+        reclaim = pool.submit(world.backend.reclaim, run.node_of(0), NOTICE_SECONDS)
+        status = run.finish()
+        reclaim.result(timeout=300)
+    succeeded(status)
+    assert status["preemptions"] >= 1 and status["restarts"] == 0
+    final = fetch_final(run.output_uri, tmp_path / "distilled")
+    assert (final / ADAPTER).read_bytes() == expected, "the distilled adapter depends on reclaims"
+    summary = json.loads((final / "training_summary.json").read_text())
+    assert summary["distillation"]["mode"] == "logits"
+    assert summary["distillation"]["teacher"] == teacher_uri
+    assert summary["preemptions_survived"] >= 1
+    assert load_in_peft(world.materials.model_dir, final) > 0

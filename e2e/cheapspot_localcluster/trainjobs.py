@@ -23,6 +23,7 @@ from cheapspot_localcluster.waiting import wait_for
 
 GROUP, VERSION, PLURAL = "cheapspot.dev", "v1alpha1", "cheaptrainjobs"
 QUICKSTART = Path("crds/examples/quickstart.yaml")
+DISTILLATION = Path("crds/examples/distillation.yaml")
 CRD_FILE = Path("crds/cheaptrainjobs.yaml")
 T = TypeVar("T")
 
@@ -128,6 +129,20 @@ def publish_materials(bucket_uri: str, workdir: Path, arch: str = "qwen2") -> Ma
         dataset_uri=f"{root}data/train.jsonl",
         malformed_dataset_uri=f"{root}data/malformed.jsonl",
     )
+
+
+def publish_teacher(bucket_uri: str, workdir: Path, arch: str = "qwen2") -> str:
+    """Build a tiny trained teacher for :func:`publish_materials`' model (same family and
+    tokenizer, larger) and upload it; returns its URI."""
+    from cheapspot_worker.tiny import build_teacher
+
+    root = bucket_uri.rstrip("/") + "/"
+    teacher_dir = build_teacher(workdir / f"tiny-{arch}-teacher", arch)  # type: ignore[arg-type]
+    Store(root).publish(
+        f"models/tiny-{arch}-teacher/",
+        {p.name: p for p in sorted(teacher_dir.iterdir()) if p.is_file()},
+    )
+    return f"{root}models/tiny-{arch}-teacher/"
 
 
 class TrainJobs:

@@ -72,6 +72,7 @@ def build_task(job: JobInfo, index: int, attempt: int, grace_seconds: int) -> Ta
         training=spec.training,
         rounds=spec.rounds,
         checkpoint=spec.checkpoint.model_copy(update={"sigterm_budget_seconds": budget}),
+        distillation=spec.distillation,
         attempt=attempt,
     )
 

@@ -24,6 +24,7 @@ from pydantic.config import JsonDict
 from cheapspot.contract import (
     CheckpointPolicy,
     DatasetSource,
+    DistillationSettings,
     LoraSettings,
     ModelSource,
     RoundSettings,
@@ -455,6 +456,33 @@ class TrainJobSpec(_Spec):
     checkpoint: Annotated[
         CheckpointPolicy, Field(description="When shards checkpoint within a round.")
     ] = CheckpointPolicy()
+    distillation: Annotated[
+        DistillationSettings | None,
+        Field(
+            description="Distil a teacher model into the student (model + LoRA). logits mode: "
+            "the teacher, frozen, runs next to the student in every shard pod, so "
+            "resources must fit both. Teacher and student must share a tokenizer.",
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    _cel(
+                        "self.teacher.uri.startsWith('s3://') || "
+                        "self.teacher.uri.startsWith('file://') || "
+                        "self.teacher.uri.startsWith('hf://')",
+                        "distillation.teacher.uri must start with one of s3://, file://, hf://",
+                        field_path=".teacher.uri",
+                    ),
+                    _cel(
+                        "!has(self.teacher.adapterUri) || "
+                        "self.teacher.adapterUri.startsWith('s3://') || "
+                        "self.teacher.adapterUri.startsWith('file://')",
+                        "distillation.teacher.adapterUri must start with one of s3://, file://",
+                        field_path=".teacher.adapterUri",
+                    ),
+                    _immutable("distillation"),
+                ]
+            },
+        ),
+    ] = None
     resources: Annotated[Resources, Field(description="What each shard pod gets.")] = Resources()
     anchor: Annotated[
         AnchorSpec, Field(description="The coordinating pod, always on on-demand capacity.")
@@ -517,6 +545,11 @@ class TrainJobSpec(_Spec):
                     "self.rounds.localSteps <= self.training.steps",
                     "rounds.localSteps must not exceed training.steps",
                     field_path=".rounds.localSteps",
+                ),
+                _cel(
+                    "has(self.distillation) == has(oldSelf.distillation)",
+                    "distillation cannot be added or removed after creation",
+                    field_path=".distillation",
                 ),
             ]
         }
@@ -705,6 +738,20 @@ class BudgetStatus(_Status):
     ] = None
 
 
+class DistillationStatus(_Status):
+    """How the job distils, and where the distillation is."""
+
+    mode: Annotated[str, Field(description="logits.")] = ""
+    teacher: Annotated[str, Field(description="The teacher model's URI.")] = ""
+    phase: Annotated[
+        str,
+        Field(
+            description="pending, training (the student learns from the teacher's logits in "
+            "every shard), suspended, done or failed."
+        ),
+    ] = ""
+
+
 class TrainJobStatus(_Status):
     phase: Annotated[
         JobPhase, Field(description="Pending, Running, Suspended, Succeeded or Failed.")
@@ -741,6 +788,7 @@ class TrainJobStatus(_Status):
     cost: CostStatus = CostStatus()
     deadline: DeadlineStatus | None = None
     budget: BudgetStatus | None = None
+    distillation: DistillationStatus | None = None
 
     def to_patch(self) -> dict[str, Any]:
         data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -57,6 +57,32 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("bad cpu quantity", {"resources": {"cpu": "four"}}, "spec.resources.cpu"),
     ("negative restarts", {"maxRestarts": -1}, "spec.maxRestarts"),
     ("missing output", {"output": None}, "spec.output"),
+    (
+        "teacher scheme",
+        {"distillation": {"teacher": {"uri": "ftp://models/teacher/"}}},
+        "distillation.teacher.uri must start with",
+    ),
+    (
+        "teacher adapter scheme",
+        {"distillation": {"teacher": {"uri": "s3://m/t/", "adapterUri": "hf://a"}}},
+        "distillation.teacher.adapterUri must start with",
+    ),
+    (
+        "distillation alpha above one",
+        {"distillation": {"teacher": {"uri": "s3://m/t/"}, "alpha": 1.5}},
+        "spec.distillation.alpha",
+    ),
+    (
+        "zero temperature",
+        {"distillation": {"teacher": {"uri": "s3://m/t/"}, "temperature": 0}},
+        "spec.distillation.temperature",
+    ),
+    (
+        "unknown distillation mode",
+        {"distillation": {"teacher": {"uri": "s3://m/t/"}, "mode": "features"}},
+        "spec.distillation.mode",
+    ),
+    ("teacher missing", {"distillation": {"alpha": 0.5}}, "spec.distillation.teacher"),
 ]
 
 
@@ -110,6 +136,10 @@ def test_unknown_fields_are_rejected_under_strict_field_validation(
         ({"dataset": {"uri": "s3://cheapspot/data/other.jsonl"}}, "dataset is immutable"),
         ({"output": {"uri": "s3://cheapspot/elsewhere/"}}, "output is immutable"),
         ({"shards": 5}, "shards is immutable"),
+        (
+            {"distillation": {"teacher": {"uri": "s3://cheapspot/models/teacher/"}}},
+            "distillation cannot be added or removed",
+        ),
     ],
 )
 def test_immutable_fields_cannot_change(h: Harness, patch: dict[str, Any], expect: str) -> None:
@@ -139,3 +169,27 @@ def test_the_quickstart_example_is_accepted_as_is(h: Harness) -> None:
     doc = yaml.safe_load((root / "crds" / "examples" / "quickstart.yaml").read_text())
     doc["spec"]["suspend"] = True  # accepted is the point; nothing needs to run
     _create(h, doc)
+
+
+def test_a_distillation_job_cannot_change_or_drop_its_teacher(h: Harness) -> None:
+    name = "distil-frozen"
+    body = job_body(name, h.output_uri(name), suspend=True)
+    body["spec"]["distillation"] = {"teacher": {"uri": "s3://cheapspot/models/teacher/"}}
+    _create(h, body)
+    path = jobs_path(h.namespace, name)
+    got = h.api.get(path)
+    assert got is not None
+    assert got["spec"]["distillation"] == {
+        "teacher": {"uri": "s3://cheapspot/models/teacher/", "quantization": "none"},
+        "mode": "logits",
+        "temperature": 2.0,
+        "alpha": 0.5,
+    }
+    for patch, expect in [
+        ({"distillation": {"teacher": {"uri": "s3://cheapspot/models/t2/"}}}, "is immutable"),
+        ({"distillation": None}, "cannot be added or removed"),
+    ]:
+        with pytest.raises(ApiError) as info:
+            h.api.merge_patch(path, {"spec": patch})
+        assert info.value.status == 422
+        assert expect in _message(info.value)

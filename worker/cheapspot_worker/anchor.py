@@ -31,6 +31,7 @@ import torch
 
 from cheapspot.contract import Layout, Phase, Progress, Role, Task
 from cheapspot.store import Store
+from cheapspot_worker.distill import describe
 from cheapspot_worker.errors import Interrupted
 from cheapspot_worker.loading import (
     adapter_bytes,
@@ -180,9 +181,8 @@ class Anchor:
             )
             files[MOMENTUM_FILE] = adapter_bytes(new_momentum)
         files[ADAPTER_FILE] = adapter_bytes(new_global)
-        losses = [m.get("losses", []) for m in metas]
-        steps = min((len(x) for x in losses), default=0)
-        mean_losses = [sum(x[k] for x in losses) / len(losses) for k in range(steps)]
+        mean_losses = _mean_curves([m.get("losses", []) for m in metas])
+        mean_kl = _mean_curves([m.get("kl", []) for m in metas])
         if self.stop.requested:
             raise Interrupted(f"SIGTERM before publishing round {r + 1}")
         self.store.publish(
@@ -192,6 +192,7 @@ class Anchor:
                 "round": r + 1,
                 "shards": shards,
                 "losses": mean_losses,
+                **({"kl": mean_kl} if mean_kl else {}),
                 "tokens": sum(int(m.get("tokens", 0)) for m in metas),
                 "first_step": r * task.rounds.local_steps,
             },
@@ -209,8 +210,12 @@ class Anchor:
             meta = dict(manifest.meta) if manifest is not None else {}
             tokens += int(meta.get("tokens", 0))
             first = int(meta.get("first_step", (r - 1) * task.rounds.local_steps))
+            kl = meta.get("kl", [])
             for k, loss in enumerate(meta.get("losses", [])):
-                curve.append({"step": first + k + 1, "round": r - 1, "loss": loss})
+                point = {"step": first + k + 1, "round": r - 1, "loss": loss}
+                if k < len(kl):
+                    point["kl"] = kl[k]
+                curve.append(point)
         resumes, steps_lost = self.reporter.record.resumes, self.reporter.record.steps_lost
         for i in range(task.shard_count):
             doc = self.store.get_json(self.layout.progress(Role.TRAIN, i))
@@ -230,6 +235,15 @@ class Anchor:
             "preemptions_survived": resumes,
             "steps_lost": steps_lost,
         }
+        final_meta: dict[str, Any] = {"rounds": rounds}
+        if task.distillation is not None:
+            how = describe(task.distillation)
+            summary["distillation"] = {
+                **how,
+                "kl_first": curve[0].get("kl") if curve else None,
+                "kl_final": curve[-1].get("kl") if curve else None,
+            }
+            final_meta["distillation"] = how
         with tempfile.TemporaryDirectory() as tmp:
             config = peft_model.peft_config["default"]
             config.save_pretrained(tmp)
@@ -246,9 +260,15 @@ class Anchor:
                 "adapter_model.safetensors": adapter_bytes(state),
                 SUMMARY_FILE: json.dumps(summary, indent=1).encode(),
             },
-            {"rounds": rounds},
+            final_meta,
         )
         event("final_published", uri=self.layout.final, preemptions_survived=resumes)
+
+
+def _mean_curves(curves: list[list[float]]) -> list[float]:
+    """Step-wise mean over shards, as long as the shortest curve."""
+    steps = min((len(x) for x in curves), default=0)
+    return [sum(x[k] for x in curves) / len(curves) for k in range(steps)]
 
 
 def run_anchor(task: Task, store: Store, stop: Stop) -> None:

@@ -85,24 +85,28 @@ def _download_s3_model(uri: str) -> Path:
     return dest
 
 
-def check_quantization(source: ModelSource) -> Any:
-    """A BitsAndBytesConfig for the source's quantization, or None; no CUDA -> PermanentError."""
+def check_quantization(source: ModelSource, what: str = "model") -> Any:
+    """A BitsAndBytesConfig for the source's quantization, or None; no CUDA -> PermanentError.
+
+    ``what`` names the spec field the source came from, so the message says which to change.
+    """
     if source.quantization is Quantization.NONE:
         return None
     import torch
 
     if not torch.cuda.is_available():
         raise PermanentError(
-            f"quantization {source.quantization.value} needs a CUDA GPU (bitsandbytes), and this "
-            "worker has none: set model.quantization to none or schedule the job on GPU nodes"
+            f"{what}.quantization {source.quantization.value} needs a CUDA GPU (bitsandbytes), "
+            f"and this worker has none: set {what}.quantization to none or schedule the job "
+            "on GPU nodes"
         )
     try:
         import bitsandbytes  # type: ignore[import-not-found]  # noqa: F401
     except ImportError as exc:
         raise PermanentError(
-            f"quantization {source.quantization.value} needs the bitsandbytes package, which "
-            "this worker image lacks: use a worker image built with it, or set "
-            "model.quantization to none"
+            f"{what}.quantization {source.quantization.value} needs the bitsandbytes package, "
+            "which this worker lacks: install the worker with the gpu extra "
+            "(pip install 'cheapspot[worker,gpu]'), as the worker image does"
         ) from exc
     from transformers import BitsAndBytesConfig
 
@@ -111,7 +115,7 @@ def check_quantization(source: ModelSource) -> Any:
     return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute_dtype(True),
         bnb_4bit_use_double_quant=True,
     )
 
@@ -126,12 +130,37 @@ def load_tokenizer(model_dir: str, uri: str) -> Any:
     return tok
 
 
-def load_base_model(model_dir: str, source: ModelSource, *, cuda: bool) -> Any:
+def compute_dtype(cuda: bool) -> Any:
+    """bf16 where the GPU supports it (Ampere and newer), fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    if not cuda:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_base_model(
+    model_dir: str,
+    source: ModelSource,
+    *,
+    cuda: bool,
+    trainable: bool = True,
+    gradient_checkpointing: bool = False,
+    what: str = "model",
+) -> Any:
+    """The base model, quantized if ``source`` asks (CUDA only).
+
+    ``trainable`` prepares a quantized model for adapter training (fp32 norms, input
+    gradients); a frozen teacher (``trainable=False``) is loaded as is and put in eval mode.
+    ``what`` names the spec field in error messages (``model``, ``distillation.teacher``).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    quant = check_quantization(source)
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    quant = check_quantization(source, what)
+    dtype = compute_dtype(cuda)
+    # fp16 weights train badly; older GPUs keep fp32 weights and autocast to fp16 instead.
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype != torch.float16 else torch.float32}
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": 0}
@@ -142,13 +171,29 @@ def load_base_model(model_dir: str, source: ModelSource, *, cuda: bool) -> Any:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except Exception as exc:
         raise PermanentError(
-            f"model {source.uri} cannot be loaded as a causal language model: "
+            f"{what} {source.uri} cannot be loaded as a causal language model: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    if not trainable:
+        model.eval()  # type: ignore[no-untyped-call]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        # Non-reentrant checkpointing replays dropout with the saved RNG state, so the
+        # recomputed activations are the ones of the forward pass (resume stays exact).
+        model.gradient_checkpointing_enable(  # type: ignore[no-untyped-call]
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        model.enable_input_require_grads()  # type: ignore[no-untyped-call]
     return model
 
 

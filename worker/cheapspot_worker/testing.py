@@ -43,6 +43,7 @@ PRELOAD = [
     "cheapspot_worker.main",
     "cheapspot_worker.training",
     "cheapspot_worker.anchor",
+    "cheapspot_worker.distill",
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2",
     "transformers.models.deepseek_v3.modeling_deepseek_v3",
@@ -311,6 +312,15 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pat
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained llama teacher for ``tiny_models("llama")``: same family and tokenizer,
+    larger (see :func:`cheapspot_worker.tiny.build_teacher`)."""
+    from cheapspot_worker.tiny import build_teacher
+
+    return build_teacher(tmp_path_factory.mktemp("tiny-teacher") / "llama")
 
 
 @pytest.fixture(scope="session")

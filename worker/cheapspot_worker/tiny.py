@@ -7,7 +7,8 @@ parameters wide, and are saved as ordinary Hugging Face directories (config,
 safetensors weights, a fast tokenizer with a chat template), so they go through the
 real loading code. Tests, benchmarks and the demo use them.
 
-Command line: ``python -m cheapspot_worker.tiny model DIR [--arch llama]`` and
+Command line: ``python -m cheapspot_worker.tiny model DIR [--arch llama]``,
+``python -m cheapspot_worker.tiny teacher DIR`` (a trained teacher for distillation) and
 ``python -m cheapspot_worker.tiny data FILE [--format text] [--records 64]``.
 """
 
@@ -161,19 +162,59 @@ def tiny_config(arch: Arch, vocab_size: int, hidden: int = 32, layers: int = 2) 
 
 
 def build_model(
-    directory: Path, arch: Arch = "llama", *, hidden: int = 32, layers: int = 2, seed: int = 0
+    directory: Path,
+    arch: Arch = "llama",
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    vocab_size: int = 384,
 ) -> Path:
-    """Save a tiny random-weight model of ``arch`` and its tokenizer as an HF directory."""
+    """Save a tiny random-weight model of ``arch`` and its tokenizer as an HF directory.
+
+    Models built with the same ``vocab_size`` share a tokenizer (it is trained
+    deterministically on a fixed corpus), so a wider, deeper one is a teacher for a smaller
+    one of the same family; another ``vocab_size`` gives a different tokenizer.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocab_size)
     config = tiny_config(arch, len(tokenizer), hidden=hidden, layers=layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_teacher(
+    directory: Path, arch: Arch = "llama", *, steps: int = 150, seed: int = 1
+) -> Path:
+    """A tiny teacher for :func:`build_model`'s student: the same family and tokenizer, twice
+    as wide and one layer deeper, and fully trained for ``steps`` steps on the learnable
+    records, so that, like a real teacher, it knows the domain the student is distilled on
+    (a random teacher would only be noise to imitate). Deterministic; about 20 s on one core.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_model(directory, arch, hidden=64, layers=3, seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    texts = [r["text"] + tokenizer.eos_token for r in learnable_records(256, seed=seed + 4)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        picked = torch.randint(0, len(texts), (8,), generator=generator).tolist()
+        batch = tokenizer([texts[i] for i in picked], return_tensors="pt", padding=True)
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(directory)
     return directory
 
 
@@ -224,13 +265,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = sub.add_parser("model", help="write a tiny random-weight model directory")
     m.add_argument("directory", type=Path)
     m.add_argument("--arch", choices=ARCHITECTURES, default="llama")
+    m.add_argument("--hidden", type=int, default=32)
+    m.add_argument("--layers", type=int, default=2)
+    m.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("teacher", help="write a tiny trained teacher for the tiny model")
+    t.add_argument("directory", type=Path)
+    t.add_argument("--arch", choices=ARCHITECTURES, default="llama")
     d = sub.add_parser("data", help="write a small learnable JSONL dataset")
     d.add_argument("file", type=Path)
     d.add_argument("--format", choices=("text", "prompt-completion", "chat"), default="text")
     d.add_argument("--records", type=int, default=64)
     args = parser.parse_args(argv)
     if args.what == "model":
-        print(build_model(args.directory, args.arch))
+        print(
+            build_model(
+                args.directory, args.arch, hidden=args.hidden, layers=args.layers, seed=args.seed
+            )
+        )
+    elif args.what == "teacher":
+        print(build_teacher(args.directory, args.arch))
     else:
         print(write_jsonl(args.file, learnable_records(args.records, args.format)))
     return 0

@@ -39,12 +39,14 @@ from cheapspot.contract import Layout, Phase, Role, Task
 from cheapspot.store import CorruptObjectError, Store, TransientStoreError
 from cheapspot_worker.checkpoints import Checkpoint, Checkpoints, rng_state, set_rng_state
 from cheapspot_worker.data import IGNORE, Batches, Example, load_examples, shard_slice
+from cheapspot_worker.distill import Parts, Teacher
 from cheapspot_worker.errors import Interrupted, PermanentError
 from cheapspot_worker.loading import (
     adapter_bytes,
     adapter_from_bytes,
     adapter_state,
     check_quantization,
+    compute_dtype,
     load_base_model,
     load_tokenizer,
     resolve_model_dir,
@@ -113,6 +115,8 @@ class RoundLog:
 
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
+    kl: list[float] = field(default_factory=list)
+    """Distillation jobs: the KL term of each step (per label token, at the temperature)."""
 
 
 class ShardTrainer:
@@ -140,6 +144,7 @@ class ShardTrainer:
         self._pending_error: BaseException | None = None
         self._published: tuple[int, float] | None = None
         self.tokens = 0
+        self.teacher: Teacher | None = None
 
     # -- setup -------------------------------------------------------------------
 
@@ -168,11 +173,25 @@ class ShardTrainer:
             shard_index=self.shard,
             pad_id=int(pad),
         )
-        base = load_base_model(model_dir, task.model, cuda=self.cuda)
-        model = wrap_lora(base, task.lora, task.model.uri)
-        self.accelerator = Accelerator(
-            cpu=not self.cuda, mixed_precision="bf16" if self.cuda else "no"
+        base = load_base_model(
+            model_dir,
+            task.model,
+            cuda=self.cuda,
+            gradient_checkpointing=task.training.gradient_checkpointing,
         )
+        model = wrap_lora(base, task.lora, task.model.uri)
+        dtype = compute_dtype(self.cuda)
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+        self.accelerator = Accelerator(cpu=not self.cuda, mixed_precision=precision)
+        if task.distillation is not None:
+            self.teacher = Teacher.load(
+                task.distillation,
+                tokenizer,
+                task.model.uri,
+                int(base.get_output_embeddings().weight.shape[0]),
+                cuda=self.cuda,
+                device=self.accelerator.device,
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=task.training.learning_rate, weight_decay=0.0)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -185,6 +204,9 @@ class ShardTrainer:
             examples=len(mine),
             trainable_parameters=sum(p.numel() for p in params),
             device=str(self.accelerator.device),
+            dtype=str(dtype).removeprefix("torch."),
+            quantization=task.model.quantization.value,
+            distillation=None if task.distillation is None else task.distillation.mode.value,
         )
 
     def adapter_snapshot(self) -> dict[str, torch.Tensor]:
@@ -263,7 +285,8 @@ class ShardTrainer:
         self.reporter.update(
             phase=Phase.DONE, step=total, round=task.round_count - 1, message="", force=True
         )
-        event("shard_done", shard=self.shard, steps=total)
+        peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if self.cuda else {}
+        event("shard_done", shard=self.shard, steps=total, **peak)
 
     def resume(self) -> tuple[int, RoundLog]:
         previous = self.reporter.previous
@@ -284,6 +307,7 @@ class ShardTrainer:
         log = RoundLog(
             losses=[float(x) for x in ckpt.meta.get("round_losses", [])],
             tokens=int(ckpt.meta.get("round_tokens", 0)),
+            kl=[float(x) for x in ckpt.meta.get("round_kl", [])],
         )
         # A checkpoint without a previous record means the record was lost, still a resume.
         self._count_resume(ckpt.step, previous.step if previous is not None else ckpt.step)
@@ -333,6 +357,7 @@ class ShardTrainer:
         # Loss = mean over all label tokens of the step, however they fall into micro-batches.
         label_tokens = max(1, sum(_shifted_label_tokens(e) for b in micro_batches for e in b))
         total_loss = 0.0
+        parts = Parts()
         self.model.train()
         for i, batch in enumerate(micro_batches):
             if self.stop.requested and not self._finish_in_flight(i, len(micro_batches), started):
@@ -341,15 +366,21 @@ class ShardTrainer:
             ids, mask, labels = self._tensors(batch)
             with self.accelerator.autocast():
                 logits = self.model(input_ids=ids, attention_mask=mask).logits
-            loss = (
-                torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                    labels[:, 1:].reshape(-1),
-                    ignore_index=IGNORE,
-                    reduction="sum",
+                teacher_logits = None if self.teacher is None else self.teacher.logits(ids, mask)
+            if self.teacher is not None and teacher_logits is not None:
+                loss, micro = self.teacher.loss(logits, teacher_logits, labels, label_tokens)
+                parts.kl += micro.kl
+                parts.ce += micro.ce
+            else:
+                loss = (
+                    torch.nn.functional.cross_entropy(
+                        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                        labels[:, 1:].reshape(-1),
+                        ignore_index=IGNORE,
+                        reduction="sum",
+                    )
+                    / label_tokens
                 )
-                / label_tokens
-            )
             value = float(loss.detach())
             if not math.isfinite(value):
                 # Nothing of this step is applied: no NaN reaches a checkpoint or a result.
@@ -368,6 +399,10 @@ class ShardTrainer:
         self.tokens += tokens
         round_log.losses.append(total_loss)
         round_log.tokens += tokens
+        distill: dict[str, Any] = {}
+        if self.teacher is not None:
+            round_log.kl.append(parts.kl)
+            distill = {"kl": round(parts.kl, 6), "ce": round(parts.ce, 6)}
         elapsed = time.monotonic() - started
         self.step_seconds = (
             elapsed if self.step_seconds == 0 else 0.8 * self.step_seconds + 0.2 * elapsed
@@ -378,6 +413,8 @@ class ShardTrainer:
             step=step + 1,
             loss=round(total_loss, 6),
             lr=self.scheduler.get_last_lr()[0],
+            tokens=tokens,
+            **distill,
         )
         self.reporter.update(step=step + 1, loss=total_loss, tokens=self.tokens)
         return True
@@ -429,6 +466,7 @@ class ShardTrainer:
                 "tokens": self.tokens,
                 "round_losses": list(round_log.losses),
                 "round_tokens": round_log.tokens,
+                "round_kl": list(round_log.kl),
             },
         )
         self.saved_step = step
@@ -483,6 +521,7 @@ class ShardTrainer:
                 "shard": self.shard,
                 "losses": list(round_log.losses),
                 "tokens": round_log.tokens,
+                "kl": list(round_log.kl),
             },
         )
         event("round_result", shard=self.shard, round=r, published=published)

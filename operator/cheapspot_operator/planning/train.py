@@ -50,6 +50,7 @@ from cheapspot_operator.phases import JobPhase, transition
 from cheapspot_operator.planning import budget, costing, train_deadline
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
+from cheapspot_operator.planning.distillation import distillation_status
 from cheapspot_operator.planning.preemption import (
     START_FAILURES,
     Outcome,
@@ -708,6 +709,7 @@ def _summarise_progress(st: TrainJobStatus, spec: TrainJobSpec, obs: Observed) -
         st.progress = st.progress.model_copy(update={"percent": 100})
     pr = st.progress
     st.progress_display = f"{pr.percent}% r{min(pr.round + 1, pr.rounds)}/{pr.rounds}"
+    st.distillation = distillation_status(spec, JobPhase(st.phase))
     best = max(
         (
             (p.last_checkpoint_step, i)
