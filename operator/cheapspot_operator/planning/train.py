@@ -37,6 +37,7 @@ from cheapspot_operator.observed import ANCHOR_INDEX, Observed, PodView
 from cheapspot_operator.phases import JobPhase, transition
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
+from cheapspot_operator.planning.fallback import waited_too_long
 from cheapspot_operator.planning.preemption import (
     Outcome,
     Verdict,
@@ -376,8 +377,8 @@ def _maybe_move(
     desired = slot.capacity_type
     reason = slot.fallback_reason
     if desired is CapacityType.SPOT:
-        waited = (now - pod.unschedulable_since) if pod.unschedulable_since else None
-        if waited is not None and waited >= timedelta(seconds=spec.spot.fallback_after_seconds):
+        waited = waited_too_long(pod, spec.spot.fallback_after_seconds, now)
+        if waited is not None:
             desired, reason = CapacityType.ON_DEMAND, "SpotUnavailable"
             work.event(
                 "Warning",
