@@ -30,3 +30,17 @@ RECONCILE_SECONDS = Histogram(
 )
 RECONCILE_ERRORS = Counter("cheapspot_reconcile_errors_total", "Reconciliations that raised.")
 JOBS = Gauge("cheapspot_jobs", "CheapTrainJobs known to this operator, by phase.", ["phase"])
+REPLICA_DRAINS = Counter(
+    "cheapspot_replica_drains_total",
+    "Serving replicas marked draining (reclaim notice, move back to spot, scale down).",
+)
+ADAPTER_SYNCS = Counter(
+    "cheapspot_adapter_syncs_total",
+    "Adapter lists pushed to running replicas, by result.",
+    ["result"],
+)
+POOL_REPLICAS = Gauge(
+    "cheapspot_pool_replicas",
+    "Serving replicas of all pools, by the capacity type they are meant to run on.",
+    ["capacity"],
+)
