@@ -174,3 +174,38 @@ def test_empty_dirs_become_pod_directories_and_env_follows(tmp_path: Path) -> No
         "X": "/tmpfoo",
         "Y": "/etc/cfg",
     }
+
+
+def test_a_readiness_probe_follows_kubelets_thresholds() -> None:
+    from cheapspot_localcluster.podrunner import Probe
+
+    container = {
+        "ports": [{"name": "admin", "containerPort": 8001}],
+        "readinessProbe": {
+            "httpGet": {"path": "/cheapspot/status", "port": "admin"},
+            "initialDelaySeconds": 2,
+            "periodSeconds": 1,
+            "failureThreshold": 2,
+            "successThreshold": 2,
+        },
+    }
+    probe = Probe.of(container, started=100.0)
+    assert probe is not None and (probe.port, probe.path) == (8001, "/cheapspot/status")
+    assert not probe.due(101.0) and probe.due(102.0)
+    assert probe.record(True, 102.0) is False  # one success of two needed
+    assert probe.record(True, 103.0) is True
+    assert probe.record(False, 104.0) is True  # one failure of two
+    assert probe.record(False, 105.0) is False
+    assert not probe.due(105.5) and probe.due(106.0)
+    assert Probe.of({"name": "no-probe"}, 0.0) is None
+
+
+def test_the_serving_image_runs_from_its_own_environment(tmp_path: Path) -> None:
+    from cheapspot_localcluster.podrunner import base_environment, image_environment
+
+    assert image_environment("ghcr.io/cheapspot/cheapspot-worker:0.1.0") is None
+    venv = image_environment("ghcr.io/cheapspot/cheapspot-serve:0.1.0")
+    assert venv is not None and venv.name == ".venv-serve"
+    env = base_environment({"PATH": "/usr/bin"}, tmp_path)
+    assert env["PATH"].split(":")[0] == str(tmp_path / "bin")
+    assert env["VIRTUAL_ENV"] == str(tmp_path)
