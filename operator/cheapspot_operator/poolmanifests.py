@@ -2,7 +2,7 @@
 
 * replica pods (``<pool>-replica-<i>-<attempt>``): the serving image running the worker's
   ``serve`` role, the pool's :class:`ServeTask` in ``CHEAPSPOT_TASK``, a readiness probe on
-  the admin port, a grace period that covers vLLM's drain, PSS restricted;
+  the admin port (``/cheapspot/ready``), a grace period that covers vLLM's drain, PSS restricted;
 * the router: a Deployment on on-demand capacity running ``cheapspot router --pool NAME``, a
   Service in front of it (the pool's endpoint), and the least RBAC it needs (read the pods of
   its own namespace);
@@ -37,7 +37,8 @@ from cheapspot_operator.poolobserved import REPLICA_ROLE, ROUTER_ROLE
 
 DRAIN_MARGIN_SECONDS = 5
 """Added to vLLM's shutdown timeout in the grace period, for the launcher to exit."""
-ADMIN_STATUS_PATH = "/cheapspot/status"
+READY_PATH = "/cheapspot/ready"
+"""The launcher's readiness: 200 once vLLM answers and every adapter is loaded, else 503."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def build_replica_pod(
             {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
         ],
         "readinessProbe": {
-            "httpGet": {"path": ADMIN_STATUS_PATH, "port": ADMIN_PORT},
+            "httpGet": {"path": READY_PATH, "port": ADMIN_PORT},
             "periodSeconds": 2,
             "timeoutSeconds": 2,
             "failureThreshold": 2,

@@ -31,13 +31,16 @@ class ReplicaReport:
 
     ready: bool
     adapters: frozenset[str] = frozenset()
-    running: int = 0
-    waiting: int = 0
+    running: int | None = 0
+    waiting: int | None = 0
+    """Requests vLLM runs and queues; None when the replica cannot tell (vLLM not up)."""
     message: str = ""
     """An error the replica reports (an adapter that cannot be loaded), else empty."""
 
     @property
-    def in_flight(self) -> int:
+    def in_flight(self) -> int | None:
+        if self.running is None or self.waiting is None:
+            return None
         return self.running + self.waiting
 
     @classmethod
@@ -54,8 +57,8 @@ class ReplicaReport:
         return cls(
             ready=bool(data.get("ready")),
             adapters=names,
-            running=int(data.get("running") or 0),
-            waiting=int(data.get("waiting") or 0),
+            running=None if data.get("running") is None else int(data["running"]),
+            waiting=None if data.get("waiting") is None else int(data["waiting"]),
             message=str(errors),
         )
 

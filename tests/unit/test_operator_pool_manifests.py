@@ -41,7 +41,7 @@ def test_a_replica_pod_is_restricted_probed_owned_and_waits_out_the_drain() -> N
     (c,) = spec["containers"]
     assert c["image"] == CONFIG.serving.image
     probe = c["readinessProbe"]["httpGet"]
-    assert (probe["path"], probe["port"]) == ("/cheapspot/status", ADMIN_PORT)
+    assert (probe["path"], probe["port"]) == ("/cheapspot/ready", ADMIN_PORT)
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"]
     assert sc["capabilities"]["drop"] == ["ALL"]

@@ -483,7 +483,9 @@ def _retire(work: _Plan) -> None:
         report = obs.reports.get(rp.name)
         settled = now - work.since.get(rp.name, now) >= DRAIN_SETTLE
         idle = report is not None and report.in_flight == 0 and settled
-        if idle or now >= rp.draining_until - DEADLINE_MARGIN or (report is None and not rp.ready):
+        # Not serving at all (vLLM gone, the probe failing): nothing can be in flight there.
+        dead = not rp.ready and (report is None or not report.ready)
+        if idle or dead or now >= rp.draining_until - DEADLINE_MARGIN:
             work.actions.append(DeletePod(rp.name, reason="Drained"))
             continue
         draining.append(entry)
