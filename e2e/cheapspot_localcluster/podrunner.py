@@ -50,6 +50,7 @@ import enum
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -630,6 +631,7 @@ class PodRunner:
                     "TMPDIR": str(volumes.get("/tmp", workdir)),
                 }
             )
+            argv = [expand_references(a, env) for a in argv]
             if not argv or shutil.which(argv[0], path=env.get("PATH")) is None:
                 raise FileNotFoundError(f"executable {argv[:1]} not found on PATH")
             cwd = Path(with_volumes({"": container.get("workingDir") or ""}, volumes)[""])
@@ -755,6 +757,22 @@ def with_volumes(env: Mapping[str, str], volumes: Mapping[str, Path]) -> dict[st
                 out[name] = str(volumes[mount]) + value[len(mount.rstrip("/")) :]
                 break
     return out
+
+
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expand_references(value: str, env: Mapping[str, str]) -> str:
+    """kubelet's expansion of ``$(VAR)`` in command and args: a defined variable is replaced,
+    an undefined reference stays as written, ``$$`` is a literal ``$``."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        return env[name] if name in env else m.group(0)
+
+    return _REFERENCE.sub(sub, value)
 
 
 def image_environment(image: str) -> Path | None:

@@ -133,6 +133,8 @@ def build_replica_pod(
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        # The launcher binds vLLM and its admin API to the pod's IP.
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
     container: dict[str, Any] = {
         "name": "replica",
@@ -225,10 +227,17 @@ def build_router_deployment(
             pool.name,
             "--namespace",
             pool.namespace,
+            # The pod's own IP (kubelet expands $(POD_IP) from the env below).
+            "--host",
+            "$(POD_IP)",
             "--port",
             str(ROUTER_PORT),
             "--max-queue-seconds",
             f"{router.max_queue_seconds:g}",
+        ],
+        "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "HOME", "value": "/tmp"},
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         "resources": {

@@ -209,3 +209,12 @@ def test_the_serving_image_runs_from_its_own_environment(tmp_path: Path) -> None
     env = base_environment({"PATH": "/usr/bin"}, tmp_path)
     assert env["PATH"].split(":")[0] == str(tmp_path / "bin")
     assert env["VIRTUAL_ENV"] == str(tmp_path)
+
+
+def test_command_references_expand_like_kubelets() -> None:
+    from cheapspot_localcluster.podrunner import expand_references
+
+    env = {"POD_IP": "127.0.0.7"}
+    assert expand_references("--host=$(POD_IP)", env) == "--host=127.0.0.7"
+    assert expand_references("$(MISSING)", env) == "$(MISSING)"
+    assert expand_references("$$(POD_IP)", env) == "$(POD_IP)"
