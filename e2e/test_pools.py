@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from cheapspot_localcluster.pools import (
+from cheapspot_localcluster.inference import (
     Load,
     Pools,
     arrivals,

@@ -628,7 +628,7 @@ class PodRunner:
                     "HOSTNAME": meta["name"],
                     "POD_IP": ip,
                     TERMINATION_MESSAGE_ENV: str(message_path),
-                    "TMPDIR": str(volumes.get("/tmp", workdir)),
+                    "TMPDIR": str(short_tmp(meta["uid"], volumes.get("/tmp", workdir))),
                 }
             )
             argv = [expand_references(a, env) for a in argv]
@@ -700,6 +700,8 @@ class PodRunner:
                 raise
 
     def _forget(self, proc: Proc) -> None:
+        with contextlib.suppress(OSError):
+            (SHORT_TMP_ROOT / proc.uid[:12]).unlink()
         self.ips.give_back(proc.ip)
         self.procs.pop(proc.uid, None)
 
@@ -773,6 +775,21 @@ def expand_references(value: str, env: Mapping[str, str]) -> str:
         return env[name] if name in env else m.group(0)
 
     return _REFERENCE.sub(sub, value)
+
+
+SHORT_TMP_ROOT = Path("/tmp/cheapspot-pods")
+
+
+def short_tmp(uid: str, target: Path) -> Path:
+    """A short path to the pod's temporary directory (a symlink): a container's ``/tmp`` is
+    short, and programs put Unix sockets there (vLLM's ZMQ IPC), whose paths may not exceed
+    107 bytes; the pod's own directory lies deep in the cluster's state."""
+    SHORT_TMP_ROOT.mkdir(parents=True, exist_ok=True)
+    link = SHORT_TMP_ROOT / uid[:12]
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    link.symlink_to(target, target_is_directory=True)
+    return link
 
 
 def image_environment(image: str) -> Path | None:

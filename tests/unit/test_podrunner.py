@@ -218,3 +218,16 @@ def test_command_references_expand_like_kubelets() -> None:
     assert expand_references("--host=$(POD_IP)", env) == "--host=127.0.0.7"
     assert expand_references("$(MISSING)", env) == "$(MISSING)"
     assert expand_references("$$(POD_IP)", env) == "$(POD_IP)"
+
+
+def test_a_pods_tmp_has_a_short_path_for_unix_sockets(tmp_path: Path) -> None:
+    from cheapspot_localcluster.podrunner import short_tmp
+
+    deep = tmp_path / ("x" * 60) / "volumes" / "tmp"
+    deep.mkdir(parents=True)
+    link = short_tmp("0123456789abcdef-uid", deep)
+    try:
+        assert len(str(link / "561e580e-8f67-488b-88e5-8544ee850d7f")) < 100
+        assert link.resolve() == deep.resolve()
+    finally:
+        link.unlink()

@@ -50,9 +50,9 @@ def pool_from_example(
     name: str, model_uri: str, adapters: dict[str, str], overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """``crds/examples/inference-pool.yaml`` pointed at the given model and adapters."""
-    body = yaml.safe_load((repo_root() / EXAMPLE).read_text())
+    body: dict[str, Any] = yaml.safe_load((repo_root() / EXAMPLE).read_text())
     body["metadata"] = {"name": name}
-    spec = deep_merge(body["spec"], overrides or SMALL_POOL)
+    spec: dict[str, Any] = deep_merge(body["spec"], overrides or SMALL_POOL)
     spec["model"] = {"uri": model_uri, "quantization": "none"}
     spec["adapters"] = [{"name": n, "uri": u} for n, u in adapters.items()]
     body["spec"] = spec
@@ -174,7 +174,8 @@ class Pools:
             return None
 
         found = wait_for(f"pool {name}: a ready router", url, timeout_s)
-        return wait_for(f"router of {name} answering", lambda: _answers(found) and found, 60)
+        wait_for(f"router of {name} answering", lambda: _answers(found), 60)
+        return found
 
 
 def _answers(base_url: str) -> bool:
