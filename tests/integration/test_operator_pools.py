@@ -199,3 +199,85 @@ def test_a_notice_marks_the_replica_draining_and_starts_its_replacement_at_once(
         lambda: h.api.get(f"/api/v1/namespaces/{h.namespace}/pods/{name}") is None,
         timeout_s=60,
     )
+
+
+def test_spot_off_falls_back_to_on_demand_and_spot_on_returns(h: Harness) -> None:
+    apply_pool(h, "fb", replicas=2)
+    wait_for("2 replicas running", lambda: running(h, "fb", 2), timeout_s=60)
+    h.cluster.spot_off()
+    try:
+
+        def on_demand_only() -> list[dict[str, Any]] | None:
+            pods = running(h, "fb", 2)
+            if pods and all(h.node_capacity(p["spec"]["nodeName"]) == "on-demand" for p in pods):
+                return pods
+            return None
+
+        wait_for("both replicas on on-demand", on_demand_only, timeout_s=90)
+        cond = wait_for(
+            "SpotUnavailable",
+            lambda: (c := _condition(h, "fb", "SpotUnavailable")) and c["status"] == "True" and c,
+            timeout_s=30,
+        )
+        assert cond["reason"] == "FellBackToOnDemand"
+    finally:
+        h.cluster.spot_on()
+
+    def back_on_spot() -> list[dict[str, Any]] | None:
+        pods = running(h, "fb", 2)
+        caps = sorted(h.node_capacity(p["spec"]["nodeName"]) for p in pods or [])
+        return pods if caps == ["on-demand", "spot"] else None
+
+    wait_for("the spot slot back on spot", back_on_spot, timeout_s=90)
+    wait_for(
+        "SpotUnavailable cleared",
+        lambda: (c := _condition(h, "fb", "SpotUnavailable")) and c["status"] == "False",
+        timeout_s=30,
+    )
+
+
+def _condition(h: Harness, pool: str, type_: str) -> dict[str, Any] | None:
+    for c in pool_status(h, pool).get("conditions") or []:
+        if c["type"] == type_:
+            cond: dict[str, Any] = c
+            return cond
+    return None
+
+
+def test_an_operator_killed_during_a_drain_makes_no_second_replacement(h: Harness) -> None:
+    apply_pool(h, "ok", replicas=2)
+    pods = wait_for("2 replicas running", lambda: running(h, "ok", 2), timeout_s=60)
+    victim = next(p for p in pods if p["metadata"]["labels"]["cheapspot.dev/replica"] == "1")
+    name, node = victim["metadata"]["name"], victim["spec"]["nodeName"]
+    reclaim = h.cluster.preempt_in_background(node, notice_s=NOTICE_SECONDS)
+    wait_for(
+        "the victim marked draining",
+        lambda: (
+            ANNOTATION_DRAINING
+            in (
+                (h.api.get(f"/api/v1/namespaces/{h.namespace}/pods/{name}") or {})
+                .get("metadata", {})
+                .get("annotations")
+                or {}
+            )
+        ),
+        timeout_s=NOTICE_SECONDS,
+        poll_s=0.05,
+    )
+    h.operator.kill()
+    time.sleep(1)
+    h.operator.start()
+    reclaim.result(timeout=120)
+    wait_for(
+        "the drained replica gone",
+        lambda: h.api.get(f"/api/v1/namespaces/{h.namespace}/pods/{name}") is None,
+        timeout_s=60,
+    )
+    time.sleep(3)  # a few reconciliations of the restarted operator
+    slot1 = [
+        p["metadata"]["name"]
+        for p in h.api.list(f"/api/v1/namespaces/{h.namespace}/pods", "cheapspot.dev/pool=ok")
+        if p["metadata"]["labels"].get("cheapspot.dev/replica") == "1"
+    ]
+    assert slot1 == ["ok-replica-1-1"], slot1
+    assert pool_status(h, "ok")["preemptions"] == 1
