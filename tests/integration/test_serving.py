@@ -85,7 +85,14 @@ def served(
 def replicas(served: Served) -> Iterator[list[ServeReplica]]:
     task = _task(served.model_uri, served.adapter_uris)
     started = [
-        ServeReplica(f"replica-{i}", task, served.root / "replicas", served.env) for i in range(2)
+        ServeReplica(
+            f"replica-{i}",
+            task,
+            served.root / "replicas",
+            # a cache of its own, as each pod has
+            {**served.env, "CHEAPSPOT_CACHE_DIR": str(served.root / f"cache-{i}")},
+        )
+        for i in range(2)
     ]
     try:
         for r in started:
