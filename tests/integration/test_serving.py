@@ -27,6 +27,9 @@ from cheapspot_worker.serving import serve_python
 
 pytestmark = [
     pytest.mark.integration,
+    # two vLLM processes start in the first test's setup: about a minute each on an idle
+    # two-core machine, many more on a busy one
+    pytest.mark.timeout(3600),
     pytest.mark.skipif(serve_python() is None, reason="no serving environment (make serve-venv)"),
 ]
 
@@ -96,7 +99,7 @@ def replicas(served: Served) -> Iterator[list[ServeReplica]]:
     ]
     try:
         for r in started:
-            r.wait_ready()
+            r.wait_ready(2400)
         yield started
     finally:
         for r in started:
