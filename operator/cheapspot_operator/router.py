@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -419,7 +420,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="a fixed replica URL instead of watching pods (repeatable; tests, benchmarks)",
     )
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument(
+        "--host",
+        default=None,
+        help="listen address (default: all interfaces; the pod's IP where it is a loopback "
+        "address, as on the local cluster, where every pod has its own 127.0.0.N)",
+    )
     p.add_argument("--port", type=int, default=ROUTER_PORT)
     p.add_argument("--replica-port", type=int, default=SERVE_PORT)
     p.add_argument("--capacity", type=int, default=32, help="requests in flight per replica")
@@ -446,12 +452,20 @@ def fixed_replicas(urls: Sequence[str]) -> list[Replica]:
     return out
 
 
+def listen_host(given: str | None) -> str:
+    if given:
+        return given
+    pod_ip = os.environ.get("POD_IP", "")
+    return pod_ip if pod_ip.startswith("127.") else "0.0.0.0"
+
+
 async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> None:
     router = Router(capacity=args.capacity, max_queue_seconds=args.max_queue_seconds)
     runner = web.AppRunner(router.app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, args.host, args.port).start()
-    log.info("router listening on %s:%d", args.host, args.port)
+    host = listen_host(args.host)
+    await web.TCPSite(runner, host, args.port).start()
+    log.info("router listening on %s:%d", host, args.port)
     halt = threading.Event()
     watcher: threading.Thread | None = None
     if args.replica:

@@ -266,6 +266,7 @@ def _strip_ids(chunk: dict[str, Any]) -> list[int]:
     """Remove the token-id fields the router added; the ids of this chunk's tokens."""
     ids: list[int] = []
     chunk.pop("prompt_token_ids", None)
+    chunk.pop("prompt_text", None)
     for choice in chunk.get("choices") or []:
         got = choice.pop("token_ids", None)
         choice.pop("prompt_token_ids", None)

@@ -48,6 +48,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -127,8 +128,12 @@ def fetch_adapter(source: AdapterSource, base_config: dict[str, Any], max_rank: 
     prefix = _pretty(source.uri)
     dest = cache_dir() / "adapters" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
     if not (dest / _COMPLETE).is_file():
+        # into a directory of its own first: replicas sharing a cache never see each
+        # other's half-written files
+        staging = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
         try:
-            Store(prefix).fetch("", dest)
+            Store(prefix).fetch("", staging)
         except NotFoundError as exc:
             raise AdapterError(
                 f"adapter {source.name!r}: nothing is published at {prefix} (no MANIFEST.json; "
@@ -143,7 +148,11 @@ def fetch_adapter(source: AdapterSource, base_config: dict[str, Any], max_rank: 
             raise AdapterError(
                 f"adapter {source.name!r} at {prefix} cannot be read: {exc}"
             ) from exc
-        (dest / _COMPLETE).write_text(prefix)
+        (staging / _COMPLETE).write_text(prefix)
+        try:
+            staging.rename(dest)
+        except OSError:  # another replica got there first, with the same verified files
+            shutil.rmtree(staging, ignore_errors=True)
     check_adapter(dest, base_config, max_rank=max_rank, name=source.name)
     return dest
 
@@ -200,6 +209,20 @@ def vllm_argv(
     if adapters:
         argv += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
     return argv + list(engine.args)
+
+
+VLLM_SITE = Path(__file__).resolve().parent / "vllm_site"
+"""Holds the ``sitecustomize`` that corrects vLLM's CPU LoRA kernels for base-model tokens
+batched with adapter tokens (see its docstring); on vLLM's ``PYTHONPATH``."""
+
+
+def vllm_env(base: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    env = dict(base)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["CHEAPSPOT_VLLM_CPU_LORA_FIX"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(VLLM_SITE), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def bind_host() -> str:
@@ -327,8 +350,7 @@ class Launcher:
             host=self.host,
             port=self.serve_port,
         )
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env = vllm_env(os.environ)
         self.state.phase = "starting"
         event("vllm_start", argv=argv[2:])
         self.proc = await asyncio.create_subprocess_exec(
