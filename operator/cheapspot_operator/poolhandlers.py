@@ -14,7 +14,8 @@ What only serving needs:
 * **Draining**: the mark is a merge patch of the pod's ``cheapspot.dev/draining-until``
   annotation, which the router watches.
 * **Adapters**: ``PUT /cheapspot/adapters`` with ``{"adapters": [{"name", "uri"}, ...]}`` on
-  the admin port; the replica loads and unloads through vLLM's runtime adapter API.
+  the admin port, in the background (one at a time per replica; the replica answers once it
+  fetched and loaded what is new); it loads and unloads through vLLM's runtime adapter API.
 * **The router**: ServiceAccount, Role, RoleBinding, Service and Deployment created if
   absent; only the Deployment's replicas are ever changed.
 * **Free GPUs** for the return to spot are counted (node allocatable minus the requests of
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +79,8 @@ log = logging.getLogger("cheapspot.operator.pools")
 
 ADMIN_TIMEOUT = urllib3.Timeout(connect=0.5, read=1.0)
 """A replica that cannot answer this fast is treated as silent for this pass."""
+PUSH_TIMEOUT = urllib3.Timeout(connect=1.0, read=300.0)
+"""An adapter push returns once the replica fetched and loaded what is new."""
 
 ReportReader = Callable[[Sequence[ReplicaPod]], Mapping[str, ReplicaReport]]
 AdapterPusher = Callable[[ReplicaPod, Sequence[Mapping[str, str]]], None]
@@ -98,6 +102,9 @@ class AdminClient:
     def __init__(self) -> None:
         self.http = urllib3.PoolManager(timeout=ADMIN_TIMEOUT, retries=False)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="replica-status")
+        self.pushers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adapter-push")
+        self.pushing: set[str] = set()
+        self.lock = threading.Lock()
 
     def _url(self, rp: ReplicaPod, path: str) -> str:
         return f"http://{rp.ip}:{ADMIN_PORT}{path}"
@@ -118,18 +125,41 @@ class AdminClient:
         return {rp.name: a for rp, a in zip(asked, answers, strict=True) if a is not None}
 
     def push_adapters(self, rp: ReplicaPod, adapters: Sequence[Mapping[str, str]]) -> None:
-        body = json.dumps({"adapters": list(adapters)}).encode()
-        response = self.http.request(
-            "PUT",
-            self._url(rp, "/cheapspot/adapters"),
-            body=body,
-            headers={"Content-Type": "application/json"},
-        )
-        if response.status >= 300:
-            raise RuntimeError(
-                f"PUT adapters on {rp.name}: HTTP {response.status}: "
-                f"{response.data[:300].decode(errors='replace')}"
+        """Start pushing the adapter list to ``rp`` in the background (the replica fetches
+        and loads new adapters before it answers, which can take a while); a push already
+        under way for the same pod is not repeated. Reconciliation never waits for it: the
+        replica's next report says whether it took."""
+        with self.lock:
+            if rp.name in self.pushing:
+                return
+            self.pushing.add(rp.name)
+        self.pushers.submit(self._push, rp, list(adapters))
+
+    def _push(self, rp: ReplicaPod, adapters: list[Mapping[str, str]]) -> None:
+        body = json.dumps({"adapters": adapters}).encode()
+        try:
+            response = self.http.request(
+                "PUT",
+                self._url(rp, "/cheapspot/adapters"),
+                body=body,
+                headers={"Content-Type": "application/json"},
+                timeout=PUSH_TIMEOUT,
             )
+            ok = response.status < 300
+            metrics.ADAPTER_SYNCS.labels(result="ok" if ok else "error").inc()
+            if not ok:
+                log.warning(
+                    "PUT adapters on %s: HTTP %d: %s",
+                    rp.name,
+                    response.status,
+                    response.data[:300].decode(errors="replace"),
+                )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            metrics.ADAPTER_SYNCS.labels(result="error").inc()
+            log.warning("cannot push adapters to %s: %s", rp.name, exc)
+        finally:
+            with self.lock:
+                self.pushing.discard(rp.name)
 
 
 def free_gpus(
@@ -302,12 +332,7 @@ class PoolReconciler:
                 if rp is None:
                     continue
                 adapters = [a.model_dump(mode="json", by_alias=True) for a in action.adapters]
-                try:
-                    self.admin.push_adapters(rp, adapters)
-                    metrics.ADAPTER_SYNCS.labels(result="ok").inc()
-                except Exception as exc:  # the next pass tries again; the report says why
-                    metrics.ADAPTER_SYNCS.labels(result="error").inc()
-                    log.warning("cannot push adapters to %s: %s", rp.name, exc)
+                self.admin.push_adapters(rp, adapters)
             elif isinstance(action, EnsureRouter):
                 assert spec is not None
                 self._ensure_router(pool, spec, action.replicas)
