@@ -372,6 +372,9 @@ def serve(backend: LocalBackend, model_uri: str, adapter_uri: str) -> dict[str, 
     )
 
     pools = Pools(backend.api_client(), NAMESPACE)
+    # The cloud replaces reclaimed machines (an autoscaler would): the nodes the training
+    # part lost come back, and so does each node reclaimed below.
+    backend.cluster.create_nodes()
     overrides = deep_merge(SMALL_POOL, {"replicas": 3})
     pools.apply(pool_from_example(POOL, model_uri, {"qa": adapter_uri}, overrides))
     console.print(
@@ -397,6 +400,7 @@ def serve(backend: LocalBackend, model_uri: str, adapter_uri: str) -> dict[str, 
             with console.status(f"reclaiming {node} ({victim['metadata']['name']}) {how}"):
                 backend.reclaim(node, notice)
                 reclaims += 1
+                backend.cluster.create_nodes()
                 pools.wait_ready(POOL, 3, SERVE_TIMEOUT_S)
                 load.wait_requests(len(load.outcomes) + 8, SERVE_TIMEOUT_S)
             console.print(
