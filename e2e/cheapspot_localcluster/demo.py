@@ -10,9 +10,14 @@ On this machine, with nothing but Python and the cluster binaries (built on firs
    shrunk to fit a laptop;
 4. shows each shard's progress live while it reclaims two spot nodes: one with notice, one
    without;
-5. checks the adapter loads in stock PEFT, prints a summary, and as its last line the same
-   summary as one JSON object; then tears everything down (``--keep-cluster`` leaves the
-   cluster and its S3 endpoint up to explore).
+5. checks the adapter loads in stock PEFT;
+6. serves the adapter it just trained from a CheapInferencePool (the example in
+   ``crds/examples``: an on-demand anchor and two spot replicas, vLLM on CPU behind the
+   pool's router), drives concurrent requests at it with the official ``openai`` client
+   (streaming and not, base model and adapter) and reclaims one spot replica with notice and
+   another without, counting every failed or truncated answer (there must be none);
+7. prints a summary, and as its last line the same summary as one JSON object; then tears
+   everything down (``--keep-cluster`` leaves the cluster and its S3 endpoint up to explore).
 """
 
 from __future__ import annotations
@@ -58,7 +63,9 @@ from cheapspot_localcluster.trainjobs import (
 console = Console(highlight=False)
 NAMESPACE = "demo"
 JOB = "qa-lora"
+POOL = "qa-serve"
 NOTICE_S = 5
+SERVE_TIMEOUT_S = 900
 
 
 @dataclass
@@ -230,6 +237,13 @@ def summary_table(summary: dict[str, Any], resumes: list[Resume]) -> Table:
     sources = ", ".join(summary.get("price_sources") or []) or "-"
     estimated = " (estimated: no live price)" if summary.get("cost_estimated") else ""
     table.add_row("prices from", f"{sources}{estimated}")
+    if "serve_requests" in summary:
+        table.add_row(
+            "serving",
+            f"{summary['serve_requests']} requests, {summary['serve_failed']} failed, "
+            f"{summary['serve_reclaims']} replicas reclaimed; latency p50 "
+            f"{summary['serve_p50_ms']:.0f} ms, p99 {summary['serve_p99_ms']:.0f} ms",
+        )
     table.add_row(
         "adapter", f"{summary['adapter_uri']}  (loads in stock PEFT: {summary['adapter_loads']})"
     )
@@ -308,6 +322,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with console.status("loading the adapter with stock PEFT"):
                 loads = load_in_peft(materials.model_dir, adapter_dir) > 0
         resumes = resumes_from_logs(pod_logs(backend, JOB, shards))
+        served: dict[str, Any] = {}
+        if succeeded and not args.no_serve:
+            served = serve(backend, materials.model_uri, f"{output_uri}final/")
         cost = status.get("cost") or {}
         summary: dict[str, Any] = {
             "succeeded": bool(succeeded and loads),
@@ -324,7 +341,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "phase": status.get("phase", ""),
             "reason": status.get("reason", ""),
             "_reclaim_starts": {p.shard: p.started_at for p in story.reclaims if p.done},
+            **served,
         }
+        if served:
+            summary["succeeded"] = bool(summary["succeeded"] and served["serve_failed"] == 0)
         console.print()
         console.print(summary_table(summary, resumes))
         if args.keep_cluster:
@@ -345,6 +365,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 shutil.rmtree(cluster.layout.root / "podrunner", ignore_errors=True)
 
 
+def serve(backend: LocalBackend, model_uri: str, adapter_uri: str) -> dict[str, Any]:
+    """Serve the trained adapter from a pool under load; reclaim a spot replica with notice,
+    then another without; the serving part of the summary."""
+    from cheapspot_localcluster.inference import (
+        SMALL_POOL,
+        Load,
+        Pools,
+        latency_ms,
+        pool_from_example,
+    )
+
+    pools = Pools(backend.api_client(), NAMESPACE)
+    # The cloud replaces reclaimed machines (an autoscaler would): the nodes the training
+    # part lost come back, and so does each node reclaimed below.
+    backend.cluster.create_nodes()
+    overrides = deep_merge(SMALL_POOL, {"replicas": 3})
+    pools.apply(pool_from_example(POOL, model_uri, {"qa": adapter_uri}, overrides))
+    console.print(
+        f"applied crds/examples/inference-pool.yaml as {NAMESPACE}/{POOL}: serving the "
+        f"trained adapter {adapter_uri} as model 'qa' (an on-demand anchor, 2 spot replicas)"
+    )
+    with console.status("starting 3 vLLM replicas and the router (about a minute each on CPU)"):
+        pools.wait_ready(POOL, 3, SERVE_TIMEOUT_S)
+        url = pools.router_url(POOL)
+    base = model_uri.rstrip("/").rsplit("/", 1)[-1]
+    load = Load(url, [base, "qa"], threads=4).start()
+    reclaims = 0
+    try:
+        with console.status("serving: 4 clients, streaming and not, base model and adapter"):
+            load.wait_requests(12, SERVE_TIMEOUT_S)
+        for notice in (NOTICE_S, 0):
+            spot = backend.spot_nodes()
+            victim = next(
+                p for p in pools.ready_replicas(POOL) if p["spec"].get("nodeName") in spot
+            )
+            node = victim["spec"]["nodeName"]
+            how = f"with {notice}s notice" if notice else "without notice"
+            with console.status(f"reclaiming {node} ({victim['metadata']['name']}) {how}"):
+                backend.reclaim(node, notice)
+                reclaims += 1
+                backend.cluster.create_nodes()
+                pools.wait_ready(POOL, 3, SERVE_TIMEOUT_S)
+                load.wait_requests(len(load.outcomes) + 8, SERVE_TIMEOUT_S)
+            console.print(
+                f"reclaimed {node} {how}: replaced; {len(load.outcomes)} requests so far, "
+                f"{len(load.failed) + len(load.truncated)} failed"
+            )
+    finally:
+        load.stop()
+    p50, p99 = latency_ms(load.outcomes)
+    return {
+        "serve_requests": len(load.outcomes),
+        "serve_failed": len(load.failed) + len(load.truncated),
+        "serve_reclaims": int(pools.status(POOL).get("preemptions", reclaims)),
+        "serve_p50_ms": p50,
+        "serve_p99_ms": p99,
+    }
+
+
 def quiet_libraries() -> None:
     """The demo shows its own progress: no loading bars or deprecation notes from the ML stack."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -362,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workdir", help="where the model, data and adapter go (default: a temp dir)"
     )
     parser.add_argument("--keep-cluster", action="store_true", help="leave the cluster and S3 up")
+    parser.add_argument(
+        "--no-serve", action="store_true", help="stop after training (skip the serving part)"
+    )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     quiet_libraries()
     summary = run(args)

@@ -31,6 +31,7 @@ import yaml
 from cheapspot_localcluster.s3 import S3Endpoint, s3_server_command, wait_for_s3
 from cheapspot_localcluster.stack import (
     NOTICE_SECONDS,
+    POOL_CRD_FILE,
     S3_SECRET,
     install_crd,
     operator_config,
@@ -154,6 +155,7 @@ class KindBackend:
         for node in self.worker_nodes():
             self._advertise_gpu(node)
         install_crd(self.api_client())
+        install_crd(self.api_client(), repo_root() / POOL_CRD_FILE)
         prepare_namespace(self.api_client(), self.namespace, self.s3)
         config = operator_config(
             self.namespace, self.pods_s3_url, self.s3.region, image=WORKER_IMAGE

@@ -26,7 +26,18 @@ leaves pods alone and this runner owns them, as a kubelet would:
   volume's ``mountPath`` (``HOME=/tmp`` with an emptyDir at ``/tmp``) point into them: a
   local process cannot have a private ``/tmp``, so this keeps pods from sharing caches;
 * the pod's processes die with the runner (``PR_SET_PDEATHSIG``): stopping the runner is
-  every simulated machine going away at once.
+  every simulated machine going away at once;
+* **readiness probes** (``httpGet``) are run against the pod's IP as kubelet runs them
+  (``initialDelaySeconds``, ``periodSeconds``, ``timeoutSeconds``, ``successThreshold``,
+  ``failureThreshold``): the pod is reported Running but not Ready until its probe succeeds,
+  and Ready flips back when it fails. A pod without a probe is Ready once started;
+* **images with an environment of their own**: an image whose repository name is in
+  :data:`IMAGE_ENVIRONMENTS` (the serving image: vLLM pins its own torch and transformers)
+  runs with that virtual environment first on ``PATH``;
+* **service account tokens**: a pod that does not turn ``automountServiceAccountToken`` off
+  gets a token for its service account (the TokenRequest API, bound to the pod) in a
+  kubeconfig of its own (``KUBECONFIG``), so it talks to the API server with exactly its
+  RBAC, as in-cluster credentials would give it.
 
 Decisions are a pure function (:func:`decide`); :class:`PodRunner` applies them.
 """
@@ -39,6 +50,7 @@ import enum
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,6 +58,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,6 +72,10 @@ log = logging.getLogger("cheapspot.podrunner")
 
 TERMINATION_MESSAGE_ENV = "CHEAPSPOT_TERMINATION_MESSAGE_PATH"
 LOG_TAIL_BYTES = 2048
+SERVE_VENV_ENV = "CHEAPSPOT_SERVE_VENV"
+IMAGE_ENVIRONMENTS = {"cheapspot-serve": ".venv-serve"}
+"""Image repository name -> virtual environment (relative to the project's root, or the
+path in ``CHEAPSPOT_SERVE_VENV``) whose ``bin`` goes first on ``PATH``."""
 """Like kubelet: at most 2 KiB of log tail become the termination message on error."""
 
 
@@ -95,6 +112,84 @@ class Proc:
     exit_reported: bool = False
     term_sent_at: float | None = None
     node_lost: bool = False
+    probe: Probe | None = None
+    ready: bool = False
+    """What was last reported in the Ready condition."""
+
+
+@dataclass
+class Probe:
+    """One container's readiness probe (``httpGet``) and its running tally, as kubelet keeps it."""
+
+    path: str
+    port: int
+    initial_delay: float = 0.0
+    period: float = 10.0
+    timeout: float = 1.0
+    success_threshold: int = 1
+    failure_threshold: int = 3
+    started: float = 0.0
+    successes: int = 0
+    failures: int = 0
+    ready: bool = False
+    next_at: float = 0.0
+    in_flight: bool = False
+
+    @classmethod
+    def of(cls, container: Mapping[str, Any], started: float) -> Probe | None:
+        spec = container.get("readinessProbe") or {}
+        http = spec.get("httpGet")
+        if not http:
+            return None
+        port = http.get("port")
+        if isinstance(port, str) and not port.isdigit():
+            named = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
+            port = named.get(port)
+        if port is None:
+            return None
+        delay = float(spec.get("initialDelaySeconds", 0))
+        return cls(
+            path=str(http.get("path") or "/"),
+            port=int(port),
+            initial_delay=delay,
+            period=float(spec.get("periodSeconds", 10)),
+            timeout=float(spec.get("timeoutSeconds", 1)),
+            success_threshold=int(spec.get("successThreshold", 1)),
+            failure_threshold=int(spec.get("failureThreshold", 3)),
+            started=started,
+            next_at=started + delay,
+        )
+
+    def due(self, now: float) -> bool:
+        return not self.in_flight and now >= self.next_at
+
+    def record(self, ok: bool, now: float) -> bool:
+        """Count one probe result; the readiness it leads to (kubelet's thresholds)."""
+        self.in_flight = False
+        self.next_at = now + self.period
+        if ok:
+            self.successes, self.failures = self.successes + 1, 0
+            if self.successes >= self.success_threshold:
+                self.ready = True
+        else:
+            self.failures, self.successes = self.failures + 1, 0
+            if self.failures >= self.failure_threshold:
+                self.ready = False
+        return self.ready
+
+
+def http_probe(ip: str, probe: Probe) -> bool:
+    """kubelet's httpGet check: a 2xx or 3xx answer within the timeout."""
+    import http.client
+
+    conn = http.client.HTTPConnection(ip, probe.port, timeout=probe.timeout)
+    try:
+        conn.request("GET", probe.path, headers={"User-Agent": "kube-probe/cheapspot"})
+        return 200 <= conn.getresponse().status < 400
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
 
 
 @dataclass(frozen=True)
@@ -173,13 +268,24 @@ def iso(ts: datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def running_status(pod: Mapping[str, Any], ip: str, started: datetime) -> dict[str, Any]:
-    """The status a kubelet reports once the container has started."""
+def running_status(
+    pod: Mapping[str, Any],
+    ip: str,
+    started: datetime,
+    ready: bool = True,
+    changed: datetime | None = None,
+) -> dict[str, Any]:
+    """The status a kubelet reports once the container has started; ``ready`` is the
+    readiness probe's verdict (true without a probe), ``changed`` when it last flipped."""
     containers = pod["spec"]["containers"]
     now = iso(started)
+    flipped = iso(changed or started)
     conditions = [
         {"type": t, "status": "True", "lastTransitionTime": now}
-        for t in ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
+        for t in ("PodReadyToStartContainers", "Initialized")
+    ] + [
+        {"type": t, "status": "True" if ready else "False", "lastTransitionTime": flipped}
+        for t in ("ContainersReady", "Ready")
     ]
     return {
         "phase": "Running",
@@ -195,7 +301,7 @@ def running_status(pod: Mapping[str, Any], ip: str, started: datetime) -> dict[s
                 "image": c.get("image", ""),
                 "imageID": "",
                 "containerID": f"local://{pod['metadata']['uid']}/{c['name']}",
-                "ready": True,
+                "ready": ready,
                 "started": True,
                 "restartCount": 0,
                 "state": {"running": {"startedAt": now}},
@@ -357,6 +463,9 @@ class PodRunner:
         self.procs: dict[str, Proc] = {}
         self.ips = IpPool()
         self.env = EnvResolver(core)
+        self.probes = ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe")
+        self.probe_results: list[tuple[str, bool, float]] = []
+        self.probe_lock = threading.Lock()
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         """Set once a pass over the cluster's pods has succeeded (the health check's answer)."""
@@ -387,6 +496,7 @@ class PodRunner:
     def step(self) -> None:
         pods, alive = self._observe()
         now = time.monotonic()
+        self._probe(pods, now)
         for running in self.procs.values():
             if running.popen is not None and running.exit_code is None:
                 running.exit_code = running.popen.poll()
@@ -421,6 +531,70 @@ class PodRunner:
         elif op is Op.FORGET and proc is not None:
             self._forget(proc)
 
+    def _probe(self, pods: Mapping[str, dict[str, Any]], now: float) -> None:
+        """Apply finished probe results (patching Ready when it flips), start those due."""
+        with self.probe_lock:
+            results, self.probe_results = self.probe_results, []
+        for uid, ok, at in results:
+            proc = self.procs.get(uid)
+            pod = pods.get(uid)
+            if proc is None or proc.probe is None:
+                continue
+            ready = proc.probe.record(ok, at)
+            if pod is not None and proc.exit_code is None and ready != proc.ready:
+                proc.ready = ready
+                self._patch_status(
+                    pod,
+                    running_status(pod, proc.ip, proc.started_at, ready, datetime.now(UTC)),
+                )
+                log.info("pod %s/%s ready: %s", proc.namespace, proc.name, ready)
+        for proc in self.procs.values():
+            probe = proc.probe
+            if probe is None or proc.exit_code is not None or not probe.due(now):
+                continue
+            if proc.uid not in pods or proc.node_lost:
+                continue
+            probe.in_flight = True
+            self.probes.submit(self._run_probe, proc.uid, proc.ip, probe)
+
+    def _run_probe(self, uid: str, ip: str, probe: Probe) -> None:
+        ok = http_probe(ip, probe)
+        with self.probe_lock:
+            self.probe_results.append((uid, ok, time.monotonic()))
+
+    def _service_account_env(self, pod: Mapping[str, Any], workdir: Path) -> dict[str, str]:
+        """A kubeconfig with a token for the pod's service account, unless it opts out."""
+        spec = pod["spec"]
+        if spec.get("automountServiceAccountToken") is False:
+            return {}
+        from kubernetes.client import (
+            AuthenticationV1TokenRequest,
+            V1BoundObjectReference,
+            V1TokenRequestSpec,
+        )
+
+        meta = pod["metadata"]
+        account = spec.get("serviceAccountName") or "default"
+        request = AuthenticationV1TokenRequest(
+            spec=V1TokenRequestSpec(
+                audiences=[],
+                expiration_seconds=3600 * 6,
+                bound_object_ref=V1BoundObjectReference(
+                    kind="Pod", api_version="v1", name=meta["name"], uid=meta["uid"]
+                ),
+            )
+        )
+        token = self.core.create_namespaced_service_account_token(
+            account, meta["namespace"], request
+        ).status.token
+        cfg = self.core.api_client.configuration
+        path = workdir / "kubeconfig"
+        path.write_text(
+            service_account_kubeconfig(cfg.host, cfg.ssl_ca_cert, token, meta["namespace"])
+        )
+        path.chmod(0o600)
+        return {"KUBECONFIG": str(path), "POD_NAMESPACE": meta["namespace"]}
+
     # -- act -----------------------------------------------------------------------------
 
     def _start(self, pod: dict[str, Any]) -> None:
@@ -446,16 +620,18 @@ class PodRunner:
         argv = list(container.get("command") or []) + list(container.get("args") or [])
         try:
             volumes = volume_dirs(spec, container, workdir / "volumes")
-            env = base_environment(os.environ)
+            env = base_environment(os.environ, image_environment(container.get("image", "")))
+            env.update(self._service_account_env(pod, workdir))
             env.update(with_volumes(self.env.resolve(pod, container, ip), volumes))
             env.update(
                 {
                     "HOSTNAME": meta["name"],
                     "POD_IP": ip,
                     TERMINATION_MESSAGE_ENV: str(message_path),
-                    "TMPDIR": str(volumes.get("/tmp", workdir)),
+                    "TMPDIR": str(short_tmp(meta["uid"], volumes.get("/tmp", workdir))),
                 }
             )
+            argv = [expand_references(a, env) for a in argv]
             if not argv or shutil.which(argv[0], path=env.get("PATH")) is None:
                 raise FileNotFoundError(f"executable {argv[:1]} not found on PATH")
             cwd = Path(with_volumes({"": container.get("workingDir") or ""}, volumes)[""])
@@ -479,7 +655,9 @@ class PodRunner:
             log.warning("pod %s/%s could not start: %s", proc.namespace, proc.name, exc)
             return
         (workdir / "pid").write_text(str(proc.popen.pid))
-        self._patch_status(pod, running_status(pod, ip, started))
+        proc.probe = Probe.of(container, time.monotonic())
+        proc.ready = proc.probe is None
+        self._patch_status(pod, running_status(pod, ip, started, proc.ready))
         log.info(
             "started pod %s/%s on %s as pid %d (%s)",
             proc.namespace,
@@ -522,6 +700,8 @@ class PodRunner:
                 raise
 
     def _forget(self, proc: Proc) -> None:
+        with contextlib.suppress(OSError):
+            (SHORT_TMP_ROOT / proc.uid[:12]).unlink()
         self.ips.give_back(proc.ip)
         self.procs.pop(proc.uid, None)
 
@@ -546,6 +726,7 @@ class PodRunner:
 
     def shutdown(self) -> None:
         """Kill every process this runner started (the simulated machines all go away)."""
+        self.probes.shutdown(wait=False, cancel_futures=True)
         for proc in list(self.procs.values()):
             self._signal(proc, signal.SIGKILL)
             if proc.popen is not None:
@@ -580,8 +761,70 @@ def with_volumes(env: Mapping[str, str], volumes: Mapping[str, Path]) -> dict[st
     return out
 
 
-def base_environment(host: Mapping[str, str]) -> dict[str, str]:
-    """What a local 'container' inherits from the host: enough to find the installation."""
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expand_references(value: str, env: Mapping[str, str]) -> str:
+    """kubelet's expansion of ``$(VAR)`` in command and args: a defined variable is replaced,
+    an undefined reference stays as written, ``$$`` is a literal ``$``."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        return env[name] if name in env else m.group(0)
+
+    return _REFERENCE.sub(sub, value)
+
+
+SHORT_TMP_ROOT = Path("/tmp/cheapspot-pods")
+
+
+def short_tmp(uid: str, target: Path) -> Path:
+    """A short path to the pod's temporary directory (a symlink): a container's ``/tmp`` is
+    short, and programs put Unix sockets there (vLLM's ZMQ IPC), whose paths may not exceed
+    107 bytes; the pod's own directory lies deep in the cluster's state."""
+    SHORT_TMP_ROOT.mkdir(parents=True, exist_ok=True)
+    link = SHORT_TMP_ROOT / uid[:12]
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+def image_environment(image: str) -> Path | None:
+    """The virtual environment an image maps to, when it has one of its own."""
+    repo = image.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]
+    rel = IMAGE_ENVIRONMENTS.get(repo)
+    if rel is None:
+        return None
+    override = os.environ.get(SERVE_VENV_ENV)
+    return Path(override) if override else Path(sys.executable).parent.parent.parent / rel
+
+
+def service_account_kubeconfig(server: str, ca_file: str | None, token: str, ns: str) -> str:
+    cluster: dict[str, Any] = {"server": server}
+    if ca_file:
+        cluster["certificate-authority"] = ca_file
+    else:
+        cluster["insecure-skip-tls-verify"] = True
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "local", "cluster": cluster}],
+            "users": [{"name": "pod", "user": {"token": token}}],
+            "contexts": [
+                {"name": "pod", "context": {"cluster": "local", "user": "pod", "namespace": ns}}
+            ],
+            "current-context": "pod",
+        }
+    )
+
+
+def base_environment(host: Mapping[str, str], venv: Path | None = None) -> dict[str, str]:
+    """What a local 'container' inherits from the host: enough to find the installation
+    (``venv``'s ``bin`` first when the image has an environment of its own)."""
     keep = (
         "PATH",
         "HOME",
@@ -594,7 +837,10 @@ def base_environment(host: Mapping[str, str]) -> dict[str, str]:
     )
     env = {k: host[k] for k in keep if k in host}
     venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "/usr/bin:/bin")])
+    first = [str(venv / "bin")] if venv is not None else []
+    env["PATH"] = os.pathsep.join([*first, venv_bin, env.get("PATH", "/usr/bin:/bin")])
+    if venv is not None:
+        env["VIRTUAL_ENV"] = str(venv)
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 

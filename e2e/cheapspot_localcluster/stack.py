@@ -30,6 +30,7 @@ from cheapspot_localcluster.trainjobs import CRD_FILE, repo_root
 from cheapspot_localcluster.waiting import wait_for
 
 S3_SECRET = "cheapspot-object-store"
+POOL_CRD_FILE = Path("crds/cheapinferencepools.yaml")
 NOTICE_SECONDS = 5
 """Reclaim notice on the e2e clusters: short, so scenarios take seconds, long enough for a
 shard to publish its SIGTERM checkpoint."""
@@ -141,6 +142,9 @@ def operator_config(
             },
             "envFromSecret": S3_SECRET,
         },
+        # Serving replicas run from the serving environment (the pod runner maps the image
+        # name to .venv-serve), routers from the operator's.
+        "serving": {"image": "cheapspot-serve:dev", "routerImage": "cheapspot-operator:dev"},
     }
 
 
@@ -225,6 +229,7 @@ class LocalBackend:
 
     def install(self) -> None:
         install_crd(self.cluster.api_client())
+        install_crd(self.cluster.api_client(), repo_root() / POOL_CRD_FILE)
         prepare_namespace(self.cluster.api_client(), self.namespace, self.s3)
         self.operator.start()
 

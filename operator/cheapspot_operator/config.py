@@ -51,6 +51,26 @@ class WorkerSettings(BaseModel):
     run_as_user: Annotated[int, Field(alias="runAsUser", ge=1)] = 10001
 
 
+class ServingSettings(BaseModel):
+    """How inference pools' pods are run. Replicas otherwise take ``worker``'s environment,
+    secret, service account and user; only the image differs (vLLM pins its own torch and
+    transformers, so serving has an image of its own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    image: Annotated[str, Field(description="The serving replica image (vLLM).")] = (
+        "ghcr.io/cheapspot/cheapspot-serve:0.1.0"
+    )
+    command: Annotated[
+        list[str],
+        Field(description="The replica's command; the task (role serve) comes in CHEAPSPOT_TASK."),
+    ] = ["cheapspot", "worker"]
+    router_image: Annotated[
+        str, Field(alias="routerImage", description="The router image (the operator's).")
+    ] = "ghcr.io/cheapspot/cheapspot-operator:0.1.0"
+    router_command: Annotated[list[str], Field(alias="routerCommand")] = ["cheapspot", "router"]
+
+
 class OperatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -75,6 +95,7 @@ class OperatorConfig(BaseModel):
         ),
     ] = 5
     worker: WorkerSettings = WorkerSettings()
+    serving: ServingSettings = ServingSettings()
     prices: Annotated[
         dict[str, dict[str, float]],
         Field(description="Price overrides: instance type -> {spot, on-demand} $/h."),

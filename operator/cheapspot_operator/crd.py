@@ -1,8 +1,9 @@
-"""Generate the CheapTrainJob CustomResourceDefinition from the pydantic models.
+"""Generate the CustomResourceDefinitions (CheapTrainJob, CheapInferencePool) from the models.
 
-``python -m cheapspot_operator.crd`` rewrites ``crds/cheaptrainjobs.yaml`` and the Helm
-chart's copy; ``python -m cheapspot_operator.crd --check`` fails when either differs from what
-the models say (the unit tests run the same comparison).
+``python -m cheapspot_operator.crd`` rewrites ``crds/cheaptrainjobs.yaml``,
+``crds/cheapinferencepools.yaml`` and the Helm chart's copies; ``python -m
+cheapspot_operator.crd --check`` fails when any differs from what the models say (the unit
+tests run the same comparison).
 
 Pydantic emits JSON Schema 2020-12; the API server wants a structural OpenAPI v3 schema. The
 translation here: ``$ref`` inlined, ``title`` dropped, ``anyOf [X, null]`` folded into ``X``,
@@ -21,13 +22,16 @@ from typing import Any
 
 import yaml
 
+from cheapspot_operator import poolspec as ps
 from cheapspot_operator import spec as s
 
 _DROP = {"title", "additionalProperties"}
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_PATHS = (
-    Path("crds") / "cheaptrainjobs.yaml",
-    Path("helm") / "cheapspot" / "crds" / "cheaptrainjobs.yaml",
+CRD_FILES = ("cheaptrainjobs.yaml", "cheapinferencepools.yaml")
+CRD_PATHS = tuple(
+    folder / name
+    for name in CRD_FILES
+    for folder in (Path("crds"), Path("helm") / "cheapspot" / "crds")
 )
 
 
@@ -108,9 +112,9 @@ def _without_defaults(node: Any) -> Any:
     return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
 
 
-def _status_schema() -> dict[str, Any]:
+def _status_schema(model: type[Any]) -> dict[str, Any]:
     # Only the operator writes status: defaults there would only hide what it has not set.
-    schema: dict[str, Any] = _without_defaults(openapi_schema(s.TrainJobStatus))
+    schema: dict[str, Any] = _without_defaults(openapi_schema(model))
     conditions = schema["properties"]["conditions"]
     conditions["x-kubernetes-list-type"] = "map"
     conditions["x-kubernetes-list-map-keys"] = ["type"]
@@ -141,29 +145,61 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 ]
 
 
-def build_crd() -> dict[str, Any]:
-    """The whole CustomResourceDefinition as a dict."""
-    spec_schema = openapi_schema(s.TrainJobSpec)
-    spec_schema["description"] = s.TrainJobSpec.__doc__
-    root = {
+POOL_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": ".status.replicasDisplay",
+        "description": "Ready replicas / replicas.",
+    },
+    {
+        "name": "Spot/OD",
+        "type": "string",
+        "jsonPath": ".status.placementDisplay",
+        "description": "Replicas on spot / on on-demand capacity.",
+    },
+    {"name": "Draining", "type": "integer", "jsonPath": ".status.drainingReplicas"},
+    {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions"},
+    {"name": "Cost", "type": "string", "jsonPath": ".status.cost.display"},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _root(
+    description: str, spec_model: type[Any], status_model: type[Any], max_name: int
+) -> dict[str, Any]:
+    spec_schema = openapi_schema(spec_model)
+    spec_schema["description"] = spec_model.__doc__
+    return {
         "type": "object",
-        "description": "A LoRA fine-tuning job whose shards run on spot GPU nodes.",
+        "description": description,
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": spec_schema,
-            "status": _status_schema(),
+            "status": _status_schema(status_model),
         },
         "x-kubernetes-validations": [
             {
-                "rule": f"self.metadata.name.size() <= {s.MAX_NAME_LENGTH}",
-                "message": f"metadata.name must be at most {s.MAX_NAME_LENGTH} characters "
+                "rule": f"self.metadata.name.size() <= {max_name}",
+                "message": f"metadata.name must be at most {max_name} characters "
                 "(pod names and labels derive from it)",
             }
         ],
     }
+
+
+def build_crd() -> dict[str, Any]:
+    """The CheapTrainJob CustomResourceDefinition as a dict."""
+    root = _root(
+        "A LoRA fine-tuning job whose shards run on spot GPU nodes.",
+        s.TrainJobSpec,
+        s.TrainJobStatus,
+        s.MAX_NAME_LENGTH,
+    )
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -196,6 +232,53 @@ def build_crd() -> dict[str, Any]:
     }
 
 
+def build_pool_crd() -> dict[str, Any]:
+    """The CheapInferencePool CustomResourceDefinition as a dict."""
+    root = _root(
+        "An OpenAI-compatible pool of vLLM replicas on spot GPU nodes, with on-demand anchors.",
+        ps.InferencePoolSpec,
+        ps.InferencePoolStatus,
+        ps.MAX_NAME_LENGTH,
+    )
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{ps.PLURAL}.{s.GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "cheapspot"},
+        },
+        "spec": {
+            "group": s.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": ps.KIND,
+                "listKind": f"{ps.KIND}List",
+                "plural": ps.PLURAL,
+                "singular": ps.SINGULAR,
+                "shortNames": list(ps.SHORT_NAMES),
+                "categories": ["cheapspot"],
+            },
+            "versions": [
+                {
+                    "name": s.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": POOL_PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
 HEADER = (
     "# Generated from cheapspot_operator.spec by `python -m cheapspot_operator.crd`: do not edit.\n"
 )
@@ -205,11 +288,21 @@ def render_crd() -> str:
     return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
 
 
+def render_pool_crd() -> str:
+    header = HEADER.replace("cheapspot_operator.spec", "cheapspot_operator.poolspec")
+    return header + yaml.safe_dump(build_pool_crd(), sort_keys=False, width=100)
+
+
+def render(rel: Path) -> str:
+    """The text that belongs in the CRD file ``rel`` (one of :data:`CRD_PATHS`)."""
+    return render_pool_crd() if rel.name == "cheapinferencepools.yaml" else render_crd()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    text = render_crd()
     stale = []
     for rel in CRD_PATHS:
+        text = render(rel)
         path = _REPO_ROOT / rel
         if "--check" in args:
             if not path.exists() or path.read_text() != text:

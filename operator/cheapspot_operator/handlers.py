@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import kopf
 from pydantic import ValidationError
@@ -492,33 +492,7 @@ class Reconciler:
             log.info("created pod %s (%s)", pod["metadata"]["name"], action.capacity.value)
 
     def post_event(self, job: dict[str, Any], event: EmitEvent) -> None:
-        meta = job["metadata"]
-        now = self.clock()
-        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = {
-            "metadata": {
-                "generateName": f"{meta['name']}.",
-                "namespace": meta["namespace"],
-            },
-            "involvedObject": {
-                "apiVersion": f"{s.GROUP}/{s.VERSION}",
-                "kind": s.KIND,
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta["uid"],
-            },
-            "type": event.type,
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "source": {"component": "cheapspot-operator"},
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }
-        try:
-            self.api.create(f"/api/v1/namespaces/{meta['namespace']}/events", body)
-        except ApiError as exc:  # an event lost is not worth failing a reconciliation
-            log.warning("cannot post event %s: %s", event.reason, exc)
+        post_event(self.api, s.KIND, job, event, self.clock())
 
     def _count_event(self, event: EmitEvent) -> None:
         if event.reason == "Preempted":
@@ -556,6 +530,39 @@ class Reconciler:
             )
 
 
+def post_event(
+    api: KubeApi, kind: str, obj: Mapping[str, Any], event: EmitEvent, now: datetime
+) -> None:
+    """Post ``event`` about ``obj`` (a CheapTrainJob or CheapInferencePool); a lost event is
+    logged, never fatal."""
+    meta = obj["metadata"]
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {
+        "metadata": {
+            "generateName": f"{meta['name']}.",
+            "namespace": meta["namespace"],
+        },
+        "involvedObject": {
+            "apiVersion": f"{s.GROUP}/{s.VERSION}",
+            "kind": kind,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:1024],
+        "source": {"component": "cheapspot-operator"},
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+    try:
+        api.create(f"/api/v1/namespaces/{meta['namespace']}/events", body)
+    except ApiError as exc:  # an event lost is not worth failing a reconciliation
+        log.warning("cannot post event %s: %s", event.reason, exc)
+
+
 def _connection_info(config: Any, settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
     header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix(
         "authorization"
@@ -588,11 +595,15 @@ def _owned_by(pod: Mapping[str, Any], uid: str) -> bool:
 # --- kopf wiring ------------------------------------------------------------------------------
 
 
+class Reconciles(Protocol):
+    def reconcile(self, namespace: str, name: str) -> Any: ...
+
+
 @dataclass
 class _Loops:
-    """One reconcile task per job and the event that wakes it early."""
+    """One reconcile task per object and the event that wakes it early."""
 
-    reconciler: Reconciler
+    reconciler: Reconciles
     interval: float
     executor: ThreadPoolExecutor
     tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
@@ -727,4 +738,10 @@ def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Operat
             loops.nodes[name] = state
             loops.poke_all()
 
+    # Inference pools: their own loops, pod and node handlers (see poolhandlers).
+    from cheapspot_operator.poolhandlers import PoolReconciler, register_pool_handlers
+
+    register_pool_handlers(
+        registry, PoolReconciler(reconciler.api, config, clock=reconciler.clock), config
+    )
     return registry

@@ -45,4 +45,17 @@ COST_ESTIMATED = Gauge(
     "cheapspot_job_cost_estimated",
     "1 when some of the job's cost used an estimated price (last known good or the table).",
     ["namespace", "job"],
+REPLICA_DRAINS = Counter(
+    "cheapspot_replica_drains_total",
+    "Serving replicas marked draining (reclaim notice, move back to spot, scale down).",
+)
+ADAPTER_SYNCS = Counter(
+    "cheapspot_adapter_syncs_total",
+    "Adapter lists pushed to running replicas, by result.",
+    ["result"],
+)
+POOL_REPLICAS = Gauge(
+    "cheapspot_pool_replicas",
+    "Serving replicas of all pools, by the capacity type they are meant to run on.",
+    ["capacity"],
 )

@@ -22,7 +22,7 @@ import yaml
 
 from cheapspot.contract import Layout, Phase, Progress, Role
 from cheapspot_localcluster.waiting import wait_for
-from cheapspot_operator.crd import build_crd
+from cheapspot_operator.crd import build_crd, build_pool_crd
 from cheapspot_operator.kubeapi import ApiError, KubeApi
 from cheapspot_operator.spec import GROUP, PLURAL, VERSION
 
@@ -37,7 +37,11 @@ def jobs_path(ns: str, name: str = "") -> str:
 
 
 def install_crd(api: KubeApi) -> None:
-    crd = build_crd()
+    for crd in (build_crd(), build_pool_crd()):
+        _install(api, crd)
+
+
+def _install(api: KubeApi, crd: dict[str, Any]) -> None:
     name = crd["metadata"]["name"]
     path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
     existing = api.get(f"{path}/{name}")

@@ -263,3 +263,102 @@ def test_a_reclaimed_node_kills_its_pods_processes(
     finally:
         cluster.create_nodes()  # give the node back for the next test
     assert os.path.exists(report)
+
+
+# Answers GET /ready with 200 while the flag file exists, 503 otherwise, on the pod's own IP.
+PROBED = r"""
+import http.server, os, pathlib
+flag = pathlib.Path(os.environ["FLAG"])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if flag.exists() else 503)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer((os.environ["POD_IP"], 8001), H).serve_forever()
+"""
+
+
+def _ready(cluster: LocalCluster, ns: str, name: str) -> bool | None:
+    pod = running(cluster, ns, name)
+    if pod is None:
+        return None
+    conds = {c["type"]: c["status"] for c in pod["status"].get("conditions") or []}
+    return conds.get("Ready") == "True"
+
+
+def test_a_readiness_probe_gates_ready_on_the_pods_own_ip(
+    cluster: LocalCluster, ns: str, tmp_path: Path
+) -> None:
+    flag = tmp_path / "ready"
+    pod = make_pod("probed", tmp_path / "unused.jsonl", "run")
+    c = pod["spec"]["containers"][0]
+    c["command"] = ["python", "-c", PROBED]
+    c["env"] = [
+        {"name": "FLAG", "value": str(flag)},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+    c["ports"] = [{"name": "admin", "containerPort": 8001}]
+    c["readinessProbe"] = {
+        "httpGet": {"path": "/ready", "port": "admin"},
+        "periodSeconds": 1,
+        "failureThreshold": 2,
+    }
+    cluster.core().create_namespaced_pod(ns, pod)
+    wait_for("probed Running", lambda: running(cluster, ns, "probed"))
+    time.sleep(3)  # several failed probes
+    assert _ready(cluster, ns, "probed") is False
+    flag.write_text("yes")
+    wait_for("probed Ready", lambda: _ready(cluster, ns, "probed"), 15)
+    flag.unlink()
+    wait_for("probed no longer Ready", lambda: _ready(cluster, ns, "probed") is False, 15)
+
+
+LISTER = r"""
+import json, os, pathlib
+from kubernetes import client, config
+config.load_kube_config()
+api = client.CoreV1Api()
+out = {}
+for ns in (os.environ["POD_NAMESPACE"], "default"):
+    try:
+        api.list_namespaced_pod(ns)
+        out[ns] = 200
+    except client.exceptions.ApiException as exc:
+        out[ns] = exc.status
+pathlib.Path(os.environ["REPORT"]).write_text(json.dumps(out))
+"""
+
+
+def test_a_pod_talks_to_the_api_server_with_its_service_accounts_rbac_only(
+    cluster: LocalCluster, ns: str, tmp_path: Path
+) -> None:
+    core = cluster.core()
+    rbac = cluster.api_client()
+    from kubernetes import client
+
+    core.create_namespaced_service_account(ns, {"metadata": {"name": "reader"}})
+    client.RbacAuthorizationV1Api(rbac).create_namespaced_role(
+        ns,
+        {
+            "metadata": {"name": "reader"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+        },
+    )
+    client.RbacAuthorizationV1Api(rbac).create_namespaced_role_binding(
+        ns,
+        {
+            "metadata": {"name": "reader"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}],
+        },
+    )
+    report = tmp_path / "lister.json"
+    pod = make_pod("lister", report, "run")
+    pod["spec"]["serviceAccountName"] = "reader"
+    pod["spec"]["containers"][0]["command"] = ["python", "-c", LISTER]
+    pod["spec"]["containers"][0]["env"] = [{"name": "REPORT", "value": str(report)}]
+    core.create_namespaced_pod(ns, pod)
+    ended = wait_for("lister to finish", lambda: finished(cluster, ns, "lister"), 60)
+    assert ended["status"]["phase"] == "Succeeded", ended["status"]
+    assert json.loads(report.read_text()) == {ns: 200, "default": 403}

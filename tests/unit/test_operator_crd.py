@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cheapspot_operator.crd import CRD_PATHS, build_crd, render_crd
+from cheapspot_operator.crd import CRD_PATHS, build_crd, build_pool_crd, render
 from cheapspot_operator.spec import TrainJobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("rel", CRD_PATHS, ids=str)
 def test_the_committed_crd_is_what_the_models_generate(rel: Path) -> None:
-    assert (ROOT / rel).read_text() == render_crd(), (
+    assert (ROOT / rel).read_text() == render(rel), (
         f"{rel} is stale: run `python -m cheapspot_operator.crd`"
     )
 
@@ -76,9 +76,12 @@ def _examples() -> list[Path]:
 
 @pytest.mark.parametrize("path", _examples(), ids=lambda p: p.name)
 def test_examples_are_valid_specs(path: Path) -> None:
+    from cheapspot_operator.poolspec import InferencePoolSpec
+
     doc = yaml.safe_load(path.read_text())
-    assert doc["apiVersion"] == "cheapspot.dev/v1alpha1" and doc["kind"] == "CheapTrainJob"
-    TrainJobSpec.model_validate(doc["spec"])
+    models = {"CheapTrainJob": TrainJobSpec, "CheapInferencePool": InferencePoolSpec}
+    assert doc["apiVersion"] == "cheapspot.dev/v1alpha1" and doc["kind"] in models
+    models[doc["kind"]].model_validate(doc["spec"])
 
 
 @pytest.mark.parametrize(
@@ -116,3 +119,34 @@ def test_uris_that_cannot_work_are_rejected_with_what_to_use(uri: str, expect: s
         TrainJobSpec.model_validate(spec_dict(output={"uri": uri}))
     assert expect in str(info.value)
     TrainJobSpec.model_validate(spec_dict(output={"uri": "s3://bucket-1/jobs/a/"}))
+
+
+def test_the_pool_crd_has_scale_short_name_columns_and_is_structural() -> None:
+    crd = build_pool_crd()
+    assert crd["metadata"]["name"] == "cheapinferencepools.cheapspot.dev"
+    assert crd["spec"]["names"]["shortNames"] == ["cip"]
+    (version,) = crd["spec"]["versions"]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns[:2] == ["Ready", "Spot/OD"] and "Cost" in columns
+    schema = version["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        for banned in ("$ref", "anyOf", "title", "additionalProperties", "$defs"):
+            assert banned not in node, (path, banned)
+    adapters = schema["properties"]["spec"]["properties"]["adapters"]
+    assert adapters["x-kubernetes-list-type"] == "map"
+    assert adapters["x-kubernetes-list-map-keys"] == ["name"]
+
+
+def test_the_pool_example_is_a_valid_spec() -> None:
+    from cheapspot_operator.poolspec import parse_spec
+
+    doc = yaml.safe_load((ROOT / "crds" / "examples" / "inference-pool.yaml").read_text())
+    assert doc["kind"] == "CheapInferencePool"
+    spec = parse_spec(doc["spec"])
+    assert spec.anchor.replicas == 1 and spec.replicas == 3

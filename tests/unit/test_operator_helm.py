@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cheapspot_operator.config import OperatorConfig, WorkerSettings
+from cheapspot_operator.config import OperatorConfig, ServingSettings, WorkerSettings
 
 # jsonschema comes with the dev tools (moto); the chart check needs nothing else.
 jsonschema = pytest.importorskip("jsonschema")
@@ -50,11 +50,17 @@ def test_the_config_the_chart_writes_uses_the_operators_keys() -> None:
     text = (CHART / "templates" / "configmap.yaml").read_text()
     body = text.split("config.yaml: |", 1)[1]
     top = set(re.findall(r"^    ([A-Za-z]+):", body, re.M))
-    worker = set(re.findall(r"^      ([A-Za-z]+):", body, re.M))
+    worker_body, serving_body = (
+        body.split("\n    serving:", 1) if "serving:" in body else (body, "")
+    )
+    worker = set(re.findall(r"^      ([A-Za-z]+):", worker_body, re.M))
+    serving = set(re.findall(r"^      ([A-Za-z]+):", serving_body, re.M))
     known = {f.alias or n for n, f in OperatorConfig.model_fields.items()}
     known_worker = {f.alias or n for n, f in WorkerSettings.model_fields.items()}
+    known_serving = {f.alias or n for n, f in ServingSettings.model_fields.items()}
     assert top <= known, top - known
     assert worker <= known_worker, worker - known_worker
+    assert serving and serving <= known_serving, serving - known_serving
 
 
 def test_the_chart_runs_one_operator_with_least_privilege() -> None:
@@ -64,6 +70,8 @@ def test_the_chart_runs_one_operator_with_least_privilege() -> None:
     assert '"*"' not in rbac and "secrets" not in rbac
     assert "cheaptrainjobs/status" in rbac
     assert (CHART / "crds" / "cheaptrainjobs.yaml").exists()
+    assert "cheapinferencepools/status" in rbac
+    assert (CHART / "crds" / "cheapinferencepools.yaml").exists()
 
 
 def test_the_grafana_dashboard_queries_only_metrics_the_operator_exports() -> None:

@@ -174,3 +174,60 @@ def test_empty_dirs_become_pod_directories_and_env_follows(tmp_path: Path) -> No
         "X": "/tmpfoo",
         "Y": "/etc/cfg",
     }
+
+
+def test_a_readiness_probe_follows_kubelets_thresholds() -> None:
+    from cheapspot_localcluster.podrunner import Probe
+
+    container = {
+        "ports": [{"name": "admin", "containerPort": 8001}],
+        "readinessProbe": {
+            "httpGet": {"path": "/cheapspot/status", "port": "admin"},
+            "initialDelaySeconds": 2,
+            "periodSeconds": 1,
+            "failureThreshold": 2,
+            "successThreshold": 2,
+        },
+    }
+    probe = Probe.of(container, started=100.0)
+    assert probe is not None and (probe.port, probe.path) == (8001, "/cheapspot/status")
+    assert not probe.due(101.0) and probe.due(102.0)
+    assert probe.record(True, 102.0) is False  # one success of two needed
+    assert probe.record(True, 103.0) is True
+    assert probe.record(False, 104.0) is True  # one failure of two
+    assert probe.record(False, 105.0) is False
+    assert not probe.due(105.5) and probe.due(106.0)
+    assert Probe.of({"name": "no-probe"}, 0.0) is None
+
+
+def test_the_serving_image_runs_from_its_own_environment(tmp_path: Path) -> None:
+    from cheapspot_localcluster.podrunner import base_environment, image_environment
+
+    assert image_environment("ghcr.io/cheapspot/cheapspot-worker:0.1.0") is None
+    venv = image_environment("ghcr.io/cheapspot/cheapspot-serve:0.1.0")
+    assert venv is not None and venv.name == ".venv-serve"
+    env = base_environment({"PATH": "/usr/bin"}, tmp_path)
+    assert env["PATH"].split(":")[0] == str(tmp_path / "bin")
+    assert env["VIRTUAL_ENV"] == str(tmp_path)
+
+
+def test_command_references_expand_like_kubelets() -> None:
+    from cheapspot_localcluster.podrunner import expand_references
+
+    env = {"POD_IP": "127.0.0.7"}
+    assert expand_references("--host=$(POD_IP)", env) == "--host=127.0.0.7"
+    assert expand_references("$(MISSING)", env) == "$(MISSING)"
+    assert expand_references("$$(POD_IP)", env) == "$(POD_IP)"
+
+
+def test_a_pods_tmp_has_a_short_path_for_unix_sockets(tmp_path: Path) -> None:
+    from cheapspot_localcluster.podrunner import short_tmp
+
+    deep = tmp_path / ("x" * 60) / "volumes" / "tmp"
+    deep.mkdir(parents=True)
+    link = short_tmp("0123456789abcdef-uid", deep)
+    try:
+        assert len(str(link / "561e580e-8f67-488b-88e5-8544ee850d7f")) < 100
+        assert link.resolve() == deep.resolve()
+    finally:
+        link.unlink()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -99,14 +100,28 @@ def run(task: Task) -> None:
 
         run_anchor(task, store, stop)
     else:
-        raise PermanentError(f"role {task.role.value!r} is not implemented yet")
+        raise PermanentError(f"role {task.role.value!r} takes a serve task, not a train task")
+
+
+def task_role(path: Path | None) -> str | None:
+    """The ``role`` of the task document, before validating it as a train or serve task."""
+    try:
+        raw = path.read_text() if path is not None else os.environ.get(TASK_ENV, "")
+        doc = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    role = doc.get("role") if isinstance(doc, dict) else None
+    return role if isinstance(role, str) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cheapspot worker", description=__doc__)
     parser.add_argument("--task", type=Path, help=f"task JSON file (default: ${TASK_ENV})")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(args_list)
     configure_logging()
+    if task_role(args.task) == Role.SERVE.value:
+        return serve_main(args.task, args_list)
     task: Task | None = None
     try:
         task = read_task(args.task)
@@ -154,6 +169,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_termination_message(f"unexpected error: {type(exc).__name__}: {exc}")
         return UNEXPECTED_ERROR
     event("done", role=task.role.value)
+    return ExitCode.DONE
+
+
+def serve_main(path: Path | None, argv: list[str]) -> int:
+    """The serve role: run the replica launcher (in the serving environment, switching to it
+    first when this one has no vLLM); its exit code by the contract."""
+    from cheapspot.contract import ServeTask
+
+    pool = ""
+    try:
+        try:
+            task = (
+                ServeTask.model_validate_json(path.read_text())
+                if path is not None
+                else ServeTask.from_env()
+            )
+        except (ValidationError, OSError, ValueError) as exc:
+            raise PermanentError(f"invalid serve task: {exc}") from exc
+        pool = f"{task.pool.namespace}/{task.pool.name}"
+        from cheapspot_worker import serving
+
+        if not serving.has_vllm():
+            serving.reexec_in_serve_env(argv)
+        event("start", role="serve", pool=pool, replica=task.replica_index, attempt=task.attempt)
+        serving.run_serve(task)
+    except PermanentError as exc:
+        event("failed", logging.ERROR, kind="permanent", error=str(exc), pool=pool)
+        write_termination_message(str(exc))
+        return ExitCode.PERMANENT
+    except Interrupted as exc:
+        event("interrupted", reason=str(exc))
+        return ExitCode.INTERRUPTED
+    except StoreError as exc:
+        kind = "permanent" if isinstance(exc, PermissionStoreError) else "transient"
+        event("failed", logging.ERROR, kind=kind, error=str(exc))
+        write_termination_message(str(exc))
+        return ExitCode.PERMANENT if kind == "permanent" else ExitCode.TRANSIENT
+    except Exception as exc:
+        logging.getLogger("cheapspot_worker").exception(
+            "unexpected error", extra={"event": "failed", "kind": "transient"}
+        )
+        write_termination_message(f"{type(exc).__name__}: {exc}")
+        return ExitCode.TRANSIENT
     return ExitCode.DONE
 
 

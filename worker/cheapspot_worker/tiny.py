@@ -111,14 +111,33 @@ def build_tokenizer(vocab_size: int = 384) -> Any:
     )
 
 
+SERVABLE_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+"""Attention head sizes vLLM's CPU backend runs (it derives the head size of Llama and
+Qwen2 as hidden_size / num_attention_heads): the tiny models keep to them so the serving
+tests and the training tests use the same models."""
+
+
+def attention_heads(hidden: int) -> tuple[int, int]:
+    """(query heads, key/value heads) for a tiny model of width ``hidden``: four heads
+    (grouped-query, two KV heads) where that leaves a servable head size, else fewer."""
+    for heads in (4, 2, 1):
+        if hidden % heads == 0 and hidden // heads in SERVABLE_HEAD_SIZES:
+            return heads, max(1, heads // 2)
+    raise ValueError(
+        f"hidden size {hidden} gives no attention head size vLLM serves on CPU "
+        f"({', '.join(map(str, SERVABLE_HEAD_SIZES))} with 1, 2 or 4 heads)"
+    )
+
+
 def tiny_config(arch: Arch, vocab_size: int, hidden: int = 32, layers: int = 2) -> Any:
+    heads, kv_heads = attention_heads(hidden) if arch != "deepseek_v3" else (4, 2)
     common: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": hidden * 2,
         "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "max_position_embeddings": 256,
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -215,6 +234,34 @@ def build_teacher(
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(directory)
+def build_adapter(
+    directory: Path,
+    model_dir: Path,
+    *,
+    r: int = 4,
+    seed: int = 1,
+    target_modules: str | list[str] = "all-linear",
+) -> Path:
+    """Save a stock PEFT LoRA adapter for the model in ``model_dir`` with random, non-zero
+    weights (both A and B, scaled so the adapter visibly changes the model's answers):
+    serving tests need adapters that differ from the base and from each other without
+    training them first."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=target_modules, init_lora_weights=False
+    )
+    torch.manual_seed(seed)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.5)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory))
     return directory
 
 

@@ -51,6 +51,7 @@ from cheapspot_operator.planning import budget, costing, train_deadline
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.distillation import distillation_status
+from cheapspot_operator.planning.fallback import waited_too_long
 from cheapspot_operator.planning.preemption import (
     START_FAILURES,
     Outcome,
@@ -640,8 +641,8 @@ def _maybe_move(
             reason,
         )
     elif desired is CapacityType.SPOT:
-        waited = (now - pod.unschedulable_since) if pod.unschedulable_since else None
-        if waited is not None and waited >= timedelta(seconds=spec.spot.fallback_after_seconds):
+        waited = waited_too_long(pod, spec.spot.fallback_after_seconds, now)
+        if waited is not None:
             desired, reason = CapacityType.ON_DEMAND, "SpotUnavailable"
             work.event(
                 "Warning",

@@ -1,0 +1,281 @@
+"""CheapInferencePools end to end: the operator, the router and vLLM replicas (the worker's
+serve role in the serving environment) as local processes, the ``openai`` client in front.
+
+One pool (the example, shrunk: an on-demand anchor and one spot replica) serves the whole
+module, so the machine runs two or three vLLM processes at a time. The promise under test:
+zero failed or truncated responses whatever happens to the replicas, every response parsed
+by the official client.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cheapspot_localcluster.inference import (
+    Load,
+    Pools,
+    arrivals,
+    ask,
+    client,
+    pool_from_example,
+    publish_adapters,
+)
+from cheapspot_localcluster.stack import NOTICE_SECONDS, Backend
+from cheapspot_localcluster.trainjobs import Materials
+from cheapspot_localcluster.waiting import wait_for
+
+pytestmark = pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[1] / ".venv-serve" / "bin" / "python").exists()
+    and not os.environ.get("CHEAPSPOT_SERVE_VENV"),
+    reason="no serving environment (make serve-venv)",
+)
+
+ADAPTERS = ("qa", "sums")
+LATE_ADAPTER = "late"
+START_TIMEOUT_S = 600
+
+
+@dataclass
+class Served:
+    backend: Backend
+    pools: Pools
+    name: str
+    base: str
+    url: str
+    adapter_uris: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def served(
+    backend: Backend, materials: Materials, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    if backend.name != "local":
+        pytest.skip("pools on kind need the serving image built (local cluster only for now)")
+    workdir = tmp_path_factory.mktemp("pool-adapters")
+    bucket = backend.s3.uri(f"pools-{uuid.uuid4().hex[:6]}/")
+    uris = publish_adapters(bucket, materials.model_dir, workdir, [*ADAPTERS, LATE_ADAPTER])
+    pools = Pools(backend.api_client(), backend.namespace)  # type: ignore[attr-defined]
+    name = "serve"
+    body = pool_from_example(name, materials.model_uri, {a: uris[a] for a in ADAPTERS})
+    pools.apply(body)
+    pools.wait_ready(name, 2, START_TIMEOUT_S)
+    url = pools.router_url(name)
+    base = materials.model_uri.rstrip("/").rsplit("/", 1)[-1]
+    yield Served(backend, pools, name, base, url, uris)
+    pools.delete(name)
+
+
+@pytest.fixture(autouse=True)
+def restored(backend: Backend) -> Iterator[None]:
+    backend.restore()
+    yield
+    backend.restore()
+
+
+def _assert_clean(load: Load) -> None:
+    assert load.outcomes, "no request was sent"
+    assert load.failed == [], [o.error for o in load.failed][:5]
+    assert load.truncated == [], [(o.model, o.tokens) for o in load.truncated][:5]
+
+
+def _spot_replica(s: Served) -> dict[str, Any]:
+    nodes = s.backend.spot_nodes()
+    return wait_for(
+        "a ready spot replica",
+        lambda: next(
+            (p for p in s.pools.ready_replicas(s.name) if p["spec"].get("nodeName") in nodes),
+            None,
+        ),
+        START_TIMEOUT_S,
+    )
+
+
+def _uids(s: Served) -> dict[str, str]:
+    return {p["metadata"]["name"]: p["metadata"]["uid"] for p in s.pools.live_replicas(s.name)}
+
+
+def test_an_adapter_added_to_a_running_pool_is_served_without_a_restart(served: Served) -> None:
+    s = served
+    c = client(s.url)
+    before = _uids(s)
+    unknown = ask(c, LATE_ADAPTER, "say hello", stream=False, max_tokens=4)
+    assert not unknown.ok and "NotFoundError" in unknown.error, unknown.error
+    adapters = [{"name": a, "uri": s.adapter_uris[a]} for a in (*ADAPTERS, LATE_ADAPTER)]
+    s.pools.patch_spec(s.name, {"adapters": adapters})
+
+    def served_everywhere() -> bool:
+        models = {m.id for m in c.models.list().data}
+        return LATE_ADAPTER in models and all(
+            ask(c, LATE_ADAPTER, "say hello", stream=False, max_tokens=4).ok for _ in range(4)
+        )
+
+    wait_for("the new adapter served", served_everywhere, 180, poll_s=1)
+    for stream in (False, True):
+        got = ask(c, LATE_ADAPTER, "3 plus 4 is", stream=stream, max_tokens=8)
+        assert got.ok and got.tokens == 8, got.error
+    assert _uids(s) == before, "a replica was restarted to load the adapter"
+    nope = ask(c, "no-such-adapter", "say hello", stream=False, max_tokens=4)
+    assert not nope.ok and "NotFoundError" in nope.error
+
+
+def test_kubectl_scale_up_and_down_under_load(served: Served) -> None:
+    s = served
+    load = Load(s.url, [s.base, *ADAPTERS], threads=3).start()
+    try:
+        load.wait_requests(6)
+        s.pools.scale(s.name, 3)
+        s.pools.wait_ready(s.name, 3, START_TIMEOUT_S)
+        assert s.pools.status(s.name)["replicas"] == 3
+        served_before = len(load.outcomes)
+        load.wait_requests(served_before + 6)
+        s.pools.scale(s.name, 2)
+        wait_for(
+            "back to 2 replicas",
+            lambda: (
+                len(s.pools.live_replicas(s.name)) == 2
+                and s.pools.status(s.name).get("replicas") == 2
+            ),
+            120,
+        )
+        load.wait_requests(len(load.outcomes) + 6)
+    finally:
+        load.stop()
+    _assert_clean(load)
+    anchor = [
+        p
+        for p in s.pools.live_replicas(s.name)
+        if p["metadata"]["labels"]["cheapspot.dev/replica"] == "0"
+    ]
+    assert len(anchor) == 1, "the anchor was scaled away"
+
+
+def test_a_reclaim_with_notice_under_load_loses_nothing(served: Served) -> None:
+    s = served
+    victim = _spot_replica(s)
+    name, node, ip = (
+        victim["metadata"]["name"],
+        victim["spec"]["nodeName"],
+        victim["status"]["podIP"],
+    )
+    slot = victim["metadata"]["labels"]["cheapspot.dev/replica"]
+    load = Load(s.url, [s.base, *ADAPTERS], threads=4).start()
+    reclaim: threading.Thread | None = None
+    try:
+        load.wait_requests(8)
+        noticed = time.monotonic()
+        reclaim = threading.Thread(target=s.backend.reclaim, args=(node, NOTICE_SECONDS))
+        reclaim.start()
+
+        def replacement() -> dict[str, Any] | None:
+            for p in s.pools.live_replicas(s.name):
+                labels = p["metadata"]["labels"]
+                if labels["cheapspot.dev/replica"] == slot and p["metadata"]["name"] != name:
+                    return p
+            return None
+
+        wait_for("the replacement pod", replacement, 10, poll_s=0.05)
+        created_after = time.monotonic() - noticed
+        # The router has seen the mark within a second; from then on nothing new arrives.
+        marked = wait_for(
+            "the victim marked draining",
+            lambda: next(
+                (
+                    p
+                    for p in s.pools.pods(s.name)
+                    if p["metadata"]["name"] == name and Pools.draining(p)
+                ),
+                None,
+            ),
+            10,
+            poll_s=0.05,
+        )
+        assert marked
+        time.sleep(1.0)
+        first = arrivals(ip)
+        last = first
+        while (n := arrivals(ip)) is not None:
+            last = n
+            time.sleep(0.2)
+        reclaim.join(120)
+        s.pools.wait_ready(s.name, 2, START_TIMEOUT_S)
+        load.wait_requests(len(load.outcomes) + 8)
+    finally:
+        load.stop()
+        if reclaim is not None:
+            reclaim.join(120)
+    _assert_clean(load)
+    assert created_after < 2.0, f"replacement created {created_after:.2f}s after the notice"
+    assert first is not None and last == first, (
+        f"{(last or 0) - (first or 0)} requests reached the replica after it was marked draining"
+    )
+    assert s.pools.status(s.name)["preemptions"] >= 1
+
+
+def test_a_replica_sigkilled_mid_stream_resumes_byte_identical(served: Served) -> None:
+    s = served
+    c = client(s.url)
+    tokens, prompt = 200, "the cat and the dog"
+    undisturbed = ask(c, ADAPTERS[0], prompt, stream=False, max_tokens=tokens)
+    assert undisturbed.ok, undisturbed.error
+    chunks: list[str] = []
+    finish: list[str] = []
+    errors: list[str] = []
+
+    def stream() -> None:
+        try:
+            for chunk in c.completions.create(
+                model=ADAPTERS[0],
+                prompt=prompt,
+                max_tokens=tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            ):
+                if chunk.choices:
+                    chunks.append(chunk.choices[0].text)
+                    if chunk.choices[0].finish_reason:
+                        finish.append(chunk.choices[0].finish_reason)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    t = threading.Thread(target=stream)
+    t.start()
+    victim = wait_for("the replica serving the stream", lambda: _busy_replica(s), 60, poll_s=0.02)
+    wait_for("the stream under way", lambda: len(chunks) >= 5, 60, poll_s=0.01)
+    _sigkill(s, victim)
+    cut_at = len(chunks)
+    t.join(300)
+    assert errors == []
+    assert cut_at < tokens, "the stream had ended before the kill"
+    assert finish == ["length"]
+    assert "".join(chunks).encode() == undisturbed.text.encode()
+    s.pools.wait_ready(s.name, 2, START_TIMEOUT_S)
+
+
+def _busy_replica(s: Served) -> str | None:
+    """The replica the router has a request in flight on (its /cheapspot/router status)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(s.url.removesuffix("/v1") + "/cheapspot/router", timeout=2) as r:
+        doc = json.loads(r.read())
+    busy = [rep["name"] for rep in doc["replicas"] if rep["in_flight"] > 0]
+    return busy[0] if len(busy) == 1 else None
+
+
+def _sigkill(s: Served, pod: str) -> None:
+    """SIGKILL the replica's whole process group (launcher and vLLM): no notice at all."""
+    root = s.backend.cluster.layout.root / "podrunner" / "pods"  # type: ignore[attr-defined]
+    pids = sorted(root.glob(f"{s.backend.namespace}_{pod}_*/pid"))  # type: ignore[attr-defined]
+    assert pids, f"no process for {pod}"
+    os.killpg(int(pids[-1].read_text()), signal.SIGKILL)

@@ -1,0 +1,283 @@
+"""CheapInferencePools on the real control plane (kwok nodes; replica pods do not run vLLM).
+
+What a user of a pool relies on, from the operator's side: replicas placed where they belong
+(anchors on on-demand, the rest on spot), the router and its Service created with least
+RBAC, the scale subresource working with ``kubectl scale``, and a reclaim notice turned into
+a draining mark and a replacement at once, before the node goes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_harness import NOTICE_SECONDS, Harness, make_harness, wait_for
+
+from cheapspot.contract import ANNOTATION_DRAINING
+from cheapspot_operator.poolspec import PLURAL
+from cheapspot_operator.spec import GROUP, VERSION
+
+
+@pytest.fixture
+def h(local_cluster: Any, s3_endpoint: Any, tmp_path: Path) -> Iterator[Harness]:
+    yield from make_harness(local_cluster, s3_endpoint, tmp_path)
+
+
+def pools_path(ns: str, name: str = "") -> str:
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
+    return f"{base}/{name}" if name else base
+
+
+def apply_pool(h: Harness, name: str, **spec: Any) -> None:
+    body: dict[str, Any] = {
+        "model": {"uri": "s3://cheapspot/models/tiny/"},
+        "adapters": [{"name": "qa", "uri": "s3://cheapspot/adapters/qa/"}],
+        "replicas": 3,
+        "anchor": {"replicas": 1},
+        "engine": {"shutdownTimeoutSeconds": 5},
+        "resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"},
+        "spot": {"fallbackAfterSeconds": 5},
+    }
+    body.update(spec)
+    h.api.create(
+        pools_path(h.namespace),
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "CheapInferencePool",
+            "metadata": {"name": name},
+            "spec": body,
+        },
+    )
+
+
+def pool_status(h: Harness, name: str) -> dict[str, Any]:
+    got = h.api.get(pools_path(h.namespace, name)) or {}
+    status: dict[str, Any] = got.get("status") or {}
+    return status
+
+
+def replicas(h: Harness, pool: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in h.api.list(
+            f"/api/v1/namespaces/{h.namespace}/pods",
+            f"cheapspot.dev/pool={pool},cheapspot.dev/pool-role=replica",
+        )
+        if not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def running(h: Harness, pool: str, n: int) -> list[dict[str, Any]] | None:
+    pods = [
+        p
+        for p in replicas(h, pool)
+        if (p.get("status") or {}).get("phase") == "Running" and p["spec"].get("nodeName")
+    ]
+    return pods if len(pods) == n else None
+
+
+def kubectl_run(h: Harness, *args: str) -> subprocess.CompletedProcess[str]:
+    from cheapspot_localcluster import build
+
+    binary = build.bin_dir() / "kubectl"
+    return subprocess.run(
+        [str(binary), "--kubeconfig", str(h.cluster.kubeconfig_path), "-n", h.namespace, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def kubectl(h: Harness, *args: str) -> str:
+    out = kubectl_run(h, *args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_a_pool_places_anchor_and_spot_replicas_and_creates_its_router(h: Harness) -> None:
+    apply_pool(h, "qa")
+    pods = wait_for("3 replicas running", lambda: running(h, "qa", 3), timeout_s=60)
+    by_slot = {p["metadata"]["labels"]["cheapspot.dev/replica"]: p for p in pods}
+    assert h.node_capacity(by_slot["0"]["spec"]["nodeName"]) == "on-demand"
+    assert {h.node_capacity(by_slot[i]["spec"]["nodeName"]) for i in ("1", "2")} == {"spot"}
+    ns = h.namespace
+    deployment = wait_for(
+        "the router Deployment",
+        lambda: h.api.get(f"/apis/apps/v1/namespaces/{ns}/deployments/qa-router"),
+    )
+    assert deployment["metadata"]["ownerReferences"][0]["kind"] == "CheapInferencePool"
+    assert h.api.get(f"/api/v1/namespaces/{ns}/services/qa") is not None
+    role = h.api.get(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/qa-router")
+    assert role is not None and role["rules"][0]["resources"] == ["pods"]
+    wait_for(
+        "a router pod on on-demand",
+        lambda: [
+            p
+            for p in h.api.list(f"/api/v1/namespaces/{ns}/pods", "cheapspot.dev/pool-role=router")
+            if p["spec"].get("nodeName") and h.node_capacity(p["spec"]["nodeName"]) == "on-demand"
+        ],
+        timeout_s=60,
+    )
+    status = wait_for(
+        "status with the selector and endpoint",
+        lambda: (st := pool_status(h, "qa")).get("replicas") == 3 and st,
+    )
+    assert status["selector"] == "cheapspot.dev/pool=qa,cheapspot.dev/pool-role=replica"
+    assert status["endpoint"] == f"http://qa.{ns}.svc/v1"
+    assert status["placementDisplay"] == "2/1"
+    table = kubectl(h, "get", "cip", "qa")
+    assert "SPOT/OD" in table and "2/1" in table
+
+
+def test_kubectl_scale_adds_spot_replicas_and_removes_them_never_the_anchor(h: Harness) -> None:
+    apply_pool(h, "sc", replicas=2)
+    wait_for("2 replicas running", lambda: running(h, "sc", 2), timeout_s=60)
+    kubectl(h, "scale", "cip", "sc", "--replicas=4")
+    pods = wait_for("4 replicas running", lambda: running(h, "sc", 4), timeout_s=60)
+    assert sorted(p["metadata"]["labels"]["cheapspot.dev/replica"] for p in pods) == [
+        "0",
+        "1",
+        "2",
+        "3",
+    ]
+    scale = json.loads(kubectl(h, "get", "--raw", f"{pools_path(h.namespace, 'sc')}/scale"))
+    wait_for("status.replicas 4", lambda: pool_status(h, "sc").get("replicas") == 4)
+    assert scale["spec"]["replicas"] == 4
+    kubectl(h, "scale", "cip", "sc", "--replicas=1")
+    left = wait_for("only the anchor left", lambda: running(h, "sc", 1), timeout_s=60)
+    assert left[0]["metadata"]["labels"]["cheapspot.dev/replica"] == "0"
+    assert h.node_capacity(left[0]["spec"]["nodeName"]) == "on-demand"
+    refused = kubectl_run(h, "scale", "cip", "sc", "--replicas=0")
+    assert refused.returncode != 0 and "anchor" in refused.stderr
+
+
+def test_a_notice_marks_the_replica_draining_and_starts_its_replacement_at_once(
+    h: Harness,
+) -> None:
+    apply_pool(h, "dr")
+    pods = wait_for("3 replicas running", lambda: running(h, "dr", 3), timeout_s=60)
+    victim = next(p for p in pods if p["metadata"]["labels"]["cheapspot.dev/replica"] == "1")
+    node = victim["spec"]["nodeName"]
+    name = victim["metadata"]["name"]
+    started = time.monotonic()
+    reclaim = h.cluster.preempt_in_background(node, notice_s=NOTICE_SECONDS)
+
+    def replacement() -> dict[str, Any] | None:
+        for p in replicas(h, "dr"):
+            labels = p["metadata"]["labels"]
+            if labels["cheapspot.dev/replica"] == "1" and p["metadata"]["name"] != name:
+                return p
+        return None
+
+    new = wait_for("the replacement", replacement, timeout_s=NOTICE_SECONDS)
+    created_after = time.monotonic() - started
+    marked = h.api.get(f"/api/v1/namespaces/{h.namespace}/pods/{name}") or {}
+    annotations = marked.get("metadata", {}).get("annotations") or {}
+    assert ANNOTATION_DRAINING in annotations, "the old replica was not marked draining"
+    assert h.node(node) is not None, "the replacement came only after the node was gone"
+    assert created_after < 5, f"replacement created {created_after:.1f}s after the notice"
+    scheduled = wait_for(
+        "the replacement scheduled",
+        lambda: (p := replacement()) and p["spec"].get("nodeName") and p,
+        timeout_s=30,
+    )
+    assert scheduled["spec"]["nodeName"] != node
+    assert h.node_capacity(scheduled["spec"]["nodeName"]) == "spot"
+    assert new["metadata"]["annotations"]["cheapspot.dev/attempt"] == "1"
+    status = pool_status(h, "dr")
+    assert status["preemptions"] == 1
+    assert [d["pod"] for d in status.get("draining") or []] in ([name], [])
+    reclaim.result(timeout=120)
+    wait_for(
+        "the drained replica gone",
+        lambda: h.api.get(f"/api/v1/namespaces/{h.namespace}/pods/{name}") is None,
+        timeout_s=60,
+    )
+
+
+def test_spot_off_falls_back_to_on_demand_and_spot_on_returns(h: Harness) -> None:
+    apply_pool(h, "fb", replicas=2)
+    wait_for("2 replicas running", lambda: running(h, "fb", 2), timeout_s=60)
+    h.cluster.spot_off()
+    try:
+
+        def on_demand_only() -> list[dict[str, Any]] | None:
+            pods = running(h, "fb", 2)
+            if pods and all(h.node_capacity(p["spec"]["nodeName"]) == "on-demand" for p in pods):
+                return pods
+            return None
+
+        wait_for("both replicas on on-demand", on_demand_only, timeout_s=90)
+        cond = wait_for(
+            "SpotUnavailable",
+            lambda: (c := _condition(h, "fb", "SpotUnavailable")) and c["status"] == "True" and c,
+            timeout_s=30,
+        )
+        assert cond["reason"] == "FellBackToOnDemand"
+    finally:
+        h.cluster.spot_on()
+
+    def back_on_spot() -> list[dict[str, Any]] | None:
+        pods = running(h, "fb", 2)
+        caps = sorted(h.node_capacity(p["spec"]["nodeName"]) for p in pods or [])
+        return pods if caps == ["on-demand", "spot"] else None
+
+    wait_for("the spot slot back on spot", back_on_spot, timeout_s=90)
+    wait_for(
+        "SpotUnavailable cleared",
+        lambda: (c := _condition(h, "fb", "SpotUnavailable")) and c["status"] == "False",
+        timeout_s=30,
+    )
+
+
+def _condition(h: Harness, pool: str, type_: str) -> dict[str, Any] | None:
+    for c in pool_status(h, pool).get("conditions") or []:
+        if c["type"] == type_:
+            cond: dict[str, Any] = c
+            return cond
+    return None
+
+
+def test_an_operator_killed_during_a_drain_makes_no_second_replacement(h: Harness) -> None:
+    apply_pool(h, "ok", replicas=2)
+    pods = wait_for("2 replicas running", lambda: running(h, "ok", 2), timeout_s=60)
+    victim = next(p for p in pods if p["metadata"]["labels"]["cheapspot.dev/replica"] == "1")
+    name, node = victim["metadata"]["name"], victim["spec"]["nodeName"]
+    reclaim = h.cluster.preempt_in_background(node, notice_s=NOTICE_SECONDS)
+    wait_for(
+        "the victim marked draining",
+        lambda: (
+            ANNOTATION_DRAINING
+            in (
+                (h.api.get(f"/api/v1/namespaces/{h.namespace}/pods/{name}") or {})
+                .get("metadata", {})
+                .get("annotations")
+                or {}
+            )
+        ),
+        timeout_s=NOTICE_SECONDS,
+        poll_s=0.05,
+    )
+    h.operator.kill()
+    time.sleep(1)
+    h.operator.start()
+    reclaim.result(timeout=120)
+    wait_for(
+        "the drained replica gone",
+        lambda: h.api.get(f"/api/v1/namespaces/{h.namespace}/pods/{name}") is None,
+        timeout_s=60,
+    )
+    time.sleep(3)  # a few reconciliations of the restarted operator
+    slot1 = [
+        p["metadata"]["name"]
+        for p in h.api.list(f"/api/v1/namespaces/{h.namespace}/pods", "cheapspot.dev/pool=ok")
+        if p["metadata"]["labels"].get("cheapspot.dev/replica") == "1"
+    ]
+    assert slot1 == ["ok-replica-1-1"], slot1
+    assert pool_status(h, "ok")["preemptions"] == 1

@@ -1,0 +1,491 @@
+"""Serving through the real code: the worker's serve role (launcher + vLLM on CPU) with a tiny
+Qwen2 and two LoRA adapters fetched from a real S3 endpoint, and the router in front of two
+such replicas.
+
+Two replicas (two vLLM processes) serve the whole module; the test that SIGKILLs one runs
+last. Needs the serving environment (`make serve-venv`, which `make test` builds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cheapspot.contract import ExitCode, ServeTask
+from cheapspot_localcluster.s3 import S3Endpoint
+from cheapspot_worker.serve_testing import ServeReplica, free_port, http_json, publish_dir
+from cheapspot_worker.serving import serve_python
+
+pytestmark = [
+    pytest.mark.integration,
+    # two vLLM processes start in the first test's setup: about a minute each on an idle
+    # two-core machine, many more on a busy one
+    pytest.mark.timeout(3600),
+    pytest.mark.skipif(serve_python() is None, reason="no serving environment (make serve-venv)"),
+]
+
+PROMPTS = ["what colour is the sky", "3 plus 4 is", "say hello", "the cat and the dog"]
+TOKENS = 12
+ENGINE = {"maxNumSeqs": 32, "maxLoras": 2, "maxLoraRank": 8, "args": ["--dtype", "float32"]}
+
+
+def _task(model_uri: str, adapters: dict[str, str], name: str = "pool") -> ServeTask:
+    return ServeTask.model_validate(
+        {
+            "pool": {"namespace": "test", "name": name},
+            "model": {"uri": model_uri},
+            "adapters": [{"name": n, "uri": u} for n, u in adapters.items()],
+            "engine": ENGINE,
+        }
+    )
+
+
+class Served:
+    def __init__(self, root: Path, env: dict[str, str], model: Path, adapters: dict[str, Path]):
+        self.root, self.env, self.model_dir, self.adapter_dirs = root, env, model, adapters
+        self.model_uri = ""
+        self.adapter_uris: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def served(
+    s3_endpoint: S3Endpoint,
+    tiny_models: Callable[[str], Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Served]:
+    """The tiny Qwen2 and two adapters, published on S3 with manifests."""
+    from cheapspot_worker.tiny import build_adapter
+
+    root = tmp_path_factory.mktemp("serving")
+    model = tiny_models("qwen2")
+    adapters = {
+        "qa": build_adapter(root / "qa", model, seed=1),
+        "sums": build_adapter(root / "sums", model, seed=2, target_modules=["q_proj", "v_proj"]),
+    }
+    env = {**s3_endpoint.env(), "CHEAPSPOT_CACHE_DIR": str(root / "cache")}
+    s = Served(root, env, model, adapters)
+    store_root = s3_endpoint.uri(f"serving-{uuid.uuid4().hex[:8]}/")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_endpoint.env().items():
+            mp.setenv(k, v)
+        s.model_uri = publish_dir(store_root, "models/tiny-qwen2/", model)
+        for name, path in adapters.items():
+            s.adapter_uris[name] = publish_dir(store_root, f"adapters/{name}/", path)
+    s.store_root = store_root  # type: ignore[attr-defined]
+    yield s
+
+
+@pytest.fixture(scope="module")
+def replicas(served: Served) -> Iterator[list[ServeReplica]]:
+    task = _task(served.model_uri, served.adapter_uris)
+    started = [
+        ServeReplica(
+            f"replica-{i}",
+            task,
+            served.root / "replicas",
+            # a cache of its own, as each pod has
+            {**served.env, "CHEAPSPOT_CACHE_DIR": str(served.root / f"cache-{i}")},
+        )
+        for i in range(2)
+    ]
+    try:
+        for r in started:
+            r.wait_ready(2400)
+        yield started
+    finally:
+        for r in started:
+            r.stop(timeout=60)
+
+
+def _complete(url: str, model: str, prompt: str, tokens: int = TOKENS) -> dict[str, Any]:
+    code, doc = http_json(
+        "POST",
+        url + "/v1/completions",
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+        timeout=300,
+    )
+    assert code == 200, doc
+    return doc
+
+
+def _peft_greedy(model_dir: Path, adapter: Path | None, prompt: str) -> tuple[list[int], list[int]]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            max_new_tokens=TOKENS,
+            min_new_tokens=TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return ids[0].tolist(), out[0, ids.shape[1] :].tolist()
+
+
+# -- the replica -------------------------------------------------------------------------------
+
+
+def test_base_and_adapters_equal_offline_peft(served: Served, replicas: list[ServeReplica]) -> None:
+    url = replicas[0].url
+    outputs: dict[str, list[int]] = {}
+    cases: list[tuple[str, Path | None]] = [("tiny-qwen2", None), *served.adapter_dirs.items()]
+    for name, adapter in cases:
+        for prompt in PROMPTS[:2]:
+            choice = _complete(url, name, prompt)["choices"][0]
+            prompt_ids, expected = _peft_greedy(served.model_dir, adapter, prompt)
+            assert choice["prompt_token_ids"] == prompt_ids, (name, prompt)
+            assert choice["token_ids"] == expected, (name, prompt)
+            outputs[f"{name}:{prompt}"] = choice["token_ids"]
+    # the adapters change the answers: a test of adapters that did nothing would pass above
+    assert outputs["qa:" + PROMPTS[0]] != outputs["tiny-qwen2:" + PROMPTS[0]]
+    assert outputs["sums:" + PROMPTS[0]] != outputs["qa:" + PROMPTS[0]]
+
+
+def test_a_mixed_adapter_batch_equals_the_requests_one_by_one(replicas: list[ServeReplica]) -> None:
+    url = replicas[1].url
+    jobs = [(m, p) for p in PROMPTS for m in ("tiny-qwen2", "qa", "sums")]
+    alone = [_complete(url, m, p)["choices"][0]["token_ids"] for m, p in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda j: _complete(url, *j)["choices"][0]["token_ids"], jobs))
+    assert together == alone
+
+
+def test_status_reports_adapters_and_load(replicas: list[ServeReplica]) -> None:
+    status = replicas[0].status()
+    assert status["ready"] is True and status["phase"] == "ready"
+    assert status["adapters"] == ["qa", "sums"]
+    assert status["model"] == ["tiny-qwen2", "pool"]
+    assert status["running"] == 0 and status["waiting"] == 0
+
+
+def test_adapters_added_and_removed_at_runtime(
+    served: Served, replicas: list[ServeReplica]
+) -> None:
+    r = replicas[0]
+    desired = [{"name": n, "uri": u} for n, u in served.adapter_uris.items()]
+    extra = {"name": "qa-copy", "uri": served.adapter_uris["qa"]}
+    code, doc = http_json(
+        "PUT", r.admin_url + "/cheapspot/adapters", {"adapters": [*desired, extra]}
+    )
+    assert code == 200, doc
+    assert doc["adapters"] == ["qa", "qa-copy", "sums"]
+    copy = _complete(r.url, "qa-copy", PROMPTS[0])["choices"][0]["token_ids"]
+    assert copy == _complete(r.url, "qa", PROMPTS[0])["choices"][0]["token_ids"]
+    # a bad adapter is refused with its reason; the good ones stay
+    missing = {"name": "ghost", "uri": served.store_root + "adapters/ghost/"}  # type: ignore[attr-defined]
+    code, doc = http_json(
+        "PUT", r.admin_url + "/cheapspot/adapters", {"adapters": [*desired, missing]}
+    )
+    assert code == 422 and "nothing is published" in doc["error"] and "ghost" in doc["error"]
+    assert doc["adapters"] == ["qa", "sums"]
+    code, err = http_json(
+        "POST",
+        r.url + "/v1/completions",
+        {"model": "qa-copy", "prompt": "x", "max_tokens": 2},
+    )
+    assert code == 404, err
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def _fails_permanently(served: Served, task: ServeTask, tmp_path: Path) -> str:
+    replica = ServeReplica("bad", task, tmp_path, served.env)
+    rc = replica.wait(timeout=300)
+    log = replica.log_tail(200)
+    assert rc == ExitCode.PERMANENT, log
+    return log
+
+
+def test_a_missing_model_is_a_permanent_error(served: Served, tmp_path: Path) -> None:
+    uri = served.store_root + "models/nope/"  # type: ignore[attr-defined]
+    log = _fails_permanently(served, _task(uri, {}), tmp_path)
+    assert "models/nope" in log
+
+
+def test_a_missing_adapter_is_a_permanent_error(served: Served, tmp_path: Path) -> None:
+    uri = served.store_root + "adapters/nope/"  # type: ignore[attr-defined]
+    log = _fails_permanently(served, _task(served.model_uri, {"nope": uri}), tmp_path)
+    assert "adapter 'nope'" in log and "nothing is published" in log
+
+
+def test_a_corrupt_adapter_is_a_permanent_error(served: Served, tmp_path: Path) -> None:
+    bad = tmp_path / "bad-adapter"
+    shutil.copytree(served.adapter_dirs["qa"], bad)
+    uri = f"file://{tmp_path}/published/"
+    publish_dir(uri, "", bad)
+    weights = tmp_path / "published" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    log = _fails_permanently(served, _task(served.model_uri, {"bad": uri}), tmp_path)
+    assert "corrupt" in log and "does not match its manifest" in log
+
+
+def test_an_adapter_for_another_base_model_is_a_permanent_error(
+    served: Served, tmp_path: Path
+) -> None:
+    from cheapspot_worker.tiny import build_adapter, build_model
+
+    other = build_model(tmp_path / "wider", "qwen2", hidden=64)
+    adapter = build_adapter(tmp_path / "wider-adapter", other)
+    uri = f"file://{tmp_path}/published/"
+    publish_dir(uri, "", adapter)
+    log = _fails_permanently(served, _task(served.model_uri, {"wider": uri}), tmp_path)
+    assert "trained for a different base model" in log
+
+
+# -- the router ----------------------------------------------------------------------------------
+
+
+class RouterThread:
+    """The router's aiohttp app on a free port, in a thread with its own loop."""
+
+    def __init__(self, router: Any) -> None:
+        from aiohttp import web
+
+        self.router = router
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._web = web
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self._ready.wait(30)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        runner = self._web.AppRunner(self.router.app(), access_log=None)
+        self.loop.run_until_complete(runner.setup())
+        site = self._web.TCPSite(runner, "127.0.0.1", self.port)
+        self.loop.run_until_complete(site.start())
+        self._runner = runner
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(runner.cleanup())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set_replicas(self, replicas: list[Any]) -> None:
+        asyncio.run_coroutine_threadsafe(self.router.set_replicas(replicas), self.loop).result(10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def _replica(r: ServeReplica) -> Any:
+    from cheapspot_operator.routing import Replica
+
+    return Replica(r.name, "127.0.0.1", r.port, ready=True)
+
+
+@pytest.fixture
+def router_for() -> Iterator[Callable[..., RouterThread]]:
+    from cheapspot_operator.router import Router
+
+    made: list[RouterThread] = []
+
+    def make(replicas: list[Any], **kwargs: Any) -> RouterThread:
+        rt = RouterThread(Router(**kwargs))
+        rt.set_replicas(replicas)
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()
+
+
+def _client(url: str) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_router_serves_base_and_adapters_like_the_replica(
+    replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
+) -> None:
+    rt = router_for([_replica(r) for r in replicas])
+    client = _client(rt.url)
+    models = {m.id for m in client.models.list().data}
+    assert {"tiny-qwen2", "qa", "sums"} <= models
+    for model in ("tiny-qwen2", "qa", "sums"):
+        direct = _complete(replicas[0].url, model, PROMPTS[1])["choices"][0]["text"]
+        routed = client.completions.create(
+            model=model,
+            prompt=PROMPTS[1],
+            max_tokens=TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert routed.choices[0].text == direct
+        streamed = client.completions.create(
+            model=model,
+            prompt=PROMPTS[1],
+            max_tokens=TOKENS,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == direct
+
+
+def test_router_errors_are_openai_errors(
+    replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
+) -> None:
+    import openai
+
+    client = _client(router_for([_replica(r) for r in replicas]).url)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+    assert "no-such-adapter" in str(unknown.value)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model="qa", prompt="red " * 400, max_tokens=2)
+    assert "context" in str(too_long.value).lower() or "length" in str(too_long.value).lower()
+    # the runtime adapter API is the operator's, never the clients'
+    code, _ = http_json(
+        "POST",
+        router_for([_replica(replicas[0])]).url + "/v1/load_lora_adapter",
+        {"lora_name": "x", "lora_path": "/etc"},
+    )
+    assert code in (404, 405)
+
+
+def test_router_retries_a_dead_replica_and_queues_when_busy(
+    replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
+) -> None:
+    from cheapspot_operator.routing import Replica
+
+    dead = Replica("a-dead", "127.0.0.1", free_port(), ready=True)
+    rt = router_for([dead, _replica(replicas[0])], capacity=1, max_queue_seconds=120)
+    client = _client(rt.url)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(
+            pool.map(
+                lambda p: (
+                    client.completions.create(model="qa", prompt=p, max_tokens=4, temperature=0)
+                    .choices[0]
+                    .text
+                ),
+                PROMPTS,
+            )
+        )
+    assert all(isinstance(a, str) for a in answers) and len(answers) == 4
+    assert rt.router.stats["retries"] >= 1 and rt.router.stats["failed"] == 0
+    # nobody to serve: a clear 503 once maxQueueSeconds is up, not a hang
+    empty = router_for([], max_queue_seconds=1)
+    started = time.monotonic()
+    code, doc = http_json("POST", empty.url + "/v1/completions", {"model": "qa", "prompt": "x"})
+    assert code == 503 and "maxQueueSeconds" in doc["error"]["message"]
+    assert time.monotonic() - started < 10
+
+
+def test_a_stream_cut_by_a_sigkill_continues_byte_identical(
+    replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
+) -> None:
+    """Runs last: it kills replica 0. Two streams (completions and chat) start on replica 0
+    alone; once both are well under way replica 1 joins and replica 0 is SIGKILLed."""
+    long = 120
+    victim, survivor = replicas
+    rt = router_for([_replica(victim)])
+    client = _client(rt.url)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    direct = _client(survivor.url)
+    undisturbed_text = "".join(
+        c.choices[0].text
+        for c in direct.completions.create(
+            model="qa",
+            prompt=PROMPTS[2],
+            max_tokens=long,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        if c.choices
+    )
+    undisturbed_chat = "".join(
+        c.choices[0].delta.content or ""
+        for c in direct.chat.completions.create(
+            model="sums",
+            messages=messages,
+            max_tokens=long,
+            temperature=0,
+            stream=True,  # type: ignore[arg-type]
+            extra_body={"ignore_eos": True},
+        )
+        if c.choices
+    )
+
+    got: dict[str, list[str]] = {"text": [], "chat": []}
+    finish: dict[str, Any] = {}
+
+    def text_stream() -> None:
+        for c in client.completions.create(
+            model="qa",
+            prompt=PROMPTS[2],
+            max_tokens=long,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ):
+            if c.choices:
+                got["text"].append(c.choices[0].text)
+                finish["text"] = c.choices[0].finish_reason or finish.get("text")
+
+    def chat_stream() -> None:
+        for c in client.chat.completions.create(
+            model="sums",
+            messages=messages,
+            max_tokens=long,
+            temperature=0,
+            stream=True,  # type: ignore[arg-type]
+            extra_body={"ignore_eos": True},
+        ):
+            if c.choices:
+                got["chat"].append(c.choices[0].delta.content or "")
+                finish["chat"] = c.choices[0].finish_reason or finish.get("chat")
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(text_stream), pool.submit(chat_stream)]
+        deadline = time.monotonic() + 300
+        while min(len(got["text"]), len(got["chat"])) < 10:
+            assert time.monotonic() < deadline, "streams did not start"
+            assert not any(f.done() for f in futures), [f.exception() for f in futures]
+            time.sleep(0.01)
+        rt.set_replicas([_replica(victim), _replica(survivor)])
+        victim.kill()
+        cut_at = (len(got["text"]), len(got["chat"]))
+        for f in futures:
+            f.result(timeout=300)
+    assert cut_at[0] < long and cut_at[1] < long, "the streams ended before the kill"
+    assert rt.router.stats["resumes"] >= 2 and rt.router.stats["failed"] == 0
+    assert "".join(got["text"]).encode() == undisturbed_text.encode()
+    assert "".join(got["chat"]).encode() == undisturbed_chat.encode()
+    assert finish == {"text": "length", "chat": "length"}

@@ -1,0 +1,105 @@
+"""The pool's pure builders: what the API server receives."""
+
+from __future__ import annotations
+
+from cheapspot.contract import ADMIN_PORT, ANNOTATION_DRAINING, TASK_ENV, ServeTask
+from cheapspot_operator.config import OperatorConfig
+from cheapspot_operator.manifests import Placement
+from cheapspot_operator.placement import PROFILES
+from cheapspot_operator.poolmanifests import (
+    PoolInfo,
+    build_replica_pod,
+    build_router_deployment,
+    build_router_rbac,
+    build_router_service,
+)
+from cheapspot_operator.poolobserved import replica_pod_view
+from cheapspot_operator.pooltesting import make_pool
+from cheapspot_operator.spec import CapacityType
+
+CONFIG = OperatorConfig()
+INFO = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(engine={"shutdownTimeoutSeconds": 40}))
+
+
+def _placement(capacity: CapacityType) -> Placement:
+    return Placement(PROFILES["eks-karpenter"], capacity, avoid_nodes=("doomed-1",))
+
+
+def test_a_replica_pod_is_restricted_probed_owned_and_waits_out_the_drain() -> None:
+    pod = build_replica_pod(
+        INFO, 2, 3, _placement(CapacityType.SPOT), CONFIG.worker, serving=CONFIG.serving
+    )
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["name"] == "qa-serve-replica-2-3"
+    assert meta["labels"]["cheapspot.dev/pool"] == "qa-serve"
+    assert meta["labels"]["cheapspot.dev/pool-role"] == "replica"
+    assert meta["labels"]["cheapspot.dev/replica"] == "2"
+    assert meta["ownerReferences"][0]["uid"] == "uid-7"
+    assert meta["ownerReferences"][0]["kind"] == "CheapInferencePool"
+    # Grace covers vLLM's drain (40 s + margin) and the cloud's notice (120 s here).
+    assert spec["terminationGracePeriodSeconds"] == 120
+    (c,) = spec["containers"]
+    assert c["image"] == CONFIG.serving.image
+    probe = c["readinessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == ("/cheapspot/ready", ADMIN_PORT)
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert spec["automountServiceAccountToken"] is False
+    task = ServeTask.model_validate_json(
+        next(e["value"] for e in c["env"] if e["name"] == TASK_ENV)
+    )
+    assert (task.replica_index, task.attempt) == (2, 3)
+    assert [a.name for a in task.adapters] == ["qa"]
+    assert task.engine.shutdown_timeout_seconds == 40
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    (term,) = terms["nodeSelectorTerms"]
+    assert term["matchExpressions"][0]["values"] == ["spot"]
+    assert term["matchFields"][0]["values"] == ["doomed-1"]
+
+
+def test_the_planner_reads_back_what_the_builder_writes() -> None:
+    pod = build_replica_pod(
+        INFO, 1, 0, _placement(CapacityType.ON_DEMAND), CONFIG.worker, serving=CONFIG.serving
+    )
+    pod["metadata"]["annotations"][ANNOTATION_DRAINING] = "2026-01-01T12:00:30Z"
+    pod["status"] = {
+        "phase": "Running",
+        "podIP": "127.0.0.9",
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }
+    view = replica_pod_view(pod)
+    assert view is not None
+    assert (view.index, view.attempt, view.ready, view.ip) == (1, 0, True, "127.0.0.9")
+    assert view.draining_until is not None and view.draining_until.second == 30
+    assert view.pod.capacity == "on-demand"
+
+
+def test_the_router_runs_on_demand_behind_a_service_reading_pods_of_its_namespace_only() -> None:
+    dep = build_router_deployment(
+        INFO, 2, _placement(CapacityType.ON_DEMAND), CONFIG.worker, CONFIG.serving
+    )
+    assert dep["spec"]["replicas"] == 2
+    tmpl = dep["spec"]["template"]
+    (c,) = tmpl["spec"]["containers"]
+    assert c["command"][:2] == ["cheapspot", "router"]
+    assert c["command"][c["command"].index("--pool") + 1] == "qa-serve"
+    assert tmpl["spec"]["serviceAccountName"] == "qa-serve-router"
+    terms = tmpl["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["on-demand"]
+    assert dep["spec"]["selector"]["matchLabels"]["cheapspot.dev/pool-role"] == "router"
+    svc = build_router_service(INFO)
+    assert svc["metadata"]["name"] == "qa-serve"
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"][0]["targetPort"] == 8080
+    sa, role, binding = build_router_rbac(INFO)
+    assert role["kind"] == "Role" and role["metadata"]["namespace"] == "team-a"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    ]
+    assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
+    assert all(o["metadata"]["ownerReferences"][0]["uid"] == "uid-7" for o in (sa, role, binding))

@@ -1,0 +1,147 @@
+"""The router's pure decisions: which pods are replicas, which replica gets a request, how
+an interrupted stream's continuation is asked for and relayed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL, LABEL_POOL_ROLE
+from cheapspot_operator import routing
+from cheapspot_operator.routing import Load, Replica, StreamState
+
+
+def pod(
+    name: str,
+    ip: str | None = "10.0.0.1",
+    *,
+    ready: bool = True,
+    role: str = "replica",
+    annotations: dict[str, str] | None = None,
+    deleting: bool = False,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "labels": {LABEL_POOL: "p", LABEL_POOL_ROLE: role},
+        "annotations": annotations or {},
+    }
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    status: dict[str, Any] = {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
+    if ip:
+        status["podIP"] = ip
+    return {"metadata": meta, "status": status}
+
+
+def test_replica_from_pod_reads_readiness_draining_and_ip() -> None:
+    r = routing.replica_from_pod(pod("a", "127.0.0.7"))
+    assert r == Replica("a", "127.0.0.7", 8000, ready=True, draining=False)
+    assert r.url == "http://127.0.0.7:8000" and r.usable
+    assert routing.replica_from_pod(pod("a", None)) is None
+    assert routing.replica_from_pod(pod("a", role="router")) is None
+    assert not routing.replica_from_pod(pod("a", ready=False)).usable  # type: ignore[union-attr]
+    drained = routing.replica_from_pod(
+        pod("a", annotations={ANNOTATION_DRAINING: "2026-01-01T00:02:00Z"})
+    )
+    assert drained is not None and drained.draining and not drained.usable
+    deleting = routing.replica_from_pod(pod("a", deleting=True))
+    assert deleting is not None and not deleting.usable
+
+
+def test_choose_prefers_adapter_then_fewest_in_flight() -> None:
+    reps = [Replica(n, f"10.0.0.{i}", ready=True) for i, n in enumerate("abc")]
+    load = Load(in_flight={"a": 3, "b": 1, "c": 2}, served={"c": {"qa"}})
+    assert routing.choose(reps, "qa", load, capacity=8).name == "c"  # type: ignore[union-attr]
+    assert routing.choose(reps, "other", load, capacity=8).name == "b"  # type: ignore[union-attr]
+    # the adapter's replica is full: the next best
+    assert routing.choose(reps, "qa", load, capacity=2).name == "b"  # type: ignore[union-attr]
+    assert routing.choose(reps, "qa", load, capacity=8, exclude={"c", "b"}).name == "a"  # type: ignore[union-attr]
+
+
+def test_choose_never_picks_draining_or_unready_and_none_when_all_busy() -> None:
+    reps = [
+        Replica("a", "h", ready=True, draining=True),
+        Replica("b", "h", ready=False),
+        Replica("c", "h", ready=True),
+    ]
+    load = Load(in_flight={"c": 1}, served={"a": {"m"}, "b": {"m"}})
+    assert routing.choose(reps, "m", load, capacity=4).name == "c"  # type: ignore[union-attr]
+    assert routing.choose(reps, "m", load, capacity=1) is None
+    assert routing.choose(reps[:2], "m", Load(), capacity=4) is None
+
+
+def test_upstream_and_continuation_bodies() -> None:
+    body = {"model": "qa", "prompt": "hi", "max_tokens": 10, "temperature": 0, "stream": True}
+    assert routing.upstream_body(body)["return_token_ids"] is True
+    assert "return_token_ids" not in routing.upstream_body({**body, "stream": False})
+    cont = routing.continuation_body(body, [5, 6], [7, 8, 9])
+    assert cont["prompt"] == [5, 6, 7, 8, 9]
+    assert cont["max_tokens"] == 7
+    assert cont["temperature"] == 0 and cont["model"] == "qa" and cont["stream"] is True
+    chat = {"model": "qa", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    assert routing.tokenize_body(routing.CHAT, chat)["add_generation_prompt"] is True  # type: ignore[index]
+    assert routing.tokenize_body(routing.COMPLETIONS, {"prompt": [1, 2]}) is None
+    assert routing.resumable(chat) and not routing.resumable({**chat, "n": 2})
+    assert not routing.resumable({**chat, "logprobs": True})
+
+
+def test_parse_sse_keeps_unfinished_events() -> None:
+    events, rest = routing.parse_sse(b'data: {"a":1}\n\ndata: [DONE]\n\ndata: {"b"')
+    assert events == [b'{"a":1}', b"[DONE]"]
+    assert rest == b'data: {"b"'
+
+
+def _chunk(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def test_relay_strips_token_ids_and_rewrites_continuation_as_chat() -> None:
+    state = StreamState(routing.CHAT, {"stream": True, "stream_options": {"include_usage": True}})
+    first = routing.relay_chunk(
+        state,
+        _chunk(
+            id="chatcmpl-1",
+            object="chat.completion.chunk",
+            created=5,
+            model="qa",
+            prompt_token_ids=[1, 2, 3],
+            choices=[
+                {"index": 0, "delta": {"role": "assistant", "content": "he"}, "token_ids": [9]}
+            ],
+        ),
+        resumed=False,
+    )
+    assert first is not None
+    sent = json.loads(first[len(b"data: ") :])
+    assert "token_ids" not in sent["choices"][0] and "prompt_token_ids" not in sent
+    assert state.prompt_ids == [1, 2, 3] and state.sent_ids == [9] and state.role_sent
+    # the continuation comes from /v1/completions on another replica
+    cont = routing.relay_chunk(
+        state,
+        _chunk(
+            id="cmpl-9",
+            object="text_completion",
+            created=7,
+            model="qa",
+            choices=[{"index": 0, "text": "llo", "token_ids": [10, 11], "finish_reason": None}],
+        ),
+        resumed=True,
+    )
+    assert cont is not None
+    doc = json.loads(cont[len(b"data: ") :])
+    assert doc["id"] == "chatcmpl-1" and doc["object"] == "chat.completion.chunk"
+    assert doc["created"] == 5 and doc["choices"][0]["delta"] == {"content": "llo"}
+    assert state.sent_ids == [9, 10, 11]
+    usage = routing.relay_chunk(
+        state,
+        _chunk(id="cmpl-9", choices=[], usage={"prompt_tokens": 6, "completion_tokens": 2}),
+        resumed=True,
+    )
+    assert usage is not None
+    counted = json.loads(usage[len(b"data: ") :])["usage"]
+    assert counted == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert routing.relay_chunk(state, b"[DONE]", resumed=True) == b"data: [DONE]\n\n"
+    assert state.done

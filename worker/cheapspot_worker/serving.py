@@ -1,0 +1,533 @@
+"""The ``serve`` role: a thin launcher around vLLM's OpenAI server.
+
+What it does, in order:
+
+1. fetch the base model (``s3://`` verified against its ``MANIFEST.json``, or ``file://``)
+   and every adapter of the task (a published prefix with a manifest: a CheapTrainJob's
+   ``final/`` works as is) to local disk, verifying every sum, and check that each adapter
+   fits the base model (:mod:`cheapspot_worker.adapters`);
+2. start ``python -m vllm.entrypoints.openai.api_server`` with the pool's engine settings
+   on :data:`~cheapspot.contract.SERVE_PORT` (runtime LoRA updating on, so adapters come
+   and go without a restart);
+3. serve the admin API on :data:`~cheapspot.contract.ADMIN_PORT` (operator and router only):
+
+   * ``GET /cheapspot/status``: ``ready``, ``phase``, the served ``model`` names, the loaded
+     ``adapters``, ``running`` / ``waiting`` requests (from vLLM's ``/metrics``) and the
+     ``errors`` of adapters that could not be loaded;
+   * ``GET /cheapspot/ready``: 200 once vLLM answers and every adapter is loaded, else 503
+     (the readiness probe);
+   * ``PUT /cheapspot/adapters`` with ``{"adapters": [{"name", "uri"}, ...]}``: the desired
+     list; new adapters are fetched, verified and loaded through vLLM's runtime LoRA API,
+     removed ones unloaded; 200 with the status, or 422 naming each adapter that failed
+     (the others are applied);
+4. pass SIGTERM on to vLLM, which finishes its requests within ``--shutdown-timeout``, and
+   exit :attr:`~cheapspot.contract.ExitCode.INTERRUPTED`.
+
+A missing model or adapter, a corrupt adapter (manifest mismatch) or an adapter trained for
+another base model stops the replica with :attr:`~cheapspot.contract.ExitCode.PERMANENT`
+and a message naming it; so does vLLM refusing its settings before it is up.
+
+It runs in the serving environment (vLLM pins its own torch and transformers), next to
+vLLM, and imports neither torch nor vLLM itself: vLLM is a child process. Started from an
+environment without vLLM (the trainer's, which the local cluster's pod runner uses), the
+role re-executes itself with the serving environment's python (:func:`serve_python`).
+
+Addresses: the ports are the contract's (``CHEAPSPOT_SERVE_PORT`` / ``CHEAPSPOT_ADMIN_PORT``
+override them for tests). It listens on all interfaces, except where the pod's IP is a
+loopback address (the local cluster gives each pod its own ``127.0.0.N``): there it binds
+that address, so replicas on one machine do not collide. ``CHEAPSPOT_BIND_HOST`` overrides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cheapspot.contract import ADMIN_PORT, SERVE_PORT, AdapterSource, ServeTask
+from cheapspot.store import (
+    CorruptObjectError,
+    NotFoundError,
+    PermissionStoreError,
+    Store,
+)
+from cheapspot_worker.adapters import AdapterError, check_adapter
+from cheapspot_worker.errors import Interrupted, PermanentError
+from cheapspot_worker.loading import cache_dir, resolve_model_dir
+from cheapspot_worker.progress import event
+
+log = logging.getLogger("cheapspot_worker.serving")
+
+SERVE_PYTHON_ENV = "CHEAPSPOT_SERVE_PYTHON"
+SERVE_VENV = ".venv-serve"
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for --max-lora-rank; the pool's limit is rounded up to one."""
+_COMPLETE = ".cheapspot-complete"
+_LOG_TAIL = 40
+
+
+# -- finding the serving environment ------------------------------------------------------
+
+
+def has_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def serve_python() -> str | None:
+    """The python of an environment with vLLM: ``$CHEAPSPOT_SERVE_PYTHON``, else the
+    checkout's ``.venv-serve`` (what ``make serve-venv`` builds next to ``.venv``)."""
+    configured = os.environ.get(SERVE_PYTHON_ENV)
+    if configured:
+        return configured if Path(configured).is_file() else None
+    import cheapspot
+
+    root = Path(cheapspot.__file__).resolve().parents[1]
+    candidate = root / SERVE_VENV / "bin" / "python"
+    return str(candidate) if candidate.is_file() else None
+
+
+def reexec_in_serve_env(argv: list[str]) -> None:
+    """Replace this process with the same worker command under the serving environment's
+    python (same PID, so the pod's signals reach the launcher). Returns only if there is
+    nothing to switch to."""
+    python = serve_python()
+    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
+        raise PermanentError(
+            "the serve role needs vLLM, which this environment lacks: use the worker's serve "
+            f"image, run `make serve-venv`, or point {SERVE_PYTHON_ENV} at a python with vLLM"
+        )
+    event("serve_env", python=python)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(python, [python, "-m", "cheapspot_worker", *argv])
+
+
+# -- fetching --------------------------------------------------------------------------------
+
+
+def _pretty(uri: str) -> str:
+    return uri.rstrip("/") + "/"
+
+
+def fetch_adapter(source: AdapterSource, base_config: dict[str, Any], max_rank: int) -> Path:
+    """Download a published adapter prefix (manifest verified) and check it fits the base
+    model. :class:`AdapterError` for anything the user must fix; store outages propagate."""
+    prefix = _pretty(source.uri)
+    dest = cache_dir() / "adapters" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
+    if not (dest / _COMPLETE).is_file():
+        # into a directory of its own first: replicas sharing a cache never see each
+        # other's half-written files
+        staging = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            Store(prefix).fetch("", staging)
+        except NotFoundError as exc:
+            raise AdapterError(
+                f"adapter {source.name!r}: nothing is published at {prefix} (no MANIFEST.json; "
+                "a wrong URI, or a training job that has not finished)"
+            ) from exc
+        except CorruptObjectError as exc:
+            raise AdapterError(
+                f"adapter {source.name!r} at {prefix} is corrupt, it does not match its "
+                f"manifest: {exc}"
+            ) from exc
+        except PermissionStoreError as exc:
+            raise AdapterError(
+                f"adapter {source.name!r} at {prefix} cannot be read: {exc}"
+            ) from exc
+        (staging / _COMPLETE).write_text(prefix)
+        try:
+            staging.rename(dest)
+        except OSError:  # another replica got there first, with the same verified files
+            shutil.rmtree(staging, ignore_errors=True)
+    check_adapter(dest, base_config, max_rank=max_rank, name=source.name)
+    return dest
+
+
+def served_names(task: ServeTask) -> list[str]:
+    """The names the base model answers to in the OpenAI ``model`` field: the last part of
+    its URI (``s3://models/Qwen2-1.5B/`` -> ``Qwen2-1.5B``), and the pool's name."""
+    uri = task.model.uri.rstrip("/")
+    names = [uri.rsplit("/", 1)[-1] or uri, task.pool.name]
+    adapters = {a.name for a in task.adapters}
+    out: list[str] = []
+    for n in names:
+        if n and n not in out and n not in adapters:
+            out.append(n)
+    return out or [task.pool.name + "-base"]
+
+
+def vllm_argv(
+    python: str,
+    task: ServeTask,
+    *,
+    model_dir: str,
+    adapters: dict[str, Path],
+    host: str,
+    port: int,
+) -> list[str]:
+    engine = task.engine
+    rank = next((r for r in LORA_RANKS if r >= engine.max_lora_rank), LORA_RANKS[-1])
+    argv = [
+        python,
+        "-m",
+        VLLM_MODULE,
+        "--model",
+        model_dir,
+        "--served-model-name",
+        *served_names(task),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(engine.max_num_seqs),
+        "--enable-lora",
+        "--max-loras",
+        str(engine.max_loras),
+        "--max-lora-rank",
+        str(rank),
+        "--shutdown-timeout",
+        str(engine.shutdown_timeout_seconds),
+        "--disable-uvicorn-access-log",
+    ]
+    if engine.max_model_len is not None:
+        argv += ["--max-model-len", str(engine.max_model_len)]
+    if adapters:
+        argv += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
+    return argv + list(engine.args)
+
+
+VLLM_SITE = Path(__file__).resolve().parent / "vllm_site"
+"""Holds the ``sitecustomize`` that corrects vLLM's CPU LoRA kernels for base-model tokens
+batched with adapter tokens (see its docstring); on vLLM's ``PYTHONPATH``."""
+
+
+def vllm_env(base: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    env = dict(base)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["CHEAPSPOT_VLLM_CPU_LORA_FIX"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(VLLM_SITE), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def bind_host() -> str:
+    configured = os.environ.get("CHEAPSPOT_BIND_HOST")
+    if configured:
+        return configured
+    pod_ip = os.environ.get("POD_IP", "")
+    return pod_ip if pod_ip.startswith("127.") else "0.0.0.0"
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sum of each ``vllm:`` sample over its labels (Prometheus text format)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name_part, _, value = line.rpartition(" ")
+        name = name_part.split("{", 1)[0]
+        with contextlib.suppress(ValueError):
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+# -- the launcher ------------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    phase: str = "fetching"
+    ready: bool = False
+    loaded: dict[str, str] = field(default_factory=dict)
+    """Adapter name -> URI, as loaded in vLLM."""
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class Launcher:
+    def __init__(self, task: ServeTask) -> None:
+        self.task = task
+        self.host = bind_host()
+        self.serve_port = int(os.environ.get("CHEAPSPOT_SERVE_PORT") or SERVE_PORT)
+        self.admin_port = int(os.environ.get("CHEAPSPOT_ADMIN_PORT") or ADMIN_PORT)
+        self.state = State()
+        self.base_config: dict[str, Any] = {}
+        self.model_dir = ""
+        self.proc: asyncio.subprocess.Process | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
+        self.stopping = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._http: Any = None
+
+    @property
+    def vllm_url(self) -> str:
+        host = "127.0.0.1" if self.host == "0.0.0.0" else self.host
+        return f"http://{host}:{self.serve_port}"
+
+    # -- preparing -----------------------------------------------------------------------
+
+    def prepare(self) -> dict[str, Path]:
+        """Model and adapters on local disk, all verified; PermanentError otherwise."""
+        started = time.monotonic()
+        self.model_dir = resolve_model_dir(self.task.model)
+        config_path = Path(self.model_dir) / "config.json"
+        try:
+            self.base_config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise PermanentError(
+                f"model {self.task.model.uri}: unreadable config.json: {exc}"
+            ) from exc
+        event("model_ready", uri=self.task.model.uri, seconds=round(time.monotonic() - started, 2))
+        paths: dict[str, Path] = {}
+        for source in self.task.adapters:
+            try:
+                paths[source.name] = fetch_adapter(
+                    source, self.base_config, self.task.engine.max_lora_rank
+                )
+            except AdapterError as exc:
+                raise PermanentError(str(exc)) from exc
+            event("adapter_ready", adapter=source.name, uri=source.uri)
+        return paths
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        app = web.Application()
+        app.router.add_get("/cheapspot/status", self._status)
+        app.router.add_get("/cheapspot/ready", self._ready)
+        app.router.add_put("/cheapspot/adapters", self._put_adapters)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.host, self.admin_port).start()
+        event("admin_listening", host=self.host, port=self.admin_port)
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        try:
+            paths = await self._until_stopped(asyncio.to_thread(self.prepare))
+            if paths is None:
+                raise Interrupted("SIGTERM while fetching the model")
+            self.state.loaded = {a.name: _pretty(a.uri) for a in self.task.adapters}
+            await self._serve(paths)
+        finally:
+            await self._http.close()
+            await runner.cleanup()
+
+    async def _until_stopped(self, aw: Any) -> Any:
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        return None
+
+    async def _serve(self, paths: dict[str, Path]) -> None:
+        argv = vllm_argv(
+            sys.executable,
+            self.task,
+            model_dir=self.model_dir,
+            adapters=paths,
+            host=self.host,
+            port=self.serve_port,
+        )
+        env = vllm_env(os.environ)
+        self.state.phase = "starting"
+        event("vllm_start", argv=argv[2:])
+        self.proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        pump = asyncio.ensure_future(self._pump(self.proc))
+        watch = asyncio.ensure_future(self._watch_ready())
+        exited = asyncio.ensure_future(self.proc.wait())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():
+                await self._drain(exited)
+                raise Interrupted("SIGTERM: vLLM drained and stopped")
+            was_ready = self.state.ready
+            self.state.ready = False
+            rc = exited.result()
+            await asyncio.wait_for(pump, 5)
+            tail = "\n".join(self.tail)
+            if not was_ready:
+                raise PermanentError(
+                    f"vLLM exited ({rc}) before it was ready; its last output:\n{tail}"
+                )
+            raise RuntimeError(f"vLLM exited ({rc}) while serving; its last output:\n{tail}")
+        finally:
+            for t in (watch, stop, exited, pump):
+                t.cancel()
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+
+    async def _drain(self, exited: asyncio.Future[int]) -> None:
+        assert self.proc is not None
+        self.state.phase = "draining"
+        self.state.ready = False
+        event("draining", timeout=self.task.engine.shutdown_timeout_seconds)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(exited), self.task.engine.shutdown_timeout_seconds + 15
+            )
+        except TimeoutError:
+            self.proc.kill()
+            await exited
+        event("vllm_stopped", returncode=self.proc.returncode)
+
+    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        out = sys.stderr.buffer
+        while line := await proc.stdout.readline():
+            out.write(line)
+            out.flush()
+            self.tail.append(line.decode(errors="replace").rstrip())
+
+    async def _watch_ready(self) -> None:
+        import aiohttp
+
+        while not self.state.ready:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with self._http.get(
+                    self.vllm_url + "/health", timeout=aiohttp.ClientTimeout(total=2)
+                ) as resp:
+                    if resp.status == 200:
+                        self.state.ready = True
+                        self.state.phase = "ready"
+                        event("ready", url=self.vllm_url, adapters=sorted(self.state.loaded))
+                        return
+            await asyncio.sleep(0.25)
+
+    # -- admin API -----------------------------------------------------------------------
+
+    async def _status_doc(self) -> dict[str, Any]:
+        import aiohttp
+
+        running = waiting = None
+        if self.state.ready:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with self._http.get(
+                    self.vllm_url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)
+                ) as resp:
+                    metrics = parse_metrics(await resp.text())
+                    running = int(metrics.get("vllm:num_requests_running", 0))
+                    waiting = int(metrics.get("vllm:num_requests_waiting", 0))
+        return {
+            "ready": self.state.ready,
+            "phase": self.state.phase,
+            "model": served_names(self.task),
+            "adapters": sorted(self.state.loaded),
+            "running": running,
+            "waiting": waiting,
+            "errors": dict(self.state.errors),
+        }
+
+    async def _status(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(await self._status_doc())
+
+    async def _ready(self, request: Any) -> Any:
+        from aiohttp import web
+
+        ok = self.state.ready
+        return web.json_response(
+            {"ready": ok, "phase": self.state.phase}, status=200 if ok else 503
+        )
+
+    async def _put_adapters(self, request: Any) -> Any:
+        from aiohttp import web
+        from pydantic import TypeAdapter, ValidationError
+
+        try:
+            body = await request.json()
+            items = body.get("adapters") if isinstance(body, dict) else body
+            desired = TypeAdapter(list[AdapterSource]).validate_python(items)
+        except (ValueError, ValidationError) as exc:
+            return web.json_response(
+                {"error": f'expected {{"adapters": [{{"name", "uri"}}, ...]}}: {exc}'}, status=400
+            )
+        names = [a.name for a in desired]
+        if len(set(names)) != len(names):
+            return web.json_response({"error": "adapter names must be unique"}, status=400)
+        if not self.state.ready:
+            return web.json_response(
+                {"error": f"not ready ({self.state.phase})", **await self._status_doc()},
+                status=503,
+            )
+        async with self._lock:
+            errors = await self._apply(desired)
+        doc = await self._status_doc()
+        if errors:
+            return web.json_response({"error": "; ".join(errors.values()), **doc}, status=422)
+        return web.json_response(doc)
+
+    async def _apply(self, desired: list[AdapterSource]) -> dict[str, str]:
+        want = {a.name: a for a in desired}
+        errors: dict[str, str] = {}
+        for name in [n for n in self.state.loaded if n not in want]:
+            await self._vllm_post("/v1/unload_lora_adapter", {"lora_name": name})
+            del self.state.loaded[name]
+            event("adapter_unloaded", adapter=name)
+        for name, source in want.items():
+            uri = _pretty(source.uri)
+            if self.state.loaded.get(name) == uri:
+                continue
+            try:
+                path = await asyncio.to_thread(
+                    fetch_adapter, source, self.base_config, self.task.engine.max_lora_rank
+                )
+            except AdapterError as exc:
+                errors[name] = str(exc)
+                continue
+            if name in self.state.loaded:
+                await self._vllm_post("/v1/unload_lora_adapter", {"lora_name": name})
+                del self.state.loaded[name]
+            problem = await self._vllm_post(
+                "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}
+            )
+            if problem:
+                errors[name] = f"adapter {name!r}: vLLM refused it: {problem}"
+                continue
+            self.state.loaded[name] = uri
+            event("adapter_loaded", adapter=name, uri=uri)
+        self.state.errors = errors
+        return errors
+
+    async def _vllm_post(self, path: str, doc: dict[str, str]) -> str:
+        """POST to vLLM; '' on success, else what went wrong."""
+        async with self._http.post(self.vllm_url + path, json=doc) as resp:
+            if resp.status == 200:
+                return ""
+            return f"{resp.status} {(await resp.text())[:500]}"
+
+
+def run_serve(task: ServeTask) -> None:
+    """Run the replica until vLLM stops; raises PermanentError, Interrupted, or StoreError."""
+    asyncio.run(Launcher(task).run())
