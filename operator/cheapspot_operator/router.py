@@ -282,7 +282,9 @@ class Router:
                     if state.prompt_ids is None:
                         state.prompt_ids = await self._tokenize(replica, request.path, body)
                     path = routing.COMPLETIONS
-                    doc = routing.continuation_body(body, state.prompt_ids, state.sent_ids)
+                    doc = routing.continuation_body(
+                        body, state.prompt_ids, routing.resume_point(state)
+                    )
                 else:
                     path, doc = request.path, routing.upstream_body(body)
                 async with self.session.post(replica.url + path, json=doc) as resp:
