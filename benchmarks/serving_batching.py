@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from cheapspot.contract import ServeTask
-from cheapspot_worker.serve_testing import ServeReplica, free_port, http_json
+from cheapspot_worker.serve_testing import ServeReplica, free_port, http_json, publish_dir
 from cheapspot_worker.tiny import build_adapter, build_model
 
 MODELS = ("tiny", "qa", "sums")
@@ -37,21 +37,18 @@ def start_replica(work: Path, hidden: int) -> ServeReplica:
         "qa": build_adapter(work / "qa", model, seed=1),
         "sums": build_adapter(work / "sums", model, seed=2),
     }
+    # adapters travel as published prefixes (files + MANIFEST.json), as a training job leaves them
+    uris = {n: publish_dir(f"file://{work}/published/{n}/", "", p) for n, p in adapters.items()}
     task = ServeTask.model_validate(
         {
             "pool": {"namespace": "bench", "name": "bench"},
             "model": {"uri": f"file://{model}"},
-            "adapters": [{"name": n, "uri": f"file://{p}/"} for n, p in adapters.items()],
+            "adapters": [{"name": n, "uri": u} for n, u in uris.items()],
             "engine": {"maxNumSeqs": 32, "maxLoras": 2, "maxLoraRank": 8},
         }
     )
-    # file:// adapters are published prefixes too: give them manifests
-    from cheapspot_worker.serve_testing import publish_dir
-
-    for p in adapters.values():
-        publish_dir(f"file://{p}/", "", p)
     replica = ServeReplica("bench", task, work / "replica", {"CHEAPSPOT_CACHE_DIR": str(work)})
-    replica.wait_ready(900)
+    replica.wait_ready(1800)
     return replica
 
 
@@ -123,12 +120,51 @@ async def run_load(url: str, concurrency: int, requests: int, tokens: int) -> di
     }
 
 
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure_overhead(direct: str, routed: str, requests: int, stream: bool) -> dict[str, Any]:
+    times: dict[str, list[float]] = {"direct": [], "router": []}
+    body = {"model": "qa", "prompt": "3 plus 4 is", "max_tokens": 1, "temperature": 0}
+    if stream:
+        body["stream"] = True
+    async with aiohttp.ClientSession() as session:
+        for i in range(requests + 20):
+            for name, url in (("direct", direct), ("router", routed)):
+                t0 = time.perf_counter()
+                async with session.post(url + "/v1/completions", json=body) as resp:
+                    await resp.read()
+                    assert resp.status == 200
+                if i >= 20:  # warm-up
+                    times[name].append(1000 * (time.perf_counter() - t0))
+    d, r = times["direct"], times["router"]
+    return {
+        "stream": stream,
+        "direct_p50_ms": statistics.median(d),
+        "direct_p99_ms": pct(d, 0.99),
+        "router_p50_ms": statistics.median(r),
+        "router_p99_ms": pct(r, 0.99),
+        "added_p50_ms": statistics.median(r) - statistics.median(d),
+        "added_p99_ms": pct(r, 0.99) - pct(d, 0.99),
+        "requests": len(d),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=64, help="requests per run")
     p.add_argument("--tokens", type=int, default=32, help="completion tokens per request")
     p.add_argument("--hidden", type=int, default=256, help="tiny model width")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument(
+        "--overhead",
+        type=int,
+        default=0,
+        help="also measure the router's added latency over this many one-token requests "
+        "(as benchmarks/serving_router_overhead.py does), on the same replica",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         replica = start_replica(Path(tmp), args.hidden)
@@ -154,10 +190,22 @@ def main() -> int:
                     f"p99 {routed['p99_ms']:7.1f} ms | router/direct {row['router_share']:.1%}",
                     flush=True,
                 )
+            overhead = [
+                asyncio.run(measure_overhead(replica.url, router_url, args.overhead, stream))
+                for stream in (False, True)
+                if args.overhead
+            ]
+            for row in overhead:
+                print(
+                    f"overhead {'stream' if row['stream'] else 'plain'}: added p50 "
+                    f"{row['added_p50_ms']:.2f} ms p99 {row['added_p99_ms']:.2f} ms "
+                    f"(direct p50 {row['direct_p50_ms']:.2f} ms)",
+                    flush=True,
+                )
         finally:
             router.kill()
             replica.stop()
-        print(json.dumps({"serving_batching": results}))
+        print(json.dumps({"serving_batching": results, "router_overhead": overhead}))
     return 0
 
 

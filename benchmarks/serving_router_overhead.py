@@ -13,46 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-import aiohttp
-from serving_batching import start_replica, start_router
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def measure(direct: str, routed: str, requests: int, stream: bool) -> dict[str, Any]:
-    times: dict[str, list[float]] = {"direct": [], "router": []}
-    body = {"model": "qa", "prompt": "3 plus 4 is", "max_tokens": 1, "temperature": 0}
-    if stream:
-        body["stream"] = True
-    async with aiohttp.ClientSession() as session:
-        for i in range(requests + 20):
-            for name, url in (("direct", direct), ("router", routed)):
-                t0 = time.perf_counter()
-                async with session.post(url + "/v1/completions", json=body) as resp:
-                    await resp.read()
-                    assert resp.status == 200
-                if i >= 20:  # warm-up
-                    times[name].append(1000 * (time.perf_counter() - t0))
-    d, r = times["direct"], times["router"]
-    return {
-        "stream": stream,
-        "direct_p50_ms": statistics.median(d),
-        "direct_p99_ms": pct(d, 0.99),
-        "router_p50_ms": statistics.median(r),
-        "router_p99_ms": pct(r, 0.99),
-        "added_p50_ms": statistics.median(r) - statistics.median(d),
-        "added_p99_ms": pct(r, 0.99) - pct(d, 0.99),
-        "requests": len(d),
-    }
+from serving_batching import measure_overhead, start_replica, start_router
 
 
 def main() -> int:
@@ -65,7 +29,7 @@ def main() -> int:
         router, router_url = start_router(replica.url)
         try:
             rows = [
-                asyncio.run(measure(replica.url, router_url, args.requests, stream))
+                asyncio.run(measure_overhead(replica.url, router_url, args.requests, stream))
                 for stream in (False, True)
             ]
         finally:

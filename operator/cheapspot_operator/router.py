@@ -40,6 +40,7 @@ from cheapspot_operator.routing import Load, Replica, StreamState
 
 log = logging.getLogger("cheapspot.router")
 
+COOL_DOWN_SECONDS = 3.0
 RETRIES = 4
 """Replicas one request is tried on (first bytes failing, or a stream cut) before it fails."""
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
@@ -73,6 +74,9 @@ class Router:
         self._changed = asyncio.Condition()
         self._session: aiohttp.ClientSession | None = None
         self.stats = {"requests": 0, "retries": 0, "resumes": 0, "failed": 0}
+        self.cooling: dict[str, float] = {}
+        """Replica -> until when no request is sent to it: it just refused a connection or
+        failed a request before its first byte (until the pod watch says more)."""
 
     # -- the replica set -----------------------------------------------------------------
 
@@ -91,18 +95,26 @@ class Router:
         is ready, until ``deadline``."""
         async with self._changed:
             while True:
+                now = time.monotonic()
+                avoid = exclude | {n for n, t in self.cooling.items() if t > now}
                 chosen = routing.choose(
-                    self.replicas.values(),
-                    model,
-                    self.load,
-                    capacity=self.capacity,
-                    exclude=exclude,
+                    self.replicas.values(), model, self.load, capacity=self.capacity, exclude=avoid
                 )
-                if chosen is None and exclude:
-                    # Every other replica failed this request already: any usable one will do.
-                    chosen = routing.choose(
-                        self.replicas.values(), model, self.load, capacity=self.capacity
-                    )
+                if chosen is None and not any(
+                    r.usable and r.name not in avoid for r in self.replicas.values()
+                ):
+                    # Every usable replica failed this request or just failed another one:
+                    # better to try one of those again than to wait for nothing.
+                    for fallback in (exclude, set()):
+                        chosen = routing.choose(
+                            self.replicas.values(),
+                            model,
+                            self.load,
+                            capacity=self.capacity,
+                            exclude=fallback,
+                        )
+                        if chosen is not None:
+                            break
                 if chosen is not None:
                     self.load.in_flight[chosen.name] = self.load.in_flight.get(chosen.name, 0) + 1
                     self.load.served.setdefault(chosen.name, set()).add(model)
@@ -237,6 +249,7 @@ class Router:
                 return response
             except (aiohttp.ClientError, TimeoutError, Upstream) as exc:
                 last = f"replica {replica.name} failed: {exc}"
+                self.cooling[replica.name] = time.monotonic() + COOL_DOWN_SECONDS
                 if response is not None:
                     # Bytes already went out: a stream the router cannot resume ends here.
                     self.stats["failed"] += 1
@@ -269,7 +282,9 @@ class Router:
                     if state.prompt_ids is None:
                         state.prompt_ids = await self._tokenize(replica, request.path, body)
                     path = routing.COMPLETIONS
-                    doc = routing.continuation_body(body, state.prompt_ids, state.sent_ids)
+                    doc = routing.continuation_body(
+                        body, state.prompt_ids, routing.resume_point(state)
+                    )
                 else:
                     path, doc = request.path, routing.upstream_body(body)
                 async with self.session.post(replica.url + path, json=doc) as resp:
@@ -295,6 +310,7 @@ class Router:
                 return response
             except (aiohttp.ClientError, TimeoutError, Upstream) as exc:
                 last = f"replica {replica.name} failed: {exc}"
+                self.cooling[replica.name] = time.monotonic() + COOL_DOWN_SECONDS
                 tried.add(replica.name)
                 if attempt + 1 < RETRIES:
                     if response is not None:

@@ -205,6 +205,13 @@ _CONTINUATION_KEYS = (
 )
 
 
+def resume_point(state: StreamState) -> list[int]:
+    """The tokens a continuation starts after: those whose text the client has. Tokens after
+    them (text held back) are dropped, to be generated again."""
+    del state.sent_ids[state.committed :]
+    return list(state.sent_ids)
+
+
 def continuation_body(
     body: Mapping[str, Any], prompt: Sequence[int], sent: Sequence[int]
 ) -> dict[str, Any]:
@@ -231,6 +238,11 @@ class StreamState:
     path: str
     body: Mapping[str, Any]
     sent_ids: list[int] = field(default_factory=list)
+    committed: int = 0
+    """How many of ``sent_ids`` the client has the text of. vLLM holds back the text of a
+    token that ends inside a multi-byte character (its chunk's text is empty) until the next
+    token completes it; a continuation must generate such tokens again rather than start
+    after them, or their text is lost with the cut."""
     prompt_ids: list[int] | None = None
     first: dict[str, Any] | None = None
     """The first chunk sent (its id, created time, model, object: continuations reuse them)."""
@@ -295,6 +307,10 @@ def relay_chunk(state: StreamState, payload: bytes, *, resumed: bool) -> bytes |
             state.prompt_ids = [int(t) for t in choice["prompt_token_ids"]]
     ids = _strip_ids(chunk)
     state.sent_ids.extend(ids)
+    if any(
+        (c.get("text") or (c.get("delta") or {}).get("content")) for c in chunk.get("choices") or []
+    ):
+        state.committed = len(state.sent_ids)
     usage = chunk.get("usage")
     if not resumed:
         if state.first is None:

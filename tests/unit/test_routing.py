@@ -145,3 +145,17 @@ def test_relay_strips_token_ids_and_rewrites_continuation_as_chat() -> None:
     assert counted == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     assert routing.relay_chunk(state, b"[DONE]", resumed=True) == b"data: [DONE]\n\n"
     assert state.done
+
+
+def test_a_resume_regenerates_tokens_whose_text_was_held_back() -> None:
+    state = StreamState(routing.COMPLETIONS, {"stream": True, "max_tokens": 10})
+    for ids, text in [([5], "a"), ([6], ""), ([7], "")]:  # 6, 7: an unfinished character
+        routing.relay_chunk(
+            state,
+            _chunk(id="c", choices=[{"index": 0, "text": text, "token_ids": ids}]),
+            resumed=False,
+        )
+    assert state.sent_ids == [5, 6, 7] and state.committed == 1
+    sent = routing.resume_point(state)
+    assert sent == [5] and state.sent_ids == [5]
+    assert routing.continuation_body(state.body, [1, 2], sent)["max_tokens"] == 9
