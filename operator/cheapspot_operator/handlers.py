@@ -598,6 +598,10 @@ def _owned_by(pod: Mapping[str, Any], uid: str) -> bool:
 class Reconciles(Protocol):
     def reconcile(self, namespace: str, name: str) -> Any: ...
 
+    def finished(self, namespace: str, name: str) -> bool:
+        """Nothing is left to do for the object: its loop may end."""
+        ...
+
 
 @dataclass
 class _Loops:

@@ -45,6 +45,7 @@ COST_ESTIMATED = Gauge(
     "cheapspot_job_cost_estimated",
     "1 when some of the job's cost used an estimated price (last known good or the table).",
     ["namespace", "job"],
+)
 REPLICA_DRAINS = Counter(
     "cheapspot_replica_drains_total",
     "Serving replicas marked draining (reclaim notice, move back to spot, scale down).",

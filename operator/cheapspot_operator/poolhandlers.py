@@ -200,6 +200,10 @@ class PoolReconciler:
         self.admin = admin or AdminClient()
         self.counts: dict[tuple[str, str], tuple[int, int]] = {}
 
+    def finished(self, namespace: str, name: str) -> bool:
+        """Never: a pool serves until it is deleted, and deletion stops its loop."""
+        return False
+
     def reconcile(self, namespace: str, name: str) -> list[PoolAction]:
         started = time.monotonic()
         try:

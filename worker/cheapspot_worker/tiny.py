@@ -234,6 +234,9 @@ def build_teacher(
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(directory)
+    return directory
+
+
 def build_adapter(
     directory: Path,
     model_dir: Path,
