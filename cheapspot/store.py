@@ -8,10 +8,16 @@ One interface (:class:`Store`) over two backends. What it promises:
   have a manifest and verify every sum, so a partial upload is invisible and a
   corrupted object raises :class:`CorruptObjectError` (callers fall back to an older
   prefix).
-* **Conditional manifest writes.** The manifest is written with ``If-None-Match: *``
-  where the store supports it (S3, OSS, and ``file://`` through an atomic link), so a
-  stale or zombie writer cannot replace a manifest that is already there; stores that
-  ignore or reject the header are tolerated (every key has a single writer anyway).
+* **Write-once objects: a zombie cannot change what a manifest lists.** Every object of a
+  published prefix and its manifest are created with ``If-None-Match: *`` where the store
+  supports it (S3, OSS, and ``file://`` through an atomic link), never overwritten. When a
+  name is already taken by other bytes (a zombie writer of the same slot, or a crashed
+  attempt's partial upload), this writer's object goes to a key of its own below the
+  prefix (``.w-<random>/<name>``) and the manifest names that key; the same bytes already
+  there are simply reused (a retried publish). So a pod on a partitioned node that keeps
+  writing after its replacement published can neither replace the manifest nor any object
+  it lists. Stores that ignore or reject the header fall back to check-then-write, where
+  that guarantee is lost (a warning says so).
 * **Retries.** Connection errors, 5xx answers and throttling are retried with
   exponential backoff; when the store stays down, :class:`TransientStoreError` is
   raised and nothing already published has been touched.
@@ -34,6 +40,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import shutil
 import tempfile
 import time
@@ -81,10 +88,18 @@ class PermissionStoreError(StoreError):
     """The store refused access (credentials, bucket policy, missing bucket)."""
 
 
+FENCE_PREFIX = ".w-"
+"""Objects that found their name taken go below ``<prefix>.w-<random>/`` (see above)."""
+SINGLE_PUT_LIMIT = 5 * 1024**3
+"""S3's largest single PUT: bigger objects cannot be created conditionally."""
+
+
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
     size: int
+    key: str | None = None
+    """Where the object is, relative to the prefix, when it is not at its name (fenced)."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +113,8 @@ class Manifest:
         doc = {
             "version": MANIFEST_VERSION,
             "files": {
-                n: {"sha256": e.sha256, "size": e.size} for n, e in sorted(self.files.items())
+                n: {"sha256": e.sha256, "size": e.size, **({"key": e.key} if e.key else {})}
+                for n, e in sorted(self.files.items())
             },
             "meta": dict(self.meta),
         }
@@ -109,12 +125,26 @@ class Manifest:
         try:
             doc = json.loads(data)
             files = {
-                str(n): FileEntry(sha256=str(e["sha256"]), size=int(e["size"]))
+                str(n): FileEntry(
+                    sha256=str(e["sha256"]),
+                    size=int(e["size"]),
+                    key=_listed_key(str(n), e.get("key")),
+                )
                 for n, e in doc["files"].items()
             }
             return cls(files=files, meta=dict(doc.get("meta", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptObjectError(f"unreadable manifest: {exc}") from exc
+
+
+def _listed_key(name: str, key: Any) -> str | None:
+    """A manifest's fenced key, refused unless it is ``.w-<token>/<name>`` (no escaping)."""
+    if key is None:
+        return None
+    token, _, rest = str(key).partition("/")
+    if not token.startswith(FENCE_PREFIX) or rest != name or ".." in token:
+        raise ValueError(f"bad key {key!r} for {name!r}")
+    return str(key)
 
 
 def sha256_file(path: Path) -> str:
@@ -157,6 +187,10 @@ class _Backend:
         raise NotImplementedError
 
     def upload_file(self, key: str, path: Path) -> None:
+        raise NotImplementedError
+
+    def create_file(self, key: str, path: Path) -> bool:
+        """Upload ``path`` unless ``key`` exists: False (and nothing written) if it does."""
         raise NotImplementedError
 
     def download_file(self, key: str, path: Path) -> None:
@@ -224,6 +258,22 @@ class _FileBackend(_Backend):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def create_file(self, key: str, path: Path) -> bool:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return True
 
     def download_file(self, key: str, path: Path) -> None:
         shutil.copyfile(self._path(key), path)
@@ -318,12 +368,29 @@ class _S3Backend(_Backend):
         return self.root + key
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        if if_absent:
+            return self._create(key, data)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        return True
+
+    def create_file(self, key: str, path: Path) -> bool:
+        if path.stat().st_size > SINGLE_PUT_LIMIT:
+            # Too big for one conditional PUT: check, then a multipart upload.
+            if self._exists(key):
+                return False
+            self.upload_file(key, path)
+            return True
+        with path.open("rb") as body:
+            return self._create(key, body)
+
+    def _create(self, key: str, body: Any) -> bool:
+        """PUT ``body`` with If-None-Match: *; False if the key exists."""
         from botocore.exceptions import ClientError
 
-        if if_absent and self._conditional_supported:
+        if self._conditional_supported:
             try:
                 self.client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+                    Bucket=self.bucket, Key=self._key(key), Body=body, IfNoneMatch="*"
                 )
                 return True
             except ClientError as exc:
@@ -335,13 +402,19 @@ class _S3Backend(_Backend):
                 ):
                     return False
                 if code in ("NotImplemented", "InvalidArgument") or status == 501:
-                    log.warning("store ignores conditional writes (%s); writing plainly", code)
+                    log.warning(
+                        "store ignores conditional writes (%s): objects are checked, then "
+                        "written, and a zombie writer may replace one a manifest lists",
+                        code,
+                    )
                     self._conditional_supported = False
+                    if hasattr(body, "seek"):
+                        body.seek(0)
                 else:
                     raise
-        if if_absent and self._exists(key):
+        if self._exists(key):
             return False
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body)
         return True
 
     def _exists(self, key: str) -> bool:
@@ -593,19 +666,47 @@ class Store:
             return False
         entries: dict[str, FileEntry] = {}
         for name, src in sorted(files.items()):
-            if name.startswith("/") or ".." in name.split("/"):
+            if name.startswith(("/", FENCE_PREFIX)) or ".." in name.split("/"):
                 raise ValueError(f"bad object name {name!r}")
             if name == MANIFEST_NAME:
                 raise ValueError(f"{MANIFEST_NAME} is written by publish itself")
             if isinstance(src, bytes):
-                entries[name] = FileEntry(hashlib.sha256(src).hexdigest(), len(src))
-                self.put_bytes(p + name, src)
+                digest, size = hashlib.sha256(src).hexdigest(), len(src)
             else:
-                entries[name] = FileEntry(sha256_file(src), src.stat().st_size)
-                key = p + name
-                self._call(f"PUT {key}", lambda k=key, s=src: self._backend.upload_file(k, s))  # type: ignore[misc]
+                digest, size = sha256_file(src), src.stat().st_size
+            key = self._create_once(p, name, src, digest)
+            entries[name] = FileEntry(digest, size, None if key == name else key)
         manifest = Manifest(entries, dict(meta or {}))
         return self.put_bytes(p + MANIFEST_NAME, manifest.to_json(), if_absent=True)
+
+    def _create(self, key: str, src: Path | bytes) -> bool:
+        if isinstance(src, bytes):
+            return self.put_bytes(key, src, if_absent=True)
+        return self._call(f"PUT {key}", lambda: self._backend.create_file(key, src))
+
+    def _create_once(self, p: str, name: str, src: Path | bytes, digest: str) -> str:
+        """Create ``src`` at ``p + name``, never overwriting; the key used, relative to ``p``.
+
+        The name already holding these very bytes is reused (a retried publish); holding
+        other bytes (a zombie, a crashed attempt's partial upload), a fenced key is used."""
+        if self._create(p + name, src) or self._sha256_of(p + name) == digest:
+            return name
+        fenced = f"{FENCE_PREFIX}{secrets.token_hex(8)}/{name}"
+        log.warning(
+            "%s is taken by other bytes; writing this copy at %s", self.uri(p + name), fenced
+        )
+        if not self._create(p + fenced, src):
+            raise StoreError(f"{self.uri(p + fenced)} exists: a fenced key was reused")
+        return fenced
+
+    def _sha256_of(self, key: str) -> str | None:
+        with tempfile.TemporaryDirectory(prefix="cheapspot-sum-") as tmp:
+            path = Path(tmp) / "object"
+            try:
+                self.download(key, path)
+            except NotFoundError:
+                return None
+            return sha256_file(path)
 
     def _dir(self, prefix: str) -> str:
         """A prefix as a key directory: "" for the store's root itself, else ending in "/"."""
@@ -639,7 +740,7 @@ class Store:
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".tmp-{target.name}")
-            key = p + name
+            key = p + (entry.key or name)
             try:
                 self._call(f"GET {key}", lambda k=key, t=tmp: self._backend.download_file(k, t))  # type: ignore[misc]
             except NotFoundError as exc:
@@ -663,12 +764,13 @@ class Store:
         entry = manifest.files.get(name)
         if entry is None:
             raise CorruptObjectError(f"{self.uri(p)} lists no {name}")
+        key = p + (entry.key or name)
         try:
-            data = self.get_bytes(p + name)
+            data = self.get_bytes(key)
         except NotFoundError as exc:
-            raise CorruptObjectError(f"{self.uri(p + name)} is listed but missing") from exc
+            raise CorruptObjectError(f"{self.uri(key)} is listed but missing") from exc
         if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise CorruptObjectError(f"{self.uri(p + name)} does not match its manifest")
+            raise CorruptObjectError(f"{self.uri(key)} does not match its manifest")
         return data
 
 

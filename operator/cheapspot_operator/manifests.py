@@ -216,12 +216,11 @@ def _node_affinity(placement: Placement, instance_types: list[str]) -> dict[str,
             ]
         }
         if placement.avoid_nodes:
+            # The API takes one value per node-field requirement; requirements in a term
+            # are ANDed, so one NotIn per node excludes them all.
             out["matchFields"] = [
-                {
-                    "key": "metadata.name",
-                    "operator": "NotIn",
-                    "values": list(placement.avoid_nodes),
-                }
+                {"key": "metadata.name", "operator": "NotIn", "values": [node]}
+                for node in placement.avoid_nodes
             ]
         terms.append(out)
     affinity: dict[str, Any] = {

@@ -96,8 +96,10 @@ def test_spot_placement_selects_spot_nodes_avoids_doomed_ones_and_prefers_instan
     assert term["matchExpressions"] == [
         {"key": "cheapspot.dev/capacity-type", "operator": "In", "values": ["spot"]}
     ]
+    # The API server rejects a node-field requirement with more than one value.
     assert term["matchFields"] == [
-        {"key": "metadata.name", "operator": "NotIn", "values": ["spot-a", "spot-b"]}
+        {"key": "metadata.name", "operator": "NotIn", "values": ["spot-a"]},
+        {"key": "metadata.name", "operator": "NotIn", "values": ["spot-b"]},
     ]
     (pref,) = affinity["preferredDuringSchedulingIgnoredDuringExecution"]
     assert pref["preference"]["matchExpressions"][0]["values"] == ["g5.xlarge"]

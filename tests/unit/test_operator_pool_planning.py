@@ -63,6 +63,7 @@ def test_a_reclaim_notice_drains_the_replica_and_creates_its_replacement_in_the_
     assert victim.pod.node_name in create.avoid_nodes
     (mark,) = w.marks()
     assert mark.pod == victim.name
+    assert w.last.index(mark) < w.last.index(create), "the router must stop choosing it first"
     assert mark.deadline == w.clock.now + timedelta(seconds=w.profile.notice_seconds)
     assert w.deletes() == []
     assert w.status.draining[0].pod == victim.name

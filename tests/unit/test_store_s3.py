@@ -53,8 +53,10 @@ def test_multipart_upload_round_trips(
 ) -> None:
     from boto3.s3.transfer import TransferConfig
 
-    # 5 MiB is S3's smallest part; an 11 MiB file goes up in three parts.
+    # 5 MiB is S3's smallest part; an 11 MiB file goes up in three parts once it is over
+    # the single conditional PUT's limit (5 GiB in life, 6 MiB here).
     part = 5 * 1024 * 1024
+    monkeypatch.setattr("cheapspot.store.SINGLE_PUT_LIMIT", part + 1024 * 1024)
     store._backend.transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part)  # type: ignore[attr-defined]
     big = tmp_path / "big.bin"
     big.write_bytes(bytes(range(256)) * (11 * 4096))

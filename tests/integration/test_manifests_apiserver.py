@@ -1,0 +1,68 @@
+"""Every pod the operator builds, for every placement profile and capacity, is accepted by a
+real API server (server-side dry run): the unit tests check shapes, this checks validity."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from cheapspot_operator.config import OperatorConfig
+from cheapspot_operator.kubeapi import ApiError, KubeApi
+from cheapspot_operator.manifests import JobInfo, Placement, build_anchor_pod, build_shard_pod
+from cheapspot_operator.placement import PROFILES
+from cheapspot_operator.poolmanifests import PoolInfo, build_replica_pod
+from cheapspot_operator.pooltesting import make_pool
+from cheapspot_operator.spec import CapacityType
+from cheapspot_operator.testing import make_job
+
+CONFIG = OperatorConfig()
+# Three doomed nodes at once: what a zone-wide reclaim or `spot off` produces.
+AVOID = ("spot-a", "spot-b", "spot-c")
+
+
+@pytest.fixture(scope="module")
+def namespaced(local_cluster: Any) -> tuple[KubeApi, str]:
+    api = KubeApi(local_cluster.api_client())
+    namespace = f"m-{uuid.uuid4().hex[:8]}"
+    api.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
+    return api, namespace
+
+
+def _dry_run(api: KubeApi, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
+    try:
+        accepted: dict[str, Any] = api.request(
+            "POST", f"/api/v1/namespaces/{namespace}/pods", query={"dryRun": "All"}, body=pod
+        )
+    except ApiError as exc:
+        pytest.fail(f"the API server rejected {pod['metadata']['name']}: {exc.message}")
+    return accepted
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+@pytest.mark.parametrize("capacity", [CapacityType.SPOT, CapacityType.ON_DEMAND])
+def test_training_and_serving_pods_are_valid_with_several_doomed_nodes(
+    namespaced: tuple[KubeApi, str], profile: str, capacity: CapacityType
+) -> None:
+    api, namespace = namespaced
+    placement = Placement(PROFILES[profile], capacity, avoid_nodes=AVOID)
+    job = JobInfo(namespace, "qa-lora", "uid-1", make_job(shards=3))
+    pool = PoolInfo(namespace, "qa-serve", "uid-2", make_pool())
+    pods = [
+        build_shard_pod(job, 1, 2, placement, CONFIG.worker),
+        build_anchor_pod(
+            job, 0, Placement(PROFILES[profile], CapacityType.ON_DEMAND), CONFIG.worker
+        ),
+        build_replica_pod(pool, 1, 2, placement, CONFIG.worker, serving=CONFIG.serving),
+    ]
+    for pod in pods:
+        accepted = _dry_run(api, namespace, pod)
+        assert accepted["metadata"]["name"] == pod["metadata"]["name"]
+        terms = accepted["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
+        if pod is not pods[1]:
+            for term in terms:
+                avoided = {v for f in term["matchFields"] for v in f["values"]}
+                assert avoided == set(AVOID)
