@@ -61,12 +61,13 @@ from cheapspot_operator.kubeapi import ApiError, KubeApi
 from cheapspot_operator.manifests import JobInfo, Placement, build_anchor_pod, build_shard_pod
 from cheapspot_operator.observed import (
     ANCHOR_INDEX,
+    BOUND_LIVE_PODS,
     LABEL_JOB,
     JobView,
     NodeView,
     Observed,
+    node_usage,
     node_view,
-    pod_requests,
     pod_view,
 )
 from cheapspot_operator.phases import JobPhase
@@ -361,15 +362,7 @@ class Reconciler:
         cached = self._usage
         if cached is not None and time.monotonic() - cached[0] < ttl:
             return cached[1]
-        usage: dict[str, dict[str, float]] = {}
-        bound = self.api.list(
-            "/api/v1/pods",
-            field_selector="spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed",
-        )
-        for pod in bound:
-            node = usage.setdefault(str(pod["spec"]["nodeName"]), {})
-            for key, amount in pod_requests(pod).items():
-                node[key] = node.get(key, 0.0) + amount
+        usage = node_usage(self.api.list("/api/v1/pods", field_selector=BOUND_LIVE_PODS))
         self._usage = (time.monotonic(), usage)
         return usage
 

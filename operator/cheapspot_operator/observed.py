@@ -7,7 +7,7 @@ directly and never need a Kubernetes object.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -226,6 +226,20 @@ def pod_requests(pod: Mapping[str, Any]) -> dict[str, float]:
             if amount is not None:
                 out[key] = out.get(key, 0.0) + amount
     return out
+
+
+BOUND_LIVE_PODS = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
+"""Field selector for the pods that hold resources on a node (see :func:`node_usage`)."""
+
+
+def node_usage(bound_pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per node, the extended resources the given bound, live pods request, summed."""
+    usage: dict[str, dict[str, float]] = {}
+    for pod in bound_pods:
+        node = usage.setdefault(str(pod["spec"]["nodeName"]), {})
+        for key, amount in pod_requests(pod).items():
+            node[key] = node.get(key, 0.0) + amount
+    return usage
 
 
 def node_view(node: Mapping[str, Any], requested: Mapping[str, float] | None = None) -> NodeView:

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,7 +45,7 @@ from cheapspot_operator.config import OperatorConfig
 from cheapspot_operator.handlers import _Loops, _owned_by, post_event
 from cheapspot_operator.kubeapi import ApiError, KubeApi
 from cheapspot_operator.manifests import Placement
-from cheapspot_operator.observed import NodeView, node_view
+from cheapspot_operator.observed import BOUND_LIVE_PODS, NodeView, node_usage, node_view
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.pool import (
@@ -80,6 +80,11 @@ log = logging.getLogger("cheapspot.operator.pools")
 ADMIN_TIMEOUT = urllib3.Timeout(connect=0.5, read=1.0)
 """A replica that cannot answer this fast is treated as silent for this pass."""
 PUSH_TIMEOUT = urllib3.Timeout(connect=1.0, read=300.0)
+REPORT_WAIT_S = 0.25
+"""How long a reconcile waits for fresh reports; slower answers count for the next pass, so
+a busy replica never delays the reaction to a reclaim notice."""
+REPORT_MAX_AGE_S = 10.0
+"""A report older than this is not used (the replica stopped answering)."""
 """An adapter push returns once the replica fetched and loaded what is new."""
 
 ReportReader = Callable[[Sequence[ReplicaPod]], Mapping[str, ReplicaReport]]
@@ -105,6 +110,8 @@ class AdminClient:
         self.pushers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adapter-push")
         self.pushing: set[str] = set()
         self.lock = threading.Lock()
+        self.asking: dict[str, Future[None]] = {}
+        self.latest: dict[str, tuple[float, ReplicaReport]] = {}
 
     def _url(self, rp: ReplicaPod, path: str) -> str:
         return f"http://{rp.ip}:{ADMIN_PORT}{path}"
@@ -119,10 +126,41 @@ class AdminClient:
             return None
         return ReplicaReport.from_json(data)
 
-    def reports(self, replicas: Sequence[ReplicaPod]) -> Mapping[str, ReplicaReport]:
+    def reports(
+        self, replicas: Sequence[ReplicaPod], wait_s: float = REPORT_WAIT_S
+    ) -> Mapping[str, ReplicaReport]:
+        """The newest report of each running replica: asked now, waited for ``wait_s`` at
+        most; an answer still on its way is used by the next pass."""
         asked = [rp for rp in replicas if rp.ip and rp.live and rp.pod.phase == "Running"]
-        answers = list(self.pool.map(self.report, asked))
-        return {rp.name: a for rp, a in zip(asked, answers, strict=True) if a is not None}
+        pending = []
+        with self.lock:
+            for rp in asked:
+                future = self.asking.get(rp.name)
+                if future is None or future.done():
+                    future = self.pool.submit(self._refresh, rp)
+                    self.asking[rp.name] = future
+                pending.append(future)
+        wait(pending, timeout=wait_s)
+        now = time.monotonic()
+        with self.lock:
+            names = {rp.name for rp in asked}
+            for gone in [n for n in self.latest if n not in names]:
+                if now - self.latest[gone][0] > REPORT_MAX_AGE_S:
+                    del self.latest[gone]
+                    self.asking.pop(gone, None)
+            return {
+                rp.name: got[1]
+                for rp in asked
+                if (got := self.latest.get(rp.name)) and now - got[0] <= REPORT_MAX_AGE_S
+            }
+
+    def _refresh(self, rp: ReplicaPod) -> None:
+        report = self.report(rp)
+        with self.lock:
+            if report is None:
+                self.latest.pop(rp.name, None)  # not answering: no stale report stands in
+            else:
+                self.latest[rp.name] = (time.monotonic(), report)
 
     def push_adapters(self, rp: ReplicaPod, adapters: Sequence[Mapping[str, str]]) -> None:
         """Start pushing the adapter list to ``rp`` in the background (the replica fetches
@@ -160,25 +198,6 @@ class AdminClient:
         finally:
             with self.lock:
                 self.pushing.discard(rp.name)
-
-
-def free_gpus(
-    raw_nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], resource: str
-) -> dict[str, int]:
-    """Allocatable ``resource`` per node minus what the pods bound there request."""
-    free: dict[str, int] = {}
-    for node in raw_nodes:
-        alloc = ((node.get("status") or {}).get("allocatable") or {}).get(resource)
-        free[str(node["metadata"]["name"])] = int(alloc or 0)
-    for pod in pods:
-        node_name = (pod.get("spec") or {}).get("nodeName")
-        phase = (pod.get("status") or {}).get("phase")
-        if not node_name or node_name not in free or phase in ("Succeeded", "Failed"):
-            continue
-        for c in (pod.get("spec") or {}).get("containers") or []:
-            want = ((c.get("resources") or {}).get("requests") or {}).get(resource)
-            free[node_name] -= int(want or 0)
-    return free
 
 
 class PoolReconciler:
@@ -231,18 +250,21 @@ class PoolReconciler:
             if _owned_by(p, meta["uid"])
         ]
         replicas = tuple(v for p in raw_pods if (v := replica_pod_view(p)) is not None)
-        raw_nodes = self.api.list("/api/v1/nodes")
-        nodes: dict[str, NodeView] = {n.name: n for n in map(node_view, raw_nodes)}
-        deployment = self.api.get(
-            f"/apis/apps/v1/namespaces/{namespace}/deployments/{router_name(name)}"
-        )
-        gpus: dict[str, int] = {}
+        # What is free on the nodes matters only to a replica that fell back to on-demand.
+        usage: dict[str, dict[str, float]] = {}
         if any(
             not slot.anchor and slot.capacity_type is CapacityType.ON_DEMAND
             for slot in status.slots
         ):
-            everything = self.api.list("/api/v1/pods")
-            gpus = free_gpus(raw_nodes, everything, spec.resources.gpu_resource)
+            usage = node_usage(self.api.list("/api/v1/pods", field_selector=BOUND_LIVE_PODS))
+        nodes = {
+            view.name: view
+            for raw in self.api.list("/api/v1/nodes")
+            if (view := node_view(raw, usage.get(raw["metadata"]["name"])))
+        }
+        deployment = self.api.get(
+            f"/apis/apps/v1/namespaces/{namespace}/deployments/{router_name(name)}"
+        )
         observed = PoolObserved(
             pool=PoolView(namespace, name, meta["uid"], int(meta.get("generation", 1)), status),
             replicas=replicas,
@@ -251,7 +273,6 @@ class PoolReconciler:
             prices=self.prices,
             reports=self.admin.reports(replicas),
             router=router_view(deployment),
-            free_gpus=gpus,
         )
         actions = plan(spec, observed, self.clock())
         self._apply(pool, spec, observed, actions)

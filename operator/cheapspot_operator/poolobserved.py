@@ -117,7 +117,6 @@ class PoolObserved:
     """Replica reports by pod name; a pod without one did not answer (or was not asked)."""
     router: RouterView | None = None
     """The router Deployment; None when it does not exist."""
-    free_gpus: Mapping[str, int] = field(default_factory=dict)
     """Unrequested GPUs per node (only filled while a replica waits to return to spot)."""
 
 

@@ -96,7 +96,8 @@ class PoolWorld:
     nodes: dict[str, NodeView] = field(default_factory=default_pool_nodes)
     reports: dict[str, ReplicaReport] = field(default_factory=dict)
     router: RouterView | None = None
-    free_gpus: dict[str, int] = field(default_factory=dict)
+    other_gpus: dict[str, int] = field(default_factory=dict)
+    """GPUs requested on a node by pods of other workloads."""
     clock: FakeClock = field(default_factory=FakeClock)
     profile: PlacementProfile = PROFILES["local"]
     prices: PriceTable = field(default_factory=default_prices)
@@ -104,15 +105,23 @@ class PoolWorld:
     last: list[PoolAction] = field(default_factory=list)
 
     def observed(self) -> PoolObserved:
+        # What the act layer does: each node's GPUs requested by the live pods bound to it.
+        used: dict[str, float] = {k: float(v) for k, v in self.other_gpus.items()}
+        for rp in self.pods.values():
+            if rp.pod.node_name and not rp.pod.terminated:
+                used[rp.pod.node_name] = used.get(rp.pod.node_name, 0.0) + self.spec.resources.gpu
+        resource = self.spec.resources.gpu_resource
         return PoolObserved(
             pool=PoolView("default", POOL_NAME, "uid-1", self.generation, self.status),
             replicas=tuple(self.pods.values()),
-            nodes=dict(self.nodes),
+            nodes={
+                name: replace(n, requested={resource: used.get(name, 0.0)})
+                for name, n in self.nodes.items()
+            },
             profile=self.profile,
             prices=self.prices,
             reports=dict(self.reports),
             router=self.router,
-            free_gpus=dict(self.free_gpus),
         )
 
     def step(self, seconds: float = 0.0) -> list[PoolAction]:

@@ -21,8 +21,10 @@ IP = "127.0.9.9"  # a loopback address of its own: nothing else listens there
 class FakeReplica(BaseHTTPRequestHandler):
     puts: list[Any] = []
     delay = 1.0
+    get_delay = 0.0
 
     def do_GET(self) -> None:
+        time.sleep(FakeReplica.get_delay)
         body = json.dumps(
             {
                 "ready": True,
@@ -56,6 +58,7 @@ def replica() -> Iterator[None]:
     except OSError as exc:
         pytest.skip(f"cannot listen on {IP}:{ADMIN_PORT}: {exc}")
     FakeReplica.puts = []
+    FakeReplica.get_delay = 0.0
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield
     server.shutdown()
@@ -65,7 +68,7 @@ def replica() -> Iterator[None]:
 def test_reports_are_read_and_unknown_load_is_not_idle(replica: None) -> None:
     rp = make_replica(1)
     rp = type(rp)(pod=rp.pod, ready=True, ip=IP)
-    (report,) = AdminClient().reports([rp]).values()
+    (report,) = AdminClient().reports([rp], wait_s=5).values()
     assert report.ready and report.adapters == frozenset({"qa"})
     assert report.in_flight is None  # waiting unknown: never taken for idle
     assert "MANIFEST.json not found" in report.message
@@ -84,3 +87,23 @@ def test_an_adapter_push_does_not_hold_up_reconciling_and_is_not_repeated(replic
     while admin.pushing and time.monotonic() < deadline:
         time.sleep(0.05)
     assert FakeReplica.puts == [{"adapters": adapters}]
+
+
+def test_a_slow_replica_does_not_hold_up_a_pass_and_its_answer_counts_for_the_next(
+    replica: None,
+) -> None:
+    rp = make_replica(1)
+    rp = type(rp)(pod=rp.pod, ready=True, ip=IP)
+    admin = AdminClient()
+    FakeReplica.get_delay = 0.6  # a replica busy serving
+    started = time.monotonic()
+    assert admin.reports([rp], wait_s=0.1) == {}
+    assert time.monotonic() - started < 0.5
+    time.sleep(0.8)
+    (report,) = admin.reports([rp], wait_s=0.1).values()
+    assert report.adapters == frozenset({"qa"})
+    # Stops answering (gone): its old report is not used.
+    FakeReplica.get_delay = 0.0
+    gone = type(rp)(pod=rp.pod, ready=True, ip="127.0.9.10")
+    admin.reports([gone], wait_s=2)
+    assert admin.reports([gone], wait_s=2) == {}

@@ -148,13 +148,13 @@ def test_spot_missing_falls_back_to_on_demand_and_returns_when_a_spot_gpu_is_fre
     w.run_all()
     w.step(1)
     assert w.status.placement_display == "0/2"
-    # Spot is back, but no GPU free there yet: stay.
+    # Spot is back, but its GPU is taken by another workload: stay.
     w.nodes["spot-3"] = make_node("spot-3")
-    w.free_gpus = {"spot-3": 0}
+    w.other_gpus = {"spot-3": 1}
     w.step(5)
     assert w.creates() == []
     # A free GPU: a new spot replica first; the on-demand one keeps serving until it is Ready.
-    w.free_gpus = {"spot-3": 1}
+    w.other_gpus = {}
     w.step(5)
     (back,) = w.creates()
     assert (back.index, back.capacity) == (1, CapacityType.SPOT)

