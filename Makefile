@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 EXTRAS := operator,worker,dev
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv serve-venv lint unit cluster-binaries integration integration-full test test-full demo clean-cluster
+.PHONY: venv serve-venv lint unit cluster-binaries integration test demo clean-cluster
 
 venv: $(STAMP)
 
@@ -53,20 +53,10 @@ unit: venv
 cluster-binaries: venv
 	$(VENV)/bin/cheapspot build
 
-# The pool scale-up scenario needs a third vLLM replica to start while two serve load; on two
-# cores that start has taken more than its 10 minutes, so `make test` leaves it to
-# `make test-full`, which runs every scenario (docs/benchmarks.md, "make test").
-SLOW_ON_TWO_CORES := e2e/test_pools.py::test_kubectl_scale_up_and_down_under_load
-
 integration: cluster-binaries serve-venv
-	$(PYTEST) -m "not unit" -q --deselect $(SLOW_ON_TWO_CORES)
-
-integration-full: cluster-binaries serve-venv
 	$(PYTEST) -m "not unit" -q
 
 test: lint unit integration
-
-test-full: lint unit integration-full
 
 demo: cluster-binaries serve-venv
 	$(VENV)/bin/cheapspot demo

@@ -214,7 +214,12 @@ def test_a_reclaim_with_notice_under_load_loses_nothing(served: Served) -> None:
         if reclaim is not None:
             reclaim.join(120)
     _assert_clean(load)
-    assert created_after < 2.0, f"replacement created {created_after:.2f}s after the notice"
+    # Made before the break: the replacement exists while the doomed node still serves. How
+    # fast is a benchmark's figure (benchmarks/operator_reclaim.py), not a timed assertion.
+    assert created_after < NOTICE_SECONDS, (
+        f"replacement created {created_after:.2f}s after the notice, "
+        f"not within its {NOTICE_SECONDS}s"
+    )
     assert first is not None and last == first, (
         f"{(last or 0) - (first or 0)} requests reached the replica after it was marked draining"
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,6 +71,62 @@ class ServingSettings(BaseModel):
     router_command: Annotated[list[str], Field(alias="routerCommand")] = ["cheapspot", "router"]
 
 
+class PricingSettings(BaseModel):
+    """Where node prices come from (:mod:`cheapspot_operator.pricing.book`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    provider: Annotated[
+        Literal["table", "aws", "alibaba"],
+        Field(
+            description="table: the static table only; aws: EC2 spot price history and the "
+            "Pricing API; alibaba: ECS DescribeSpotPriceHistory. The table stays the last "
+            "fallback either way."
+        ),
+    ] = "table"
+    region: Annotated[
+        str, Field(description="The cloud region; aws: default $AWS_REGION / $AWS_DEFAULT_REGION.")
+    ] = ""
+    spot_refresh_seconds: Annotated[
+        float, Field(alias="spotRefreshSeconds", gt=0, description="Spot prices: how often.")
+    ] = 3600.0
+    on_demand_refresh_seconds: Annotated[
+        float,
+        Field(alias="onDemandRefreshSeconds", gt=0, description="On-demand prices: how often."),
+    ] = 86400.0
+    retry_seconds: Annotated[
+        float,
+        Field(alias="retrySeconds", gt=0, description="After a failed refresh, ask again after."),
+    ] = 300.0
+    check_seconds: Annotated[
+        float,
+        Field(
+            alias="checkSeconds",
+            gt=0,
+            description="How often the nodes' instance types and node price metrics are updated.",
+        ),
+    ] = 60.0
+    config_map: Annotated[
+        str,
+        Field(alias="configMap", description="ConfigMap keeping the last known good prices."),
+    ] = "cheapspot-prices"
+    namespace: Annotated[
+        str,
+        Field(
+            description="The ConfigMap's namespace; default $POD_NAMESPACE (the chart sets it). "
+            "Neither: the last known good prices live in memory only."
+        ),
+    ] = ""
+    usd_per: Annotated[
+        dict[str, float],
+        Field(
+            alias="usdPer",
+            description="alibaba: USD per unit of a currency the API reports, e.g. {CNY: 0.14}; "
+            "prices are converted only with a rate given here.",
+        ),
+    ] = {}
+
+
 class OperatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -100,6 +156,7 @@ class OperatorConfig(BaseModel):
         dict[str, dict[str, float]],
         Field(description="Price overrides: instance type -> {spot, on-demand} $/h."),
     ] = {}
+    pricing: PricingSettings = PricingSettings()
     reconcile_interval_seconds: Annotated[
         float,
         Field(

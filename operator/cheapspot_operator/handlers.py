@@ -53,7 +53,7 @@ import kopf
 from pydantic import ValidationError
 
 from cheapspot.contract import Layout, Progress, Role
-from cheapspot_operator import metrics
+from cheapspot_operator import events, metrics
 from cheapspot_operator import spec as s
 from cheapspot_operator.config import OperatorConfig
 from cheapspot_operator.costs import PriceTable
@@ -79,6 +79,7 @@ from cheapspot_operator.planning.train import (
     UpdateStatus,
     plan,
 )
+from cheapspot_operator.pricing.quotes import PriceKey, Quote
 
 log = logging.getLogger("cheapspot.operator")
 
@@ -250,9 +251,12 @@ class Reconciler:
         progress_ttl_seconds: float = 1.0,
         *,
         output_claims: OutputClaims | None = None,
+        quotes: Callable[[], Mapping[PriceKey, Quote]] = dict,
     ) -> None:
         self.api = api
         self.config = config
+        self.quotes = quotes
+        """The price book's snapshot (:mod:`cheapspot_operator.pricing.book`); none: the table."""
         self.profile: PlacementProfile = config.placement_profile()
         self.prices: PriceTable = config.price_table()
         stores = StoreProgressReader()
@@ -334,6 +338,7 @@ class Reconciler:
             progress_known=progress is not None,
             profile=self.profile,
             prices=self.prices,
+            quotes=self.quotes(),
             create_refused=self._refused_for(meta["uid"], status),
         )
         actions = plan(spec, observed, self.clock())
@@ -526,34 +531,11 @@ class Reconciler:
 def post_event(
     api: KubeApi, kind: str, obj: Mapping[str, Any], event: EmitEvent, now: datetime
 ) -> None:
-    """Post ``event`` about ``obj`` (a CheapTrainJob or CheapInferencePool); a lost event is
-    logged, never fatal."""
-    meta = obj["metadata"]
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = {
-        "metadata": {
-            "generateName": f"{meta['name']}.",
-            "namespace": meta["namespace"],
-        },
-        "involvedObject": {
-            "apiVersion": f"{s.GROUP}/{s.VERSION}",
-            "kind": kind,
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "uid": meta["uid"],
-        },
-        "type": event.type,
-        "reason": event.reason,
-        "message": event.message[:1024],
-        "source": {"component": "cheapspot-operator"},
-        "firstTimestamp": stamp,
-        "lastTimestamp": stamp,
-        "count": 1,
-    }
-    try:
-        api.create(f"/api/v1/namespaces/{meta['namespace']}/events", body)
-    except ApiError as exc:  # an event lost is not worth failing a reconciliation
-        log.warning("cannot post event %s: %s", event.reason, exc)
+    """Post ``event`` about ``obj`` (a CheapTrainJob or CheapInferencePool)."""
+    involved = events.reference(f"{s.GROUP}/{s.VERSION}", kind, obj)
+    events.post(
+        api, involved, type_=event.type, reason=event.reason, message=event.message, now=now
+    )
 
 
 def _connection_info(config: Any, settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:

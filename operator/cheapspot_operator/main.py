@@ -46,22 +46,29 @@ async def run_operator(
 
     from cheapspot_operator.handlers import Reconciler, make_registry
     from cheapspot_operator.kubeapi import KubeApi
+    from cheapspot_operator.pricing.book import start_price_book
 
     api = KubeApi.from_config(kubeconfig)
-    reconciler = Reconciler(api, config)
+    book, refresher = start_price_book(
+        api, config.pricing, config.placement_profile(), config.price_table()
+    )
+    reconciler = Reconciler(api, config, quotes=book.snapshot)
     registry = make_registry(reconciler, config)
     watched = list(namespaces) or list(config.namespaces)
     health = f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None
-    await kopf.operator(
-        liveness_endpoint=health,
-        registry=registry,
-        clusterwide=not watched,
-        namespaces=watched,
-        standalone=config.peering_priority is None,
-        priority=config.peering_priority,
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-    )
+    try:
+        await kopf.operator(
+            liveness_endpoint=health,
+            registry=registry,
+            clusterwide=not watched,
+            namespaces=watched,
+            standalone=config.peering_priority is None,
+            priority=config.peering_priority,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        refresher.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

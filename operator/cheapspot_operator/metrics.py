@@ -46,6 +46,22 @@ COST_ESTIMATED = Gauge(
     "1 when some of the job's cost used an estimated price (last known good or the table).",
     ["namespace", "job"],
 )
+_NODE_LABELS = ["node", "instance_type", "capacity_type", "zone"]
+NODE_PRICE = Gauge(
+    "cheapspot_node_price_dollars_per_hour",
+    "What a node costs per hour as the operator prices it (live, last known good or table).",
+    _NODE_LABELS,
+)
+NODE_PRICE_ESTIMATED = Gauge(
+    "cheapspot_node_price_estimated",
+    "1 when the node's price is not a current observation (last known good or the table).",
+    _NODE_LABELS,
+)
+NODE_PRICE_AGE = Gauge(
+    "cheapspot_node_price_age_seconds",
+    "Seconds since the node's price was observed (absent for table prices).",
+    _NODE_LABELS,
+)
 REPLICA_DRAINS = Counter(
     "cheapspot_replica_drains_total",
     "Serving replicas marked draining (reclaim notice, move back to spot, scale down).",

@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 import yaml
 
-from cheapspot_operator.config import OperatorConfig, ServingSettings, WorkerSettings
+from cheapspot_operator.config import (
+    OperatorConfig,
+    PricingSettings,
+    ServingSettings,
+    WorkerSettings,
+)
 
 # jsonschema comes with the dev tools (moto); the chart check needs nothing else.
 jsonschema = pytest.importorskip("jsonschema")
@@ -49,18 +54,21 @@ def test_every_value_a_template_uses_exists() -> None:
 def test_the_config_the_chart_writes_uses_the_operators_keys() -> None:
     text = (CHART / "templates" / "configmap.yaml").read_text()
     body = text.split("config.yaml: |", 1)[1]
-    top = set(re.findall(r"^    ([A-Za-z]+):", body, re.M))
-    worker_body, serving_body = (
-        body.split("\n    serving:", 1) if "serving:" in body else (body, "")
-    )
-    worker = set(re.findall(r"^      ([A-Za-z]+):", worker_body, re.M))
-    serving = set(re.findall(r"^      ([A-Za-z]+):", serving_body, re.M))
+    sections: dict[str, set[str]] = {}
+    for line in body.splitlines():
+        if top := re.match(r"^    ([A-Za-z]+):", line):
+            current = sections.setdefault(top.group(1), set())
+        elif nested := re.match(r"^      ([A-Za-z]+):", line):
+            current.add(nested.group(1))
     known = {f.alias or n for n, f in OperatorConfig.model_fields.items()}
-    known_worker = {f.alias or n for n, f in WorkerSettings.model_fields.items()}
-    known_serving = {f.alias or n for n, f in ServingSettings.model_fields.items()}
-    assert top <= known, top - known
-    assert worker <= known_worker, worker - known_worker
-    assert serving and serving <= known_serving, serving - known_serving
+    assert set(sections) <= known, set(sections) - known
+    for name, model in (
+        ("worker", WorkerSettings),
+        ("serving", ServingSettings),
+        ("pricing", PricingSettings),
+    ):
+        keys = {f.alias or n for n, f in model.model_fields.items()}
+        assert sections[name] and sections[name] <= keys, (name, sections[name] - keys)
 
 
 def test_the_chart_runs_one_operator_with_least_privilege() -> None:

@@ -90,7 +90,7 @@ class AlibabaPrices:
             if rate is None:
                 raise ProviderUnavailableError(
                     f"ECS prices are in {currency} and no USD rate for it is configured "
-                    "(pricing.alibaba.usdPer)"
+                    "(pricing.usdPer)"
                 )
             for zone, rec in newest.items():
                 at = _when(rec.timestamp)
