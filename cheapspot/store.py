@@ -248,28 +248,27 @@ class _FileBackend(_Backend):
         return self._path(key).read_bytes()
 
     def upload_file(self, key: str, path: Path) -> None:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        os.close(fd)
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        self._copy_in(key, path, replace=True)
 
     def create_file(self, key: str, path: Path) -> bool:
+        return self._copy_in(key, path, replace=False)
+
+    def _copy_in(self, key: str, path: Path, *, replace: bool) -> bool:
+        """Copy ``path`` to a temporary file beside the key, then move it into place:
+        replacing what is there, or (``replace=False``) only if nothing is (False if so)."""
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         os.close(fd)
         try:
             shutil.copyfile(path, tmp)
-            try:
-                os.link(tmp, dest)
-            except FileExistsError:
-                return False
+            if replace:
+                os.replace(tmp, dest)
+            else:
+                try:
+                    os.link(tmp, dest)  # fails if the key exists: an atomic create
+                except FileExistsError:
+                    return False
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
