@@ -473,8 +473,15 @@ def test_a_stream_cut_by_a_sigkill_continues_byte_identical(
                 finish["chat"] = c.choices[0].finish_reason or finish.get("chat")
 
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(text_stream), pool.submit(chat_stream)]
+        # The chat stream first, the text stream once chat is under way: started together, one
+        # could finish before the other's first token and leave nothing to cut.
+        futures = [pool.submit(chat_stream)]
         deadline = time.monotonic() + 300
+        while not got["chat"]:
+            assert time.monotonic() < deadline, "the chat stream did not start"
+            assert not futures[0].done(), futures[0].exception()
+            time.sleep(0.01)
+        futures.append(pool.submit(text_stream))
         while min(len(got["text"]), len(got["chat"])) < 10:
             assert time.monotonic() < deadline, "streams did not start"
             assert not any(f.done() for f in futures), [f.exception() for f in futures]

