@@ -159,6 +159,9 @@ def test_kubectl_scale_up_and_down_under_load(served: Served) -> None:
     assert len(anchor) == 1, "the anchor was scaled away"
 
 
+DRAIN_NOTICE_SECONDS = 15
+
+
 def test_a_reclaim_with_notice_under_load_loses_nothing(served: Served) -> None:
     s = served
     victim = _spot_replica(s)
@@ -173,7 +176,9 @@ def test_a_reclaim_with_notice_under_load_loses_nothing(served: Served) -> None:
     try:
         load.wait_requests(8)
         noticed = time.monotonic()
-        reclaim = threading.Thread(target=s.backend.reclaim, args=(node, NOTICE_SECONDS))
+        # A longer notice than the other scenarios': on a busy machine the mark may take a few
+        # seconds, and the replica must still be up a second after it to be sampled.
+        reclaim = threading.Thread(target=s.backend.reclaim, args=(node, DRAIN_NOTICE_SECONDS))
         reclaim.start()
 
         def replacement() -> dict[str, Any] | None:
@@ -200,8 +205,10 @@ def test_a_reclaim_with_notice_under_load_loses_nothing(served: Served) -> None:
             poll_s=0.05,
         )
         assert marked
+        marked_after = time.monotonic() - noticed
         time.sleep(1.0)
-        first = arrivals(ip)
+        # A replica busy with the load may miss one metrics read; it is gone only if it misses three.
+        first = next((n for n in (arrivals(ip) for _ in range(3)) if n is not None), None)
         last = first
         while (n := arrivals(ip)) is not None:
             last = n
@@ -218,10 +225,14 @@ def test_a_reclaim_with_notice_under_load_loses_nothing(served: Served) -> None:
     # fast is a benchmark's figure (benchmarks/operator_reclaim.py), not a timed assertion.
     assert created_after < NOTICE_SECONDS, (
         f"replacement created {created_after:.2f}s after the notice, "
-        f"not within its {NOTICE_SECONDS}s"
+        f"not within the {NOTICE_SECONDS}s notice the other scenarios give"
     )
-    assert first is not None and last == first, (
-        f"{(last or 0) - (first or 0)} requests reached the replica after it was marked draining"
+    assert first is not None, (
+        f"the replica no longer answered a second after it was marked draining "
+        f"({marked_after:.2f}s into a {DRAIN_NOTICE_SECONDS}s notice)"
+    )
+    assert last == first, (
+        f"{(last or 0) - first} requests reached the replica after it was marked draining"
     )
     assert s.pools.status(s.name)["preemptions"] >= 1
 
