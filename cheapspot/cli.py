@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preempt": ("cheapspot_localcluster.cli:preempt_main", "simulate a spot reclaim of a node"),
     "spot": ("cheapspot_localcluster.cli:spot_main", "take all spot capacity away or give it back"),
     "operator": ("cheapspot_operator.main:main", "run the operator"),
-    "cost": ("cheapspot_operator.costview:main", "what each job has cost, by namespace"),
+    "cost": ("cheapspot_operator.costview:main", "what each job and pool has cost, by namespace"),
     "router": ("cheapspot_operator.router:main", "run an inference pool's router"),
     "worker": ("cheapspot_worker.main:main", "run a worker role (train, anchor, serve)"),
     "demo": ("cheapspot_localcluster.demo:main", "the main job, end to end on the local cluster"),

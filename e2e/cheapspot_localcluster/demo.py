@@ -99,6 +99,8 @@ def demo_overrides(steps: int, shards: int) -> dict[str, Any]:
             "training": {"steps": steps},
             "shards": shards,
             "rounds": {"localSteps": max(1, steps // 4)},
+            # Far above what the demo spends (cents): there to show budget status and metrics.
+            "budget": {"limitUSD": 2},
         },
     )
 
@@ -278,8 +280,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with console.status("building a tiny Qwen2 model and a dataset, uploading them"):
             materials = publish_materials(cluster.s3.uri(""), workdir)
         backend = LocalBackend(cluster, cluster.s3, NAMESPACE, workdir, notice_s=NOTICE_S)
+        recorder = None
+        if args.dashboard:
+            from cheapspot_localcluster.dashboard import MetricsRecorder, free_port
+
+            port = free_port()
+            backend.operator.config["metricsPort"] = port
+            recorder = MetricsRecorder(f"http://127.0.0.1:{port}/metrics")
         with console.status("installing the CRD and starting the operator"):
             backend.install()
+        if recorder is not None:
+            recorder.start()
         output_uri = cluster.s3.uri(f"jobs/{JOB}/")
         body = job_from_example(
             JOB,
@@ -345,6 +356,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if served:
             summary["succeeded"] = bool(summary["succeeded"] and served["serve_failed"] == 0)
+        if recorder is not None:
+            from cheapspot_localcluster.dashboard import render
+
+            drawn = render(
+                recorder.stop(),
+                Path(args.dashboard),
+                "cheapspot dashboard panels, from the operator's /metrics during `make demo`",
+            )
+            console.print(f"dashboard panels drawn from the run's metrics: {drawn}")
         console.print()
         console.print(summary_table(summary, resumes))
         if args.keep_cluster:
@@ -380,7 +400,7 @@ def serve(backend: LocalBackend, model_uri: str, adapter_uri: str) -> dict[str, 
     # The cloud replaces reclaimed machines (an autoscaler would): the nodes the training
     # part lost come back, and so does each node reclaimed below.
     backend.cluster.create_nodes()
-    overrides = deep_merge(SMALL_POOL, {"replicas": 3})
+    overrides = deep_merge(SMALL_POOL, {"replicas": 3, "budget": {"limitUSD": 2}})
     pools.apply(pool_from_example(POOL, model_uri, {"qa": adapter_uri}, overrides))
     console.print(
         f"applied crds/examples/inference-pool.yaml as {NAMESPACE}/{POOL}: serving the "
@@ -443,6 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-cluster", action="store_true", help="leave the cluster and S3 up")
     parser.add_argument(
         "--no-serve", action="store_true", help="stop after training (skip the serving part)"
+    )
+    parser.add_argument(
+        "--dashboard",
+        metavar="PNG",
+        help="scrape the operator's metrics during the run and draw the dashboard's panels here",
     )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     quiet_libraries()

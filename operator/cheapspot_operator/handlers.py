@@ -509,16 +509,10 @@ class Reconciler:
         metrics.COST.labels(basis="on-demand").inc(
             max(0.0, new.cost.on_demand_dollars - old.cost.on_demand_dollars)
         )
-        c = new.cost
-        for capacity, dollars in (
-            ("spot", c.spot_dollars),
-            ("on-demand", c.on_demand_spent_dollars),
-            ("on-demand-equivalent", c.on_demand_dollars),
-        ):
-            metrics.JOB_COST.labels(namespace, name, capacity).set(dollars)
-        metrics.COST_ESTIMATED.labels(namespace, name).set(1 if c.estimated else 0)
-        if new.budget is not None:
-            metrics.BUDGET_REMAINING.labels(namespace, name).set(new.budget.remaining_usd)
+        metrics.set_cost(
+            metrics.JOB_COST, metrics.BUDGET_REMAINING, (namespace, name), new.cost, new.budget
+        )
+        metrics.COST_ESTIMATED.labels(namespace, name).set(1 if new.cost.estimated else 0)
         if new.phase != old.phase and new.phase.is_terminal():
             metrics.JOBS_FINISHED.labels(phase=new.phase.value).inc()
         self.phases[(namespace, name)] = new.phase.value
@@ -721,6 +715,8 @@ def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Operat
     from cheapspot_operator.poolhandlers import PoolReconciler, register_pool_handlers
 
     register_pool_handlers(
-        registry, PoolReconciler(reconciler.api, config, clock=reconciler.clock), config
+        registry,
+        PoolReconciler(reconciler.api, config, clock=reconciler.clock, quotes=reconciler.quotes),
+        config,
     )
     return registry

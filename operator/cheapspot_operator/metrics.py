@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from cheapspot_operator.spec import BudgetStatus, CostStatus
 
 PREEMPTIONS = Counter(
     "cheapspot_preemptions_total",
@@ -41,6 +46,17 @@ BUDGET_REMAINING = Gauge(
     "What a job's spec.budget still allows.",
     ["namespace", "job"],
 )
+POOL_COST = Gauge(
+    "cheapspot_pool_cost_dollars",
+    "What one inference pool has cost so far, by capacity type (spot, on-demand) and the "
+    "on-demand equivalent of the same pod seconds (capacity_type=on-demand-equivalent).",
+    ["namespace", "pool", "capacity_type"],
+)
+POOL_BUDGET_REMAINING = Gauge(
+    "cheapspot_pool_budget_remaining_dollars",
+    "What a pool's spec.budget still allows.",
+    ["namespace", "pool"],
+)
 COST_ESTIMATED = Gauge(
     "cheapspot_job_cost_estimated",
     "1 when some of the job's cost used an estimated price (last known good or the table).",
@@ -76,3 +92,22 @@ POOL_REPLICAS = Gauge(
     "Serving replicas of all pools, by the capacity type they are meant to run on.",
     ["capacity"],
 )
+
+
+def set_cost(
+    cost_gauge: Gauge,
+    budget_gauge: Gauge,
+    labels: tuple[str, str],
+    cost: CostStatus,
+    budget: BudgetStatus | None,
+) -> None:
+    """A job's or pool's cost by capacity type (and its on-demand equivalent) and what its
+    budget has left; ``labels`` is (namespace, name)."""
+    for capacity, dollars in (
+        ("spot", cost.spot_dollars),
+        ("on-demand", cost.on_demand_spent_dollars),
+        ("on-demand-equivalent", cost.on_demand_dollars),
+    ):
+        cost_gauge.labels(*labels, capacity).set(dollars)
+    if budget is not None:
+        budget_gauge.labels(*labels).set(budget.remaining_usd)

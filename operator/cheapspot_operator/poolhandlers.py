@@ -73,6 +73,7 @@ from cheapspot_operator.poolobserved import (
     replica_pod_view,
     router_view,
 )
+from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.spec import CapacityType
 
 log = logging.getLogger("cheapspot.operator.pools")
@@ -210,11 +211,13 @@ class PoolReconciler:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         admin: AdminClient | None = None,
+        quotes: Callable[[], Mapping[PriceKey, Quote]] = dict,
     ) -> None:
         self.api = api
         self.config = config
         self.profile = config.placement_profile()
         self.prices = config.price_table()
+        self.quotes = quotes
         self.clock = clock
         self.admin = admin or AdminClient()
         self.counts: dict[tuple[str, str], tuple[int, int]] = {}
@@ -273,6 +276,7 @@ class PoolReconciler:
             prices=self.prices,
             reports=self.admin.reports(replicas),
             router=router_view(deployment),
+            quotes=self.quotes(),
         )
         actions = plan(spec, observed, self.clock())
         self._apply(pool, spec, observed, actions)
@@ -429,6 +433,13 @@ class PoolReconciler:
             metrics.RETURNS_TO_SPOT.inc()
 
     def _gauge(self, namespace: str, name: str, status: ps.InferencePoolStatus) -> None:
+        metrics.set_cost(
+            metrics.POOL_COST,
+            metrics.POOL_BUDGET_REMAINING,
+            (namespace, name),
+            status.cost,
+            status.budget,
+        )
         self.counts[(namespace, name)] = (status.spot_replicas, status.on_demand_replicas)
         metrics.POOL_REPLICAS.labels(capacity="spot").set(sum(c[0] for c in self.counts.values()))
         metrics.POOL_REPLICAS.labels(capacity="on-demand").set(

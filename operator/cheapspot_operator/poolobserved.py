@@ -20,6 +20,7 @@ from cheapspot_operator.costs import PriceTable
 from cheapspot_operator.observed import NodeView, PodView, _parse_time, pod_view
 from cheapspot_operator.placement import PlacementProfile
 from cheapspot_operator.poolspec import InferencePoolStatus
+from cheapspot_operator.pricing.quotes import PriceKey, Quote
 
 REPLICA_ROLE = "replica"
 ROUTER_ROLE = "router"
@@ -117,7 +118,8 @@ class PoolObserved:
     """Replica reports by pod name; a pod without one did not answer (or was not asked)."""
     router: RouterView | None = None
     """The router Deployment; None when it does not exist."""
-    """Unrequested GPUs per node (only filled while a replica waits to return to spot)."""
+    quotes: Mapping[PriceKey, Quote] = field(default_factory=dict)
+    """Live and last known good prices (the price book); the table fills the gaps."""
 
 
 def replica_pod_view(pod: Mapping[str, Any]) -> ReplicaPod | None:

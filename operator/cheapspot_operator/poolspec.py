@@ -19,6 +19,8 @@ from pydantic import ConfigDict, Field, model_validator
 from cheapspot.contract import AdapterSource, EngineSettings, ModelSource
 from cheapspot_operator.spec import (
     QUANTITY_PATTERN,
+    BudgetSpec,
+    BudgetStatus,
     CapacityType,
     Condition,
     CostStatus,
@@ -178,6 +180,14 @@ class InferencePoolSpec(_Spec):
         PoolSpotPolicy()
     )
     router: Annotated[RouterSpec, Field(description="The pool's endpoint.")] = RouterSpec()
+    budget: Annotated[
+        BudgetSpec | None,
+        Field(
+            description="A spending limit; the anchors' cost counts. At the limit (with the "
+            "running replicas' next 5 minutes projected) Suspend keeps only the anchors "
+            "serving, Fail stops every replica; raising the limit brings the replicas back."
+        ),
+    ] = None
 
     @model_validator(mode="after")
     def _anchors_fit(self) -> InferencePoolSpec:
@@ -281,6 +291,7 @@ class InferencePoolStatus(_Status):
     preemptions: int = 0
     conditions: list[Condition] = []
     cost: CostStatus = CostStatus()
+    budget: BudgetStatus | None = None
 
     def to_patch(self) -> dict[str, Any]:
         data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -34,6 +34,7 @@ from cheapspot_operator.poolobserved import (
     RouterView,
 )
 from cheapspot_operator.poolspec import InferencePoolSpec, InferencePoolStatus
+from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.testing import FakeClock, make_node
 
 POOL_NAME = "qa-serve"
@@ -69,6 +70,7 @@ def make_replica(index: int, attempt: int = 0, **overrides: Any) -> ReplicaPod:
         "capacity": capacity,
         "node_name": f"{capacity}-1",
         "phase": "Running",
+        "gpus": 1.0,
     }
     fields.update(overrides)
     return ReplicaPod(
@@ -101,6 +103,8 @@ class PoolWorld:
     clock: FakeClock = field(default_factory=FakeClock)
     profile: PlacementProfile = PROFILES["local"]
     prices: PriceTable = field(default_factory=default_prices)
+    quotes: dict[PriceKey, Quote] = field(default_factory=dict)
+    """Live prices (the price book's snapshot); the table fills the gaps."""
     generation: int = 1
     last: list[PoolAction] = field(default_factory=list)
 
@@ -122,6 +126,7 @@ class PoolWorld:
             prices=self.prices,
             reports=dict(self.reports),
             router=self.router,
+            quotes=dict(self.quotes),
         )
 
     def step(self, seconds: float = 0.0) -> list[PoolAction]:

@@ -636,7 +636,8 @@ class ShardStatus(_Status):
         float,
         Field(
             alias="runningSeconds",
-            description="Time this shard's pods were Running (the deadline policy's step rate).",
+            description="Time this shard's pods were Running (its step rate, for the "
+            "deadline policy, lost work and the budget's horizon).",
         ),
     ] = 0.0
 
@@ -697,6 +698,14 @@ class CostStatus(_Status):
     sources: Annotated[
         list[str], Field(description="Where the prices came from (aws-ec2-spot, table, ...).")
     ] = []
+    lost_work_seconds: Annotated[
+        float,
+        Field(
+            alias="lostWorkSeconds",
+            description="Training time redone after reclaims and restarts (each shard's steps "
+            "lost times its seconds per step); 0 for pools, which lose no work.",
+        ),
+    ] = 0.0
 
 
 class DeadlineStatus(_Status):
@@ -785,6 +794,10 @@ class TrainJobStatus(_Status):
     ] = None
     start_time: Annotated[datetime | None, Field(alias="startTime")] = None
     completion_time: Annotated[datetime | None, Field(alias="completionTime")] = None
+    running_accrued_at: Annotated[
+        datetime | None,
+        Field(alias="runningAccruedAt", description="When shards' runningSeconds last grew."),
+    ] = None
     cost: CostStatus = CostStatus()
     deadline: DeadlineStatus | None = None
     budget: BudgetStatus | None = None

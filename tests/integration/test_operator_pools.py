@@ -281,3 +281,56 @@ def test_an_operator_killed_during_a_drain_makes_no_second_replacement(h: Harnes
     ]
     assert slot1 == ["ok-replica-1-1"], slot1
     assert pool_status(h, "ok")["preemptions"] == 1
+
+
+def pool_events(h: Harness, name: str) -> set[str]:
+    return {
+        e["reason"]
+        for e in h.api.list(f"/api/v1/namespaces/{h.namespace}/events")
+        if e.get("involvedObject", {}).get("name") == name
+        and e.get("involvedObject", {}).get("kind") == "CheapInferencePool"
+    }
+
+
+def test_a_budget_keeps_only_the_anchor_and_raising_it_brings_the_replicas_back(
+    h: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Running replicas cost a few cents an hour at table prices; the verdict adds their next
+    # 5 minutes to what was spent, so $0.0001 is reached as soon as they run.
+    apply_pool(h, "bud", budget={"limitUSD": 0.0001})
+
+    def budget_condition() -> tuple[str, str] | None:
+        for c in pool_status(h, "bud").get("conditions") or []:
+            if c["type"] == "WithinBudget":
+                return c["status"], c["reason"]
+        return None
+
+    wait_for("over budget", lambda: budget_condition() == ("False", "BudgetExceeded"), 120)
+    (anchor,) = wait_for(
+        "only the anchor left",
+        lambda: pods if len(pods := replicas(h, "bud")) == 1 else None,
+        timeout_s=60,
+    )
+    assert anchor["metadata"]["labels"]["cheapspot.dev/replica"] == "0"
+    status = pool_status(h, "bud")
+    assert status["budget"]["exceededAtLimitUSD"] == 0.0001
+    assert status["replicasDisplay"].endswith("/1")
+    assert "BudgetExceeded" in pool_events(h, "bud")
+    wait_for("costs accrued", lambda: pool_status(h, "bud")["cost"]["dollars"] > 0, timeout_s=60)
+    assert "table" in pool_status(h, "bud")["cost"]["sources"]
+    from cheapspot_operator import costview
+
+    kubeconfig = str(h.cluster.kubeconfig_path)
+    monkeypatch.setenv("COLUMNS", "250")  # rich fits its table to the terminal
+    assert costview.main(["--kubeconfig", kubeconfig, "-n", h.namespace]) == 0
+    printed = capsys.readouterr().out
+    assert "pool" in printed and "bud" in printed and "BudgetExceeded" in printed, printed
+
+    h.api.merge_patch(pools_path(h.namespace, "bud"), {"spec": {"budget": {"limitUSD": 50}}})
+    pods = wait_for("3 replicas running again", lambda: running(h, "bud", 3), timeout_s=60)
+    assert sorted(p["metadata"]["labels"]["cheapspot.dev/replica"] for p in pods) == [
+        "0",
+        "1",
+        "2",
+    ]
+    wait_for("within budget", lambda: (budget_condition() or ("",))[0] == "True", 30)

@@ -39,3 +39,25 @@ def test_a_status_update_sets_the_job_cost_and_budget_gauges() -> None:
     assert sample("cheapspot_job_cost_dollars", **job, capacity_type="on-demand-equivalent") == 3.0
     assert sample("cheapspot_job_cost_estimated", **job) == 1
     assert sample("cheapspot_budget_remaining_dollars", **job) == 8.5
+
+
+def test_a_pool_status_update_sets_the_pool_cost_and_budget_gauges() -> None:
+    from cheapspot_operator.poolhandlers import PoolReconciler
+    from cheapspot_operator.poolspec import InferencePoolStatus
+
+    r = PoolReconciler(object(), OperatorConfig(), clock=FakeClock(EPOCH))  # type: ignore[arg-type]
+    status = InferencePoolStatus(
+        cost=CostStatus(
+            dollars=2.0, spot_dollars=0.75, on_demand_spent_dollars=1.25, on_demand_dollars=4.0
+        ),
+        budget=BudgetStatus(limit_usd=5, spent_usd=2.0, remaining_usd=3.0),
+    )
+    r._gauge("web", "qa-serve", status)
+    pool = {"namespace": "web", "pool": "qa-serve"}
+    get = REGISTRY.get_sample_value
+    assert get("cheapspot_pool_cost_dollars", {**pool, "capacity_type": "spot"}) == 0.75
+    assert get("cheapspot_pool_cost_dollars", {**pool, "capacity_type": "on-demand"}) == 1.25
+    assert (
+        get("cheapspot_pool_cost_dollars", {**pool, "capacity_type": "on-demand-equivalent"}) == 4.0
+    )
+    assert get("cheapspot_pool_budget_remaining_dollars", pool) == 3.0

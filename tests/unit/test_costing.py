@@ -14,7 +14,7 @@ from cheapspot_operator.placement import PROFILES
 from cheapspot_operator.planning import costing
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.spec import CapacityType, CostStatus
-from cheapspot_operator.testing import World, make_job, make_node, make_pod
+from cheapspot_operator.testing import World, make_job, make_node, make_pod, make_progress
 
 TABLE = PriceTable({"g5.12xlarge": {"spot": 2.0, "on-demand": 5.0}})
 LOCAL = PROFILES["local"]
@@ -114,6 +114,43 @@ def test_the_cost_table_shows_spent_savings_budget_and_sources() -> None:
     console.print(cost_table([row]))
     text = console.export_text()
     assert "qa-lora" in text and "1.81*" in text and "40%" in text and "table" in text
+
+
+def test_the_cost_table_lists_pools_next_to_jobs() -> None:
+    from rich.console import Console
+
+    from cheapspot_operator.costview import cost_rows, cost_table
+    from cheapspot_operator.pooltesting import PoolWorld, make_pool
+
+    job = World(spec=make_job()).started()
+    job.progress[0] = make_progress(0, step=90, steps_lost=10)
+    job.step(1000)
+    pool = PoolWorld(spec=make_pool(budget={"limitUSD": 50})).started()
+    pool.step(3600)
+    pool.step(1)
+    rows = cost_rows(
+        [
+            {"metadata": {"namespace": "ml", "name": "qa-lora"}, "status": job.status.to_patch()},
+            {
+                "kind": "CheapInferencePool",
+                "metadata": {"namespace": "ml", "name": "qa-serve"},
+                "status": pool.status.to_patch(),
+            },
+        ]
+    )
+    assert [(r.kind, r.name) for r in rows] == [
+        ("CheapInferencePool", "qa-serve"),
+        ("CheapTrainJob", "qa-lora"),
+    ]
+    served, trained = rows
+    assert served.spent == pytest.approx(1.806, abs=1e-3)
+    assert served.budget_left == pytest.approx(50 - 1.806, abs=1e-3)
+    assert served.phase == "Serving" and served.lost_seconds is None
+    assert trained.lost_seconds == pytest.approx(100.0)
+    console = Console(width=220, record=True)
+    console.print(cost_table(rows))
+    text = console.export_text()
+    assert "pool" in text and "qa-serve" in text and "48.19" in text and "100s" in text
 
 
 def test_the_demo_summary_names_where_its_prices_came_from() -> None:

@@ -1,21 +1,29 @@
 """Budgets: how a workload's spending compares with its limit. Pure.
 
-The spending is the cost accounted so far plus what the running pods will cost over the
-next :data:`PROJECTION` (so the limit is not overshot by a reconciliation interval or a
-checkpoint). Below ``warnAtPercent``: fine. From it: a warning. At the limit: exceeded, and
-the workload is suspended (jobs keep their checkpoints; pools keep only their anchor) or
-failed, as ``onExceed`` says. Raising the limit ends the suspension on the next pass.
+The spending is the cost accounted so far plus what the running pods will cost over a
+horizon: a job's checkpoint interval (stopped then, it loses no more than the work since its
+last checkpoint, and does not overshoot its limit waiting for the next), :data:`PROJECTION`
+for a pool or when the interval is not known. Below ``warnAtPercent``: fine. From it: a
+warning. At the limit: exceeded, and the workload is suspended (jobs keep their checkpoints;
+pools keep only their anchors) or failed, as ``onExceed`` says. Raising the limit ends the
+suspension on the next pass.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from cheapspot_operator.spec import BudgetSpec, BudgetStatus
+from cheapspot_operator.planning.conditions import set_condition
+from cheapspot_operator.spec import BudgetSpec, BudgetStatus, Condition
 
 PROJECTION = timedelta(minutes=5)
+"""The horizon when no checkpoint interval says otherwise."""
+MIN_HORIZON = timedelta(minutes=1)
+"""Never shorter: a reconciliation and a stop take about this long."""
+MAX_HORIZON = timedelta(hours=1)
+CONDITION = "WithinBudget"
 
 
 class Level(enum.StrEnum):
@@ -30,6 +38,7 @@ class Verdict:
     spent: float
     projected: float
     limit: float
+    horizon: timedelta = PROJECTION
 
     @property
     def percent(self) -> int:
@@ -43,32 +52,46 @@ class Verdict:
     def message(self) -> str:
         return (
             f"spent ${self.spent:.2f} of ${self.limit:.2f} ({self.percent}%); "
-            f"${self.projected:.2f} projected over the next {int(PROJECTION.total_seconds())}s"
+            f"${self.projected:.2f} projected over the next {int(self.horizon.total_seconds())}s"
         )
 
 
-def judge(budget: BudgetSpec, spent: float, usd_per_hour: float) -> Verdict:
-    """``spent`` so far and the running pods' ``usd_per_hour`` against the budget."""
-    projected = spent + usd_per_hour * PROJECTION.total_seconds() / 3600
+def horizon(seconds: float | None) -> timedelta:
+    """The projection horizon for a checkpoint interval of ``seconds`` (None: unknown)."""
+    if seconds is None or seconds <= 0:
+        return PROJECTION
+    return min(MAX_HORIZON, max(MIN_HORIZON, timedelta(seconds=seconds)))
+
+
+def judge(
+    budget: BudgetSpec, spent: float, usd_per_hour: float, ahead: timedelta = PROJECTION
+) -> Verdict:
+    """``spent`` so far and the running pods' ``usd_per_hour`` over ``ahead``, against the
+    budget."""
+    projected = spent + usd_per_hour * ahead.total_seconds() / 3600
     if projected >= budget.limit_usd:
         level = Level.EXCEEDED
     elif spent >= budget.limit_usd * budget.warn_at_percent / 100:
         level = Level.WARNING
     else:
         level = Level.WITHIN
-    return Verdict(level, spent, projected, budget.limit_usd)
+    return Verdict(level, spent, projected, budget.limit_usd, ahead)
 
 
 def evaluate(
-    budget: BudgetSpec, spent: float, usd_per_hour: float, prev: BudgetStatus | None
+    budget: BudgetSpec,
+    spent: float,
+    usd_per_hour: float,
+    prev: BudgetStatus | None,
+    ahead: timedelta = PROJECTION,
 ) -> tuple[Verdict, BudgetStatus]:
-    """The verdict and the new status. Once exceeded, a workload stays stopped (its rate is 0
-    then, so the projection alone would let it start and stop again) until the limit is
-    raised above the one it reached."""
-    verdict = judge(budget, spent, usd_per_hour)
+    """The verdict and the new status. Once exceeded, a workload stays stopped (its rate is
+    lower then, so the projection alone would let it start and stop again) until the limit
+    is raised above the one it reached."""
+    verdict = judge(budget, spent, usd_per_hour, ahead)
     reached = prev.exceeded_at_limit_usd if prev else None
     if reached is not None and budget.limit_usd <= reached:
-        verdict = Verdict(Level.EXCEEDED, verdict.spent, verdict.projected, verdict.limit)
+        verdict = Verdict(Level.EXCEEDED, verdict.spent, verdict.projected, verdict.limit, ahead)
     elif verdict.level is Level.EXCEEDED:
         reached = budget.limit_usd
     else:
@@ -81,3 +104,47 @@ def evaluate(
         exceeded_at_limit_usd=reached,
     )
     return verdict, status
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """A workload's budget this pass: the verdict, its status and conditions, and whether
+    the level just changed to one worth a Warning event."""
+
+    verdict: Verdict
+    status: BudgetStatus
+    conditions: list[Condition]
+    announce: bool
+
+    @property
+    def exceeded(self) -> bool:
+        return self.verdict.level is Level.EXCEEDED
+
+
+def assess(
+    budget: BudgetSpec,
+    spent: float,
+    usd_per_hour: float,
+    *,
+    prev: BudgetStatus | None,
+    conditions: list[Condition],
+    now: datetime,
+    generation: int,
+    ahead: timedelta = PROJECTION,
+) -> Assessment:
+    """:func:`evaluate`, and the ``WithinBudget`` condition it sets, for jobs and pools."""
+    before = next((c.reason for c in conditions if c.type == CONDITION), "")
+    verdict, status = evaluate(budget, spent, usd_per_hour, prev, ahead)
+    level = verdict.level
+    new = set_condition(
+        conditions,
+        Condition(
+            type=CONDITION,
+            status="False" if level is Level.EXCEEDED else "True",
+            reason=level.value,
+            message=verdict.message,
+            last_transition_time=now,
+            observed_generation=generation,
+        ),
+    )
+    return Assessment(verdict, status, new, level.value != before and level is not Level.WITHIN)

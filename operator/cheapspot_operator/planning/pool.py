@@ -42,7 +42,11 @@ Make-before-break everywhere. A replica pod goes through these states
 * a replica that exits with the worker's permanent error holds its slot (no crash loop) with
   condition ``Degraded`` and an event carrying the replica's message; other failures are
   retried :data:`MAX_FAILURES` times in a row, then held the same way. A held slot is retried
-  when the spec changes (a new generation).
+  when the spec changes (a new generation);
+* budget (``spec.budget``): cost is each running replica's share of its node at the node's
+  price (the anchors' included); at the limit, with the next 5 minutes projected, Suspend
+  scales the pool to its anchors and Fail to nothing (condition ``WithinBudget``), until the
+  limit is raised.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cheapspot.contract import LABEL_POOL, LABEL_POOL_ROLE, AdapterSource
+from cheapspot_operator.planning import budget, costing
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.fallback import waited_too_long
@@ -69,7 +74,7 @@ from cheapspot_operator.poolspec import (
     InferencePoolStatus,
     ReplicaSlot,
 )
-from cheapspot_operator.spec import CapacityType, Condition, CostStatus
+from cheapspot_operator.spec import BudgetAction, CapacityType, Condition, CostStatus
 
 DRAIN_SETTLE = timedelta(seconds=2)
 """A draining replica is kept at least this long, so requests sent just before the router saw
@@ -197,6 +202,9 @@ class _Plan:
     current: dict[int, ReplicaPod | None]
     since: dict[str, datetime]
     """Pod name -> when its drain began (kept in status.draining)."""
+    replicas: int = 0
+    """The replicas wanted now: ``spec.replicas``, fewer when the budget is exceeded."""
+    over_budget: bool = False
 
     def event(self, type_: str, reason: str, message: str, cause: str = "") -> None:
         self.actions.append(EmitEvent(type_, reason, message, cause))
@@ -228,6 +236,7 @@ def plan(spec: InferencePoolSpec, obs: PoolObserved, now: datetime) -> list[Pool
     st.selector = replica_selector(obs.pool.name)
     st.endpoint = endpoint_url(obs.pool.namespace, obs.pool.name)
 
+    work.replicas = _budget(work)
     _scale(work)
     by_slot: dict[int, list[ReplicaPod]] = {}
     for rp in obs.replicas:
@@ -257,9 +266,9 @@ def plan(spec: InferencePoolSpec, obs: PoolObserved, now: datetime) -> list[Pool
 
 
 def _scale(work: _Plan) -> None:
-    """Make the slots match ``spec.replicas``: anchors first, spot slots for the rest."""
+    """Make the slots match the replicas wanted: anchors first, spot slots for the rest."""
     st, spec, gen = work.status, work.spec, work.obs.pool.generation
-    anchors = min(spec.anchor.replicas, spec.replicas)
+    anchors = min(spec.anchor.replicas, work.replicas)
     have = {s.index: s for s in st.slots}
     slots: list[ReplicaSlot] = []
     for i in range(anchors):
@@ -269,7 +278,7 @@ def _scale(work: _Plan) -> None:
         )
     others = sorted(have.values(), key=lambda s: s.index)
     others = [s.model_copy(update={"anchor": False}) for s in others]
-    want = spec.replicas - anchors
+    want = work.replicas - anchors
     if len(others) > want:
         # On-demand fallback slots go first, then spot; those not serving before those that do.
         order = sorted(
@@ -282,7 +291,7 @@ def _scale(work: _Plan) -> None:
         work.event(
             "Normal",
             "ScaledDown",
-            f"replicas {len(slots) + len(others) + len(removed)} -> {spec.replicas}: draining "
+            f"replicas {len(slots) + len(others) + len(removed)} -> {work.replicas}: draining "
             + ", ".join(str(s.index) for s in sorted(removed, key=lambda s: s.index)),
         )
     used = {s.index for s in slots} | {s.index for s in others}
@@ -550,7 +559,7 @@ def _summarise(work: _Plan) -> None:
     st.ready_replicas = sum(1 for s in active if s.index in serving)
     st.spot_replicas = sum(1 for s in active if s.capacity_type is CapacityType.SPOT)
     st.on_demand_replicas = len(active) - st.spot_replicas
-    st.replicas_display = f"{st.ready_replicas}/{work.spec.replicas}"
+    st.replicas_display = f"{st.ready_replicas}/{work.replicas}"
     st.placement_display = f"{st.spot_replicas}/{st.on_demand_replicas}"
     st.draining_replicas = len(st.draining)
 
@@ -569,10 +578,12 @@ def _summarise(work: _Plan) -> None:
         c = set_condition(c, new)
 
     router_ready = obs.router is not None and obs.router.ready_replicas > 0
-    if work.spec.replicas == 0:
+    if work.replicas == 0 and work.over_budget:
+        put("Ready", "False", "BudgetExceeded", "every replica stopped: spec.budget reached")
+    elif work.replicas == 0:
         put("Ready", "False", "ScaledToZero", "spec.replicas is 0")
     elif st.ready_replicas == 0:
-        put("Ready", "False", "NoReplicaReady", f"0/{work.spec.replicas} replicas ready")
+        put("Ready", "False", "NoReplicaReady", f"0/{work.replicas} replicas ready")
     elif not router_ready:
         put("Ready", "False", "RouterNotReady", "no router pod is ready")
     else:
@@ -580,7 +591,7 @@ def _summarise(work: _Plan) -> None:
             "Ready",
             "True",
             "Serving",
-            f"{st.ready_replicas}/{work.spec.replicas} replicas ready",
+            f"{st.ready_replicas}/{work.replicas} replicas ready",
         )
     fallback = [s for s in active if not s.anchor and s.capacity_type is CapacityType.ON_DEMAND]
     if fallback:
@@ -611,11 +622,49 @@ def _doomed(rp: ReplicaPod, work: _Plan) -> bool:
     return rp.pod.node_name in work.avoid
 
 
+def _running(obs: PoolObserved) -> list[costing.Usage]:
+    """What each running replica pod costs per hour where it runs."""
+    return [
+        costing.usage(rp.pod, node, obs.profile, obs.prices, obs.quotes)
+        for rp in obs.replicas
+        if rp.pod.phase == "Running"
+        and not rp.pod.deleting
+        and (node := obs.nodes.get(rp.pod.node_name)) is not None
+    ]
+
+
+def _budget(work: _Plan) -> int:
+    """Budget status, condition and events; the replicas the budget allows."""
+    spec, st, obs = work.spec, work.status, work.obs
+    if spec.budget is None:
+        st.budget = None
+        return spec.replicas
+    rate = sum(u.usd_per_hour for u in _running(obs))
+    got = budget.assess(
+        spec.budget,
+        st.cost.dollars,
+        rate,
+        prev=st.budget,
+        conditions=st.conditions,
+        now=work.now,
+        generation=obs.pool.generation,
+    )
+    st.budget, st.conditions = got.status, got.conditions
+    if got.announce:
+        work.event("Warning", got.verdict.level.value, got.verdict.message)
+    if not got.exceeded:
+        return spec.replicas
+    work.over_budget = True
+    if spec.budget.on_exceed is BudgetAction.FAIL:
+        return 0
+    return min(spec.anchor.replicas, spec.replicas)
+
+
 def _accrue_cost(
     st: InferencePoolStatus, prev: InferencePoolStatus, obs: PoolObserved, now: datetime
 ) -> None:
-    """Running replica pods at their node's price, and the same hours on-demand (the static
-    price table, as for training jobs)."""
+    """Running replica pods at their share of their node's price (live, last known good or
+    the table), and the same seconds at on-demand."""
     cost = st.cost
     if cost.accrued_at is None:
         st.cost = cost.model_copy(update={"accrued_at": now})
@@ -625,23 +674,8 @@ def _accrue_cost(
         return
     if elapsed < COST_ACCRUAL_INTERVAL and _without_cost(st) == _without_cost(prev):
         return
-    hours = elapsed.total_seconds() / 3600
-    paid, on_demand = 0.0, 0.0
-    for rp in obs.replicas:
-        if rp.pod.phase != "Running" or rp.pod.deleting:
-            continue
-        node = obs.nodes.get(rp.pod.node_name)
-        if node is None:
-            continue
-        capacity = obs.profile.capacity_of(node.labels) or CapacityType.ON_DEMAND
-        paid += obs.prices.hourly(node.instance_type, capacity) * hours
-        on_demand += obs.prices.on_demand_hourly(node.instance_type) * hours
-    dollars = cost.dollars + paid
-    st.cost = CostStatus(
-        dollars=round(dollars, 6),
-        on_demand_dollars=round(cost.on_demand_dollars + on_demand, 6),
-        display=f"${dollars:.2f}",
-        accrued_at=now,
+    st.cost = costing.add(cost, _running(obs), elapsed.total_seconds()).model_copy(
+        update={"accrued_at": now}
     )
 
 

@@ -241,7 +241,8 @@ def _store_slot(st: TrainJobStatus, slot: ShardStatus) -> None:
 
 
 def _budget(work: _Plan) -> str | None:
-    """Budget status, condition and events; the reason to stop the job, if any."""
+    """Budget status, condition and events; the reason to stop the job, if any. The horizon
+    is the checkpoint interval: stopped then, the job loses no more than usual."""
     spec, st, obs = work.spec, work.status, work.obs
     if spec.budget is None:
         st.budget = None
@@ -251,23 +252,21 @@ def _budget(work: _Plan) -> str | None:
         for pod in _running(obs.pods)
         if (node := obs.nodes.get(pod.node_name)) is not None
     )
-    before = next((c.reason for c in st.conditions if c.type == "WithinBudget"), "")
-    verdict, st.budget = budget.evaluate(spec.budget, st.cost.dollars, rate, st.budget)
-    level = verdict.level
-    if level.value != before and level is not budget.Level.WITHIN:
-        work.event("Warning", level.value, verdict.message)
-    st.conditions = set_condition(
-        st.conditions,
-        Condition(
-            type="WithinBudget",
-            status="False" if level is budget.Level.EXCEEDED else "True",
-            reason=level.value,
-            message=verdict.message,
-            last_transition_time=work.now,
-            observed_generation=obs.job.generation,
-        ),
+    ahead = budget.horizon(train_deadline.checkpoint_interval(spec, st, obs, work.now))
+    got = budget.assess(
+        spec.budget,
+        st.cost.dollars,
+        rate,
+        prev=st.budget,
+        conditions=st.conditions,
+        now=work.now,
+        generation=obs.job.generation,
+        ahead=ahead,
     )
-    return verdict.message if level is budget.Level.EXCEEDED else None
+    st.budget, st.conditions = got.status, got.conditions
+    if got.announce:
+        work.event("Warning", got.verdict.level.value, got.verdict.message)
+    return got.verdict.message if got.exceeded else None
 
 
 def _fail(work: _Plan, reason: str, message: str) -> None:
@@ -853,8 +852,9 @@ def _accrue_cost(st: TrainJobStatus, prev: TrainJobStatus, obs: Observed, now: d
         for pod in _running(obs.pods)
         if (node := obs.nodes.get(pod.node_name)) is not None
     ]
+    lost = round(train_deadline.lost_work_seconds(st, obs, now), 1)
     st.cost = costing.add(cost, usages, elapsed.total_seconds()).model_copy(
-        update={"accrued_at": now}
+        update={"accrued_at": now, "lost_work_seconds": lost}
     )
 
 

@@ -53,10 +53,49 @@ class DeadlineView:
 def _running(slot: ShardStatus, status: TrainJobStatus, now: datetime) -> float:
     """The shard's Running seconds, including those since the last accrual."""
     extra = 0.0
-    evaluated = status.deadline.evaluated_at if status.deadline else None
-    if slot.pod_phase == "Running" and evaluated is not None and now > evaluated:
-        extra = (now - evaluated).total_seconds()
+    accrued = status.running_accrued_at
+    if slot.pod_phase == "Running" and accrued is not None and now > accrued:
+        extra = (now - accrued).total_seconds()
     return slot.running_seconds + extra
+
+
+def seconds_per_step(
+    slot: ShardStatus, status: TrainJobStatus, obs: Observed, now: datetime
+) -> float | None:
+    """The shard's measured seconds per optimizer step: its pods' Running time over the steps
+    it has made, redone steps included (so loading and restoring count); None before its
+    first step."""
+    progress = obs.progress.get(slot.index)
+    made = progress.step + progress.steps_lost if progress else 0
+    running = _running(slot, status, now)
+    if made <= 0 or running <= 0:
+        return None
+    return running / made
+
+
+def lost_work_seconds(status: TrainJobStatus, obs: Observed, now: datetime) -> float:
+    """Training time redone after reclaims and restarts: each shard's steps lost (from its
+    progress record) times its seconds per step."""
+    total = 0.0
+    for slot in status.shards:
+        progress = obs.progress.get(slot.index)
+        rate = seconds_per_step(slot, status, obs, now)
+        if progress is not None and rate is not None:
+            total += progress.steps_lost * rate
+    return total
+
+
+def checkpoint_interval(
+    spec: TrainJobSpec, status: TrainJobStatus, obs: Observed, now: datetime
+) -> float | None:
+    """Seconds between a shard's checkpoints: ``everySeconds``, or ``everySteps`` at the
+    slowest measured step rate if sooner; None when neither is known."""
+    policy = spec.checkpoint
+    candidates = [policy.every_seconds] if policy.every_seconds > 0 else []
+    rates = [r for s in status.shards if (r := seconds_per_step(s, status, obs, now))]
+    if policy.every_steps > 0 and rates:
+        candidates.append(policy.every_steps * max(rates))
+    return min(candidates) if candidates else None
 
 
 def spot_price_ratio(spec: TrainJobSpec, obs: Observed) -> float:
@@ -88,11 +127,9 @@ def evaluate(
             continue
         progress = obs.progress.get(slot.index)
         steps = progress.step if progress else 0
-        made = steps + (progress.steps_lost if progress else 0)
-        running = _running(slot, status, now)
-        if made <= 0 or running <= 0:
+        rate = seconds_per_step(slot, status, obs, now)
+        if rate is None:
             continue
-        rate = running / made
         if slot.pod_phase == "Running":
             mode = Mode(slot.capacity_type.value)
             left = 0.0
@@ -129,7 +166,9 @@ def evaluate(
 def _quiet(st: TrainJobStatus) -> TrainJobStatus:
     """The status without what accrues with time alone."""
     shards = [s.model_copy(update={"running_seconds": 0.0}) for s in st.shards]
-    return st.model_copy(update={"cost": None, "deadline": None, "shards": shards})
+    return st.model_copy(
+        update={"cost": None, "deadline": None, "shards": shards, "running_accrued_at": None}
+    )
 
 
 def accrue(
@@ -138,14 +177,15 @@ def accrue(
     view: DeadlineView | None,
     now: datetime,
 ) -> None:
-    """Add Running time to each shard and record the deadline's figures in ``st.deadline``.
+    """Add Running time to each shard (every job: the step rate also prices lost work and
+    the budget's horizon) and record the deadline's figures in ``st.deadline``.
 
     At most every :data:`ACCRUAL_INTERVAL` unless something else in the status changed;
     never once the job is finished.
     """
-    if view is None or JobPhase(prev.phase).is_terminal():
+    if JobPhase(prev.phase).is_terminal():
         return
-    last = st.deadline.evaluated_at if st.deadline else None
+    last = st.running_accrued_at
     if last is not None:
         elapsed = now - last
         if elapsed <= timedelta(0):
@@ -160,6 +200,10 @@ def accrue(
             else s
             for s in st.shards
         ]
+    st.running_accrued_at = now
+    if view is None:
+        st.deadline = None
+        return
     st.deadline = DeadlineStatus(
         complete_by=view.complete_by,
         evaluated_at=now,

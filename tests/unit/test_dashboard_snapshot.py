@@ -1,0 +1,48 @@
+"""The README's dashboard picture: the operator's own metrics, parsed and drawn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from cheapspot_localcluster.dashboard import parse, render, savings
+
+
+def _exposition(spot: float, equivalent: float, preemptions: int) -> str:
+    reg = CollectorRegistry()
+    cost = Gauge(
+        "cheapspot_job_cost_dollars", "", ["namespace", "job", "capacity_type"], registry=reg
+    )
+    cost.labels("demo", "qa", "spot").set(spot)
+    cost.labels("demo", "qa", "on-demand").set(0.5)
+    cost.labels("demo", "qa", "on-demand-equivalent").set(equivalent)
+    Counter("cheapspot_preemptions", "", ["signal"], registry=reg).labels("Taint").inc(preemptions)
+    Gauge("cheapspot_unrelated", "", registry=reg).set(7)
+    return generate_latest(reg).decode()
+
+
+def test_the_wanted_series_are_read_from_a_real_exposition() -> None:
+    series = parse(_exposition(1.25, 4.0, 2))
+    key = (
+        "cheapspot_job_cost_dollars",
+        (("capacity_type", "spot"), ("job", "qa"), ("namespace", "demo")),
+    )
+    assert series[key] == 1.25
+    assert series[("cheapspot_preemptions_total", (("signal", "Taint"),))] == 2
+    assert not [name for name, _ in series if name == "cheapspot_unrelated"]
+
+
+def test_savings_is_one_minus_spent_over_the_on_demand_equivalent() -> None:
+    samples = [(0.0, parse(_exposition(0.0, 0.0, 0))), (10.0, parse(_exposition(1.5, 4.0, 1)))]
+    xs, ys = savings(samples, "cheapspot_job_cost_dollars")
+    assert xs == [10.0]  # nothing to compare with before anything was spent
+    assert ys == [pytest.approx(100 * (1 - 2.0 / 4.0))]
+
+
+def test_the_panels_are_drawn_to_a_png(tmp_path: Path) -> None:
+    samples = [(float(t), parse(_exposition(0.1 * t, 0.4 * t, t // 5))) for t in range(0, 30, 2)]
+    out = render(samples, tmp_path / "img" / "dashboard.png", "test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000
