@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,76 @@ def test_e_suspend_then_resume_continues_from_the_checkpoint(
     lost = sum(resumed[i].steps_lost for i in saved)
     assert lost <= 2 * run.shards, f"{lost} steps redone after resume"
     assert run.adapter(tmp_path) == reference
+
+
+def test_g_a_budget_suspends_a_running_job_and_raising_it_resumes_it(
+    world: World, reference: bytes, tmp_path: Path
+) -> None:
+    jobs = world.jobs
+    run = world.run(prefix="budget", budget={"limitUSD": 50}).apply()
+    run.wait_step(0, 4)
+    # The user lowers the limit below what the job has spent: at the next pass the job is
+    # over budget, checkpoints on SIGTERM and stops.
+    jobs.patch_spec(run.name, {"budget": {"limitUSD": 0.000001}})
+    wait_for("Suspended", lambda: run.status().get("phase") == "Suspended", 60)
+    status = run.status()
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["WithinBudget"]["reason"] == "BudgetExceeded"
+    assert conditions["Suspended"]["reason"] == "BudgetExceeded"
+    assert status["budget"]["exceededAtLimitUSD"] == 0.000001
+    assert "BudgetExceeded" in {e.get("reason") for e in jobs.events(run.name)}
+    wait_for("no pods over budget", lambda: not run.jobs.live_pods(run.name), 60)
+    time.sleep(3)
+    assert run.status().get("phase") == "Suspended", "restarted without a higher limit"
+
+    jobs.patch_spec(run.name, {"budget": {"limitUSD": 50}})
+    status = run.finish()
+    succeeded(status)
+    assert "Resumed" in {e.get("reason") for e in jobs.events(run.name)}
+    assert status["budget"]["limitUSD"] == 50 and status["budget"]["remainingUSD"] > 0
+    assert status["cost"]["dollars"] > 0 and status["cost"]["sources"]
+    assert run.adapter(tmp_path) == reference, "the adapter depends on the suspension"
+
+
+def test_h_a_deadline_moves_shards_to_on_demand_when_spot_is_taken_away_and_is_met(
+    world: World, reference: bytes, tmp_path: Path
+) -> None:
+    backend, jobs = world.backend, world.jobs
+    changeover = 90
+    run = world.run(
+        prefix="deadline",
+        # Only the deadline may move a shard: the unschedulable fallback waits an hour.
+        spot={"fallbackAfterSeconds": 3600, "maxPreemptionsPerHour": 100},
+        deadline={"maxDuration": "1h", "changeoverSeconds": changeover, "policy": "Greedy"},
+    ).apply()
+    run.wait_step(0, 4, timeout_s=300)
+    run.wait_step(1, 4, timeout_s=300)
+    remaining = wait_for(
+        "the shards' measured pace",
+        lambda: (run.status().get("deadline") or {}).get("remainingWorkSeconds"),
+        60,
+    )
+    # Tighten the deadline to what the measured pace needs plus a changeover, one decision
+    # step (60 s) and 20 s to spare: enough to stay on spot, not enough to wait long for it.
+    complete_by = datetime.now(UTC) + timedelta(seconds=float(remaining) + changeover + 80)
+    stamp = complete_by.strftime("%Y-%m-%dT%H:%M:%SZ")
+    jobs.patch_spec(run.name, {"deadline": {"maxDuration": None, "completeBy": stamp}})
+    wait_for(
+        "the new deadline taken",
+        lambda: (run.status().get("deadline") or {}).get("completeBy") == stamp,
+        30,
+    )
+    assert all(sh["capacityType"] == "spot" for sh in run.status()["shards"])
+    backend.spot_off()
+
+    status = run.finish()
+    succeeded(status)
+    done = datetime.fromisoformat(status["completionTime"].replace("Z", "+00:00"))
+    assert done <= complete_by, f"finished {done}, deadline {complete_by}"
+    for shard in status["shards"]:
+        assert (shard["capacityType"], shard["fallbackReason"]) == ("on-demand", "Deadline"), shard
+    assert "FellBackToOnDemand" in {e.get("reason") for e in jobs.events(run.name)}
+    assert run.adapter(tmp_path) == reference, "the adapter depends on the move"
 
 
 @pytest.fixture(scope="module")
