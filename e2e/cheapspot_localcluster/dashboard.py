@@ -10,6 +10,7 @@ The panels use the same metrics and the same arithmetic as
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -92,21 +93,24 @@ def _lines(
     samples: Sequence[tuple[float, Series]],
     name: str,
     key: Callable[[Mapping[str, str]], str | None],
+    *,
+    mean: bool = False,
 ) -> dict[str, tuple[list[float], list[float]]]:
-    """Per ``key(labels)`` (None: skipped), the sum of ``name``'s samples over time."""
+    """Per ``key(labels)`` (None: skipped), the sum (or the mean: a price shared by several
+    nodes) of ``name``'s samples over time."""
     lines: dict[str, tuple[list[float], list[float]]] = {}
     for t, series in samples:
-        sums: dict[str, float] = {}
+        sums: dict[str, list[float]] = {}
         for (metric, labels), value in series.items():
             if metric != name:
                 continue
             k = key(dict(labels))
             if k is not None:
-                sums[k] = sums.get(k, 0.0) + value
-        for k, v in sums.items():
+                sums.setdefault(k, []).append(value)
+        for k, values in sums.items():
             xs, ys = lines.setdefault(k, ([], []))
             xs.append(t)
-            ys.append(v)
+            ys.append(sum(values) / len(values) if mean else sum(values))
     return lines
 
 
@@ -166,12 +170,13 @@ def render(samples: Sequence[tuple[float, Series]], path: Path, title: str = "")
             | _lines(samples, "cheapspot_pool_budget_remaining_dollars", _by("pool")),
         ),
         (
-            "Node prices (estimated: from the table)",
+            "Node price by instance and capacity type",
             "USD/h",
             _lines(
                 samples,
                 "cheapspot_node_price_dollars_per_hour",
                 lambda labels: f"{labels.get('capacity_type')} {labels.get('instance_type')}",
+                mean=True,
             ),
         ),
         (
@@ -207,3 +212,41 @@ def render(samples: Sequence[tuple[float, Series]], path: Path, title: str = "")
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def save(samples: Sequence[tuple[float, Series]], path: Path) -> Path:
+    """The samples as JSON, so the panels can be drawn again without another run."""
+    rows = [
+        [t, [[name, [list(kv) for kv in labels], value] for (name, labels), value in s.items()]]
+        for t, s in samples
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def load(path: Path) -> list[tuple[float, Series]]:
+    out: list[tuple[float, Series]] = []
+    for t, entries in json.loads(path.read_text()):
+        series: Series = {}
+        for name, labels, value in entries:
+            series[(name, tuple((str(k), str(v)) for k, v in labels))] = float(value)
+        out.append((float(t), series))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cheapspot_localcluster.dashboard SAMPLES.json OUT.png``: draw again."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("samples", type=Path)
+    p.add_argument("png", type=Path)
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+    print(render(load(args.samples), args.png, args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -357,14 +357,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if served:
             summary["succeeded"] = bool(summary["succeeded"] and served["serve_failed"] == 0)
         if recorder is not None:
-            from cheapspot_localcluster.dashboard import render
+            from cheapspot_localcluster.dashboard import render, save
 
+            samples = recorder.stop()
+            kept = save(samples, workdir / "metrics-samples.json")
             drawn = render(
-                recorder.stop(),
+                samples,
                 Path(args.dashboard),
                 "cheapspot dashboard panels, from the operator's /metrics during `make demo`",
             )
-            console.print(f"dashboard panels drawn from the run's metrics: {drawn}")
+            console.print(f"dashboard panels drawn from the run's metrics: {drawn} ({kept})")
         console.print()
         console.print(summary_table(summary, resumes))
         if args.keep_cluster:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from cheapspot_localcluster.dashboard import parse, render, savings
+from cheapspot_localcluster.dashboard import _lines, load, parse, render, save, savings
 
 
 def _exposition(spot: float, equivalent: float, preemptions: int) -> str:
@@ -46,3 +46,29 @@ def test_the_panels_are_drawn_to_a_png(tmp_path: Path) -> None:
     out = render(samples, tmp_path / "img" / "dashboard.png", "test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000
+
+
+def test_samples_saved_and_loaded_draw_the_same_lines(tmp_path: Path) -> None:
+    samples = [(float(t), parse(_exposition(0.1 * t, 0.4 * t, t // 5))) for t in range(0, 10, 2)]
+    again = load(save(samples, tmp_path / "samples.json"))
+    assert again == samples
+
+
+def test_a_price_shared_by_several_nodes_is_averaged_not_added() -> None:
+    reg = CollectorRegistry()
+    price = Gauge(
+        "cheapspot_node_price_dollars_per_hour",
+        "",
+        ["node", "instance_type", "capacity_type", "zone"],
+        registry=reg,
+    )
+    price.labels("spot-1", "g5.xlarge", "spot", "a").set(0.40)
+    price.labels("spot-2", "g5.xlarge", "spot", "b").set(0.50)
+    samples = [(0.0, parse(generate_latest(reg).decode()))]
+    lines = _lines(
+        samples,
+        "cheapspot_node_price_dollars_per_hour",
+        lambda lb: lb["instance_type"],
+        mean=True,
+    )
+    assert lines == {"g5.xlarge": ([0.0], [pytest.approx(0.45)])}
