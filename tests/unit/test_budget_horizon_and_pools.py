@@ -149,3 +149,25 @@ def test_an_unknown_node_share_is_flagged_estimated() -> None:
     w.step(3600)
     assert w.status.cost.estimated
     assert w.status.cost.dollars == pytest.approx(1.806)
+
+
+def test_removing_a_budget_removes_its_condition_from_jobs_and_pools() -> None:
+    job = World(spec=make_job(budget={"limitUSD": 0.01})).started()
+    job.step(3600)
+    job.step(1)
+    assert any(c.type == "WithinBudget" for c in job.status.conditions)
+    job.spec = make_job()
+    job.step(1)
+    assert job.status.budget is None
+    assert all(c.type != "WithinBudget" for c in job.status.conditions)
+
+    pool = _budget_pool(0.01)
+    pool.step(3600)
+    pool.step(1)
+    assert pool.condition("WithinBudget") == ("False", "BudgetExceeded")
+    pool.spec = make_pool()
+    pool.generation += 1
+    pool.step(1)
+    assert pool.status.budget is None
+    assert all(c.type != "WithinBudget" for c in pool.status.conditions)
+    assert sorted(s.index for s in pool.status.slots) == [0, 1, 2]

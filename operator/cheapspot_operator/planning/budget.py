@@ -106,6 +106,11 @@ def evaluate(
     return verdict, status
 
 
+def without_budget(conditions: list[Condition]) -> list[Condition]:
+    """The conditions of a workload whose budget was removed: no ``WithinBudget`` left."""
+    return [c for c in conditions if c.type != CONDITION]
+
+
 @dataclass(frozen=True)
 class Assessment:
     """A workload's budget this pass: the verdict, its status and conditions, and whether

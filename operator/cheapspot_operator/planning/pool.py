@@ -637,7 +637,7 @@ def _budget(work: _Plan) -> int:
     """Budget status, condition and events; the replicas the budget allows."""
     spec, st, obs = work.spec, work.status, work.obs
     if spec.budget is None:
-        st.budget = None
+        st.budget, st.conditions = None, budget.without_budget(st.conditions)
         return spec.replicas
     rate = sum(u.usd_per_hour for u in _running(obs))
     got = budget.assess(

@@ -245,7 +245,7 @@ def _budget(work: _Plan) -> str | None:
     is the checkpoint interval: stopped then, the job loses no more than usual."""
     spec, st, obs = work.spec, work.status, work.obs
     if spec.budget is None:
-        st.budget = None
+        st.budget, st.conditions = None, budget.without_budget(st.conditions)
         return None
     rate = sum(
         costing.usage(pod, node, obs.profile, obs.prices, obs.quotes).usd_per_hour
