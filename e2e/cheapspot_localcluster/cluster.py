@@ -16,12 +16,15 @@ another process started: that is how ``cheapspot down`` finds what ``cheapspot u
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
+import os
 import shutil
+import signal
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -312,6 +315,18 @@ class LocalCluster:
         raise processes.ComponentFailedError(
             "kwok", f"nodes not Ready after {timeout_s:.0f}s", self.layout.log("kwok")
         )
+
+    @contextlib.contextmanager
+    def starved(self, component: str = "kwok") -> Iterator[None]:
+        """``component`` gets no CPU at all inside the block (SIGSTOP, then SIGCONT), as on a
+        machine so busy that kwok misses its nodes' lease renewals and the node lifecycle
+        controller calls them NotReady."""
+        proc = self._children[component]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """Stop every process this cluster's state directory records, and forget the client."""

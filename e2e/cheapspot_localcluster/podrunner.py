@@ -67,6 +67,7 @@ from typing import Any
 
 from cheapspot_localcluster.nodepool import KWOK_MANAGED_LABEL
 from cheapspot_localcluster.processes import _die_with_parent
+from cheapspot_localcluster.reclaim import is_ready as node_is_ready
 
 log = logging.getLogger("cheapspot.podrunner")
 
@@ -94,6 +95,10 @@ class Op(enum.Enum):
     """The pod is terminating and its process has ended: delete the object (grace 0)."""
     FORGET = "forget"
     """Nothing more to do for this pod: drop local bookkeeping."""
+    REPORT_READY = "report-ready"
+    """The API's Ready condition is not what the runner reported (the node lifecycle controller
+    marks every pod of a node whose lease lapsed not ready): report it again, as kubelet's
+    status manager does once its node is back."""
 
 
 @dataclass
@@ -201,6 +206,8 @@ class PodView:
     phase: str
     deleting: bool
     grace_seconds: float
+    ready: bool = False
+    """The Ready condition as the API has it."""
 
 
 def view(pod: Mapping[str, Any]) -> PodView:
@@ -216,11 +223,24 @@ def view(pod: Mapping[str, Any]) -> PodView:
         phase=status.get("phase") or "Pending",
         deleting=bool(meta.get("deletionTimestamp")),
         grace_seconds=float(grace or 0),
+        ready=any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        ),
     )
 
 
-def decide(pod: PodView | None, proc: Proc | None, node_alive: bool, now: float) -> Op | None:
-    """What to do next for one pod, given what the API says and what runs locally."""
+def decide(
+    pod: PodView | None,
+    proc: Proc | None,
+    node_alive: bool,
+    now: float,
+    node_ready: bool = True,
+) -> Op | None:
+    """What to do next for one pod, given what the API says and what runs locally.
+
+    ``node_alive``: the machine exists; ``node_ready``: its Node is Ready (its lease renewed).
+    """
     if proc is not None and proc.node_lost:
         return Op.FORGET if pod is None else None
     if pod is None:
@@ -249,6 +269,9 @@ def decide(pod: PodView | None, proc: Proc | None, node_alive: bool, now: float)
             return Op.TERMINATE
         if now - proc.term_sent_at >= pod.grace_seconds:
             return Op.KILL
+        return None
+    if node_ready and pod.phase == "Running" and pod.ready != proc.ready:
+        return Op.REPORT_READY
     return None
 
 
@@ -472,14 +495,16 @@ class PodRunner:
 
     # -- observe -------------------------------------------------------------------------
 
-    def _observe(self) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    def _observe(self) -> tuple[dict[str, dict[str, Any]], set[str], set[str]]:
+        """Bound pods by uid, the nodes whose machine is on, and those of them Ready."""
         client = self.core.api_client
         pods = client.sanitize_for_serialization(
             self.core.list_pod_for_all_namespaces(field_selector="spec.nodeName!=")
         )["items"]
         nodes = client.sanitize_for_serialization(self.core.list_node())["items"]
         alive = {n["metadata"]["name"] for n in nodes if machine_is_on(n)}
-        return {p["metadata"]["uid"]: p for p in pods}, alive
+        ready = {n["metadata"]["name"] for n in nodes if machine_is_on(n) and node_is_ready(n)}
+        return {p["metadata"]["uid"]: p for p in pods}, alive, ready
 
     # -- loop ----------------------------------------------------------------------------
 
@@ -494,9 +519,9 @@ class PodRunner:
         self.shutdown()
 
     def step(self) -> None:
-        pods, alive = self._observe()
+        pods, alive, ready = self._observe()
         now = time.monotonic()
-        self._probe(pods, now)
+        flipped = self._probe(pods, now)
         for running in self.procs.values():
             if running.popen is not None and running.exit_code is None:
                 running.exit_code = running.popen.poll()
@@ -505,7 +530,9 @@ class PodRunner:
             proc = self.procs.get(uid)
             pv = view(pod) if pod is not None else None
             node = pv.node if pv is not None else (proc.node if proc else "")
-            op = decide(pv, proc, node in alive, now)
+            op = decide(pv, proc, node in alive, now, node in ready)
+            if op is Op.REPORT_READY and uid in flipped:
+                continue  # just reported by the probe; this pass's list predates it
             if op is not None:
                 self.apply(op, pod, proc)
 
@@ -530,9 +557,16 @@ class PodRunner:
                 self._forget(proc)
         elif op is Op.FORGET and proc is not None:
             self._forget(proc)
+        elif op is Op.REPORT_READY and proc is not None and pod is not None:
+            self._patch_status(
+                pod, running_status(pod, proc.ip, proc.started_at, proc.ready, datetime.now(UTC))
+            )
+            log.info("pod %s/%s ready again: %s", proc.namespace, proc.name, proc.ready)
 
-    def _probe(self, pods: Mapping[str, dict[str, Any]], now: float) -> None:
-        """Apply finished probe results (patching Ready when it flips), start those due."""
+    def _probe(self, pods: Mapping[str, dict[str, Any]], now: float) -> set[str]:
+        """Apply finished probe results (patching Ready when it flips), start those due;
+        the uids of the pods whose Ready was patched."""
+        flipped: set[str] = set()
         with self.probe_lock:
             results, self.probe_results = self.probe_results, []
         for uid, ok, at in results:
@@ -547,6 +581,7 @@ class PodRunner:
                     pod,
                     running_status(pod, proc.ip, proc.started_at, ready, datetime.now(UTC)),
                 )
+                flipped.add(uid)
                 log.info("pod %s/%s ready: %s", proc.namespace, proc.name, ready)
         for proc in self.procs.values():
             probe = proc.probe
@@ -556,6 +591,7 @@ class PodRunner:
                 continue
             probe.in_flight = True
             self.probes.submit(self._run_probe, proc.uid, proc.ip, probe)
+        return flipped
 
     def _run_probe(self, uid: str, ip: str, probe: Probe) -> None:
         ok = http_probe(ip, probe)

@@ -362,3 +362,29 @@ def test_a_pod_talks_to_the_api_server_with_its_service_accounts_rbac_only(
     ended = wait_for("lister to finish", lambda: finished(cluster, ns, "lister"), 60)
     assert ended["status"]["phase"] == "Succeeded", ended["status"]
     assert json.loads(report.read_text()) == {ns: 200, "default": 403}
+
+
+def test_pods_are_ready_again_once_a_starved_node_renews_its_lease(
+    cluster: LocalCluster, ns: str, tmp_path: Path
+) -> None:
+    """On a busy machine kwok can miss its nodes' lease renewals: the node lifecycle
+    controller then calls them NotReady and marks every pod on them not ready. Once the
+    leases are renewed, a kubelet reports its pods' readiness again; so must the runner, or a
+    pod without a probe (a router) stays not ready for good."""
+    core = cluster.core()
+    core.create_namespaced_pod(ns, make_pod("steady", tmp_path / "steady.jsonl", "run"))
+    wait_for("steady Ready", lambda: _ready(cluster, ns, "steady"), 30)
+    node = running(cluster, ns, "steady")["spec"]["nodeName"]  # type: ignore[index]
+
+    def node_ready() -> bool:
+        from cheapspot_localcluster.reclaim import is_ready
+
+        raw = cluster.api_client().sanitize_for_serialization(core.read_node(node))
+        return is_ready(raw)
+
+    with cluster.starved("kwok"):
+        wait_for("the node NotReady", lambda: not node_ready(), 60)
+        wait_for("steady marked not ready", lambda: _ready(cluster, ns, "steady") is False, 30)
+    wait_for("the node Ready again", node_ready, 60)
+    wait_for("steady Ready again", lambda: _ready(cluster, ns, "steady"), 15)
+    assert reports(tmp_path / "steady.jsonl"), "the pod's process never ran"

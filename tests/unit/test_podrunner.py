@@ -87,6 +87,25 @@ def test_decide(
     assert decide(pod, proc, node_alive, now) is expected
 
 
+def test_a_ready_mark_cleared_by_the_node_controller_is_reported_again() -> None:
+    # The node lifecycle controller marks every pod of a node whose lease lapsed not ready;
+    # nothing flips the runner's own verdict, so only a comparison brings Ready back.
+    marked = make_pod(phase="Running", ready=False)
+    assert decide(marked, make_proc(ready=True), True, 0.0, node_ready=True) is Op.REPORT_READY
+    # While the node is still NotReady, the controller's mark stands (a cut-off kubelet).
+    assert decide(marked, make_proc(ready=True), True, 0.0, node_ready=False) is None
+    # In step with the API: nothing to do, ready or not.
+    assert decide(make_pod(phase="Running", ready=True), make_proc(ready=True), True, 0.0) is None
+    assert decide(marked, make_proc(ready=False), True, 0.0) is None
+    # The other way round too (a probe that fails while the API still says Ready).
+    stale = make_pod(phase="Running", ready=True)
+    assert decide(stale, make_proc(ready=False), True, 0.0) is Op.REPORT_READY
+    # Not while terminating, not for a process that has ended.
+    leaving = make_pod(phase="Running", ready=False, deleting=True)
+    assert decide(leaving, make_proc(ready=True, term_sent_at=0.0), True, 1.0) is None
+    assert decide(marked, make_proc(ready=True, exit_code=0), True, 0.0) is Op.REPORT_EXIT
+
+
 def test_view_takes_the_deletion_grace_period_over_the_spec() -> None:
     pod = {
         "metadata": {
