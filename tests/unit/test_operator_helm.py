@@ -97,3 +97,35 @@ def test_the_grafana_dashboard_queries_only_metrics_the_operator_exports() -> No
     template = (CHART / "templates" / "grafana-dashboard.yaml").read_text()
     assert 'grafana_dashboard: "1"' in template
     assert "dashboards/cheapspot-cost.json" in template
+
+
+def _rules(template_text: str) -> list[dict[str, Any]]:
+    """The RBAC rules in a piece of template, its template lines left out."""
+    lines = [line for line in template_text.splitlines() if "{{" not in line]
+    rules: list[dict[str, Any]] = yaml.safe_load("\n".join(lines)) or []
+    return rules
+
+
+def test_with_namespaces_listed_the_cluster_role_only_reads() -> None:
+    rbac = (CHART / "templates" / "rbac.yaml").read_text()
+    namespaced = rbac.split('define "cheapspot.namespacedRules" }}', 1)[1].split("{{- end }}")[0]
+    writes = {v for r in _rules(namespaced) for v in r["verbs"]} - {"get", "list", "watch"}
+    assert writes == {"create", "delete", "patch"}
+    cluster_role = rbac.split("kind: ClusterRole\n", 1)[1].split("\n---", 1)[0]
+    listed = cluster_role.split("{{- else }}", 1)[1]  # the namespaces-listed branch on
+    read_only = _rules(listed.split("\n", 1)[1])
+    assert {r["resources"][0] for r in read_only} >= {"pods", "nodes"}
+    assert {v for r in read_only for v in r["verbs"]} <= {"get", "list", "watch"}
+    # Each listed namespace gets the writes through a Role bound to the operator.
+    per_namespace = rbac.split("{{- range .Values.namespaces }}", 1)[1].split("{{- end }}")[0]
+    assert "kind: Role\n" in per_namespace and "kind: RoleBinding" in per_namespace
+    assert 'include "cheapspot.namespacedRules" $' in per_namespace
+
+
+def test_the_worker_service_account_is_made_where_jobs_run() -> None:
+    sa = (CHART / "templates" / "serviceaccount.yaml").read_text()
+    assert "range (.Values.namespaces | default .Values.worker.serviceAccount.namespaces)" in sa
+    assert "namespace: {{ . }}" in sa
+    quickstart = yaml.safe_load((CHART.parents[1] / "crds/examples/quickstart.yaml").read_text())
+    where = quickstart["metadata"].get("namespace", "default")
+    assert where in _values()["worker"]["serviceAccount"]["namespaces"]
