@@ -160,7 +160,29 @@ class Pools:
             conds = {c["type"]: c["status"] for c in st.get("conditions") or []}
             return st if ok and conds.get("Ready") == "True" else None
 
-        return wait_for(f"pool {name}: {replicas} replicas ready", ready, timeout_s)
+        try:
+            return wait_for(f"pool {name}: {replicas} replicas ready", ready, timeout_s)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc} ({self.describe(name)})") from None
+
+    def describe(self, name: str) -> str:
+        """One line on where the pool stands: its status and its pods' readiness."""
+        st = self.status(name)
+        ready: dict[str, Any] = next(
+            (c for c in st.get("conditions") or [] if c["type"] == "Ready"), {}
+        )
+        pods = [
+            f"{p['metadata']['name']}:{(p.get('status') or {}).get('phase')}"
+            + (":ready" if self.is_ready(p) else ":not-ready")
+            + (":draining" if self.draining(p) else "")
+            for role in ("replica", "router")
+            for p in self.pods(name, role=role)
+        ]
+        return (
+            f"status readyReplicas={st.get('readyReplicas', 0)}/{st.get('replicas', 0)}, "
+            f"Ready={ready.get('status')} {ready.get('reason')}: {ready.get('message')}; "
+            f"pods {' '.join(pods)}"
+        )
 
     def router_url(self, name: str, timeout_s: float = 120) -> str:
         """The OpenAI base URL of a ready router pod (the local cluster has no Service VIPs;
@@ -274,12 +296,18 @@ def ask(
 
 @dataclass
 class Load:
-    """Closed-loop load: ``threads`` clients sending back to back until :meth:`stop`."""
+    """Closed-loop load: ``threads`` clients, each sending its next request ``pause_s`` after
+    the last one's answer, until :meth:`stop`.
+
+    A pause leaves CPU to the rest of a shared machine: replicas serving back-to-back
+    requests on 2 cores starve a new replica's start for many minutes, where on a cluster it
+    would start on a machine of its own."""
 
     base_url: str
     models: Sequence[str]
     threads: int = 4
     max_tokens: int = 16
+    pause_s: float = 0.0
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: list[threading.Thread] = field(default_factory=list)
@@ -302,6 +330,8 @@ class Load:
             with self._lock:
                 self.outcomes.append(outcome)
             n += self.threads
+            if self.pause_s:
+                self._stop.wait(self.pause_s)
 
     def stop(self, timeout_s: float = 300) -> list[Outcome]:
         self._stop.set()
