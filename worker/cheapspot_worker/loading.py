@@ -14,9 +14,13 @@ ones stock PEFT writes into ``adapter_model.safetensors``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +33,8 @@ if TYPE_CHECKING:
     import torch
 
 CACHE_ENV = "CHEAPSPOT_CACHE_DIR"
-_COMPLETE = ".cheapspot-complete"
+COMPLETE_MARKER = ".cheapspot-complete"
+"""Written last into a cached download: a directory without it is never used."""
 
 
 def cache_dir() -> Path:
@@ -51,38 +56,74 @@ def resolve_model_dir(source: ModelSource) -> str:
     return str(_download_s3_model(uri))
 
 
+@contextlib.contextmanager
+def staged(dest: Path, prefix: str) -> Iterator[Path]:
+    """A private directory to download ``dest``'s files into. When the block ends without an
+    error it is marked complete and becomes ``dest`` in one rename, so processes sharing a
+    cache (replicas on one node, a cache on a shared volume) never write into, or read, each
+    other's half-downloaded files. It is removed whatever happens."""
+    staging = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        (staging / COMPLETE_MARKER).write_text(prefix)
+        _settle(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _settle(staging: Path, dest: Path) -> None:
+    """``staging`` becomes ``dest``, unless another process completed ``dest`` first (the same
+    verified files: this copy is dropped). An incomplete ``dest`` (a run that crashed while
+    writing into it) is moved aside and removed: it is a cache, never trusted."""
+    for _ in range(3):
+        try:
+            staging.rename(dest)
+            return
+        except OSError:
+            if (dest / COMPLETE_MARKER).is_file():
+                return
+            aside = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.stale")
+            with contextlib.suppress(FileNotFoundError):
+                dest.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+    raise OSError(f"cannot move the download {staging} to {dest}")
+
+
 def _download_s3_model(uri: str) -> Path:
     prefix = uri if uri.endswith("/") else uri + "/"
     dest = cache_dir() / "models" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
-    if (dest / _COMPLETE).is_file():
+    if (dest / COMPLETE_MARKER).is_file():
         return dest
     store = Store(prefix)
     try:
-        manifest = store.read_manifest("")
-        if manifest is None:
-            listing = [(k, s) for k, s in store.list_keys("") if not k.endswith("/")]
-            if not any(k == "config.json" for k, _ in listing):
-                raise PermanentError(
-                    f"model {uri} is not a Hugging Face model directory: no config.json there"
-                )
-            event("model_without_manifest", uri=uri, files=len(listing))
-            for key, size in listing:
-                tmp = dest / f".tmp-{Path(key).name}"
-                tmp.parent.mkdir(parents=True, exist_ok=True)
-                store.download(key, tmp)
-                if tmp.stat().st_size != size:
-                    raise PermanentError(f"model {uri}: {key} changed size while downloading")
-                target = dest / key
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp.replace(target)
-        else:
-            if "config.json" not in manifest.files:
-                raise PermanentError(f"model {uri} lists no config.json in its {MANIFEST_NAME}")
-            store.fetch("", dest)
+        with staged(dest, prefix) as staging:
+            manifest = store.read_manifest("")
+            if manifest is None:
+                _download_listed(store, uri, staging)
+            else:
+                if "config.json" not in manifest.files:
+                    raise PermanentError(f"model {uri} lists no config.json in its {MANIFEST_NAME}")
+                store.fetch("", staging)
     except (NotFoundError, PermissionStoreError) as exc:
         raise PermanentError(f"model {uri} cannot be read: {exc}") from exc
-    (dest / _COMPLETE).write_text(prefix)
     return dest
+
+
+def _download_listed(store: Store, uri: str, into: Path) -> None:
+    """A prefix without a manifest: every listed object, each checked against its listed size."""
+    listing = [(k, s) for k, s in store.list_keys("") if not k.endswith("/")]
+    if not any(k == "config.json" for k, _ in listing):
+        raise PermanentError(
+            f"model {uri} is not a Hugging Face model directory: no config.json there"
+        )
+    event("model_without_manifest", uri=uri, files=len(listing))
+    for key, size in listing:
+        target = into / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.download(key, target)
+        if target.stat().st_size != size:
+            raise PermanentError(f"model {uri}: {key} changed size while downloading")
 
 
 def check_quantization(source: ModelSource, what: str = "model") -> Any:

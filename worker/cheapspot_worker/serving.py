@@ -48,7 +48,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -65,7 +64,7 @@ from cheapspot.store import (
 )
 from cheapspot_worker.adapters import AdapterError, check_adapter
 from cheapspot_worker.errors import Interrupted, PermanentError
-from cheapspot_worker.loading import cache_dir, resolve_model_dir
+from cheapspot_worker.loading import COMPLETE_MARKER, cache_dir, resolve_model_dir, staged
 from cheapspot_worker.progress import event
 
 log = logging.getLogger("cheapspot_worker.serving")
@@ -75,7 +74,6 @@ SERVE_VENV = ".venv-serve"
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for --max-lora-rank; the pool's limit is rounded up to one."""
-_COMPLETE = ".cheapspot-complete"
 _LOG_TAIL = 40
 
 
@@ -127,13 +125,10 @@ def fetch_adapter(source: AdapterSource, base_config: dict[str, Any], max_rank: 
     model. :class:`AdapterError` for anything the user must fix; store outages propagate."""
     prefix = _pretty(source.uri)
     dest = cache_dir() / "adapters" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
-    if not (dest / _COMPLETE).is_file():
-        # into a directory of its own first: replicas sharing a cache never see each
-        # other's half-written files
-        staging = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
+    if not (dest / COMPLETE_MARKER).is_file():
         try:
-            Store(prefix).fetch("", staging)
+            with staged(dest, prefix) as staging:
+                Store(prefix).fetch("", staging)
         except NotFoundError as exc:
             raise AdapterError(
                 f"adapter {source.name!r}: nothing is published at {prefix} (no MANIFEST.json; "
@@ -148,11 +143,6 @@ def fetch_adapter(source: AdapterSource, base_config: dict[str, Any], max_rank: 
             raise AdapterError(
                 f"adapter {source.name!r} at {prefix} cannot be read: {exc}"
             ) from exc
-        (staging / _COMPLETE).write_text(prefix)
-        try:
-            staging.rename(dest)
-        except OSError:  # another replica got there first, with the same verified files
-            shutil.rmtree(staging, ignore_errors=True)
     check_adapter(dest, base_config, max_rank=max_rank, name=source.name)
     return dest
 
