@@ -24,6 +24,7 @@ from cheapspot.contract import Layout, Phase, Progress, Role
 from cheapspot_localcluster.waiting import wait_for
 from cheapspot_operator.crd import build_crd, build_pool_crd
 from cheapspot_operator.kubeapi import ApiError, KubeApi
+from cheapspot_operator.poolspec import PLURAL as POOL_PLURAL
 from cheapspot_operator.spec import GROUP, PLURAL, VERSION
 
 T = TypeVar("T")
@@ -338,3 +339,44 @@ def make_harness(
         with contextlib.suppress(ApiError):
             api.delete(f"/api/v1/namespaces/{namespace}")
         restore_nodes(api, local_cluster)
+
+
+# -- inference pools (replica pods faked by kwok or run as processes; no vLLM here) ---------
+
+
+def pools_path(ns: str, name: str = "") -> str:
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{POOL_PLURAL}"
+    return f"{base}/{name}" if name else base
+
+
+def apply_pool(h: Harness, name: str, **spec: Any) -> None:
+    body: dict[str, Any] = {
+        "model": {"uri": "s3://cheapspot/models/tiny/"},
+        "adapters": [{"name": "qa", "uri": "s3://cheapspot/adapters/qa/"}],
+        "replicas": 3,
+        "anchor": {"replicas": 1},
+        "engine": {"shutdownTimeoutSeconds": 5},
+        "resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"},
+        "spot": {"fallbackAfterSeconds": 5},
+    }
+    body.update(spec)
+    h.api.create(
+        pools_path(h.namespace),
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "CheapInferencePool",
+            "metadata": {"name": name},
+            "spec": body,
+        },
+    )
+
+
+def replicas(h: Harness, pool: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in h.api.list(
+            f"/api/v1/namespaces/{h.namespace}/pods",
+            f"cheapspot.dev/pool={pool},cheapspot.dev/pool-role=replica",
+        )
+        if not p["metadata"].get("deletionTimestamp")
+    ]

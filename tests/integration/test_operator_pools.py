@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_harness import NOTICE_SECONDS, Harness, make_harness, wait_for
+from operator_harness import (
+    NOTICE_SECONDS,
+    Harness,
+    apply_pool,
+    make_harness,
+    pools_path,
+    replicas,
+    wait_for,
+)
 
 from cheapspot.contract import ANNOTATION_DRAINING
-from cheapspot_operator.poolspec import PLURAL
-from cheapspot_operator.spec import GROUP, VERSION
 
 
 @pytest.fixture
@@ -28,48 +34,10 @@ def h(local_cluster: Any, s3_endpoint: Any, tmp_path: Path) -> Iterator[Harness]
     yield from make_harness(local_cluster, s3_endpoint, tmp_path)
 
 
-def pools_path(ns: str, name: str = "") -> str:
-    base = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
-    return f"{base}/{name}" if name else base
-
-
-def apply_pool(h: Harness, name: str, **spec: Any) -> None:
-    body: dict[str, Any] = {
-        "model": {"uri": "s3://cheapspot/models/tiny/"},
-        "adapters": [{"name": "qa", "uri": "s3://cheapspot/adapters/qa/"}],
-        "replicas": 3,
-        "anchor": {"replicas": 1},
-        "engine": {"shutdownTimeoutSeconds": 5},
-        "resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"},
-        "spot": {"fallbackAfterSeconds": 5},
-    }
-    body.update(spec)
-    h.api.create(
-        pools_path(h.namespace),
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "CheapInferencePool",
-            "metadata": {"name": name},
-            "spec": body,
-        },
-    )
-
-
 def pool_status(h: Harness, name: str) -> dict[str, Any]:
     got = h.api.get(pools_path(h.namespace, name)) or {}
     status: dict[str, Any] = got.get("status") or {}
     return status
-
-
-def replicas(h: Harness, pool: str) -> list[dict[str, Any]]:
-    return [
-        p
-        for p in h.api.list(
-            f"/api/v1/namespaces/{h.namespace}/pods",
-            f"cheapspot.dev/pool={pool},cheapspot.dev/pool-role=replica",
-        )
-        if not p["metadata"].get("deletionTimestamp")
-    ]
 
 
 def running(h: Harness, pool: str, n: int) -> list[dict[str, Any]] | None:
