@@ -59,6 +59,7 @@ from cheapspot_operator.config import OperatorConfig
 from cheapspot_operator.costs import PriceTable
 from cheapspot_operator.kubeapi import ApiError, KubeApi
 from cheapspot_operator.manifests import JobInfo, Placement, build_anchor_pod, build_shard_pod
+from cheapspot_operator.nodelist import SharedNodeList
 from cheapspot_operator.observed import (
     ANCHOR_INDEX,
     BOUND_LIVE_PODS,
@@ -252,9 +253,12 @@ class Reconciler:
         *,
         output_claims: OutputClaims | None = None,
         quotes: Callable[[], Mapping[PriceKey, Quote]] = dict,
+        nodes: SharedNodeList | None = None,
     ) -> None:
         self.api = api
         self.config = config
+        self.nodes = nodes or SharedNodeList(api, ttl=0)
+        """Every node; shared with the pools' reconciler and invalidated by the node watch."""
         self.quotes = quotes
         """The price book's snapshot (:mod:`cheapspot_operator.pricing.book`); none: the table."""
         self.profile: PlacementProfile = config.placement_profile()
@@ -325,8 +329,7 @@ class Reconciler:
         nodes = {
             n.name: n
             for n in (
-                node_view(raw, usage.get(raw["metadata"]["name"]))
-                for raw in self.api.list("/api/v1/nodes")
+                node_view(raw, usage.get(raw["metadata"]["name"])) for raw in self.nodes.get()
             )
         }
         progress = self.progress.get(meta["uid"], spec.output.uri, spec.shards)
@@ -703,12 +706,14 @@ def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Operat
             return
         if event.get("type") == "DELETED":
             loops.nodes.pop(name, None)
+            reconciler.nodes.invalidate()
             loops.poke_all()
             return
         view: NodeView = node_view(event.get("object") or {})
         state = (view.ready, view.unschedulable, view.taint_keys)
         if loops.nodes.get(name) != state:
             loops.nodes[name] = state
+            reconciler.nodes.invalidate()  # before the loops wake: they must read this change
             loops.poke_all()
 
     # Inference pools: their own loops, pod and node handlers (see poolhandlers).
@@ -716,7 +721,13 @@ def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Operat
 
     register_pool_handlers(
         registry,
-        PoolReconciler(reconciler.api, config, clock=reconciler.clock, quotes=reconciler.quotes),
+        PoolReconciler(
+            reconciler.api,
+            config,
+            clock=reconciler.clock,
+            quotes=reconciler.quotes,
+            nodes=reconciler.nodes,
+        ),
         config,
     )
     return registry

@@ -46,13 +46,15 @@ async def run_operator(
 
     from cheapspot_operator.handlers import Reconciler, make_registry
     from cheapspot_operator.kubeapi import KubeApi
+    from cheapspot_operator.nodelist import SharedNodeList
     from cheapspot_operator.pricing.book import start_price_book
 
     api = KubeApi.from_config(kubeconfig)
     book, refresher = start_price_book(
         api, config.pricing, config.placement_profile(), config.price_table()
     )
-    reconciler = Reconciler(api, config, quotes=book.snapshot)
+    # One node LIST a second at most for every job and pool, dropped on any node change.
+    reconciler = Reconciler(api, config, quotes=book.snapshot, nodes=SharedNodeList(api, ttl=1.0))
     registry = make_registry(reconciler, config)
     watched = list(namespaces) or list(config.namespaces)
     health = f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None

@@ -45,6 +45,7 @@ from cheapspot_operator.config import OperatorConfig
 from cheapspot_operator.handlers import _Loops, _owned_by, post_event
 from cheapspot_operator.kubeapi import ApiError, KubeApi
 from cheapspot_operator.manifests import Placement
+from cheapspot_operator.nodelist import SharedNodeList
 from cheapspot_operator.observed import BOUND_LIVE_PODS, NodeView, node_usage, node_view
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
@@ -212,9 +213,11 @@ class PoolReconciler:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         admin: AdminClient | None = None,
         quotes: Callable[[], Mapping[PriceKey, Quote]] = dict,
+        nodes: SharedNodeList | None = None,
     ) -> None:
         self.api = api
         self.config = config
+        self.nodes = nodes or SharedNodeList(api, ttl=0)
         self.profile = config.placement_profile()
         self.prices = config.price_table()
         self.quotes = quotes
@@ -262,7 +265,7 @@ class PoolReconciler:
             usage = node_usage(self.api.list("/api/v1/pods", field_selector=BOUND_LIVE_PODS))
         nodes = {
             view.name: view
-            for raw in self.api.list("/api/v1/nodes")
+            for raw in self.nodes.get()
             if (view := node_view(raw, usage.get(raw["metadata"]["name"])))
         }
         deployment = self.api.get(
@@ -484,10 +487,12 @@ def register_pool_handlers(
             return
         if event.get("type") == "DELETED":
             loops.nodes.pop(name, None)
+            reconciler.nodes.invalidate()
             loops.poke_all()
             return
         view: NodeView = node_view(event.get("object") or {})
         state = (view.ready, view.unschedulable, view.taint_keys)
         if loops.nodes.get(name) != state:
             loops.nodes[name] = state
+            reconciler.nodes.invalidate()  # before the loops wake: they must read this change
             loops.poke_all()

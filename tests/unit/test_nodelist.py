@@ -1,0 +1,91 @@
+"""The node LIST shared by every reconcile: reused within its time to live, never across a
+node change the watch reported."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from cheapspot_operator.nodelist import NODES_PATH, SharedNodeList
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.version = 0
+        self.during_list: Any = None
+
+    def list(
+        self, path: str, label_selector: str | None = None, field_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        assert path == NODES_PATH
+        self.calls += 1
+        if self.during_list is not None:
+            self.during_list()
+        return [{"metadata": {"name": "n", "resourceVersion": str(self.version)}}]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _version(nodes: list[dict[str, Any]]) -> str:
+    return str(nodes[0]["metadata"]["resourceVersion"])
+
+
+def test_one_list_serves_every_reconcile_within_its_time_to_live() -> None:
+    api, clock = FakeApi(), Clock()
+    nodes = SharedNodeList(api, ttl=1.0, clock=clock)
+    for _ in range(50):
+        nodes.get()
+    assert api.calls == 1 and nodes.lists == 1
+    clock.now += 1.0
+    api.version = 1
+    assert _version(nodes.get()) == "1"
+    assert api.calls == 2
+
+
+def test_a_node_change_is_read_by_the_next_reconcile_at_once() -> None:
+    api, clock = FakeApi(), Clock()
+    nodes = SharedNodeList(api, ttl=60.0, clock=clock)
+    nodes.get()
+    api.version = 1  # a taint: the watch sees it and invalidates before waking the loops
+    nodes.invalidate()
+    assert _version(nodes.get()) == "1"
+    assert api.calls == 2
+
+
+def test_a_list_that_began_before_a_change_is_not_reused_after_it() -> None:
+    api, clock = FakeApi(), Clock()
+    nodes = SharedNodeList(api, ttl=60.0, clock=clock)
+    api.during_list = nodes.invalidate  # the change lands while the LIST is on the wire
+    nodes.get()
+    api.during_list = None
+    api.version = 1
+    assert _version(nodes.get()) == "1"
+    assert api.calls == 2
+
+
+def test_no_time_to_live_lists_every_time() -> None:
+    api = FakeApi()
+    nodes = SharedNodeList(api, ttl=0)
+    nodes.get()
+    nodes.get()
+    assert api.calls == 2
+
+
+def test_reconciles_asking_together_share_one_list() -> None:
+    api = FakeApi()
+    api.during_list = lambda: time.sleep(0.05)
+    nodes = SharedNodeList(api, ttl=5.0)
+    threads = [threading.Thread(target=nodes.get) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert api.calls == 1
