@@ -42,7 +42,7 @@ class SharedNodeList:
         self.ttl = ttl
         self.clock = clock
         self.lists = 0
-        """LIST requests made so far (the scale benchmark reports it)."""
+        """LIST requests made so far."""
         self._lock = threading.Lock()
         self._generation = 0
         self._listed: _Listed | None = None
