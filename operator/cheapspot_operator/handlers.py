@@ -62,12 +62,10 @@ from cheapspot_operator.manifests import JobInfo, Placement, build_anchor_pod, b
 from cheapspot_operator.nodelist import SharedNodeList
 from cheapspot_operator.observed import (
     ANCHOR_INDEX,
-    BOUND_LIVE_PODS,
     LABEL_JOB,
     JobView,
     NodeView,
     Observed,
-    node_usage,
     node_view,
     pod_view,
 )
@@ -272,7 +270,6 @@ class Reconciler:
         self.phases: dict[tuple[str, str], str] = {}
         self.refused: dict[tuple[str, int], tuple[int, str]] = {}
         """(job uid, slot) -> (attempt, the API server's message) of the last refused create."""
-        self._usage: tuple[float, dict[str, dict[str, float]]] | None = None
         self._finished: set[tuple[str, str]] = set()
 
     def reconcile(self, namespace: str, name: str) -> list[Action]:
@@ -325,7 +322,7 @@ class Reconciler:
             if _owned_by(p, meta["uid"]) and (v := pod_view(p)) is not None
         ]
         # What other pods request on each node only matters when a shard may return to spot.
-        usage = self._node_usage() if any(x.fallback_reason for x in status.shards) else {}
+        usage = self.nodes.usage() if any(x.fallback_reason for x in status.shards) else {}
         nodes = {
             n.name: n
             for n in (
@@ -363,16 +360,6 @@ class Reconciler:
         ]
         self._apply(job, None, None, actions)
         return actions
-
-    def _node_usage(self, ttl: float = 2.0) -> dict[str, dict[str, float]]:
-        """Extended resources requested by the live pods bound to each node, all namespaces;
-        one LIST shared by every job for ``ttl`` seconds."""
-        cached = self._usage
-        if cached is not None and time.monotonic() - cached[0] < ttl:
-            return cached[1]
-        usage = node_usage(self.api.list("/api/v1/pods", field_selector=BOUND_LIVE_PODS))
-        self._usage = (time.monotonic(), usage)
-        return usage
 
     def _refused_for(self, uid: str, status: s.TrainJobStatus) -> dict[int, str]:
         out: dict[int, str] = {}

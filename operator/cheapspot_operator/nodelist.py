@@ -16,7 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cheapspot_operator.observed import BOUND_LIVE_PODS, node_usage
+
 NODES_PATH = "/api/v1/nodes"
+PODS_PATH = "/api/v1/pods"
 
 
 class ListsNodes(Protocol):
@@ -33,14 +36,22 @@ class _Listed:
 
 
 class SharedNodeList:
-    """Every node, listed at most once per ``ttl`` seconds (0: on every call)."""
+    """Every node, listed at most once per ``ttl`` seconds (0: on every call); and what the
+    pods bound to each node request, listed at most once per ``usage_ttl`` seconds."""
 
     def __init__(
-        self, api: ListsNodes, ttl: float = 1.0, clock: Callable[[], float] = time.monotonic
+        self,
+        api: ListsNodes,
+        ttl: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        usage_ttl: float = 2.0,
     ) -> None:
         self.api = api
         self.ttl = ttl
+        self.usage_ttl = usage_ttl
         self.clock = clock
+        self._usage_lock = threading.Lock()
+        self._usage: tuple[float, dict[str, dict[str, float]]] | None = None
         self.lists = 0
         """LIST requests made so far."""
         self._lock = threading.Lock()
@@ -67,3 +78,15 @@ class SharedNodeList:
             self.lists += 1
             self._listed = _Listed(items, generation, at)
             return items
+
+    def usage(self) -> dict[str, dict[str, float]]:
+        """Extended resources requested by the live pods bound to each node, all namespaces
+        (what a fallback's return to spot needs): one pod LIST shared by jobs and pools."""
+        with self._usage_lock:
+            cached = self._usage
+            if cached is not None and self.clock() - cached[0] < self.usage_ttl:
+                return cached[1]
+            at = self.clock()
+            usage = node_usage(self.api.list(PODS_PATH, field_selector=BOUND_LIVE_PODS))
+            self._usage = (at, usage)
+            return usage

@@ -46,7 +46,7 @@ from cheapspot_operator.handlers import _Loops, _owned_by, post_event
 from cheapspot_operator.kubeapi import ApiError, KubeApi
 from cheapspot_operator.manifests import Placement
 from cheapspot_operator.nodelist import SharedNodeList
-from cheapspot_operator.observed import BOUND_LIVE_PODS, NodeView, node_usage, node_view
+from cheapspot_operator.observed import NodeView, node_view
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.pool import (
@@ -262,7 +262,7 @@ class PoolReconciler:
             not slot.anchor and slot.capacity_type is CapacityType.ON_DEMAND
             for slot in status.slots
         ):
-            usage = node_usage(self.api.list("/api/v1/pods", field_selector=BOUND_LIVE_PODS))
+            usage = self.nodes.usage()
         nodes = {
             view.name: view
             for raw in self.nodes.get()

@@ -7,18 +7,23 @@ import threading
 import time
 from typing import Any
 
-from cheapspot_operator.nodelist import NODES_PATH, SharedNodeList
+from cheapspot_operator.nodelist import NODES_PATH, PODS_PATH, SharedNodeList
 
 
 class FakeApi:
     def __init__(self) -> None:
         self.calls = 0
+        self.pod_lists = 0
         self.version = 0
         self.during_list: Any = None
 
     def list(
         self, path: str, label_selector: str | None = None, field_selector: str | None = None
     ) -> list[dict[str, Any]]:
+        if path == PODS_PATH:
+            self.pod_lists += 1
+            gpu = {"requests": {"nvidia.com/gpu": str(self.version + 1)}}
+            return [{"spec": {"nodeName": "n", "containers": [{"resources": gpu}]}}]
         assert path == NODES_PATH
         self.calls += 1
         if self.during_list is not None:
@@ -89,3 +94,15 @@ def test_reconciles_asking_together_share_one_list() -> None:
     for t in threads:
         t.join(5)
     assert api.calls == 1
+
+
+def test_what_pods_request_on_each_node_is_one_pod_list_for_jobs_and_pools() -> None:
+    api, clock = FakeApi(), Clock()
+    nodes = SharedNodeList(api, ttl=0, clock=clock, usage_ttl=2.0)
+    first = nodes.usage()
+    assert nodes.usage() is first and api.pod_lists == 1
+    assert first["n"]["nvidia.com/gpu"] == 1.0
+    clock.now += 2.0
+    api.version = 1
+    assert nodes.usage()["n"]["nvidia.com/gpu"] == 2.0
+    assert api.pod_lists == 2
