@@ -43,6 +43,7 @@ import random
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
@@ -337,6 +338,23 @@ _THROTTLING_CODES = {
 }
 
 
+_CLIENTS: dict[tuple[str, ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _shared_client(style: str, make: Callable[[], Any]) -> Any:
+    """One boto3 S3 client per process for the same addressing style and AWS environment
+    (endpoint, region, credentials): a client holds its own copy of the service model, about
+    12 MB, and an operator with a Store per job's prefix held hundreds of them. boto3 clients
+    are safe to share between threads."""
+    key = (style, *sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("AWS_")))
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _CLIENTS[key] = make()
+        return client
+
+
 class _S3Backend(_Backend):
     def __init__(self, bucket: str, root: str, addressing_style: str | None = None) -> None:
         import boto3
@@ -355,7 +373,9 @@ class _S3Backend(_Backend):
             read_timeout=60,
         )
         # Endpoint, region and credentials come from boto3's standard chain only.
-        self.client: S3Client = boto3.session.Session().client("s3", config=config)
+        self.client: S3Client = _shared_client(
+            style, lambda: boto3.session.Session().client("s3", config=config)
+        )
         self.transfer = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD
         )
