@@ -79,6 +79,7 @@ from cheapspot_operator.planning.train import (
     plan,
 )
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
+from cheapspot_operator.watchcache import Primed, WatchCache
 
 log = logging.getLogger("cheapspot.operator")
 
@@ -271,6 +272,49 @@ class Reconciler:
         self.refused: dict[tuple[str, int], tuple[int, str]] = {}
         """(job uid, slot) -> (attempt, the API server's message) of the last refused create."""
         self._finished: set[tuple[str, str]] = set()
+        self.jobs: WatchCache | None = None
+        """Jobs as the job watch reported them (:meth:`watch`); None: GET each time."""
+        self.pods = WatchCache(group_label=LABEL_JOB)
+        """The jobs' pods as the pod watch reported them, grouped by job (when watched)."""
+        self.pods_primed = Primed(POD_RESYNC_SECONDS)
+
+    def watch(self) -> None:
+        """kopf's watches feed the jobs, their pods and the nodes from now on
+        (:meth:`observe_job`, :meth:`observe_pod`, :meth:`SharedNodeList.observe`): a
+        reconcile then reads them without a request, and the API server hears from this
+        operator only when something is to be done."""
+        self.jobs = WatchCache()
+        self.nodes.watch()
+
+    def observe_job(self, event_type: str | None, job: Mapping[str, Any]) -> None:
+        if self.jobs is not None:
+            self.jobs.observe(event_type, job)
+
+    def observe_pod(self, event_type: str | None, pod: Mapping[str, Any]) -> None:
+        if self.jobs is not None:
+            self.pods.observe(event_type, pod)
+
+    def _get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        if self.jobs is not None:
+            cached = self.jobs.get(namespace, name)
+            if cached is not None:
+                return dict(cached)
+        job = self.api.get(_job_path(namespace, name))
+        if self.jobs is not None and job is not None:
+            self.jobs.wrote(job)
+        return job
+
+    def _job_pods(self, namespace: str, name: str) -> list[Mapping[str, Any]]:
+        """The job's pods (label-selected): from the pod watch when watched."""
+        if self.jobs is None:
+            return list(self.api.list(_pods_path(namespace), f"{LABEL_JOB}={name}"))
+
+        def prime() -> None:
+            items, at = self.api.list_versioned(_pods_path(namespace), LABEL_JOB)
+            self.pods.merge_list(namespace, items, at)
+
+        self.pods_primed.prime(namespace, prime)
+        return self.pods.group(namespace, name)
 
     def reconcile(self, namespace: str, name: str) -> list[Action]:
         started = time.monotonic()
@@ -290,7 +334,7 @@ class Reconciler:
     def _reconcile(self, namespace: str, name: str) -> list[Action]:
         key = (namespace, name)
         self._finished.discard(key)
-        job = self.api.get(_job_path(namespace, name))
+        job = self._get_job(namespace, name)
         if job is None or job["metadata"].get("deletionTimestamp"):
             self.phases.pop(key, None)
             self._finished.add(key)
@@ -318,17 +362,12 @@ class Reconciler:
             self.claimed.add(meta["uid"])
         pods = [
             v
-            for p in self.api.list(_pods_path(namespace), f"{LABEL_JOB}={name}")
+            for p in self._job_pods(namespace, name)
             if _owned_by(p, meta["uid"]) and (v := pod_view(p)) is not None
         ]
         # What other pods request on each node only matters when a shard may return to spot.
         usage = self.nodes.usage() if any(x.fallback_reason for x in status.shards) else {}
-        nodes = {
-            n.name: n
-            for n in (
-                node_view(raw, usage.get(raw["metadata"]["name"])) for raw in self.nodes.get()
-            )
-        }
+        nodes = self.nodes.views(usage)
         progress = self.progress.get(meta["uid"], spec.output.uri, spec.shards)
         observed = Observed(
             job=JobView(namespace, name, meta["uid"], int(meta.get("generation", 1)), status),
@@ -340,6 +379,7 @@ class Reconciler:
             prices=self.prices,
             quotes=self.quotes(),
             create_refused=self._refused_for(meta["uid"], status),
+            cost_refresh_seconds=self.config.cost_refresh_seconds,
         )
         actions = plan(spec, observed, self.clock())
         self._apply(job, spec, observed, actions)
@@ -352,7 +392,7 @@ class Reconciler:
         namespace, name = meta["namespace"], meta["name"]
         actions: list[Action] = [
             DeletePod(p.name, reason="JobFinished")
-            for raw in self.api.list(_pods_path(namespace), f"{LABEL_JOB}={name}")
+            for raw in self._job_pods(namespace, name)
             if _owned_by(raw, meta["uid"])
             and (p := pod_view(raw)) is not None
             and not p.terminated
@@ -373,8 +413,16 @@ class Reconciler:
         """Why the job's URIs cannot work in this cluster, or ""."""
         if self.config.file_uris:
             return ""
-        uris = {"model": spec.model.uri, "dataset": spec.dataset.uri, "output": spec.output.uri}
-        local = [f"spec.{k}.uri {v}" for k, v in uris.items() if v.startswith("file://")]
+        uris = {
+            "spec.model.uri": spec.model.uri,
+            "spec.dataset.uri": spec.dataset.uri,
+            "spec.output.uri": spec.output.uri,
+        }
+        if spec.distillation is not None:
+            teacher = spec.distillation.teacher
+            uris["spec.distillation.teacher.uri"] = teacher.uri
+            uris["spec.distillation.teacher.adapterUri"] = teacher.adapter_uri or ""
+        local = [f"{k} {v}" for k, v in uris.items() if v.startswith("file://")]
         if not local:
             return ""
         return (
@@ -433,12 +481,14 @@ class Reconciler:
                     "status": action.status.to_patch(),
                 }
                 try:
-                    self.api.merge_patch(_job_path(namespace, name) + "/status", body)
+                    written = self.api.merge_patch(_job_path(namespace, name) + "/status", body)
                 except ApiError as exc:
                     if exc.status == 409:
                         log.info("%s/%s changed meanwhile; replanning", namespace, name)
                         return
                     raise
+                if self.jobs is not None:
+                    self.jobs.wrote(written)
                 self._count_status(namespace, name, previous, action.status)
             elif isinstance(action, CreatePod):
                 assert spec is not None
@@ -474,6 +524,8 @@ class Reconciler:
             log.warning("pod %s refused: %s", pod["metadata"]["name"], exc.message)
             return
         self.refused.pop((meta["uid"], action.index), None)
+        if created and self.jobs is not None:
+            self.pods.wrote(created)
         if created:
             role = "anchor" if action.index == ANCHOR_INDEX else "train"
             metrics.PODS_CREATED.labels(role=role).inc()
@@ -544,6 +596,10 @@ def _connection_info(config: Any, settings: kopf.OperatorSettings) -> kopf.Conne
 
 def _validation_message(exc: ValidationError) -> str:
     return "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+POD_RESYNC_SECONDS = 300.0
+"""How often the watched pods of a namespace are LISTed again (see :mod:`watchcache`)."""
 
 
 def _owned_by(pod: Mapping[str, Any], uid: str) -> bool:
@@ -628,6 +684,7 @@ class _Loops:
 def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.OperatorRegistry:
     """A kopf registry with the operator's handlers, bound to ``reconciler``."""
     registry = kopf.OperatorRegistry()
+    reconciler.watch()
     loops = _Loops(
         reconciler=reconciler,
         interval=config.reconcile_interval_seconds,
@@ -669,10 +726,11 @@ def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Operat
     ) -> None:
         if not namespace or not name:
             return
+        job = event.get("object") or {}
+        reconciler.observe_job(event.get("type"), job)
         if event.get("type") == "DELETED":
             loops.stop((namespace, name))
             return
-        job = event.get("object") or {}
         phase = str((job.get("status") or {}).get("phase") or "")
         version = str((job.get("metadata") or {}).get("resourceVersion") or "")
         if phase in TERMINAL_PHASES and loops.settled.get((namespace, name)) == version:
@@ -682,7 +740,10 @@ def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Operat
         loops.ensure((namespace, name))
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
-    async def pod_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    async def pod_event(
+        event: Mapping[str, Any], labels: Mapping[str, str], namespace: str | None, **_: Any
+    ) -> None:
+        reconciler.observe_pod(event.get("type"), event.get("object") or {})
         if namespace:
             loops.poke((namespace, labels[LABEL_JOB]))
 
@@ -691,16 +752,16 @@ def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Operat
         # Nodes report heartbeats constantly; only a change that matters wakes the jobs.
         if not name:
             return
+        # Every event feeds the node list (the pools' handler only wakes the pools).
+        reconciler.nodes.observe(event.get("type"), event.get("object") or {})
         if event.get("type") == "DELETED":
             loops.nodes.pop(name, None)
-            reconciler.nodes.invalidate()
             loops.poke_all()
             return
         view: NodeView = node_view(event.get("object") or {})
         state = (view.ready, view.unschedulable, view.taint_keys)
         if loops.nodes.get(name) != state:
             loops.nodes[name] = state
-            reconciler.nodes.invalidate()  # before the loops wake: they must read this change
             loops.poke_all()
 
     # Inference pools: their own loops, pod and node handlers (see poolhandlers).

@@ -8,6 +8,7 @@ in-cluster configuration, same authentication) and returns dicts.
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -96,23 +97,33 @@ class KubeApi:
     def list(
         self, path: str, label_selector: str | None = None, field_selector: str | None = None
     ) -> list[dict[str, Any]]:
+        return self.list_versioned(path, label_selector, field_selector)[0]
+
+    def list_versioned(
+        self, path: str, label_selector: str | None = None, field_selector: str | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], int | None]:
+        """The items and the LIST's own resourceVersion (None when it is not an integer)."""
         query = {"labelSelector": label_selector} if label_selector else {}
         if field_selector:
             query["fieldSelector"] = field_selector
-        items: list[dict[str, Any]] = (
-            self.request("GET", path, query=query or None).get("items") or []
-        )
-        return items
-
-    def create(self, path: str, body: Mapping[str, Any]) -> bool:
-        """Create ``body``; False when it already exists (409), which callers treat as done."""
+        result = self.request("GET", path, query=query or None)
+        items: list[dict[str, Any]] = result.get("items") or []
         try:
-            self.request("POST", path, body=dict(body))
+            list_version: int | None = int((result.get("metadata") or {})["resourceVersion"])
+        except (KeyError, TypeError, ValueError):
+            list_version = None
+        return items, list_version
+
+    def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create ``body`` and return the object as created; None when it already exists
+        (409), which callers treat as done."""
+        try:
+            created: dict[str, Any] = self.request("POST", path, body=dict(body))
         except ApiError as exc:
             if exc.status == 409:
-                return False
+                return None
             raise
-        return True
+        return created
 
     def merge_patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self.request(

@@ -6,17 +6,24 @@ with 200 jobs at a 2 s interval, 100 LISTs of every node a second. :class:`Share
 keeps the last LIST for ``ttl`` seconds for everyone, and forgets it the moment the node
 watch reports a change that matters (ready, schedulable, taints; a node added or deleted),
 before the loops are woken: a reconcile woken by a reclaim notice always reads the notice.
+
+Under kopf (:meth:`SharedNodeList.watch`), the node watch the operator already has feeds the
+list instead (:class:`watchcache.WatchCache`): every event, heartbeats included, replaces the
+node it carries before any loop is woken, and a LIST is made only to prime it and every
+``resync`` seconds after. A reconcile then reads the nodes without a request.
 """
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cheapspot_operator.observed import BOUND_LIVE_PODS, node_usage
+from cheapspot_operator.observed import BOUND_LIVE_PODS, NodeView, node_usage, node_view
+from cheapspot_operator.watchcache import Primed, WatchCache
 
 NODES_PATH = "/api/v1/nodes"
 PODS_PATH = "/api/v1/pods"
@@ -26,6 +33,10 @@ class ListsNodes(Protocol):
     def list(
         self, path: str, label_selector: str | None = None, field_selector: str | None = None
     ) -> list[dict[str, Any]]: ...
+
+    def list_versioned(
+        self, path: str, label_selector: str | None = None, field_selector: str | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], int | None]: ...
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class SharedNodeList:
         ttl: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         usage_ttl: float = 2.0,
+        resync: float = 300.0,
     ) -> None:
         self.api = api
         self.ttl = ttl
@@ -57,6 +69,21 @@ class SharedNodeList:
         self._lock = threading.Lock()
         self._generation = 0
         self._listed: _Listed | None = None
+        self.resync = resync
+        self._cache: WatchCache | None = None
+        self._primed = Primed(resync, clock)
+        self._views: dict[str, tuple[str, NodeView]] = {}
+
+    def watch(self) -> None:
+        """From now on the node watch feeds the list through :meth:`observe`; :meth:`get`
+        LISTs only to prime it and every ``resync`` seconds."""
+        self._cache = WatchCache()
+
+    def observe(self, event_type: str | None, node: dict[str, Any]) -> None:
+        """A node watch event (kopf's type and object)."""
+        if self._cache is not None:
+            self._cache.observe(event_type, node)
+        self.invalidate()
 
     def invalidate(self) -> None:
         """A node changed: the next :meth:`get` lists again. Never blocks (the node watch
@@ -64,7 +91,17 @@ class SharedNodeList:
         before the change is not reused."""
         self._generation += 1
 
-    def get(self) -> list[dict[str, Any]]:
+    def get(self) -> Sequence[Mapping[str, Any]]:
+        cache = self._cache
+        if cache is not None:
+
+            def prime() -> None:
+                items, at = self.api.list_versioned(NODES_PATH)
+                self.lists += 1
+                cache.merge_list("", items, at)
+
+            self._primed.prime("", prime)
+            return cache.values()
         with self._lock:
             listed = self._listed
             if (
@@ -78,6 +115,27 @@ class SharedNodeList:
             self.lists += 1
             self._listed = _Listed(items, generation, at)
             return items
+
+    def views(self, usage: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, NodeView]:
+        """The planner's view of every node, with what other pods request on it where
+        ``usage`` says. A node's view is computed once per version of it, not per reconcile."""
+        out: dict[str, NodeView] = {}
+        memo = self._views
+        fresh: dict[str, tuple[str, NodeView]] = {}
+        for raw in self.get():
+            meta = raw.get("metadata") or {}
+            name = str(meta.get("name") or "")
+            used = usage.get(name) if usage else None
+            if used:
+                out[name] = node_view(raw, dict(used))
+                continue
+            stamp = str(meta.get("resourceVersion") or "")
+            held = memo.get(name)
+            view = held[1] if held is not None and stamp and held[0] == stamp else node_view(raw)
+            fresh[name] = (stamp, view)
+            out[name] = view
+        self._views = fresh
+        return out
 
     def usage(self) -> dict[str, dict[str, float]]:
         """Extended resources requested by the live pods bound to each node, all namespaces

@@ -263,11 +263,7 @@ class PoolReconciler:
             for slot in status.slots
         ):
             usage = self.nodes.usage()
-        nodes = {
-            view.name: view
-            for raw in self.nodes.get()
-            if (view := node_view(raw, usage.get(raw["metadata"]["name"])))
-        }
+        nodes = self.nodes.views(usage)
         deployment = self.api.get(
             f"/apis/apps/v1/namespaces/{namespace}/deployments/{router_name(name)}"
         )
@@ -280,6 +276,7 @@ class PoolReconciler:
             reports=self.admin.reports(replicas),
             router=router_view(deployment),
             quotes=self.quotes(),
+            cost_refresh_seconds=self.config.cost_refresh_seconds,
         )
         actions = plan(spec, observed, self.clock())
         self._apply(pool, spec, observed, actions)
@@ -485,14 +482,13 @@ def register_pool_handlers(
     async def pool_node_event(event: Mapping[str, Any], name: str | None, **_: Any) -> None:
         if not name:
             return
+        # The node list itself is fed by the jobs' node handler, registered first.
         if event.get("type") == "DELETED":
             loops.nodes.pop(name, None)
-            reconciler.nodes.invalidate()
             loops.poke_all()
             return
         view: NodeView = node_view(event.get("object") or {})
         state = (view.ready, view.unschedulable, view.taint_keys)
         if loops.nodes.get(name) != state:
             loops.nodes[name] = state
-            reconciler.nodes.invalidate()  # before the loops wake: they must read this change
             loops.poke_all()

@@ -217,7 +217,8 @@ class SpotPolicy(_Spec):
         OnMaxPreemptions,
         Field(
             alias="onMaxPreemptions",
-            description="OnDemand: shards finish on on-demand capacity; Fail: the job fails.",
+            description="OnDemand: each shard preempted from then on is replaced on on-demand "
+            "and stays there (shards still on spot are left alone); Fail: the job fails.",
         ),
     ] = OnMaxPreemptions.ON_DEMAND
     return_after_seconds: Annotated[

@@ -278,6 +278,16 @@ class Harness:
             and e.get("involvedObject", {}).get("kind") == "CheapTrainJob"
         ]
 
+    def wait_event(self, job: str, reason: str, timeout_s: float = 10) -> dict[str, Any]:
+        """The job's first event with ``reason``: events follow the status write that a test
+        usually waits for by a few milliseconds, so they are waited for too."""
+        found: dict[str, Any] = wait_for(
+            f"a {reason} event about {job}",
+            lambda: next((e for e in self.events(job) if e["reason"] == reason), None),
+            timeout_s=timeout_s,
+        )
+        return found
+
 
 def restore_nodes(api: KubeApi, cluster: Any) -> None:
     """Give back what a test took away: every pool node exists, is Ready, and spot is on."""
@@ -315,6 +325,7 @@ def make_harness(
         "profile": "local",
         "noticeSeconds": NOTICE_SECONDS,
         "reconcileIntervalSeconds": 1,
+        "costRefreshSeconds": 15,
         "metricsPort": 0,
         "namespaces": [namespace],
         "worker": {"image": "cheapspot-worker:test", "env": {"AWS_REGION": s3_endpoint.region}},

@@ -3,6 +3,7 @@ node change the watch reported."""
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 from typing import Any
@@ -30,6 +31,11 @@ class FakeApi:
             self.during_list()
         return [{"metadata": {"name": "n", "resourceVersion": str(self.version)}}]
 
+    def list_versioned(
+        self, path: str, label_selector: str | None = None, field_selector: str | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], int]:
+        return self.list(path, label_selector, field_selector), self.version
+
 
 class Clock:
     def __init__(self) -> None:
@@ -39,7 +45,7 @@ class Clock:
         return self.now
 
 
-def _version(nodes: list[dict[str, Any]]) -> str:
+def _version(nodes: Any) -> str:
     return str(nodes[0]["metadata"]["resourceVersion"])
 
 
@@ -106,3 +112,41 @@ def test_what_pods_request_on_each_node_is_one_pod_list_for_jobs_and_pools() -> 
     api.version = 1
     assert nodes.usage()["n"]["nvidia.com/gpu"] == 2.0
     assert api.pod_lists == 2
+
+
+def _node(name: str, version: int, taints: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    return {
+        "metadata": {"name": name, "resourceVersion": str(version)},
+        "spec": {"taints": [{"key": k, "effect": "NoSchedule"} for k in taints]},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def test_a_watched_list_is_listed_once_and_then_fed_by_the_watch() -> None:
+    api, clock = FakeApi(), Clock()
+    nodes = SharedNodeList(api, clock=clock, resync=300)
+    nodes.watch()
+    nodes.observe(None, _node("m", 1))
+    assert {n["metadata"]["name"] for n in nodes.get()} == {"m", "n"}  # primed: one LIST
+    nodes.observe("MODIFIED", _node("m", 2, ["cheapspot.dev/interruption"]))
+    for _ in range(20):
+        views = nodes.views()
+    assert api.calls == 1
+    assert views["m"].taint_keys == {"cheapspot.dev/interruption"}
+    nodes.observe("DELETED", _node("m", 3))
+    assert set(nodes.views()) == {"n"}
+    clock.now += 300
+    nodes.get()
+    assert api.calls == 2  # the resync
+
+
+def test_a_node_view_is_made_once_per_version_unless_pods_use_the_node() -> None:
+    api = FakeApi()
+    nodes = SharedNodeList(api)
+    nodes.watch()
+    first = nodes.views()["n"]
+    assert nodes.views()["n"] is first
+    used = nodes.views({"n": {"nvidia.com/gpu": 1.0}})["n"]
+    assert used.requested == {"nvidia.com/gpu": 1.0} and first.requested == {}
+    nodes.observe("MODIFIED", {**_node("n", 5)})
+    assert nodes.views()["n"] is not first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import copy
 from collections.abc import Mapping
 from typing import Any
@@ -27,8 +28,10 @@ class FakeApi:
         self.lists: list[str] = []
         self.refuse: dict[str, ApiError] = {}
         """Pod name -> the error its creation gets."""
+        self.gets: list[str] = []
 
     def get(self, path: str) -> dict[str, Any] | None:
+        self.gets.append(path)
         obj = self.objects.get(path)
         return copy.deepcopy(obj) if obj else None
 
@@ -47,17 +50,28 @@ class FakeApi:
             out.append(copy.deepcopy(obj))
         return out
 
-    def create(self, path: str, body: Mapping[str, Any]) -> bool:
+    def list_versioned(
+        self, path: str, label_selector: str | None = None, field_selector: str | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], int]:
+        if label_selector and "=" not in label_selector:  # "key": the label is present
+            label_selector = None
+        return self.list(path, label_selector, field_selector), self.version
+
+    def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         self.calls.append(("create", body["metadata"].get("name", "event")))
         if path.endswith("/events"):
-            return True
+            return copy.deepcopy(dict(body))
         key = f"{path}/{body['metadata']['name']}"
         if body["metadata"]["name"] in self.refuse:
             raise self.refuse[body["metadata"]["name"]]
         if key in self.objects:
-            return False
-        self.objects[key] = copy.deepcopy(dict(body))
-        return True
+            return None
+        self.version += 1
+        obj = copy.deepcopy(dict(body))
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        obj["metadata"].setdefault("namespace", path.split("/")[4])
+        self.objects[key] = obj
+        return copy.deepcopy(obj)
 
     def merge_patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         self.calls.append(("patch", path))
@@ -213,6 +227,16 @@ def test_a_file_output_in_a_cluster_without_a_shared_filesystem_fails_at_once() 
     assert not any(k.startswith(PODS) for k in api.objects)
 
 
+def test_a_file_teacher_in_a_cluster_without_a_shared_filesystem_fails_at_once() -> None:
+    api, reconciler = _world(
+        distillation={"mode": "logits", "teacher": {"uri": "file:///models/teacher/"}}
+    )
+    reconciler.reconcile("ns", "qa-lora")
+    status = api.objects[JOB]["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "UnsupportedURI"
+    assert "spec.distillation.teacher.uri file:///models/teacher/" in status["message"]
+
+
 def test_a_finished_job_is_left_alone() -> None:
     api, reconciler = _world(shards=1)
     reads: list[str] = []
@@ -325,3 +349,76 @@ def test_a_job_refused_its_output_prefix_fails_naming_the_owner() -> None:
     assert status["phase"] == "Failed" and status["reason"] == "OutputInUse"
     assert "belongs to job x/y" in status["message"]
     assert not any(k.startswith(PODS + "/") for k in api.objects)
+
+
+# --- fed by the watches (the operator under kopf) ------------------------------------------
+
+
+def _watched(**spec: Any) -> tuple[FakeApi, Reconciler]:
+    """A reconciler whose job, pods and nodes come from watch events, as under kopf."""
+    api, r = _world(**spec)
+    r.watch()
+    r.observe_job(None, copy.deepcopy(api.objects[JOB]))
+    r.nodes.observe(None, copy.deepcopy(api.objects["/api/v1/nodes/spot-1"]))
+    return api, r
+
+
+def test_a_watched_job_at_rest_costs_the_api_server_nothing() -> None:
+    api, r = _watched(shards=2)
+    r.reconcile("ns", "qa-lora")  # primes the namespace's pods (one LIST), creates the pods
+    assert len(api.list(PODS)) == 3
+    for path, obj in api.objects.items():  # the pod watch reports what was created
+        if path.startswith(PODS):
+            r.observe_pod("ADDED", obj)
+    r.reconcile("ns", "qa-lora")  # the status notes the pods (one more write), then rest
+    api.gets.clear()
+    api.lists.clear()
+    api.calls.clear()
+    for _ in range(5):
+        r.reconcile("ns", "qa-lora")
+    assert (api.gets, api.lists, api.calls) == ([], [], [])
+
+
+def test_a_watched_job_sees_its_own_writes_before_the_watch_reports_them() -> None:
+    # The status patch and the created pods go into the caches at once: with no watch event
+    # arriving at all, the writes are exactly those of a reconciler that reads afresh.
+    def writes(make: Any) -> list[list[tuple[str, str]]]:
+        api, r = make(shards=2)
+        out = []
+        for _ in range(4):
+            api.calls.clear()
+            r.reconcile("ns", "qa-lora")
+            out.append(list(api.calls))
+        return out
+
+    assert writes(_watched) == writes(_world)
+    assert writes(_watched)[2:] == [[], []]
+
+
+def test_a_pod_deleted_by_the_cluster_is_replaced_from_the_watch_event() -> None:
+    api, r = _watched(shards=1)
+    r.reconcile("ns", "qa-lora")
+    for name in ("qa-lora-shard-0-0", "qa-lora-anchor-0"):
+        pod = api.objects[f"{PODS}/{name}"]
+        pod["spec"]["nodeName"] = "spot-1"
+        pod["status"] = {"phase": "Running"}
+        api.version += 1
+        pod["metadata"]["resourceVersion"] = str(api.version)
+        r.observe_pod("MODIFIED", pod)
+    r.reconcile("ns", "qa-lora")
+    gone = api.objects.pop(f"{PODS}/qa-lora-shard-0-0")
+    api.version += 1
+    gone["metadata"]["resourceVersion"] = str(api.version)
+    r.observe_pod("DELETED", gone)
+    r.reconcile("ns", "qa-lora")
+    assert f"{PODS}/qa-lora-shard-0-1" in api.objects
+
+
+def test_a_stale_cached_job_loses_its_status_write_and_does_nothing_else() -> None:
+    # Someone else wrote the job since the watch reported it: the precondition refuses the
+    # write, and no pod is created from the old picture.
+    api, r = _watched(shards=2)
+    api.objects[JOB]["metadata"]["resourceVersion"] = "99"
+    r.reconcile("ns", "qa-lora")
+    assert [c[0] for c in api.calls] == ["patch"]
+    assert api.list(PODS) == []

@@ -38,15 +38,13 @@ def test_the_verdict_projects_the_running_pods_over_the_next_minutes(
 def test_a_job_warns_then_suspends_at_its_limit_and_resumes_when_it_is_raised() -> None:
     w = World(spec=_spec(3.0)).started()
     assert w.condition("WithinBudget") == ("True", "WithinBudget")
-    w.step(3600)  # $1.81 spent: past 50 % (the next pass sees it)
-    w.step(1)
+    w.step(3600)  # $1.81 spent: past 50 %, seen by this very pass (not at the next write)
     assert w.condition("WithinBudget") == ("True", "NearBudgetLimit")
     (warning,) = w.events("NearBudgetLimit")
     assert warning.type == "Warning" and "of $3.00" in warning.message
     w.step(1)
     assert w.events("NearBudgetLimit") == []  # once, not every pass
     w.step(2400)  # $3.01: at the limit
-    w.step(1)
     assert JobPhase(w.status.phase) is JobPhase.SUSPENDED
     assert w.condition("WithinBudget") == ("False", "BudgetExceeded")
     assert w.condition("Suspended") == ("True", "BudgetExceeded")
@@ -68,11 +66,19 @@ def test_a_job_warns_then_suspends_at_its_limit_and_resumes_when_it_is_raised() 
 def test_on_exceed_fail_fails_the_job() -> None:
     w = World(spec=_spec(1.0, "Fail")).started()
     w.step(3600)
-    w.step(1)
     assert JobPhase(w.status.phase) is JobPhase.FAILED
     assert w.status.reason == "BudgetExceeded"
-    assert w.events("BudgetExceeded")
+    assert len(w.events("BudgetExceeded")) == 1  # one event, not the budget's and the failure's
     assert all(p.deleting for p in w.pods.values() if not p.terminated)
+
+
+def test_spending_since_the_last_cost_write_counts_against_the_budget() -> None:
+    # Cost alone is written every costRefreshSeconds; the budget must not wait for that.
+    w = World(spec=_spec(1.0, "Fail")).started()
+    w.cost_refresh_seconds = 7200.0
+    w.step(1950)  # $0.98 spent, none of it written yet; with the next minute, past $1.00
+    assert JobPhase(w.status.phase) is JobPhase.FAILED
+    assert w.status.reason == "BudgetExceeded"
 
 
 def test_a_job_without_a_budget_has_no_budget_condition() -> None:

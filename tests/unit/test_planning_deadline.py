@@ -134,3 +134,25 @@ def test_a_deadline_needs_exactly_one_of_complete_by_and_max_duration() -> None:
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_a_shard_that_fell_back_for_spot_does_not_return_while_the_deadline_needs_on_demand() -> (
+    None
+):
+    # 700 s of slack: the safety net wants on-demand. The shard is already there, for another
+    # reason (no spot capacity); spot has room again and the round ends: it must stay.
+    w = _world({"maxDuration": "2h58m20s"})
+    slot = w.status.shards[0]
+    w.status.shards[0] = slot.model_copy(
+        update={"capacity_type": CapacityType.ON_DEMAND, "fallback_reason": "SpotUnavailable"}
+    )
+    w.set_pod(SHARD0, capacity="on-demand", node_name="on-demand-1")
+    w.spec = w.spec.model_copy(
+        update={"spot": w.spec.spot.model_copy(update={"return_after_seconds": 0})}
+    )
+    w.progress[0] = make_progress(0, step=100, phase=Phase.WAITING)
+    for _ in range(3):
+        w.step(1)
+        assert w.events("ReturnedToSpot") == []
+        assert w.creates() == []
+    assert w.status.shards[0].capacity_type is CapacityType.ON_DEMAND

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from cheapspot_operator.costs import PriceTable
 from cheapspot_operator.observed import NodeView, PodView
@@ -93,3 +94,13 @@ def add(cost: CostStatus, usages: Iterable[Usage], seconds: float) -> CostStatus
     c.sources = sorted(sources)
     c.display = f"${c.dollars:.2f}"
     return c
+
+
+def spent_by(cost: CostStatus, usd_per_hour: float, now: datetime) -> float:
+    """Dollars spent up to ``now``: what the status records, plus ``usd_per_hour`` since it
+    was recorded (cost alone is written only every ``costRefreshSeconds``; a budget must not
+    wait for that write)."""
+    if cost.accrued_at is None:
+        return cost.dollars
+    unwritten = max(0.0, (now - cost.accrued_at).total_seconds())
+    return cost.dollars + usd_per_hour * unwritten / 3600

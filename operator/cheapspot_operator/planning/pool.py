@@ -84,7 +84,6 @@ DEADLINE_MARGIN = timedelta(seconds=3)
 SIGTERM drain a moment before the node goes."""
 MAX_FAILURES = 3
 """Failed replica pods in a row (not reclaims) before the slot is held."""
-COST_ACCRUAL_INTERVAL = timedelta(seconds=15)
 ROUTER_SERVICE_PORT = 80
 
 
@@ -642,7 +641,7 @@ def _budget(work: _Plan) -> int:
     rate = sum(u.usd_per_hour for u in _running(obs))
     got = budget.assess(
         spec.budget,
-        st.cost.dollars,
+        costing.spent_by(st.cost, rate, work.now),
         rate,
         prev=st.budget,
         conditions=st.conditions,
@@ -672,7 +671,8 @@ def _accrue_cost(
     elapsed = now - cost.accrued_at
     if elapsed <= timedelta(0):
         return
-    if elapsed < COST_ACCRUAL_INTERVAL and _without_cost(st) == _without_cost(prev):
+    every = timedelta(seconds=obs.cost_refresh_seconds)
+    if elapsed < every and _without_cost(st) == _without_cost(prev):
         return
     st.cost = costing.add(cost, _running(obs), elapsed.total_seconds()).model_copy(
         update={"accrued_at": now}

@@ -75,8 +75,6 @@ from cheapspot_operator.spec import (
 )
 
 PREEMPTION_WINDOW = timedelta(hours=1)
-COST_ACCRUAL_INTERVAL = timedelta(seconds=15)
-"""Cost alone changes the status at most this often (status writes are not free)."""
 
 
 # --- actions ------------------------------------------------------------------------------
@@ -255,7 +253,7 @@ def _budget(work: _Plan) -> str | None:
     ahead = budget.horizon(train_deadline.checkpoint_interval(spec, st, obs, work.now))
     got = budget.assess(
         spec.budget,
-        st.cost.dollars,
+        costing.spent_by(st.cost, rate, work.now),
         rate,
         prev=st.budget,
         conditions=st.conditions,
@@ -273,7 +271,8 @@ def _fail(work: _Plan, reason: str, message: str) -> None:
     st = work.status
     st.phase = transition(JobPhase(st.phase), JobPhase.FAILED)
     st.reason, st.message, st.completion_time = reason, message, work.now
-    work.event("Warning", reason, message)
+    if not any(isinstance(a, EmitEvent) and a.reason == reason for a in work.actions):
+        work.event("Warning", reason, message)  # once: the budget may have said it already
     work.actions += [
         DeletePod(p.name, reason=reason)
         for p in work.obs.pods
@@ -659,7 +658,13 @@ def _maybe_move(
             )
     elif (
         slot.fallback_reason
-        and (slot.fallback_reason != train_deadline.REASON or _deadline_wants_spot(work, slot))
+        # Back from a deadline fallback only when the deadline says spot; from any other,
+        # never while the deadline needs on-demand (it would only fall back again).
+        and (
+            _deadline_wants_spot(work, slot)
+            if slot.fallback_reason == train_deadline.REASON
+            else not _deadline_wants_on_demand(work, slot)
+        )
         and at_round_boundary(progress)
         and not _rate_exceeded(st, limit)
         and not _over_preemption_cap(st, spec)
@@ -845,7 +850,8 @@ def _accrue_cost(st: TrainJobStatus, prev: TrainJobStatus, obs: Observed, now: d
     elapsed = now - cost.accrued_at
     if elapsed <= timedelta(0):
         return
-    if elapsed < COST_ACCRUAL_INTERVAL and _without_cost(st) == _without_cost(prev):
+    every = timedelta(seconds=obs.cost_refresh_seconds)
+    if elapsed < every and _without_cost(st) == _without_cost(prev):
         return
     usages = [
         costing.usage(pod, node, obs.profile, obs.prices, obs.quotes)
