@@ -70,7 +70,7 @@ def test_a_crash_whose_node_then_gets_a_notice_spends_the_restart_budget(h: Harn
     h.operator.start()
     wait_for("the restart", lambda: h.status("crash").get("restarts") == 1, timeout_s=30)
     assert h.status("crash")["preemptions"] == 0
-    assert any(e["reason"] == "ShardFailed" for e in h.events("crash"))
+    h.wait_event("crash", "ShardFailed")
 
 
 @pytest.fixture
@@ -107,6 +107,6 @@ def test_a_second_job_on_the_same_output_prefix_is_refused(h: Harness) -> None:
     done = h.condition("intruder", "Succeeded") or {}
     assert done["reason"] == "OutputInUse"
     assert f"{h.namespace}/owner" in done["message"] and h.output_uri("owner") in done["message"]
-    assert any(e["reason"] == "OutputInUse" for e in h.events("intruder"))
+    h.wait_event("intruder", "OutputInUse")
     assert h.pods("intruder") == []
     assert h.status("owner")["phase"] in ("Pending", "Running")

@@ -44,7 +44,7 @@ def test_shards_fall_back_to_on_demand_and_return_at_a_round_boundary(h: Harness
     onspot = h.condition("fb", "OnSpot") or {}
     assert (onspot["status"], onspot["reason"]) == ("False", "SpotUnavailable")
     assert h.table("fb")["Spot/OD"] == "0/2"
-    assert any(e["reason"] == "FellBackToOnDemand" for e in h.events("fb"))
+    h.wait_event("fb", "FellBackToOnDemand")
 
     h.cluster.spot_on()
     for i in range(2):
@@ -59,5 +59,5 @@ def test_shards_fall_back_to_on_demand_and_return_at_a_round_boundary(h: Harness
         timeout_s=60,
     )
     assert h.table("fb")["Spot/OD"] == "2/0"
-    assert any(e["reason"] == "ReturnedToSpot" for e in h.events("fb"))
+    h.wait_event("fb", "ReturnedToSpot")
     assert h.status("fb")["restarts"] == 0

@@ -94,7 +94,7 @@ def test_a_permanent_worker_error_fails_the_job_with_its_reason_and_is_not_retri
     time.sleep(3)  # several reconciliations: nothing is retried
     assert {p["metadata"]["name"] for p in h.pods("bad")} <= names_before
     assert h.status("bad")["restarts"] == 0
-    assert any(e["reason"] == "PermanentError" for e in h.events("bad"))
+    h.wait_event("bad", "PermanentError")
 
 
 def test_other_failures_are_retried_within_max_restarts(h: Harness) -> None:
