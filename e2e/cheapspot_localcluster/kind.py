@@ -165,7 +165,7 @@ class KindBackend:
             "profile": "local",
             "noticeSeconds": NOTICE_SECONDS,
             "reconcileIntervalSeconds": 1,
-            "costRefreshSeconds": 15,
+            "statusRefreshSeconds": 15,
             "namespaces": [self.namespace],
             "worker": {
                 "image": WORKER_IMAGE,

@@ -124,7 +124,7 @@ def operator_config(
         "profile": "local",
         "noticeSeconds": notice_s,
         "reconcileIntervalSeconds": 1,
-        "costRefreshSeconds": 15,
+        "statusRefreshSeconds": 15,
         "metricsPort": 0,
         "namespaces": [namespace],
         "worker": {

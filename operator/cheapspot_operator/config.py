@@ -165,15 +165,15 @@ class OperatorConfig(BaseModel):
             description="Reconcile each job at least this often; pod and node events wake it sooner.",
         ),
     ] = 2.0
-    cost_refresh_seconds: Annotated[
+    status_refresh_seconds: Annotated[
         float,
         Field(
-            alias="costRefreshSeconds",
+            alias="statusRefreshSeconds",
             gt=0,
-            description="Write a running job's or pool's status.cost at most this often when "
-            "nothing else in its status changed (budgets count the unwritten part all the "
-            "same). Each write is one request: 120 s keeps 100 jobs at rest under one "
-            "request a second.",
+            description="Rewrite a running job's or pool's status at most this often when "
+            "only the figures that grow with time changed (status.cost, the shards' "
+            "runningSeconds); budgets count the unwritten cost all the same. Each write is "
+            "one request: 120 s keeps 100 jobs at rest under one request a second.",
         ),
     ] = 120.0
     file_uris: Annotated[

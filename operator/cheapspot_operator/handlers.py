@@ -379,7 +379,7 @@ class Reconciler:
             prices=self.prices,
             quotes=self.quotes(),
             create_refused=self._refused_for(meta["uid"], status),
-            cost_refresh_seconds=self.config.cost_refresh_seconds,
+            status_refresh_seconds=self.config.status_refresh_seconds,
         )
         actions = plan(spec, observed, self.clock())
         self._apply(job, spec, observed, actions)

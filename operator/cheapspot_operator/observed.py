@@ -140,9 +140,10 @@ class Observed:
     service account), with its message; filled by the act layer from its last attempt."""
     quotes: Mapping[PriceKey, Quote] = field(default_factory=dict)
     """Live and last known good prices (the price refresher's); the table fills gaps."""
-    cost_refresh_seconds: float = 15.0
-    """Cost alone rewrites the status at most this often (the operator's
-    ``costRefreshSeconds``); budgets count the unwritten part all the same."""
+    status_refresh_seconds: float = 15.0
+    """What only grows with time (cost, running seconds) rewrites the status at most this
+    often (the operator's ``statusRefreshSeconds``); budgets count unwritten cost all the
+    same."""
 
 
 def _parse_time(value: Any) -> datetime | None:

@@ -276,7 +276,7 @@ class PoolReconciler:
             reports=self.admin.reports(replicas),
             router=router_view(deployment),
             quotes=self.quotes(),
-            cost_refresh_seconds=self.config.cost_refresh_seconds,
+            status_refresh_seconds=self.config.status_refresh_seconds,
         )
         actions = plan(spec, observed, self.clock())
         self._apply(pool, spec, observed, actions)

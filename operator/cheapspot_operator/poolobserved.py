@@ -120,8 +120,8 @@ class PoolObserved:
     """The router Deployment; None when it does not exist."""
     quotes: Mapping[PriceKey, Quote] = field(default_factory=dict)
     """Live and last known good prices (the price book); the table fills the gaps."""
-    cost_refresh_seconds: float = 15.0
-    """Cost alone rewrites the status at most this often (``costRefreshSeconds``)."""
+    status_refresh_seconds: float = 15.0
+    """Cost alone rewrites the status at most this often (``statusRefreshSeconds``)."""
 
 
 def replica_pod_view(pod: Mapping[str, Any]) -> ReplicaPod | None:

@@ -135,7 +135,7 @@ class World:
     other_gpus: dict[str, int] = field(default_factory=dict)
     """GPUs requested on a node by pods of other workloads."""
     create_refused: dict[int, str] = field(default_factory=dict)
-    cost_refresh_seconds: float = 15.0
+    status_refresh_seconds: float = 15.0
 
     def observed(self) -> Observed:
         # What the act layer does: each node's GPUs requested by the live pods bound to it.
@@ -159,7 +159,7 @@ class World:
             profile=self.profile,
             prices=self.prices,
             create_refused=dict(self.create_refused),
-            cost_refresh_seconds=self.cost_refresh_seconds,
+            status_refresh_seconds=self.status_refresh_seconds,
         )
 
     def step(self, seconds: float = 0.0, *, apply_pods: bool = True) -> list[Action]:

@@ -325,7 +325,7 @@ def make_harness(
         "profile": "local",
         "noticeSeconds": NOTICE_SECONDS,
         "reconcileIntervalSeconds": 1,
-        "costRefreshSeconds": 15,
+        "statusRefreshSeconds": 15,
         "metricsPort": 0,
         "namespaces": [namespace],
         "worker": {"image": "cheapspot-worker:test", "env": {"AWS_REGION": s3_endpoint.region}},

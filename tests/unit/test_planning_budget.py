@@ -73,9 +73,9 @@ def test_on_exceed_fail_fails_the_job() -> None:
 
 
 def test_spending_since_the_last_cost_write_counts_against_the_budget() -> None:
-    # Cost alone is written every costRefreshSeconds; the budget must not wait for that.
+    # Cost alone is written every statusRefreshSeconds; the budget must not wait for that.
     w = World(spec=_spec(1.0, "Fail")).started()
-    w.cost_refresh_seconds = 7200.0
+    w.status_refresh_seconds = 7200.0
     w.step(1950)  # $0.98 spent, none of it written yet; with the next minute, past $1.00
     assert JobPhase(w.status.phase) is JobPhase.FAILED
     assert w.status.reason == "BudgetExceeded"

@@ -120,6 +120,17 @@ def test_running_time_is_not_written_more_often_than_every_15_seconds_nor_after_
     assert w.status.shards[0].running_seconds == 1015
 
 
+def test_a_job_at_rest_writes_its_status_once_per_status_refresh_interval() -> None:
+    # Cost and running time both grow every second; neither alone is worth a write more
+    # often than statusRefreshSeconds (the operator's default: 120 s).
+    w = _world({"maxDuration": "10h"})
+    w.status_refresh_seconds = 120.0
+    w.step(120)
+    writes = [bool(w.step(10)) for _ in range(12)]
+    assert writes == [False] * 11 + [True]
+    assert w.status.shards[0].running_seconds == 1000 + 120 + 120
+
+
 def test_a_deadline_needs_exactly_one_of_complete_by_and_max_duration() -> None:
     with pytest.raises(ValidationError, match="exactly one"):
         DeadlineSpec.model_validate({})

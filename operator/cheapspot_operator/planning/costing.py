@@ -98,8 +98,8 @@ def add(cost: CostStatus, usages: Iterable[Usage], seconds: float) -> CostStatus
 
 def spent_by(cost: CostStatus, usd_per_hour: float, now: datetime) -> float:
     """Dollars spent up to ``now``: what the status records, plus ``usd_per_hour`` since it
-    was recorded (cost alone is written only every ``costRefreshSeconds``; a budget must not
-    wait for that write)."""
+    was recorded (cost alone is written only every ``statusRefreshSeconds``; a budget must
+    not wait for that write)."""
     if cost.accrued_at is None:
         return cost.dollars
     unwritten = max(0.0, (now - cost.accrued_at).total_seconds())

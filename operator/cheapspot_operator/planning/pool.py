@@ -671,7 +671,7 @@ def _accrue_cost(
     elapsed = now - cost.accrued_at
     if elapsed <= timedelta(0):
         return
-    every = timedelta(seconds=obs.cost_refresh_seconds)
+    every = timedelta(seconds=obs.status_refresh_seconds)
     if elapsed < every and _without_cost(st) == _without_cost(prev):
         return
     st.cost = costing.add(cost, _running(obs), elapsed.total_seconds()).model_copy(

@@ -189,7 +189,9 @@ def plan(spec: TrainJobSpec, obs: Observed, now: datetime) -> list[Action]:
         _run(work)
 
     _summarise(st, spec, obs, now)
-    train_deadline.accrue(st, prev, work.deadline, now)
+    train_deadline.accrue(
+        st, prev, work.deadline, now, timedelta(seconds=obs.status_refresh_seconds)
+    )
     _accrue_cost(st, prev, obs, now)
     changed = st != prev
     pod_actions = [a for a in work.actions if not isinstance(a, UpdateStatus)]
@@ -850,7 +852,7 @@ def _accrue_cost(st: TrainJobStatus, prev: TrainJobStatus, obs: Observed, now: d
     elapsed = now - cost.accrued_at
     if elapsed <= timedelta(0):
         return
-    every = timedelta(seconds=obs.cost_refresh_seconds)
+    every = timedelta(seconds=obs.status_refresh_seconds)
     if elapsed < every and _without_cost(st) == _without_cost(prev):
         return
     usages = [

@@ -176,12 +176,13 @@ def accrue(
     prev: TrainJobStatus,
     view: DeadlineView | None,
     now: datetime,
+    every: timedelta = ACCRUAL_INTERVAL,
 ) -> None:
     """Add Running time to each shard (every job: the step rate also prices lost work and
     the budget's horizon) and record the deadline's figures in ``st.deadline``.
 
-    At most every :data:`ACCRUAL_INTERVAL` unless something else in the status changed;
-    never once the job is finished.
+    At most ``every`` (the operator's ``statusRefreshSeconds``) unless something else in the
+    status changed; never once the job is finished.
     """
     if JobPhase(prev.phase).is_terminal():
         return
@@ -190,7 +191,7 @@ def accrue(
         elapsed = now - last
         if elapsed <= timedelta(0):
             return
-        if elapsed < ACCRUAL_INTERVAL and _quiet(st) == _quiet(prev):
+        if elapsed < every and _quiet(st) == _quiet(prev):
             return
         seconds = elapsed.total_seconds()
         prev_running = {s.index: s.pod_phase == "Running" for s in prev.shards}
