@@ -1,6 +1,11 @@
-"""What the operator asks of the API server at rest, and its memory, with many jobs and nodes.
+"""What the operator asks of the API server at rest and in a burst of reclaims, its reaction
+time and its memory, with many jobs and nodes.
 
     python benchmarks/operator_scale.py [--nodes 200] [--jobs 50] [--shards 2] [--seconds 120]
+                                        [--burst 0] [--gpus-per-node 1]
+
+The issue's size: ``--nodes 1000 --jobs 200 --shards 9 --gpus-per-node 8 --seconds 1800
+--burst 50`` (2,000 pods, 30 minutes at rest, then 50 nodes reclaimed at once).
 
 Starts a private local cluster with ``--nodes`` kwok nodes (three quarters spot GPU nodes in
 two zones, the rest on-demand) where kwok fakes every pod (no workers run), an S3 endpoint,
@@ -9,7 +14,12 @@ and ``cheapspot operator`` as a subprocess at the production reconcile interval 
 ``--seconds`` touches nothing and reads the API server's own request counters
 (``apiserver_request_total``) before and after: requests per second by verb and resource.
 Once started, the other components watch rather than list, so the LISTs and GETs counted are
-the operator's. Also prints the operator's resident memory at the start and the end.
+the operator's. Prints the operator's resident memory every minute of the rest.
+
+``--burst N`` then reclaims N spot nodes that run shards, all at once, with the profile's
+notice (the interruption taint, then the node goes), and measures for every shard on them the
+time from its node's notice to its replacement pod being created (seen on a pod watch started
+before the burst), p50 / p99 / max, and the requests the operator made in the minute after.
 """
 
 from __future__ import annotations
@@ -34,10 +44,13 @@ KWOK_HEARTBEATS = {"leases", "nodes/status"}
 COUNTER = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
 
 
-def pools(nodes: int) -> dict[str, Any]:
+SHARD_POD = re.compile(r"^(?P<job>.+)-shard-(?P<shard>\d+)-(?P<attempt>\d+)$")
+
+
+def pools(nodes: int, gpus: int = 1) -> dict[str, Any]:
     spot = max(2, nodes * 3 // 4) // 2
     on_demand = max(1, (nodes - 1 - 2 * spot) // 2)
-    gpu = {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 1, "pods": 110}
+    gpu = {"cpu": str(8 * gpus), "memory": f"{32 * gpus}Gi", "nvidia.com/gpu": gpus, "pods": 110}
     return {
         "profile": "local",
         "region": "local",
@@ -92,6 +105,104 @@ def requests(kubectl: Path, kubeconfig: Path) -> Counter[tuple[str, str]]:
     return out
 
 
+def print_rates(delta: Counter[tuple[str, str]], seconds: float, jobs: int, title: str) -> float:
+    print(f"\n{title}:")
+    print(f"  {'verb':<8} {'resource':<28} {'per second':>10}")
+    total = 0.0
+    for (verb, resource), n in sorted(delta.items(), key=lambda kv: -kv[1]):
+        if verb in ("WATCH", "") or not resource:
+            continue
+        rate = n / seconds
+        kwok = resource in KWOK_HEARTBEATS
+        total += 0.0 if kwok else rate
+        print(f"  {verb:<8} {resource:<28} {rate:10.2f}" + ("  (kwok)" if kwok else ""))
+    print(
+        f"  all but kwok's node heartbeats: {total:.2f} requests/s, "
+        f"{100 * total / jobs:.2f} per 100 jobs"
+    )
+    return total
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def burst(h: Any, cluster: Any, count: int) -> list[float]:
+    """Reclaim ``count`` spot nodes running shards at once; seconds from each node's notice
+    to the replacement of each shard on it being created."""
+    import threading
+
+    from kubernetes import client, watch
+
+    from cheapspot_localcluster.profiles import capacity_type_of
+
+    ns = h.namespace
+    profile = cluster.pools.placement
+    spot = {
+        n["metadata"]["name"]
+        for n in h.api.list("/api/v1/nodes")
+        if capacity_type_of(n["metadata"].get("labels") or {}, profile).value == "spot"
+    }
+    core = client.CoreV1Api(cluster.api_client())
+    listed = core.list_namespaced_pod(ns)
+    on_node: dict[str, list[tuple[str, int, int]]] = {}
+    for pod in listed.items:
+        m = SHARD_POD.match(pod.metadata.name)
+        node = pod.spec.node_name
+        if m and node in spot and pod.status.phase == "Running":
+            slot = (m["job"], int(m["shard"]), int(m["attempt"]))
+            on_node.setdefault(node, []).append(slot)
+    victims = sorted(on_node)[:count]
+    watched = {(j, s): a for node in victims for (j, s, a) in on_node[node]}
+    created: dict[tuple[str, int], float] = {}
+    done = threading.Event()
+
+    def follow() -> None:
+        w = watch.Watch()
+        try:
+            for event in w.stream(
+                core.list_namespaced_pod, ns, resource_version=listed.metadata.resource_version
+            ):
+                if event["type"] == "ADDED":
+                    m = SHARD_POD.match(event["object"].metadata.name)
+                    if m:
+                        slot = (m["job"], int(m["shard"]))
+                        if slot in watched and int(m["attempt"]) > watched[slot]:
+                            created.setdefault(slot, time.monotonic())
+                if done.is_set() or len(created) == len(watched):
+                    w.stop()
+        except Exception as exc:  # the cluster going away at the end
+            if not done.is_set():
+                print(f"  the pod watch ended: {exc}", flush=True)
+
+    watcher = threading.Thread(target=follow, daemon=True)
+    watcher.start()
+    time.sleep(1)
+    notices: dict[str, float] = {}
+    futures = []
+    for node in victims:
+        notices[node] = time.monotonic()
+        futures.append(cluster.preempt_in_background(node))
+    print(f"reclaiming {len(victims)} nodes running {len(watched)} shards ...", flush=True)
+    deadline = time.monotonic() + 120
+    while len(created) < len(watched) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    done.set()
+    for f in futures:
+        f.result(timeout=300)
+    latencies = [
+        created[(j, s)] - notices[node]
+        for node in victims
+        for (j, s, _a) in on_node[node]
+        if (j, s) in created
+    ]
+    missing = len(watched) - len(latencies)
+    if missing:
+        print(f"  {missing} shards had no replacement within 120 s")
+    return latencies
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -105,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--gpus-per-node", type=int, default=1)
+    parser.add_argument("--burst", type=int, default=0, help="spot nodes reclaimed at once")
     args = parser.parse_args(argv)
 
     from operator_harness import Harness, make_harness, wait_for
@@ -117,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cheapspot-scale-") as tmp:
         root = Path(tmp)
         pools_file = root / "pools.yaml"
-        pools_file.write_text(yaml.safe_dump(pools(args.nodes)))
+        pools_file.write_text(yaml.safe_dump(pools(args.nodes, args.gpus_per_node)))
         s3 = start_s3(port=0)
         cluster = LocalCluster(
             name="cheapspot-scale",
@@ -130,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"starting the local cluster with {args.nodes} nodes ...", flush=True)
         cluster.start(progress=lambda m: print(f"  {m}", flush=True))
-        harnesses = make_harness(cluster, s3, root, reconcileIntervalSeconds=2)
+        # The production settings (the tests' harness writes cost every 15 s).
+        harnesses = make_harness(
+            cluster, s3, root, reconcileIntervalSeconds=2, statusRefreshSeconds=120
+        )
         h: Harness = next(harnesses)
         try:
             started = time.monotonic()
@@ -146,36 +262,51 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 return len(running) >= pods
 
-            wait_for(f"{pods} pods running", all_running, timeout_s=1800, poll_s=2)
+            wait_for(f"{pods} pods running", all_running, timeout_s=3600, poll_s=5)
             print(f"{args.jobs} jobs, {pods} pods running after {time.monotonic() - started:.0f}s")
-            time.sleep(10)  # let the start settle (claims, first status writes)
+            time.sleep(30)  # let the start settle (claims, first status writes)
             kubectl = build.bin_dir() / "kubectl"
             assert h.operator.proc is not None
             pid = h.operator.proc.pid
-            rss_start = rss_mb(pid)
+            samples = [rss_mb(pid)]
             before = requests(kubectl, cluster.kubeconfig_path)
-            time.sleep(args.seconds)
+            rest_started = time.monotonic()
+            while (left := args.seconds - (time.monotonic() - rest_started)) > 0:
+                time.sleep(min(60.0, left))
+                samples.append(rss_mb(pid))
+                print(
+                    f"  at rest {time.monotonic() - rest_started:5.0f} s: RSS {samples[-1]:.0f} MB"
+                )
             after = requests(kubectl, cluster.kubeconfig_path)
-            rss_end = rss_mb(pid)
-            delta = after - before
-            print(
-                f"\nat rest, {args.nodes} nodes, {args.jobs} jobs x {args.shards} shards, "
-                f"{args.seconds:.0f} s (the metrics reads themselves are 2 GETs):"
+            print_rates(
+                after - before,
+                args.seconds,
+                args.jobs,
+                f"at rest, {args.nodes} nodes, {args.jobs} jobs x {args.shards} shards + anchor, "
+                f"{args.seconds:.0f} s (the metrics reads themselves are 2 GETs)",
             )
-            print(f"  {'verb':<8} {'resource':<28} {'per second':>10}")
-            total = 0.0
-            for (verb, resource), n in sorted(delta.items(), key=lambda kv: -kv[1]):
-                if verb in ("WATCH", "") or not resource:
-                    continue
-                rate = n / args.seconds
-                kwok = resource in KWOK_HEARTBEATS
-                total += 0.0 if kwok else rate
-                print(f"  {verb:<8} {resource:<28} {rate:10.2f}" + ("  (kwok)" if kwok else ""))
             print(
-                f"  all but kwok's node heartbeats: {total:.1f} requests/s, "
-                f"{100 * total / args.jobs:.0f} per 100 jobs"
+                f"operator RSS over the rest: start {samples[0]:.0f} MB, "
+                f"min {min(samples):.0f}, max {max(samples):.0f}, end {samples[-1]:.0f} MB"
             )
-            print(f"operator RSS: {rss_start:.0f} MB at the start, {rss_end:.0f} MB at the end")
+            if args.burst:
+                before = requests(kubectl, cluster.kubeconfig_path)
+                burst_started = time.monotonic()
+                latencies = burst(h, cluster, args.burst)
+                time.sleep(max(0.0, 60 - (time.monotonic() - burst_started)))
+                window = time.monotonic() - burst_started
+                after = requests(kubectl, cluster.kubeconfig_path)
+                print_rates(
+                    after - before, window, args.jobs, f"the {window:.0f} s from the burst on"
+                )
+                if latencies:
+                    print(
+                        f"\nnotice -> replacement created, {len(latencies)} shards on "
+                        f"{args.burst} nodes reclaimed at once: p50 "
+                        f"{percentile(latencies, 0.5):.2f} s, p99 {percentile(latencies, 0.99):.2f}"
+                        f" s, max {max(latencies):.2f} s"
+                    )
+                print(f"operator RSS after the burst: {rss_mb(pid):.0f} MB")
             return 0
         finally:
             for _ in harnesses:
