@@ -25,7 +25,9 @@ before the burst), p50 / p99 / max, and the requests the operator made in the mi
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,8 +50,12 @@ SHARD_POD = re.compile(r"^(?P<job>.+)-shard-(?P<shard>\d+)-(?P<attempt>\d+)$")
 
 
 def pools(nodes: int, gpus: int = 1) -> dict[str, Any]:
-    spot = max(2, nodes * 3 // 4) // 2
-    on_demand = max(1, (nodes - 1 - 2 * spot) // 2)
+    """Three quarters spot, the rest on-demand, in as many zones as a pool file allows (at
+    most 100 nodes of a pool per zone), plus one CPU node."""
+    spot_total = max(2, nodes * 3 // 4)
+    zones = [f"zone-{chr(ord('a') + i)}" for i in range(max(2, -(-spot_total // 100)))]
+    spot = spot_total // len(zones)
+    on_demand = max(1, (nodes - 1 - spot * len(zones)) // len(zones))
     gpu = {"cpu": str(8 * gpus), "memory": f"{32 * gpus}Gi", "nvidia.com/gpu": gpus, "pods": 110}
     return {
         "profile": "local",
@@ -59,7 +65,7 @@ def pools(nodes: int, gpus: int = 1) -> dict[str, Any]:
                 "name": "spot-gpu",
                 "capacityType": "spot",
                 "instanceType": "g5.xlarge",
-                "zones": ["zone-a", "zone-b"],
+                "zones": zones,
                 "countPerZone": spot,
                 "capacity": gpu,
             },
@@ -67,7 +73,7 @@ def pools(nodes: int, gpus: int = 1) -> dict[str, Any]:
                 "name": "ondemand-gpu",
                 "capacityType": "on-demand",
                 "instanceType": "g5.xlarge",
-                "zones": ["zone-a", "zone-b"],
+                "zones": zones,
                 "countPerZone": on_demand,
                 "capacity": gpu,
             },
@@ -218,13 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--gpus-per-node", type=int, default=1)
     parser.add_argument("--burst", type=int, default=0, help="spot nodes reclaimed at once")
+    parser.add_argument(
+        "--baseline",
+        type=float,
+        default=60.0,
+        help="seconds counted at the end with the operator stopped (0: skip)",
+    )
     args = parser.parse_args(argv)
 
     from operator_harness import Harness, make_harness, wait_for
 
     from cheapspot_localcluster import build
     from cheapspot_localcluster.cluster import LocalCluster
-    from cheapspot_localcluster.components import PodLifecycle, Ports
+    from cheapspot_localcluster.components import KUBELET_TIMING, PodLifecycle, Ports
     from cheapspot_localcluster.s3 import start_s3
 
     with tempfile.TemporaryDirectory(prefix="cheapspot-scale-") as tmp:
@@ -240,9 +252,12 @@ def main(argv: list[str] | None = None) -> int:
             pod_lifecycle=PodLifecycle.KWOK,
             with_s3=False,
             die_with_parent=True,
+            # A kubelet's lease and the controller-manager's grace, not the tests' seconds.
+            node_timing=KUBELET_TIMING,
         )
         print(f"starting the local cluster with {args.nodes} nodes ...", flush=True)
-        cluster.start(progress=lambda m: print(f"  {m}", flush=True))
+        # A thousand kwok nodes take minutes to report Ready on 2 cores.
+        cluster.start(progress=lambda m: print(f"  {m}", flush=True), timeout_s=900)
         # The production settings (the tests' harness writes cost every 15 s).
         harnesses = make_harness(
             cluster, s3, root, reconcileIntervalSeconds=2, statusRefreshSeconds=120
@@ -307,6 +322,22 @@ def main(argv: list[str] | None = None) -> int:
                         f" s, max {max(latencies):.2f} s"
                     )
                 print(f"operator RSS after the burst: {rss_mb(pid):.0f} MB")
+            if args.baseline:
+                # The same counters with the operator frozen: what the rest of the cluster
+                # (kube-apiserver's own loopback, controller-manager, scheduler) asks for.
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    before = requests(kubectl, cluster.kubeconfig_path)
+                    time.sleep(args.baseline)
+                    after = requests(kubectl, cluster.kubeconfig_path)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                print_rates(
+                    after - before,
+                    args.baseline,
+                    args.jobs,
+                    f"{args.baseline:.0f} s with the operator stopped (SIGSTOP): not its requests",
+                )
             return 0
         finally:
             for _ in harnesses:

@@ -63,6 +63,12 @@ class ClusterSpec:
     pod_lifecycle: PodLifecycle
     with_s3: bool
     s3_bucket: str
+    node_lease_seconds: int = components.NODE_LEASE_SECONDS
+    node_grace_seconds: int = components.NODE_MONITOR_GRACE_SECONDS
+
+    @property
+    def node_timing(self) -> components.NodeTiming:
+        return components.NodeTiming(self.node_lease_seconds, self.node_grace_seconds)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -98,6 +104,7 @@ class LocalCluster:
         with_s3: bool = True,
         s3_bucket: str = DEFAULT_BUCKET,
         die_with_parent: bool = False,
+        node_timing: components.NodeTiming = components.TEST_TIMING,
     ) -> None:
         self.spec = ClusterSpec(
             name=name,
@@ -106,6 +113,8 @@ class LocalCluster:
             pod_lifecycle=pod_lifecycle,
             with_s3=with_s3,
             s3_bucket=s3_bucket,
+            node_lease_seconds=node_timing.lease_seconds,
+            node_grace_seconds=node_timing.grace_seconds,
         )
         self.layout = Layout(Path(state_dir) if state_dir else default_state_dir(name))
         self._die_with_parent = die_with_parent
@@ -131,6 +140,7 @@ class LocalCluster:
             pod_lifecycle=spec.pod_lifecycle,
             with_s3=spec.with_s3,
             s3_bucket=spec.s3_bucket,
+            node_timing=spec.node_timing,
         )
 
     # -- what it is ---------------------------------------------------------------------------
@@ -247,7 +257,9 @@ class LocalCluster:
         self.layout.kwok_config.write_text(components.kwok_config(mode))
         self.layout.cluster_file.write_text(self.spec.to_json())
         processes.stop(self.layout, ["kwok"], self._children, only=True)
-        kwok = components.kwok_command(build.bin_dir(), self.layout, self.ports)
+        kwok = components.kwok_command(
+            build.bin_dir(), self.layout, self.ports, self.spec.node_timing
+        )
         processes.wait_ready(kwok, self._launch(kwok), self.layout, None, timeout_s)
         if mode is PodLifecycle.EXTERNAL:
             self._start_podrunner(timeout_s)
@@ -265,7 +277,9 @@ class LocalCluster:
         self, bin_dir: Path, progress: Callable[[str], None], timeout_s: float
     ) -> None:
         ctx = self._ssl()
-        etcd, apiserver, *rest = components.control_plane(bin_dir, self.layout, self.ports)
+        etcd, apiserver, *rest = components.control_plane(
+            bin_dir, self.layout, self.ports, self.spec.node_timing
+        )
         # etcd, then the API server; the rest only need the API server, so start them together.
         for command in (etcd, apiserver):
             progress(f"starting {command.name}")

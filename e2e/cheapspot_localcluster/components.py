@@ -33,7 +33,23 @@ CLUSTER_NAME_DEFAULT = "cheapspot"
 # busy machine do not flap a healthy node.
 NODE_LEASE_SECONDS = 6
 NODE_MONITOR_PERIOD = "1s"
-NODE_MONITOR_GRACE_PERIOD = "8s"
+NODE_MONITOR_GRACE_SECONDS = 8
+
+
+@dataclass(frozen=True)
+class NodeTiming:
+    """How long a node's lease lasts (kwok renews it every quarter of that) and how long the
+    node lifecycle controller waits for a renewal before it calls the node lost."""
+
+    lease_seconds: int = NODE_LEASE_SECONDS
+    grace_seconds: int = NODE_MONITOR_GRACE_SECONDS
+
+
+TEST_TIMING = NodeTiming()
+"""Seconds: a preemption test sees a lost node at once."""
+KUBELET_TIMING = NodeTiming(lease_seconds=40, grace_seconds=50)
+"""A real kubelet's 40 s lease and the controller-manager's default grace: a scale benchmark's
+thousand nodes renew 100 leases a second, not 667."""
 
 
 class PodLifecycle(StrEnum):
@@ -205,7 +221,9 @@ def apiserver_command(bin_dir: Path, layout: Layout, ports: Ports) -> Command:
     )
 
 
-def controller_manager_command(bin_dir: Path, layout: Layout, ports: Ports) -> Command:
+def controller_manager_command(
+    bin_dir: Path, layout: Layout, ports: Ports, timing: NodeTiming = TEST_TIMING
+) -> Command:
     pki = layout.pki
     kubeconfig = str(layout.kubeconfig)
     return Command(
@@ -229,7 +247,7 @@ def controller_manager_command(bin_dir: Path, layout: Layout, ports: Ports) -> C
             f"--cluster-signing-key-file={pki.ca_key}",
             "--use-service-account-credentials=false",
             f"--node-monitor-period={NODE_MONITOR_PERIOD}",
-            f"--node-monitor-grace-period={NODE_MONITOR_GRACE_PERIOD}",
+            f"--node-monitor-grace-period={timing.grace_seconds}s",
             # Taint lost nodes at once, and never stop because "too many nodes in a zone are
             # down": taking all spot capacity away is exactly what fallback tests do.
             "--node-eviction-rate=100",
@@ -267,7 +285,9 @@ def scheduler_command(bin_dir: Path, layout: Layout, ports: Ports) -> Command:
     )
 
 
-def kwok_command(bin_dir: Path, layout: Layout, ports: Ports) -> Command:
+def kwok_command(
+    bin_dir: Path, layout: Layout, ports: Ports, timing: NodeTiming = TEST_TIMING
+) -> Command:
     return Command(
         name="kwok",
         argv=[
@@ -276,7 +296,7 @@ def kwok_command(bin_dir: Path, layout: Layout, ports: Ports) -> Command:
             f"--config={layout.kwok_config}",
             # Only labelled nodes: removing the label is how a reclaim switches a node off.
             f"--manage-nodes-with-label-selector={KWOK_MANAGED_LABEL}=true",
-            f"--node-lease-duration-seconds={NODE_LEASE_SECONDS}",
+            f"--node-lease-duration-seconds={timing.lease_seconds}",
             f"--cidr={POD_CIDR}",
             "--node-ip=127.0.0.1",
             f"--server-address=127.0.0.1:{ports.kwok}",
@@ -306,14 +326,16 @@ def podrunner_command(layout: Layout, ports: Ports) -> Command:
     )
 
 
-def control_plane(bin_dir: Path, layout: Layout, ports: Ports) -> list[Command]:
+def control_plane(
+    bin_dir: Path, layout: Layout, ports: Ports, timing: NodeTiming = TEST_TIMING
+) -> list[Command]:
     """Start order: each needs the ones before it (stop in reverse)."""
     return [
         etcd_command(bin_dir, layout, ports),
         apiserver_command(bin_dir, layout, ports),
-        controller_manager_command(bin_dir, layout, ports),
+        controller_manager_command(bin_dir, layout, ports, timing),
         scheduler_command(bin_dir, layout, ports),
-        kwok_command(bin_dir, layout, ports),
+        kwok_command(bin_dir, layout, ports, timing),
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
@@ -26,6 +27,33 @@ def test_controller_manager_notices_a_lost_node_in_seconds_and_runs_all_controll
     assert flags["node-monitor-period"] == "1s"
     grace = int(flags["node-monitor-grace-period"].rstrip("s"))
     assert components.NODE_LEASE_SECONDS <= grace <= 15
+
+
+def test_kubelet_timing_gives_kwok_a_kubelets_lease_and_the_controller_its_grace(
+    tmp_path: Path,
+) -> None:
+    timing = components.KUBELET_TIMING
+    commands = {
+        c.name: _flags(c.argv)
+        for c in components.control_plane(tmp_path, Layout(tmp_path), Ports(), timing)
+    }
+    assert commands["kwok"]["node-lease-duration-seconds"] == "40"
+    assert commands["kube-controller-manager"]["node-monitor-grace-period"] == "50s"
+    tests = {
+        c.name: _flags(c.argv)
+        for c in components.control_plane(tmp_path, Layout(tmp_path), Ports())
+    }
+    assert tests["kwok"]["node-lease-duration-seconds"] == str(components.NODE_LEASE_SECONDS)
+
+
+def test_a_clusters_node_timing_is_saved_with_it() -> None:
+    from cheapspot_localcluster.cluster import ClusterSpec
+
+    spec = ClusterSpec("c", Ports(), None, PodLifecycle.KWOK, False, "b", 40, 50)
+    assert ClusterSpec.from_json(spec.to_json()).node_timing == components.KUBELET_TIMING
+    older = json.loads(spec.to_json())  # a cluster.json written before the timing was saved
+    del older["node_lease_seconds"], older["node_grace_seconds"]
+    assert ClusterSpec.from_json(json.dumps(older)).node_timing == components.TEST_TIMING
 
 
 def test_every_component_listens_on_loopback_only(tmp_path: Path) -> None:
