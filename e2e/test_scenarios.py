@@ -413,6 +413,7 @@ def prompts_uri(backend: Backend) -> str:
     return backend.s3.uri("data/prompts.jsonl")
 
 
+@pytest.mark.timeout(3000)  # two jobs, each loading vLLM in its generation pods first
 def test_i_sequences_distillation_survives_a_reclaim_during_generation_bit_identically(
     world: World, teacher_uri: str, prompts_uri: str, tmp_path: Path
 ) -> None:
