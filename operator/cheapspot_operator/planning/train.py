@@ -8,7 +8,10 @@ describes; a crash between the two is repaired by the next reconciliation, which
 status ahead of the pods and creates what is missing under the same deterministic name.
 
 Every pod slot (the anchor, shard 0..N-1) has an ``attempt``; its pod is
-``<job>-<role>-<attempt>``. A slot's current pod is the one with the slot's attempt; older
+``<job>-<role>-<attempt>``. A sequences-mode distillation job has N generation slots more
+(``status.generators``, slot index ``GENERATOR_BASE + i``, pods ``<job>-gen-<i>-<attempt>``):
+they alone run until every one is done, then the anchor and the shards start, in the same
+pass; each is reconciled like a shard (preemption, transient and failure handling, fallback). A slot's current pod is the one with the slot's attempt; older
 pods are cleaned up. Each reconciliation classifies the current pod
 (:func:`cheapspot_operator.planning.preemption.classify`):
 
