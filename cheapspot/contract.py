@@ -26,7 +26,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TASK_ENV = "CHEAPSPOT_TASK"
 """Environment variable that carries the task as JSON."""
@@ -61,6 +61,9 @@ class Role(enum.StrEnum):
     """Averages shard results into the next global adapter; publishes the final adapter."""
     SERVE = "serve"
     """Serves a base model with LoRA adapters (inference pools)."""
+    GENERATE = "generate"
+    """Sequence-level distillation: the teacher generates completions for one slice of the
+    dataset's prompts (vLLM, in the serving environment), chunk after chunk."""
 
 
 class Quantization(enum.StrEnum):
@@ -220,6 +223,45 @@ class DistillationMode(enum.StrEnum):
     LOGITS = "logits"
     """Token-level: the frozen teacher runs alongside the student in every shard pod and the
     student learns the teacher's next-token distribution (plus, weighted, the data's labels)."""
+    SEQUENCES = "sequences"
+    """Sequence-level: the teacher first generates completions for the dataset's prompts
+    (generation pods, vLLM), then the student fine-tunes on the generated text."""
+
+
+class GenerationSettings(_Strict):
+    """How the teacher generates in sequences mode (vLLM ``SamplingParams``)."""
+
+    max_new_tokens: Annotated[
+        int, Field(gt=0, le=65536, alias="maxNewTokens", description="Tokens per completion.")
+    ] = 256
+    temperature: Annotated[
+        float,
+        Field(ge=0, le=100, description="Sampling temperature; 0 is greedy (the default)."),
+    ] = 0.0
+    top_p: Annotated[
+        float, Field(gt=0, le=1, alias="topP", description="Nucleus sampling (1: off).")
+    ] = 1.0
+    seed: int = Field(
+        0,
+        description="Sampling seed; record i is sampled with seed + i, so what a record gets "
+        "does not depend on batching or resumes.",
+    )
+    records_per_chunk: Annotated[
+        int,
+        Field(
+            gt=0,
+            le=100000,
+            alias="recordsPerChunk",
+            description="Records generated and published together (one vLLM batch). A reclaim "
+            "loses at most the chunk in progress; chunks are fixed by record index.",
+        ),
+    ] = 32
+    dtype: str = Field(
+        "auto",
+        pattern=r"^(auto|float32|bfloat16|float16)$",
+        description="vLLM's --dtype for the teacher: auto (the model's, bf16 on CPU for "
+        "fp32 models), float32, bfloat16 or float16.",
+    )
 
 
 class TeacherSource(ModelSource):
@@ -245,12 +287,13 @@ class DistillationSettings(_Strict):
     """Train the student (``model`` + LoRA) to imitate a teacher model."""
 
     teacher: TeacherSource = Field(
-        description="The teacher model; it must use the student's tokenizer."
+        description="The teacher model; in logits mode it must use the student's tokenizer."
     )
     mode: DistillationMode = Field(
         DistillationMode.LOGITS,
         description="logits: token-level distillation against the teacher's next-token "
-        "distribution, the teacher frozen in each shard pod.",
+        "distribution, the teacher frozen in each shard pod. sequences: the teacher generates "
+        "completions for the dataset's prompts first (vLLM), the student trains on them.",
     )
     temperature: Annotated[
         float,
@@ -270,6 +313,41 @@ class DistillationSettings(_Strict):
             "student_T) + (1 - alpha) * cross-entropy on the data's labels.",
         ),
     ] = 0.5
+    generation: GenerationSettings | None = Field(
+        None,
+        description="sequences mode only: how the teacher generates (defaults: greedy, 256 "
+        "new tokens).",
+    )
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> DistillationSettings:
+        if self.mode is DistillationMode.SEQUENCES:
+            # Compared with the defaults, not model_fields_set: a task round-trips through
+            # JSON with every field written out.
+            fields = type(self).model_fields
+            misused = [f for f in ("temperature", "alpha") if getattr(self, f) != fields[f].default]
+            if misused:
+                names = " and ".join(f"distillation.{f}" for f in misused)
+                verb = "applies" if len(misused) == 1 else "apply"
+                raise ValueError(
+                    f"{names} {verb} to logits mode only; in sequences mode the student trains "
+                    "on the teacher's text (distillation.generation.temperature sets the "
+                    "teacher's sampling)"
+                )
+        elif self.generation is not None:
+            raise ValueError(
+                "distillation.generation applies to sequences mode only (mode: sequences)"
+            )
+        return self
+
+    @property
+    def sequences(self) -> bool:
+        return self.mode is DistillationMode.SEQUENCES
+
+    @property
+    def sampling(self) -> GenerationSettings:
+        """The generation settings, defaults filled in."""
+        return self.generation or GenerationSettings()
 
 
 class JobRef(_Strict):
@@ -339,6 +417,9 @@ class Layout:
         shards/{i:04d}/checkpoints/{s:08d}/ shard i's checkpoint after global step s, MANIFEST.json
         progress/shard-{i:04d}.json         shard i's progress record
         progress/anchor.json                the anchor's progress record
+        progress/generate-{i:04d}.json      generation shard i's progress record (sequences mode)
+        generated/{i:04d}/{k:06d}/          chunk k of generation shard i: records.jsonl, MANIFEST.json
+        generated/{i:04d}/done/             generation shard i finished: chunks.json, MANIFEST.json
         final/                              the final PEFT adapter + training_summary.json, MANIFEST.json
         OWNER.json                          the job that claimed the prefix (written by the operator)
 
@@ -365,8 +446,21 @@ class Layout:
         return self._join("shards", f"{shard_index:04d}", "checkpoints", f"{global_step:08d}")
 
     def progress(self, role: Role, shard_index: int = 0) -> str:
-        name = "anchor.json" if role is Role.ANCHOR else f"shard-{shard_index:04d}.json"
+        if role is Role.ANCHOR:
+            name = "anchor.json"
+        elif role is Role.GENERATE:
+            name = f"generate-{shard_index:04d}.json"
+        else:
+            name = f"shard-{shard_index:04d}.json"
         return self.root + "progress/" + name
+
+    def generated_chunk(self, shard_index: int, chunk: int) -> str:
+        """Chunk ``chunk`` of generation shard ``shard_index`` (sequences mode)."""
+        return self._join("generated", f"{shard_index:04d}", f"{chunk:06d}")
+
+    def generated_done(self, shard_index: int) -> str:
+        """Published once every chunk of generation shard ``shard_index`` is."""
+        return self._join("generated", f"{shard_index:04d}", "done")
 
     @property
     def final(self) -> str:
@@ -381,6 +475,8 @@ class Layout:
 class Phase(enum.StrEnum):
     STARTING = "starting"
     LOADING = "loading"
+    GENERATING = "generating"
+    """A generation shard (sequences mode): ``step`` records of ``total_steps`` are published."""
     TRAINING = "training"
     WAITING = "waiting"
     """Round done; waiting for the next global adapter (shards) or for shard results (anchor)."""

@@ -390,3 +390,94 @@ def test_f_logits_distillation_survives_a_reclaim_bit_identically(
     assert summary["distillation"]["teacher"] == teacher_uri
     assert summary["preemptions_survived"] >= 1
     assert load_in_peft(world.materials.model_dir, final) > 0
+
+
+SEQUENCE_PROMPTS = 1024
+"""Enough prompts that generation lasts long enough to be reclaimed in the middle of it."""
+
+
+@pytest.fixture(scope="module")
+def prompts_uri(backend: Backend) -> str:
+    """Prompt-completion records for the teacher to complete (its completions replace theirs)."""
+    if backend.name != "local":
+        pytest.skip("generation pods on kind need the serving image built (local cluster only)")
+    from cheapspot_worker.serving import serve_python
+
+    if serve_python() is None:
+        pytest.skip("no serving environment for the generation pods (make serve-venv)")
+    from cheapspot.store import Store
+    from cheapspot_worker.tiny import learnable_records
+
+    lines = [json.dumps(r) for r in learnable_records(SEQUENCE_PROMPTS, "prompt-completion")]
+    Store(backend.s3.uri("")).put_bytes("data/prompts.jsonl", ("\n".join(lines) + "\n").encode())
+    return backend.s3.uri("data/prompts.jsonl")
+
+
+@pytest.mark.timeout(3000)  # two jobs, each loading vLLM in its generation pods first
+def test_i_sequences_distillation_survives_a_reclaim_during_generation_bit_identically(
+    world: World, teacher_uri: str, prompts_uri: str, tmp_path: Path
+) -> None:
+    from cheapspot.contract import Layout, Progress, Role
+    from cheapspot.store import Store
+    from cheapspot_worker.data import read_generated
+
+    generation = {"maxNewTokens": 12, "recordsPerChunk": 2, "dtype": "float32"}
+    distil = {
+        "example": DISTILLATION,
+        "dataset_uri": prompts_uri,
+        "distillation": {
+            "teacher": {"uri": teacher_uri, "quantization": "none"},
+            "mode": "sequences",
+            "generation": generation,
+        },
+    }
+    reference = world.run(prefix="seq-ref", **distil).apply()
+    status = reference.finish(900)
+    succeeded(status)
+    assert status["distillation"] == {
+        "mode": "sequences",
+        "teacher": teacher_uri,
+        "phase": "done",
+        "generated": SEQUENCE_PROMPTS,
+        "records": SEQUENCE_PROMPTS,
+    }
+    expected = reference.adapter(tmp_path / "reference")
+
+    run = world.run(prefix="seq", **distil).apply()
+    store, layout = Store(run.output_uri), Layout(run.output_uri)
+
+    def generated(shard: int) -> int:
+        doc = store.get_json(layout.progress(Role.GENERATE, shard))
+        return Progress.model_validate(doc).step if doc else 0
+
+    wait_for(f"{run.name} generation under way", lambda: generated(0) >= 4, 600)
+    seen = run.status().get("distillation", {})
+    assert seen.get("phase") == "generating", seen
+    assert not any(s.get("pod") for s in run.status().get("shards", [])), "training started early"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        reclaim = pool.submit(world.backend.reclaim, run.node_of(0), NOTICE_SECONDS)
+        status = run.finish(900)
+        reclaim.result(timeout=300)
+    succeeded(status)
+    assert status["preemptions"] >= 1 and status["restarts"] == 0
+    # A generation shard resumed from its published chunks, and nothing was generated twice
+    # into the dataset or lost.
+    resumes = [
+        Progress.model_validate(store.get_json(layout.progress(Role.GENERATE, i))).resumes
+        for i in range(run.shards)
+    ]
+    assert sum(resumes) >= 1, resumes
+    records = [json.loads(line) for line in read_generated(store, layout, run.shards).splitlines()]
+    assert [r["index"] for r in records] == list(range(SEQUENCE_PROMPTS))
+
+    final = fetch_final(run.output_uri, tmp_path / "distilled")
+    assert (final / ADAPTER).read_bytes() == expected, "the distilled adapter depends on reclaims"
+    summary = json.loads((final / "training_summary.json").read_text())
+    how = summary["distillation"]
+    assert (how["mode"], how["teacher"]) == ("sequences", teacher_uri)
+    assert how["generation"]["maxNewTokens"] == 12
+    assert how["generated_records"] == SEQUENCE_PROMPTS
+    # The student learns the teacher's text: its loss on the completions falls.
+    curve = summary["loss_curve"]
+    assert curve[-1]["loss"] < 0.7 * curve[0]["loss"], curve
+    assert load_in_peft(world.materials.model_dir, final) > 0

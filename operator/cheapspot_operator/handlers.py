@@ -58,14 +58,23 @@ from cheapspot_operator import spec as s
 from cheapspot_operator.config import OperatorConfig
 from cheapspot_operator.costs import PriceTable
 from cheapspot_operator.kubeapi import ApiError, KubeApi
-from cheapspot_operator.manifests import JobInfo, Placement, build_anchor_pod, build_shard_pod
+from cheapspot_operator.manifests import (
+    JobInfo,
+    Placement,
+    build_anchor_pod,
+    build_generator_pod,
+    build_shard_pod,
+)
 from cheapspot_operator.nodelist import SharedNodeList
 from cheapspot_operator.observed import (
     ANCHOR_INDEX,
+    GENERATOR_BASE,
     LABEL_JOB,
+    LABEL_ROLE,
     JobView,
     NodeView,
     Observed,
+    is_generator,
     node_view,
     pod_view,
 )
@@ -76,6 +85,8 @@ from cheapspot_operator.planning.train import (
     Action,
     CreatePod,
     UpdateStatus,
+    generates,
+    generating,
     plan,
 )
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
@@ -86,7 +97,8 @@ log = logging.getLogger("cheapspot.operator")
 TERMINAL_PHASES = frozenset(p.value for p in JobPhase if p.is_terminal())
 
 ProgressReader = Callable[[str, int, int], Mapping[int, Progress]]
-"""(output uri, shard count, anchor index) -> progress records by slot index."""
+"""(output uri, shard count, generation shard count) -> progress records by slot index (the
+anchor's at ``ANCHOR_INDEX``, generation shard i's at ``GENERATOR_BASE + i``)."""
 
 
 def _job_path(namespace: str, name: str = "") -> str:
@@ -127,11 +139,12 @@ class StoreProgressReader:
         with self.lock:
             self.stores.pop(output_uri, None)
 
-    def __call__(self, output_uri: str, shards: int, anchor_index: int) -> Mapping[int, Progress]:
+    def __call__(self, output_uri: str, shards: int, generators: int = 0) -> Mapping[int, Progress]:
         store = self.store(output_uri)
         layout = Layout(output_uri)
         out: dict[int, Progress] = {}
-        slots = [(anchor_index, Role.ANCHOR, 0)] + [(i, Role.TRAIN, i) for i in range(shards)]
+        slots = [(ANCHOR_INDEX, Role.ANCHOR, 0)] + [(i, Role.TRAIN, i) for i in range(shards)]
+        slots += [(GENERATOR_BASE + i, Role.GENERATE, i) for i in range(generators)]
         for index, role, shard in slots:
             raw = store.get_bytes_or_none(layout.progress(role, shard))
             if raw:
@@ -207,14 +220,16 @@ class _ProgressCache:
     )
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def get(self, uid: str, output_uri: str, shards: int) -> Mapping[int, Progress] | None:
+    def get(
+        self, uid: str, output_uri: str, shards: int, generators: int = 0
+    ) -> Mapping[int, Progress] | None:
         """The job's records, or None while none has been read yet."""
         with self.lock:
             cached = self.entries.get(uid)
             stale = cached is None or time.monotonic() - cached[0] >= self.ttl
             running = self.refreshing.get(uid)
             if stale and running is None:
-                running = self.pool.submit(self._refresh, uid, output_uri, shards)
+                running = self.pool.submit(self._refresh, uid, output_uri, shards, generators)
                 self.refreshing[uid] = running
         if cached is None and running is not None:
             with contextlib.suppress(TimeoutError):
@@ -227,9 +242,9 @@ class _ProgressCache:
         with self.lock:
             self.entries.pop(uid, None)
 
-    def _refresh(self, uid: str, output_uri: str, shards: int) -> None:
+    def _refresh(self, uid: str, output_uri: str, shards: int, generators: int) -> None:
         try:
-            records = self.reader(output_uri, shards, ANCHOR_INDEX)
+            records = self.reader(output_uri, shards, generators)
         except Exception as exc:  # the store being down must not stop pod handling
             log.warning("cannot read progress from %s: %s", output_uri, exc)
             records = None
@@ -368,7 +383,11 @@ class Reconciler:
         # What other pods request on each node only matters when a shard may return to spot.
         usage = self.nodes.usage() if any(x.fallback_reason for x in status.shards) else {}
         nodes = self.nodes.views(usage)
-        progress = self.progress.get(meta["uid"], spec.output.uri, spec.shards)
+        # Generation shards' records only while they work (sequences-mode distillation).
+        gens = (
+            spec.shards if generates(spec) and (generating(status) or not status.generators) else 0
+        )
+        progress = self.progress.get(meta["uid"], spec.output.uri, spec.shards, gens)
         observed = Observed(
             job=JobView(namespace, name, meta["uid"], int(meta.get("generation", 1)), status),
             pods=tuple(pods),
@@ -403,7 +422,11 @@ class Reconciler:
 
     def _refused_for(self, uid: str, status: s.TrainJobStatus) -> dict[int, str]:
         out: dict[int, str] = {}
-        for slot in [*([status.anchor] if status.anchor else []), *status.shards]:
+        for slot in [
+            *([status.anchor] if status.anchor else []),
+            *status.shards,
+            *status.generators,
+        ]:
             refused = self.refused.get((uid, slot.index))
             if refused is not None and refused[0] == slot.attempt:
                 out[slot.index] = refused[1]
@@ -511,6 +534,15 @@ class Reconciler:
         worker = self.config.worker
         if action.index == ANCHOR_INDEX:
             pod = build_anchor_pod(info, action.attempt, placement, worker)
+        elif is_generator(action.index):
+            pod = build_generator_pod(
+                info,
+                action.index - GENERATOR_BASE,
+                action.attempt,
+                placement,
+                worker,
+                serving=self.config.serving,
+            )
         else:
             pod = build_shard_pod(info, action.index, action.attempt, placement, worker)
         try:
@@ -527,7 +559,7 @@ class Reconciler:
         if created and self.jobs is not None:
             self.pods.wrote(created)
         if created:
-            role = "anchor" if action.index == ANCHOR_INDEX else "train"
+            role = pod["metadata"]["labels"][LABEL_ROLE]
             metrics.PODS_CREATED.labels(role=role).inc()
             log.info("created pod %s (%s)", pod["metadata"]["name"], action.capacity.value)
 

@@ -11,14 +11,16 @@ from typing import Any
 
 from cheapspot.contract import TASK_ENV, JobRef, Role, Task
 from cheapspot_operator import spec as s
-from cheapspot_operator.config import WorkerSettings
+from cheapspot_operator.config import ServingSettings, WorkerSettings
 from cheapspot_operator.observed import (
     ANCHOR_INDEX,
     ANNOTATION_ATTEMPT,
+    GENERATOR_BASE,
     LABEL_CAPACITY,
     LABEL_JOB,
     LABEL_ROLE,
     LABEL_SHARD,
+    is_generator,
 )
 from cheapspot_operator.placement import PlacementProfile
 from cheapspot_operator.planning.train import pod_name
@@ -60,10 +62,16 @@ def build_task(job: JobInfo, index: int, attempt: int, grace_seconds: int) -> Ta
     # The worker must publish its SIGTERM checkpoint before the node goes: within the notice.
     fits = max(grace_seconds / 2, grace_seconds - SIGTERM_MARGIN_SECONDS)
     budget = min(spec.checkpoint.sigterm_budget_seconds, float(fits))
+    if index == ANCHOR_INDEX:
+        role, shard = Role.ANCHOR, 0
+    elif is_generator(index):
+        role, shard = Role.GENERATE, index - GENERATOR_BASE
+    else:
+        role, shard = Role.TRAIN, index
     return Task(
-        role=Role.ANCHOR if index == ANCHOR_INDEX else Role.TRAIN,
+        role=role,
         job=JobRef(namespace=job.namespace, name=job.name, uid=job.uid),
-        shard_index=max(index, 0),
+        shard_index=shard,
         shard_count=spec.shards,
         model=spec.model,
         dataset=spec.dataset,
@@ -84,6 +92,24 @@ def build_shard_pod(
     r = job.spec.resources
     wants = _Wants(r.cpu, r.memory, r.gpu, r.instance_types)
     return _pod(job, shard, attempt, placement, worker, wants=wants)
+
+
+def build_generator_pod(
+    job: JobInfo,
+    shard: int,
+    attempt: int,
+    placement: Placement,
+    worker: WorkerSettings,
+    *,
+    serving: ServingSettings,
+) -> dict[str, Any]:
+    """Generation shard ``shard``'s pod (sequences-mode distillation): the teacher generates
+    with vLLM, so it runs the serving image and command, with the resources of a training
+    shard and the workers' environment, secret, service account and user."""
+    r = job.spec.resources
+    wants = _Wants(r.cpu, r.memory, r.gpu, r.instance_types)
+    runner = worker.model_copy(update={"image": serving.image, "command": list(serving.command)})
+    return _pod(job, GENERATOR_BASE + shard, attempt, placement, runner, wants=wants)
 
 
 def build_anchor_pod(
@@ -125,7 +151,7 @@ def _pod(
         "app.kubernetes.io/managed-by": "cheapspot",
     }
     if index != ANCHOR_INDEX:
-        labels[LABEL_SHARD] = str(index)
+        labels[LABEL_SHARD] = str(task.shard_index)
     requests: dict[str, str] = {"cpu": cpu, "memory": memory}
     limits: dict[str, str] = {"memory": memory}
     if gpu:

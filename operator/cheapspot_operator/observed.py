@@ -25,6 +25,24 @@ LABEL_CAPACITY = "cheapspot.dev/capacity-type"
 ANNOTATION_ATTEMPT = "cheapspot.dev/attempt"
 ANCHOR_INDEX = -1
 """The anchor's slot index (shards are 0..N-1)."""
+GENERATOR_BASE = 1000
+"""Generation shard i's slot index is ``GENERATOR_BASE + i`` (sequences-mode distillation;
+training shards are fewer than this)."""
+
+
+def is_generator(index: int) -> bool:
+    return index >= GENERATOR_BASE
+
+
+def slot_name(index: int) -> str:
+    """How events and messages name a slot: ``anchor``, ``shard 3``, ``generator 0``."""
+    if index == ANCHOR_INDEX:
+        return "anchor"
+    if is_generator(index):
+        return f"generator {index - GENERATOR_BASE}"
+    return f"shard {index}"
+
+
 INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
 ZONE_LABELS = ("topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone")
 
@@ -161,7 +179,10 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     annotations = meta.get("annotations") or {}
     if LABEL_ROLE not in labels or ANNOTATION_ATTEMPT not in annotations:
         return None
-    index = ANCHOR_INDEX if labels[LABEL_ROLE] == "anchor" else int(labels.get(LABEL_SHARD, 0))
+    role = labels[LABEL_ROLE]
+    index = ANCHOR_INDEX if role == "anchor" else int(labels.get(LABEL_SHARD, 0))
+    if role == "generate":
+        index += GENERATOR_BASE
     status = pod.get("status") or {}
     exit_code: int | None = None
     message, exit_reason, waiting_reason, waiting_message = "", "", "", ""

@@ -462,7 +462,9 @@ class TrainJobSpec(_Spec):
         Field(
             description="Distil a teacher model into the student (model + LoRA). logits mode: "
             "the teacher, frozen, runs next to the student in every shard pod, so "
-            "resources must fit both. Teacher and student must share a tokenizer.",
+            "resources must fit both; teacher and student must share a tokenizer. sequences "
+            "mode: generation pods (the serving image, vLLM) first complete the dataset's "
+            "prompts with the teacher, then the student trains on the completions.",
             json_schema_extra={
                 "x-kubernetes-validations": [
                     _cel(
@@ -583,7 +585,10 @@ class Condition(_Status):
 class ShardStatus(_Status):
     """One shard's (or the anchor's) placement and history."""
 
-    index: Annotated[int, Field(description="Shard index; the anchor is -1.")] = 0
+    index: Annotated[
+        int,
+        Field(description="Shard index; the anchor is -1, generation shard i is 1000 + i."),
+    ] = 0
     attempt: Annotated[
         int, Field(description="Pod incarnation: the pod is <job>-shard-<i>-<attempt>.")
     ] = 0
@@ -751,15 +756,23 @@ class BudgetStatus(_Status):
 class DistillationStatus(_Status):
     """How the job distils, and where the distillation is."""
 
-    mode: Annotated[str, Field(description="logits.")] = ""
+    mode: Annotated[str, Field(description="logits or sequences.")] = ""
     teacher: Annotated[str, Field(description="The teacher model's URI.")] = ""
     phase: Annotated[
         str,
         Field(
-            description="pending, training (the student learns from the teacher's logits in "
-            "every shard), suspended, done or failed."
+            description="pending, generating (sequences mode: the teacher writes completions "
+            "for the prompts), training (the student learns from the teacher's logits, or "
+            "from its completions), suspended, done or failed."
         ),
     ] = ""
+    generated: Annotated[
+        int | None,
+        Field(description="sequences mode: records the teacher has completed and published."),
+    ] = None
+    records: Annotated[
+        int | None, Field(description="sequences mode: records to generate (0 until known).")
+    ] = None
 
 
 class TrainJobStatus(_Status):
@@ -772,6 +785,13 @@ class TrainJobStatus(_Status):
     conditions: list[Condition] = []
     anchor: ShardStatus | None = None
     shards: list[ShardStatus] = []
+    generators: Annotated[
+        list[ShardStatus],
+        Field(
+            description="sequences-mode distillation: the generation shards (pods "
+            "<job>-gen-<i>-<attempt>), which run before the anchor and the training shards."
+        ),
+    ] = []
     spot_shards: Annotated[int, Field(alias="spotShards")] = 0
     on_demand_shards: Annotated[int, Field(alias="onDemandShards")] = 0
     shards_display: Annotated[

@@ -13,7 +13,15 @@ from typing import Any
 
 from cheapspot.contract import Phase, Progress, Role
 from cheapspot_operator.costs import PriceTable, default_prices
-from cheapspot_operator.observed import ANCHOR_INDEX, JobView, NodeView, Observed, PodView
+from cheapspot_operator.observed import (
+    ANCHOR_INDEX,
+    GENERATOR_BASE,
+    JobView,
+    NodeView,
+    Observed,
+    PodView,
+    is_generator,
+)
 from cheapspot_operator.placement import PROFILES, PlacementProfile
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.train import (
@@ -102,10 +110,16 @@ def make_pod(index: int, attempt: int = 0, **overrides: Any) -> PodView:
 
 
 def make_progress(index: int, **overrides: Any) -> Progress:
+    """Slot ``index``'s record (-1: the anchor; ``GENERATOR_BASE + i``: generation shard i)."""
+    role, shard, phase = Role.TRAIN, max(index, 0), Phase.TRAINING
+    if index == ANCHOR_INDEX:
+        role = Role.ANCHOR
+    elif is_generator(index):
+        role, shard, phase = Role.GENERATE, index - GENERATOR_BASE, Phase.GENERATING
     fields: dict[str, Any] = {
-        "role": Role.ANCHOR if index == ANCHOR_INDEX else Role.TRAIN,
-        "shard_index": max(index, 0),
-        "phase": Phase.TRAINING,
+        "role": role,
+        "shard_index": shard,
+        "phase": phase,
         "updated_at": EPOCH,
     }
     fields.update(overrides)

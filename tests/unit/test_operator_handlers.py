@@ -175,6 +175,28 @@ def test_an_invalid_spec_fails_the_job_once_with_the_field_named() -> None:
     assert len(api.calls) == calls
 
 
+def test_a_sequences_job_creates_generation_pods_in_the_serving_image_first() -> None:
+    teacher = {"teacher": {"uri": "s3://models/teacher/"}, "mode": "sequences"}
+    api, r = _world(shards=2, distillation=teacher)
+    r.reconcile("ns", "qa-lora")
+    pods = {p["metadata"]["name"]: p for p in api.list(PODS)}
+    assert sorted(pods) == ["qa-lora-gen-0-0", "qa-lora-gen-1-0"]
+    image = OperatorConfig().serving.image
+    assert {p["spec"]["containers"][0]["image"] for p in pods.values()} == {image}
+    status = api.objects[JOB]["status"]
+    assert [g["pod"] for g in status["generators"]] == ["qa-lora-gen-0-0", "qa-lora-gen-1-0"]
+
+
+def test_a_sequences_job_with_logits_fields_fails_naming_them() -> None:
+    teacher = {"teacher": {"uri": "s3://models/teacher/"}, "mode": "sequences", "alpha": 0.9}
+    api, r = _world(distillation=teacher)
+    r.reconcile("ns", "qa-lora")
+    status = api.objects[JOB]["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidSpec"
+    assert "distillation.alpha applies to logits mode only" in status["message"]
+    assert api.list(PODS) == []
+
+
 def test_a_preemption_is_counted_in_the_metrics_by_signal() -> None:
     from prometheus_client import REGISTRY
 
@@ -309,10 +331,29 @@ def test_one_store_client_per_output_prefix(tmp_path: Any) -> None:
 
     reader = StoreProgressReader()
     uri = f"file://{tmp_path}/job/"
-    assert reader(uri, 2, -1) == {}
+    assert reader(uri, 2, 0) == {}
     first = reader.store(uri)
-    reader(uri, 2, -1)
+    reader(uri, 2, 0)
     assert reader.store(uri) is first and len(reader.stores) == 1
+
+
+def test_generation_shards_progress_is_read_at_their_slots_when_asked_for(tmp_path: Any) -> None:
+    from cheapspot.contract import Layout, Phase, Progress, Role
+    from cheapspot.store import Store
+    from cheapspot_operator.handlers import StoreProgressReader
+    from cheapspot_operator.observed import ANCHOR_INDEX, GENERATOR_BASE
+
+    uri = f"file://{tmp_path}/job/"
+    store, layout = Store(uri), Layout(uri)
+    for role, i in ((Role.GENERATE, 0), (Role.GENERATE, 1), (Role.TRAIN, 0), (Role.ANCHOR, 0)):
+        record = Progress(role=role, shard_index=i, phase=Phase.GENERATING, step=3 + i)
+        store.put_bytes(layout.progress(role, i), record.to_json())
+    reader = StoreProgressReader()
+    got = reader(uri, 2, 2)
+    assert set(got) == {ANCHOR_INDEX, 0, GENERATOR_BASE, GENERATOR_BASE + 1}
+    assert got[GENERATOR_BASE + 1].role is Role.GENERATE and got[GENERATOR_BASE + 1].step == 4
+    assert got[0].role is Role.TRAIN
+    assert set(reader(uri, 2, 0)) == {ANCHOR_INDEX, 0}  # training: generators not read
 
 
 def test_an_output_prefix_is_claimed_by_one_job_and_refused_to_another(tmp_path: Any) -> None:

@@ -32,7 +32,7 @@ import torch
 from cheapspot.contract import Layout, Phase, Progress, Role, Task
 from cheapspot.store import Store
 from cheapspot_worker.distill import describe
-from cheapspot_worker.errors import Interrupted
+from cheapspot_worker.errors import Interrupted, Stop
 from cheapspot_worker.loading import (
     adapter_bytes,
     adapter_from_bytes,
@@ -41,7 +41,7 @@ from cheapspot_worker.loading import (
     meta_lora_model,
 )
 from cheapspot_worker.progress import Reporter, event
-from cheapspot_worker.training import ADAPTER_FILE, Stop, fetch_adapter, wait_for
+from cheapspot_worker.training import ADAPTER_FILE, fetch_adapter, wait_for
 
 MOMENTUM_FILE = "outer_momentum.safetensors"
 SUMMARY_FILE = "training_summary.json"
@@ -199,6 +199,16 @@ class Anchor:
         )
         event("global_published", round=r + 1, shards=shards)
 
+    def _generated_records(self) -> int:
+        """Records the generation shards published (sequences mode), from their done markers."""
+        total = 0
+        for i in range(self.task.shard_count):
+            done = self.layout.generated_done(i)
+            manifest = self.store.read_manifest(done)
+            if manifest is not None:
+                total += int(manifest.meta.get("records", 0))
+        return total
+
     def publish_final(self, peft_model: Any, rounds: int) -> None:
         task = self.task
         g_prefix = self.layout.global_adapter(rounds)
@@ -236,7 +246,15 @@ class Anchor:
             "steps_lost": steps_lost,
         }
         final_meta: dict[str, Any] = {"rounds": rounds}
-        if task.distillation is not None:
+        if task.distillation is not None and task.distillation.sequences:
+            how = {
+                **describe(task.distillation),
+                "generated_dataset": self.store.uri("generated/"),
+                "generated_records": self._generated_records(),
+            }
+            summary["distillation"] = how
+            final_meta["distillation"] = how
+        elif task.distillation is not None:
             how = describe(task.distillation)
             summary["distillation"] = {
                 **how,

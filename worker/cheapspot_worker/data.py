@@ -7,6 +7,9 @@ Formats (one per file, ``auto`` decides from the first record):
 * ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` rendered through the
   model's chat template; loss on the assistant turns only.
 
+In sequences-mode distillation the training data is what the generation shards published
+(:func:`read_generated`): prompt-completion records, the completions the teacher's.
+
 Everything is a pure function of the data, the seed and the step number: the split into
 shards, the order within a shard (a fresh seeded permutation per epoch) and so the batch of
 any step. A checkpoint therefore needs only the step to resume the data exactly.
@@ -21,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cheapspot.contract import DatasetFormat
-from cheapspot.store import NotFoundError, PermissionStoreError, split_store_uri
+from cheapspot.contract import DatasetFormat, Layout
+from cheapspot.store import NotFoundError, PermissionStoreError, Store, split_store_uri
 from cheapspot_worker.errors import PermanentError
 
 IGNORE = -100
@@ -180,6 +183,45 @@ def load_examples(uri: str, fmt: DatasetFormat, tokenizer: Any, max_len: int) ->
     records = parse_jsonl(read_dataset_bytes(uri), uri)
     chosen = detect_format(records[0][1]) if fmt is DatasetFormat.AUTO else fmt
     tokenize = Tokenize(tokenizer, chosen, max_len)
+    return [tokenize(number, record, uri) for number, record in records]
+
+
+GENERATED_FILE = "records.jsonl"
+"""The records of one generated chunk (JSONL: prompt, completion, index)."""
+GENERATED_INDEX = "chunks.json"
+"""In a generation shard's ``done`` prefix: how many chunks and records it published."""
+
+
+def read_generated(store: Store, layout: Layout, shard_count: int) -> bytes:
+    """Every record the generation shards published, in dataset order (shard 0's chunks,
+    then shard 1's, ...), each chunk checked against its manifest. Only a shard's ``done``
+    prefix makes its chunks count: a half-finished generation is never trained on."""
+    out = []
+    for i in range(shard_count):
+        done = layout.generated_done(i)
+        manifest = store.read_manifest(done)
+        if manifest is None:
+            raise PermanentError(
+                f"the generated dataset is incomplete: generation shard {i} has not published "
+                f"{store.uri(done)}"
+            )
+        index = json.loads(store.fetch_bytes(done, GENERATED_INDEX, manifest))
+        for k in range(int(index["chunks"])):
+            prefix = layout.generated_chunk(i, k)
+            chunk = store.read_manifest(prefix)
+            if chunk is None:
+                raise PermanentError(f"the generated dataset lacks {store.uri(prefix)}")
+            out.append(store.fetch_bytes(prefix, GENERATED_FILE, chunk))
+    return b"".join(out)
+
+
+def load_generated_examples(
+    store: Store, layout: Layout, shard_count: int, tokenizer: Any, max_len: int
+) -> list[Example]:
+    """The generated dataset (:func:`read_generated`), tokenized as prompt-completion."""
+    uri = store.uri("generated/")
+    records = parse_jsonl(read_generated(store, layout, shard_count), uri)
+    tokenize = Tokenize(tokenizer, DatasetFormat.PROMPT_COMPLETION, max_len)
     return [tokenize(number, record, uri) for number, record in records]
 
 

@@ -251,6 +251,15 @@ def mean_token_kl(
 def describe(settings: DistillationSettings) -> dict[str, Any]:
     """How a job distilled, for the final adapter's manifest and training_summary.json."""
     t = settings.teacher
+    if settings.sequences:
+        return {
+            "mode": settings.mode.value,
+            "teacher": t.uri,
+            "teacher_adapter": t.adapter_uri,
+            "teacher_quantization": t.quantization.value,
+            "generation": settings.sampling.model_dump(mode="json", by_alias=True),
+            "loss": "cross-entropy on the teacher's completions (sequence-level distillation)",
+        }
     return {
         "mode": settings.mode.value,
         "teacher": t.uri,

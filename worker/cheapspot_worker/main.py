@@ -86,12 +86,16 @@ def write_termination_message(message: str) -> None:
 
 
 def run(task: Task) -> None:
-    from cheapspot_worker.training import Stop
+    from cheapspot_worker.errors import Stop
 
     stop = Stop()
     stop.install()
     store = Store(task.output_uri)
-    if task.role is Role.TRAIN:
+    if task.role is Role.GENERATE:
+        from cheapspot_worker.generate import run_generate
+
+        run_generate(task, store, stop)
+    elif task.role is Role.TRAIN:
         from cheapspot_worker.training import run_shard
 
         run_shard(task, store, stop)
@@ -132,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shard=task.shard_index,
             attempt=task.attempt,
         )
+        if task.role is Role.GENERATE:
+            from cheapspot_worker.generate import enter_generate_env
+
+            enter_generate_env(args_list)  # vLLM's environment: may re-execute this command
         run(task)
     except PermanentError as exc:
         event("failed", logging.ERROR, kind="permanent", error=str(exc))

@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 import torch
@@ -38,9 +36,16 @@ import torch
 from cheapspot.contract import Layout, Phase, Role, Task
 from cheapspot.store import CorruptObjectError, Store, TransientStoreError
 from cheapspot_worker.checkpoints import Checkpoint, Checkpoints, rng_state, set_rng_state
-from cheapspot_worker.data import IGNORE, Batches, Example, load_examples, shard_slice
+from cheapspot_worker.data import (
+    IGNORE,
+    Batches,
+    Example,
+    load_examples,
+    load_generated_examples,
+    shard_slice,
+)
 from cheapspot_worker.distill import Parts, Teacher
-from cheapspot_worker.errors import Interrupted, PermanentError
+from cheapspot_worker.errors import Interrupted, PermanentError, Stop
 from cheapspot_worker.loading import (
     adapter_bytes,
     adapter_from_bytes,
@@ -57,27 +62,6 @@ from cheapspot_worker.progress import Reporter, event
 
 ADAPTER_FILE = "adapter.safetensors"
 THREADS_ENV = "CHEAPSPOT_CPU_THREADS"
-
-
-class Stop:
-    """SIGTERM as a flag with the time it arrived (the handler does nothing else)."""
-
-    def __init__(self) -> None:
-        self.at: float | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.at is not None
-
-    def elapsed(self) -> float:
-        return 0.0 if self.at is None else time.monotonic() - self.at
-
-    def install(self) -> None:
-        def handler(signum: int, frame: FrameType | None) -> None:
-            if self.at is None:
-                self.at = time.monotonic()
-
-        signal.signal(signal.SIGTERM, handler)
 
 
 def setup_determinism() -> None:
@@ -158,9 +142,15 @@ class ShardTrainer:
         check_quantization(task.model)  # before downloading gigabytes it could not load
         model_dir = resolve_model_dir(task.model)
         tokenizer = load_tokenizer(model_dir, task.model.uri)
-        examples = load_examples(
-            task.dataset.uri, task.dataset.format, tokenizer, task.training.max_seq_length
-        )
+        if task.distillation is not None and task.distillation.sequences:
+            # Sequences mode: the teacher's completions, which the generation shards published.
+            examples = load_generated_examples(
+                self.store, task.layout, task.shard_count, tokenizer, task.training.max_seq_length
+            )
+        else:
+            examples = load_examples(
+                task.dataset.uri, task.dataset.format, tokenizer, task.training.max_seq_length
+            )
         mine = shard_slice(len(examples), self.shard, task.shard_count, task.training.seed)
         pad = tokenizer.pad_token_id
         if pad is None:
@@ -183,7 +173,7 @@ class ShardTrainer:
         dtype = compute_dtype(self.cuda)
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
         self.accelerator = Accelerator(cpu=not self.cuda, mixed_precision=precision)
-        if task.distillation is not None:
+        if task.distillation is not None and not task.distillation.sequences:
             self.teacher = Teacher.load(
                 task.distillation,
                 tokenizer,

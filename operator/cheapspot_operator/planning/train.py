@@ -8,7 +8,10 @@ describes; a crash between the two is repaired by the next reconciliation, which
 status ahead of the pods and creates what is missing under the same deterministic name.
 
 Every pod slot (the anchor, shard 0..N-1) has an ``attempt``; its pod is
-``<job>-<role>-<attempt>``. A slot's current pod is the one with the slot's attempt; older
+``<job>-<role>-<attempt>``. A sequences-mode distillation job has N generation slots more
+(``status.generators``, slot index ``GENERATOR_BASE + i``, pods ``<job>-gen-<i>-<attempt>``):
+they alone run until every one is done, then the anchor and the shards start, in the same
+pass; each is reconciled like a shard (preemption, transient and failure handling, fallback). A slot's current pod is the one with the slot's attempt; older
 pods are cleaned up. Each reconciliation classifies the current pod
 (:func:`cheapspot_operator.planning.preemption.classify`):
 
@@ -45,7 +48,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cheapspot.contract import Layout, Phase, Progress, Role
-from cheapspot_operator.observed import ANCHOR_INDEX, Observed, PodView
+from cheapspot_operator.observed import (
+    ANCHOR_INDEX,
+    GENERATOR_BASE,
+    Observed,
+    PodView,
+    is_generator,
+    slot_name,
+)
 from cheapspot_operator.phases import JobPhase, transition
 from cheapspot_operator.planning import budget, costing, train_deadline
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
@@ -102,7 +112,12 @@ Action = UpdateStatus | CreatePod | DeletePod | EmitEvent
 
 
 def pod_name(job_name: str, index: int, attempt: int) -> str:
-    role = "anchor" if index == ANCHOR_INDEX else f"shard-{index}"
+    if index == ANCHOR_INDEX:
+        role = "anchor"
+    elif is_generator(index):
+        role = f"gen-{index - GENERATOR_BASE}"
+    else:
+        role = f"shard-{index}"
     return f"{job_name}-{role}-{attempt}"
 
 
@@ -221,21 +236,48 @@ def _without_cost(st: TrainJobStatus) -> TrainJobStatus:
     return st.model_copy(update={"cost": CostStatus()})
 
 
+def generates(spec: TrainJobSpec) -> bool:
+    """Sequences-mode distillation: generation shards run before training."""
+    return spec.distillation is not None and spec.distillation.sequences
+
+
 def _ensure_slots(st: TrainJobStatus, spec: TrainJobSpec) -> None:
     if st.anchor is None:
         st.anchor = ShardStatus(index=ANCHOR_INDEX, capacity_type=CapacityType.ON_DEMAND)
     have = {s.index: s for s in st.shards}
     st.shards = [have.get(i) or ShardStatus(index=i) for i in range(spec.shards)]
+    if generates(spec):
+        gens = {s.index: s for s in st.generators}
+        st.generators = [
+            gens.get(i) or ShardStatus(index=i)
+            for i in range(GENERATOR_BASE, GENERATOR_BASE + spec.shards)
+        ]
+
+
+def generating(st: TrainJobStatus) -> bool:
+    """True while a generation shard has not finished: training waits for all of them."""
+    return any(not g.done for g in st.generators)
 
 
 def _slots(st: TrainJobStatus) -> list[ShardStatus]:
+    """The slots whose pods should run now: the generation shards until they are all done,
+    then the anchor and the training shards."""
     assert st.anchor is not None
+    if generating(st):
+        return list(st.generators)
     return [st.anchor, *st.shards]
+
+
+def _all_slots(st: TrainJobStatus) -> list[ShardStatus]:
+    assert st.anchor is not None
+    return [*st.generators, st.anchor, *st.shards]
 
 
 def _store_slot(st: TrainJobStatus, slot: ShardStatus) -> None:
     if slot.index == ANCHOR_INDEX:
         st.anchor = slot
+    elif is_generator(slot.index):
+        st.generators[slot.index - GENERATOR_BASE] = slot
     else:
         st.shards[slot.index] = slot
 
@@ -296,7 +338,7 @@ def _suspend(
     if phase is not JobPhase.SUSPENDED:
         st.phase = transition(phase, JobPhase.SUSPENDED)
         work.event("Normal" if not st.reason else "Warning", "Suspended", message, reason)
-    for slot in _slots(st):
+    for slot in _all_slots(st):
         if slot.pod:
             # A new attempt on resume: the old pod may still be terminating under its name.
             _store_slot(st, _fresh_slot(slot, slot.capacity_type, slot.fallback_reason))
@@ -311,26 +353,20 @@ def _run(work: _Plan) -> None:
     for pod in obs.pods:
         by_slot.setdefault(pod.index, []).append(pod)
 
-    for known in _slots(st):
-        pods = by_slot.get(known.index, [])
-        newest = max((p.attempt for p in pods), default=-1)
-        # A pod newer than the status knows is adopted (a status write was lost).
-        slot = known.model_copy(update={"attempt": newest}) if newest > known.attempt else known
-        current = next((p for p in pods if p.attempt == slot.attempt), None)
-        # Older attempts: stop what still runs; force pods whose node is gone.
-        for old in pods:
-            if old.attempt < slot.attempt and not old.terminated:
-                gone = node_signal(old.node_name, obs) in ("NodeGone", "NodeNotReady")
-                if not old.deleting:
-                    work.actions.append(DeletePod(old.name, 0 if gone else None, reason="Replaced"))
-                elif gone:
-                    work.actions.append(DeletePod(old.name, 0, reason="NodeGone"))
-        if slot.done:
-            _store_slot(st, slot)
-            continue
-        _store_slot(st, _reconcile_slot(work, slot, current))
-        if work.failure:
+    handled: set[int] = set()
+    while not work.failure:
+        # Generation shards first (done ones only have their old pods cleaned up); the
+        # anchor and training shards once every generation shard is done, in the same pass.
+        todo = {s.index: s for s in [*st.generators, *_slots(st)] if s.index not in handled}
+        if not todo:
             break
+        for known in todo.values():
+            handled.add(known.index)
+            if known.done and not by_slot.get(known.index):
+                continue
+            _run_slot(work, known, by_slot.get(known.index, []))
+            if work.failure:
+                break
 
     if work.failure:
         reason, message = work.failure
@@ -360,16 +396,41 @@ def _run(work: _Plan) -> None:
             if not p.terminated and not p.deleting
         ]
         return
+    if generating(st):
+        if any(g.pod_phase == "Running" for g in st.generators):
+            st.phase = transition(JobPhase(st.phase), JobPhase.RUNNING)
+        st.message = ""
+        return
     running = [s for s in _slots(st) if s.pod_phase == "Running" or s.done]
     if st.anchor in running and len(running) >= 2:
         st.phase = transition(JobPhase(st.phase), JobPhase.RUNNING)
     st.message = ""
 
 
+def _run_slot(work: _Plan, known: ShardStatus, pods: list[PodView]) -> None:
+    st, obs = work.status, work.obs
+    newest = max((p.attempt for p in pods), default=-1)
+    # A pod newer than the status knows is adopted (a status write was lost).
+    slot = known.model_copy(update={"attempt": newest}) if newest > known.attempt else known
+    current = next((p for p in pods if p.attempt == slot.attempt), None)
+    # Older attempts: stop what still runs; force pods whose node is gone.
+    for old in pods:
+        if old.attempt < slot.attempt and not old.terminated:
+            gone = node_signal(old.node_name, obs) in ("NodeGone", "NodeNotReady")
+            if not old.deleting:
+                work.actions.append(DeletePod(old.name, 0 if gone else None, reason="Replaced"))
+            elif gone:
+                work.actions.append(DeletePod(old.name, 0, reason="NodeGone"))
+    if slot.done:
+        _store_slot(st, slot)
+        return
+    _store_slot(st, _reconcile_slot(work, slot, current))
+
+
 def _reconcile_slot(work: _Plan, slot: ShardStatus, current: PodView | None) -> ShardStatus:
     st, spec, obs, now, avoid = work.status, work.spec, work.obs, work.now, work.avoid
     name = pod_name(obs.job.name, slot.index, slot.attempt)
-    what = "anchor" if slot.index == ANCHOR_INDEX else f"shard {slot.index}"
+    what = slot_name(slot.index)
     progress = obs.progress.get(slot.index)
     slot = _forget_transient_streak(slot, progress)
 
@@ -466,7 +527,7 @@ def _preempted(
     work: _Plan, slot: ShardStatus, current: PodView | None, verdict: Verdict
 ) -> ShardStatus:
     st, spec, obs, now, avoid = work.status, work.spec, work.obs, work.now, work.avoid
-    what = "anchor" if slot.index == ANCHOR_INDEX else f"shard {slot.index}"
+    what = slot_name(slot.index)
     st.preemptions += 1
     st.recent_preemptions = [*st.recent_preemptions, now]
     slot = slot.model_copy(update={"preemptions": slot.preemptions + 1})
@@ -518,7 +579,7 @@ def _preempted(
 def _back_off(work: _Plan, slot: ShardStatus, verdict: Verdict, since: datetime) -> ShardStatus:
     """A transient failure within the retry window: wait, then a new pod; no budget spent."""
     spec, now = work.spec, work.now
-    what = "anchor" if slot.index == ANCHOR_INDEX else f"shard {slot.index}"
+    what = slot_name(slot.index)
     failures = slot.transient_failures + 1
     base = spec.failure_policy.transient_backoff_seconds
     delay = min(base * 2 ** min(failures - 1, 10), base * 10)
@@ -542,7 +603,7 @@ def _back_off(work: _Plan, slot: ShardStatus, verdict: Verdict, since: datetime)
     )
 
 
-WORKING = (Phase.TRAINING, Phase.CHECKPOINTING, Phase.WAITING, Phase.DONE)
+WORKING = (Phase.GENERATING, Phase.TRAINING, Phase.CHECKPOINTING, Phase.WAITING, Phase.DONE)
 
 
 def _forget_transient_streak(slot: ShardStatus, progress: Progress | None) -> ShardStatus:
@@ -571,7 +632,7 @@ def _track_start(work: _Plan, slot: ShardStatus, reason: str, message: str) -> S
             update={"blocked_reason": "", "blocked_since": None, "blocked_message": ""}
         )
     now, spec = work.now, work.spec
-    what = "anchor" if slot.index == ANCHOR_INDEX else f"shard {slot.index}"
+    what = slot_name(slot.index)
     reason = START_FAILURES.get(reason, reason)
     since = slot.blocked_since or now
     if reason != slot.blocked_reason:
@@ -699,6 +760,11 @@ def _summarise(st: TrainJobStatus, spec: TrainJobSpec, obs: Observed, now: datet
         update = {"round": p.round, "step": p.step, "loss": p.loss} if p else {}
         shards.append(slot.model_copy(update=update))
     st.shards = shards
+    gens = []
+    for slot in st.generators:
+        p = obs.progress.get(slot.index)
+        gens.append(slot.model_copy(update={"step": p.step}) if p else slot)
+    st.generators = gens
     st.spot_shards = sum(1 for s in shards if s.capacity_type is CapacityType.SPOT and not s.done)
     st.on_demand_shards = sum(
         1 for s in shards if s.capacity_type is CapacityType.ON_DEMAND and not s.done
@@ -716,7 +782,18 @@ def _summarise_progress(st: TrainJobStatus, spec: TrainJobSpec, obs: Observed) -
         st.progress = st.progress.model_copy(update={"percent": 100})
     pr = st.progress
     st.progress_display = f"{pr.percent}% r{min(pr.round + 1, pr.rounds)}/{pr.rounds}"
-    st.distillation = distillation_status(spec, JobPhase(st.phase))
+    generated = [obs.progress.get(g.index) for g in st.generators]
+    st.distillation = distillation_status(
+        spec,
+        JobPhase(st.phase),
+        generating=generating(st),
+        generated=sum(p.step for p in generated if p is not None),
+        # The total is known once every generation shard has reported its slice.
+        records=sum(p.total_steps for p in generated if p is not None)
+        if all(p is not None for p in generated)
+        else 0,
+        previous=st.distillation,
+    )
     best = max(
         (
             (p.last_checkpoint_step, i)
@@ -811,7 +888,10 @@ def _conditions(st: TrainJobStatus, obs: Observed, now: datetime, gen: int) -> N
             )
         elif waiting:
             names = ", ".join(
-                "anchor" if s.index == ANCHOR_INDEX else str(s.index) for s in waiting
+                "anchor"
+                if s.index == ANCHOR_INDEX
+                else (slot_name(s.index) if is_generator(s.index) else str(s.index))
+                for s in waiting
             )
             put("Progressing", "True", "WaitingForPods", f"not running yet: {names}")
         else:
@@ -835,7 +915,7 @@ def _conditions(st: TrainJobStatus, obs: Observed, now: datetime, gen: int) -> N
 
 
 def _what(index: int) -> str:
-    return "anchor" if index == ANCHOR_INDEX else f"shard {index}"
+    return slot_name(index)
 
 
 def _stamp(t: datetime | None) -> str:
