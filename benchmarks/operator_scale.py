@@ -195,8 +195,17 @@ def burst(h: Any, cluster: Any, count: int) -> list[float]:
     while len(created) < len(watched) and time.monotonic() < deadline:
         time.sleep(0.2)
     done.set()
-    for f in futures:
-        f.result(timeout=300)
+    # The nodes' removal is the cluster's business, not the operator's reaction: a removal
+    # that does not finish (kwok slow to let a node go NotReady on a busy machine) is
+    # reported, not fatal.
+    unfinished = []
+    for node, f in zip(victims, futures, strict=True):
+        try:
+            f.result(timeout=300)
+        except Exception as exc:
+            unfinished.append(f"{node}: {exc}")
+    if unfinished:
+        print(f"  {len(unfinished)} node removals did not finish, e.g. {unfinished[0]}")
     latencies = [
         created[(j, s)] - notices[node]
         for node in victims
@@ -347,4 +356,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)
     sys.exit(main())
