@@ -51,6 +51,9 @@ def test_sigkill_and_restart_lose_nothing_and_duplicate_nothing(h: Harness) -> N
         time.sleep(1.5 + round_)  # kill at different points of the reconciliation
         _no_duplicates(h, "tough")
 
+    # The lost shard's pod still reads Running (nobody tells a vanished node's pods): wait for
+    # the last operator to have seen the node gone, not for four Running pods.
+    wait_for("the lost shard replaced", lambda: h.status("tough")["preemptions"] == 1, timeout_s=60)
     wait_for("all running again", lambda: h.running_on_nodes("tough", 4), timeout_s=60)
     _no_duplicates(h, "tough")
     after = h.status("tough")
