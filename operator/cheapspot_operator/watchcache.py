@@ -63,9 +63,6 @@ class WatchCache:
         self._gone: dict[Key, int] = {}
         """Tombstones: the version at which an object was deleted."""
 
-    def __len__(self) -> int:
-        return len(self._objects)
-
     # -- feeding ----------------------------------------------------------------------------
 
     def observe(self, event_type: str | None, obj: Mapping[str, Any]) -> None:
@@ -186,11 +183,6 @@ class Primed:
         self._lock = threading.Lock()
         self.lists = 0
         """LISTs made so far."""
-
-    def due(self, namespace: str) -> bool:
-        with self._lock:
-            at = self._at.get(namespace)
-            return at is None or self.clock() - at >= self.resync
 
     def prime(self, namespace: str, do_list: Callable[[], None]) -> None:
         """Run ``do_list`` if ``namespace`` is due (at most one LIST at a time)."""
