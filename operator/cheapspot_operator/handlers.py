@@ -497,7 +497,10 @@ class Reconciler:
         meta = job["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         previous = s.parse_status(job.get("status"))
-        for action in actions:
+        # The status first (the planner puts it first: a pod is only created once its
+        # attempt is recorded), then pod creates, deletes, and the events last: a
+        # replacement never waits for the events about it.
+        for action in sorted(actions, key=_apply_order):
             if isinstance(action, UpdateStatus):
                 body = {
                     "metadata": {"resourceVersion": meta["resourceVersion"]},
@@ -596,6 +599,11 @@ class Reconciler:
             )
 
 
+def _apply_order(action: Action) -> int:
+    order = (UpdateStatus, CreatePod, DeletePod)
+    return next((i for i, kind in enumerate(order) if isinstance(action, kind)), len(order))
+
+
 def post_event(
     api: KubeApi, kind: str, obj: Mapping[str, Any], event: EmitEvent, now: datetime
 ) -> None:
@@ -650,27 +658,55 @@ class Reconciles(Protocol):
         ...
 
 
+NodeState = tuple[bool, bool, frozenset[str]]
+"""What of a node decides whether its change wakes anyone: ready, unschedulable, taint keys."""
+
+Key = tuple[str, str]
+
+
+def _node_state(node: Mapping[str, Any]) -> NodeState:
+    view: NodeView = node_view(node)
+    return (view.ready, view.unschedulable, view.taint_keys)
+
+
+def _gained(before: NodeState, after: NodeState) -> bool:
+    """The node may take pods it could not before: ready, schedulable again, a taint gone."""
+    return (
+        (after[0] and not before[0]) or (before[1] and not after[1]) or bool(before[2] - after[2])
+    )
+
+
 @dataclass
 class _Loops:
-    """One reconcile task per object and the event that wakes it early."""
+    """One reconcile task per object, the event that wakes it early, and which objects have
+    pods on which node (so a node's change wakes only those it concerns).
+
+    A loop woken by an event (its pod, its node, an edit) runs on ``urgent``; a loop whose
+    interval merely ran out runs on ``executor``. The timer ticks of many idle objects then
+    never queue ahead of the reaction to a reclaim notice."""
 
     reconciler: Reconciles
     interval: float
     executor: ThreadPoolExecutor
-    tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
-    pokes: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
-    nodes: dict[str, tuple[bool, bool, frozenset[str]]] = field(default_factory=dict)
-    settled: dict[tuple[str, str], str] = field(default_factory=dict)
+    urgent: ThreadPoolExecutor
+    tasks: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    pokes: dict[Key, asyncio.Event] = field(default_factory=dict)
+    nodes: dict[str, NodeState] = field(default_factory=dict)
+    settled: dict[Key, str] = field(default_factory=dict)
     """Finished jobs by the resourceVersion last seen: the same version needs no new look."""
+    placed: dict[Key, str] = field(default_factory=dict)
+    """Each watched pod's node."""
+    on_node: dict[str, dict[Key, Key]] = field(default_factory=dict)
+    """node -> {pod: the object (job or pool) it belongs to}."""
 
-    def ensure(self, key: tuple[str, str]) -> None:
+    def ensure(self, key: Key) -> None:
         task = self.tasks.get(key)
         if task is None or task.done():
             self.pokes[key] = asyncio.Event()
             self.tasks[key] = asyncio.create_task(self._loop(key), name=f"reconcile {key}")
         self.poke(key)
 
-    def poke(self, key: tuple[str, str]) -> None:
+    def poke(self, key: Key) -> None:
         event = self.pokes.get(key)
         if event is not None:
             event.set()
@@ -679,7 +715,50 @@ class _Loops:
         for event in self.pokes.values():
             event.set()
 
-    def stop(self, key: tuple[str, str]) -> None:
+    def place(self, event_type: str | None, pod: Mapping[str, Any], owner: Key) -> None:
+        """A pod watch event: remember the node the pod is bound to (none once deleted)."""
+        meta = pod.get("metadata") or {}
+        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        node = str((pod.get("spec") or {}).get("nodeName") or "")
+        if event_type == "DELETED":
+            node = ""
+        before = self.placed.get(key)
+        if before == node:
+            return
+        if before is not None:
+            self.placed.pop(key, None)
+            held = self.on_node.get(before)
+            if held is not None:
+                held.pop(key, None)
+                if not held:
+                    del self.on_node[before]
+        if node:
+            self.placed[key] = node
+            self.on_node.setdefault(node, {})[key] = owner
+
+    def node_changed(self, event_type: str | None, name: str, node: Mapping[str, Any]) -> None:
+        """A node watch event. Heartbeats wake nobody. A change that matters wakes the
+        objects with pods on the node (a notice, NotReady, deleted); one that may bring
+        capacity (a new node, ready or schedulable again, a taint gone) wakes every loop,
+        since any of them may be waiting for room."""
+        if event_type == "DELETED":
+            self.nodes.pop(name, None)
+            self._poke_owners(name)
+            return
+        state = _node_state(node)
+        before = self.nodes.get(name)
+        if before == state:
+            return
+        self.nodes[name] = state
+        self._poke_owners(name)
+        if before is None or _gained(before, state):
+            self.poke_all()
+
+    def _poke_owners(self, node: str) -> None:
+        for owner in set((self.on_node.get(node) or {}).values()):
+            self.poke(owner)
+
+    def stop(self, key: Key) -> None:
         self.settled.pop(key, None)
         task = self.tasks.pop(key, None)
         self.pokes.pop(key, None)
@@ -691,13 +770,19 @@ class _Loops:
             self.stop(key)
         await asyncio.sleep(0)
 
-    async def _loop(self, key: tuple[str, str]) -> None:
+    def shutdown(self) -> None:
+        for executor in (self.executor, self.urgent):
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _loop(self, key: Key) -> None:
         loop = asyncio.get_running_loop()
         poke = self.pokes[key]
+        woken = True
         while True:
             poke.clear()
+            executor = self.urgent if woken else self.executor
             try:
-                await loop.run_in_executor(self.executor, self.reconciler.reconcile, *key)
+                await loop.run_in_executor(executor, self.reconciler.reconcile, *key)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -709,19 +794,30 @@ class _Loops:
                     self.tasks.pop(key, None)
                     self.pokes.pop(key, None)
                     return
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(poke.wait(), timeout=self.interval)
+                woken = True
+            except TimeoutError:
+                woken = False
+
+
+def loops_for(reconciler: Reconciles, config: OperatorConfig, name: str) -> _Loops:
+    """The loops of one kind of object: a few threads for the timer ticks (planning is CPU
+    work under one interpreter lock: more would only contend), more for woken loops (their
+    work is mostly waiting on the API server: creates, deletes, status writes)."""
+    return _Loops(
+        reconciler=reconciler,
+        interval=config.reconcile_interval_seconds,
+        executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix=name),
+        urgent=ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-woken"),
+    )
 
 
 def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.OperatorRegistry:
     """A kopf registry with the operator's handlers, bound to ``reconciler``."""
     registry = kopf.OperatorRegistry()
     reconciler.watch()
-    loops = _Loops(
-        reconciler=reconciler,
-        interval=config.reconcile_interval_seconds,
-        executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="reconcile"),
-    )
+    loops = loops_for(reconciler, config, "reconcile")
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -750,7 +846,7 @@ def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Operat
     @kopf.on.cleanup(registry=registry)
     async def shutdown(**_: Any) -> None:
         await loops.stop_all()
-        loops.executor.shutdown(wait=False, cancel_futures=True)
+        loops.shutdown()
 
     @kopf.on.event(s.GROUP, s.VERSION, s.PLURAL, registry=registry)
     async def job_event(
@@ -775,26 +871,20 @@ def make_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Operat
     async def pod_event(
         event: Mapping[str, Any], labels: Mapping[str, str], namespace: str | None, **_: Any
     ) -> None:
-        reconciler.observe_pod(event.get("type"), event.get("object") or {})
+        pod = event.get("object") or {}
+        reconciler.observe_pod(event.get("type"), pod)
         if namespace:
+            loops.place(event.get("type"), pod, (namespace, labels[LABEL_JOB]))
             loops.poke((namespace, labels[LABEL_JOB]))
 
     @kopf.on.event("", "v1", "nodes", registry=registry)
     async def node_event(event: Mapping[str, Any], name: str | None, **_: Any) -> None:
-        # Nodes report heartbeats constantly; only a change that matters wakes the jobs.
         if not name:
             return
-        # Every event feeds the node list (the pools' handler only wakes the pools).
+        # Every event feeds the node list, heartbeats too (the pools' handler only wakes
+        # the pools); only a change that matters wakes the jobs it concerns.
         reconciler.nodes.observe(event.get("type"), event.get("object") or {})
-        if event.get("type") == "DELETED":
-            loops.nodes.pop(name, None)
-            loops.poke_all()
-            return
-        view: NodeView = node_view(event.get("object") or {})
-        state = (view.ready, view.unschedulable, view.taint_keys)
-        if loops.nodes.get(name) != state:
-            loops.nodes[name] = state
-            loops.poke_all()
+        loops.node_changed(event.get("type"), name, event.get("object") or {})
 
     # Inference pools: their own loops, pod and node handlers (see poolhandlers).
     from cheapspot_operator.poolhandlers import PoolReconciler, register_pool_handlers

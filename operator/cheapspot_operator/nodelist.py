@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from cheapspot_operator.observed import BOUND_LIVE_PODS, NodeView, node_usage, node_view
@@ -73,6 +74,10 @@ class SharedNodeList:
         self._cache: WatchCache | None = None
         self._primed = Primed(resync, clock)
         self._views: dict[str, tuple[str, NodeView]] = {}
+        self._changes = 0
+        """Bumped whenever a node's view changes (not for heartbeats)."""
+        self._whole: tuple[int, Mapping[str, NodeView]] | None = None
+        """:meth:`views` without usage, and the ``_changes`` it was computed at."""
 
     def watch(self) -> None:
         """From now on the node watch feeds the list through :meth:`observe`; :meth:`get`
@@ -81,8 +86,14 @@ class SharedNodeList:
 
     def observe(self, event_type: str | None, node: dict[str, Any]) -> None:
         """A node watch event (kopf's type and object)."""
-        if self._cache is not None:
-            self._cache.observe(event_type, node)
+        cache = self._cache
+        if cache is not None:
+            before = cache.get("", str((node.get("metadata") or {}).get("name") or ""))
+            cache.observe(event_type, node)
+            # Counted after the cache holds the change: a mapping computed from the cache
+            # before it is tagged with the older count, so it is never trusted again.
+            if event_type == "DELETED" or before is None or node_view(before) != node_view(node):
+                self._changes += 1
         self.invalidate()
 
     def invalidate(self) -> None:
@@ -100,7 +111,8 @@ class SharedNodeList:
                 self.lists += 1
                 cache.merge_list("", items, at)
 
-            self._primed.prime("", prime)
+            if self._primed.prime("", prime):
+                self._changes += 1
             return cache.values()
         with self._lock:
             listed = self._listed
@@ -116,9 +128,27 @@ class SharedNodeList:
             self._listed = _Listed(items, generation, at)
             return items
 
-    def views(self, usage: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, NodeView]:
+    def views(
+        self, usage: Mapping[str, Mapping[str, float]] | None = None
+    ) -> Mapping[str, NodeView]:
         """The planner's view of every node, with what other pods request on it where
-        ``usage`` says. A node's view is computed once per version of it, not per reconcile."""
+        ``usage`` says. A node's view is computed once per version of it, not per reconcile;
+        without ``usage``, the whole mapping is computed again only after a node changed in a
+        way a view shows (heartbeats do not): every reconcile of every job reads it."""
+        whole = self._whole
+        if not usage and self._cache is not None:
+            self.get()  # primes (and counts it as a change) before the count is read
+            changes = self._changes
+            if whole is not None and whole[0] == changes:
+                return whole[1]
+            out = MappingProxyType(self._compute_views(None))
+            self._whole = (changes, out)
+            return out
+        return self._compute_views(usage)
+
+    def _compute_views(
+        self, usage: Mapping[str, Mapping[str, float]] | None
+    ) -> dict[str, NodeView]:
         out: dict[str, NodeView] = {}
         memo = self._views
         fresh: dict[str, tuple[str, NodeView]] = {}

@@ -47,7 +47,8 @@ class PlacementProfile:
         return self.spot_terms if capacity is CapacityType.SPOT else self.on_demand_terms
 
     def is_interrupted(self, taint_keys: frozenset[str] | set[str]) -> bool:
-        return any(k in taint_keys for k in self.interruption_taints)
+        # Called for every node by every plan: most nodes have no taint at all.
+        return bool(taint_keys) and any(k in taint_keys for k in self.interruption_taints)
 
     def with_overrides(
         self,

@@ -42,11 +42,10 @@ from cheapspot_operator import metrics
 from cheapspot_operator import poolspec as ps
 from cheapspot_operator import spec as s
 from cheapspot_operator.config import OperatorConfig
-from cheapspot_operator.handlers import _Loops, _owned_by, post_event
+from cheapspot_operator.handlers import _owned_by, loops_for, post_event
 from cheapspot_operator.kubeapi import ApiError, KubeApi
 from cheapspot_operator.manifests import Placement
 from cheapspot_operator.nodelist import SharedNodeList
-from cheapspot_operator.observed import NodeView, node_view
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.planning.pool import (
@@ -451,16 +450,12 @@ def register_pool_handlers(
     registry: kopf.OperatorRegistry, reconciler: PoolReconciler, config: OperatorConfig
 ) -> None:
     """The pools' kopf handlers: one loop per pool, poked by its pods and by node changes."""
-    loops = _Loops(
-        reconciler=reconciler,
-        interval=config.reconcile_interval_seconds,
-        executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="reconcile-pool"),
-    )
+    loops = loops_for(reconciler, config, "reconcile-pool")
 
     @kopf.on.cleanup(registry=registry)
     async def pool_shutdown(**_: Any) -> None:
         await loops.stop_all()
-        loops.executor.shutdown(wait=False, cancel_futures=True)
+        loops.shutdown()
 
     @kopf.on.event(s.GROUP, s.VERSION, ps.PLURAL, registry=registry)
     async def pool_event(
@@ -474,21 +469,16 @@ def register_pool_handlers(
             loops.ensure((namespace, name))
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_POOL: kopf.PRESENT}, registry=registry)
-    async def pool_pod_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    async def pool_pod_event(
+        event: Mapping[str, Any], labels: Mapping[str, str], namespace: str | None, **_: Any
+    ) -> None:
         if namespace:
-            loops.poke((namespace, labels[LABEL_POOL]))
+            key = (namespace, labels[LABEL_POOL])
+            loops.place(event.get("type"), event.get("object") or {}, key)
+            loops.poke(key)
 
     @kopf.on.event("", "v1", "nodes", registry=registry)
     async def pool_node_event(event: Mapping[str, Any], name: str | None, **_: Any) -> None:
-        if not name:
-            return
         # The node list itself is fed by the jobs' node handler, registered first.
-        if event.get("type") == "DELETED":
-            loops.nodes.pop(name, None)
-            loops.poke_all()
-            return
-        view: NodeView = node_view(event.get("object") or {})
-        state = (view.ready, view.unschedulable, view.taint_keys)
-        if loops.nodes.get(name) != state:
-            loops.nodes[name] = state
-            loops.poke_all()
+        if name:
+            loops.node_changed(event.get("type"), name, event.get("object") or {})

@@ -184,12 +184,13 @@ class Primed:
         self.lists = 0
         """LISTs made so far."""
 
-    def prime(self, namespace: str, do_list: Callable[[], None]) -> None:
-        """Run ``do_list`` if ``namespace`` is due (at most one LIST at a time)."""
+    def prime(self, namespace: str, do_list: Callable[[], None]) -> bool:
+        """Run ``do_list`` if ``namespace`` is due (at most one LIST at a time); whether it ran."""
         with self._lock:
             at = self._at.get(namespace)
             if at is not None and self.clock() - at < self.resync:
-                return
+                return False
             do_list()
             self.lists += 1
             self._at[namespace] = self.clock()
+            return True

@@ -30,13 +30,13 @@ def test_a_budget_suspends_a_running_job_and_raising_it_resumes(h: Harness) -> N
     assert (cond["status"], cond["reason"]) == ("False", "BudgetExceeded")
     suspended = h.condition("bud", "Suspended") or {}
     assert (suspended["status"], suspended["reason"]) == ("True", "BudgetExceeded")
-    reasons = {e["reason"] for e in h.events("bud")}
-    assert {"BudgetExceeded", "Suspended"} <= reasons
+    h.wait_event("bud", "BudgetExceeded")
+    h.wait_event("bud", "Suspended")
     wait_for("no pods left", lambda: h.live_pods("bud") == [], timeout_s=60)
     assert h.status("bud")["budget"]["exceededAtLimitUSD"] == 0.001
 
     h.api.merge_patch(jobs_path(h.namespace, "bud"), {"spec": {"budget": {"limitUSD": 50}}})
     wait_for("running again", lambda: h.running_on_nodes("bud", 3), timeout_s=90)
-    assert "Resumed" in {e["reason"] for e in h.events("bud")}
+    h.wait_event("bud", "Resumed")
     cond = h.condition("bud", "WithinBudget") or {}
     assert cond["status"] == "True"

@@ -54,7 +54,11 @@ def test_a_store_outage_stopping_every_shard_does_not_fail_the_job(h: Harness) -
     assert not set(second) & set(first)
     status = h.status("outage")
     assert status["restarts"] == 0 and status["phase"] == "Running"
-    assert sum(e["reason"] == "TransientFailure" for e in h.events("outage")) >= 3
+    wait_for(
+        "three TransientFailure events",
+        lambda: sum(e["reason"] == "TransientFailure" for e in h.events("outage")) >= 3,
+        timeout_s=10,
+    )
 
 
 def test_a_crash_whose_node_then_gets_a_notice_spends_the_restart_budget(h: Harness) -> None:
@@ -89,10 +93,7 @@ def test_pods_the_api_server_refuses_are_reported_then_fail_the_job(refused: Har
 
     cond = wait_for("the refusal on the Progressing condition", reported, timeout_s=30)
     assert "no-such-account" in cond["message"]
-    assert any(
-        e["reason"] == "PodNotStarting" and "no-such-account" in e["message"]
-        for e in h.events("nosa")
-    )
+    assert "no-such-account" in h.wait_event("nosa", "PodNotStarting")["message"]
     wait_for("the job to fail", lambda: h.status("nosa").get("phase") == "Failed", timeout_s=40)
     done = h.condition("nosa", "Succeeded") or {}
     assert done["reason"] == "CreateRefused" and "no-such-account" in done["message"]

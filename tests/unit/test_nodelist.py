@@ -148,5 +148,24 @@ def test_a_node_view_is_made_once_per_version_unless_pods_use_the_node() -> None
     assert nodes.views()["n"] is first
     used = nodes.views({"n": {"nvidia.com/gpu": 1.0}})["n"]
     assert used.requested == {"nvidia.com/gpu": 1.0} and first.requested == {}
-    nodes.observe("MODIFIED", {**_node("n", 5)})
+    nodes.observe("MODIFIED", _node("n", 5, ["cheapspot.dev/interruption"]))
     assert nodes.views()["n"] is not first
+
+
+def test_the_views_are_computed_again_only_after_a_change_a_view_shows() -> None:
+    api = FakeApi()
+    nodes = SharedNodeList(api)
+    nodes.watch()
+    nodes.observe("ADDED", _node("m", 1))
+    first = nodes.views()
+    assert set(first) == {"m", "n"}
+    nodes.observe("MODIFIED", _node("m", 2))  # a heartbeat: a new version, the same view
+    assert nodes.views() is first
+    nodes.observe("MODIFIED", _node("m", 3, ["cheapspot.dev/interruption"]))
+    second = nodes.views()
+    assert second is not first and second["m"].taint_keys == {"cheapspot.dev/interruption"}
+    nodes.observe("DELETED", _node("m", 4))
+    assert set(nodes.views()) == {"n"}
+    with_usage = nodes.views({"n": {"nvidia.com/gpu": 1.0}})
+    assert with_usage["n"].requested == {"nvidia.com/gpu": 1.0}
+    assert nodes.views()["n"].requested == {}

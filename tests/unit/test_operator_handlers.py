@@ -298,13 +298,112 @@ def test_the_loop_of_a_finished_job_ends() -> None:
 
     async def run() -> int:
         fake = Finishes()
-        loops = _Loops(fake, 0.01, ThreadPoolExecutor(max_workers=1))  # type: ignore[arg-type]
+        one = ThreadPoolExecutor(max_workers=1)
+        loops = _Loops(fake, 0.01, one, one)  # type: ignore[arg-type]
         loops.ensure(("ns", "job"))
         await asyncio.sleep(0.5)
         assert loops.tasks == {}
         return fake.calls
 
     assert asyncio.run(run()) == 2
+
+
+def _node(name: str, taints: tuple[str, ...] = (), ready: bool = True) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "spec": {"taints": [{"key": k, "effect": "NoSchedule"} for k in taints]},
+        "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+def _bound(name: str, node: str) -> dict[str, Any]:
+    return {"metadata": {"namespace": "ns", "name": name}, "spec": {"nodeName": node}}
+
+
+def test_a_node_change_wakes_the_jobs_on_it_and_new_room_wakes_everyone() -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cheapspot_operator.handlers import _Loops
+
+    notice = "cheapspot.dev/interruption"
+
+    async def run() -> None:
+        one = ThreadPoolExecutor(max_workers=1)
+        loops = _Loops(None, 60, one, one)  # type: ignore[arg-type]
+        a, b, c = ("ns", "a"), ("ns", "b"), ("ns", "c")
+        for key in (a, b, c):
+            loops.pokes[key] = asyncio.Event()
+
+        def woken() -> set[str]:
+            out = {k[1] for k, e in loops.pokes.items() if e.is_set()}
+            for e in loops.pokes.values():
+                e.clear()
+            return out
+
+        for name in ("n1", "n2"):
+            loops.node_changed("ADDED", name, _node(name))
+        assert woken() == {"a", "b", "c"}  # new nodes: room for anyone waiting
+        loops.place("ADDED", _bound("a-0", ""), a)  # not scheduled yet
+        loops.place("MODIFIED", _bound("a-0", "n1"), a)
+        loops.place("MODIFIED", _bound("b-0", "n2"), b)
+        loops.node_changed("MODIFIED", "n1", _node("n1"))  # a heartbeat
+        assert woken() == set()
+        loops.node_changed("MODIFIED", "n1", _node("n1", (notice,)))
+        assert woken() == {"a"}
+        loops.node_changed("MODIFIED", "n2", _node("n2", ready=False))
+        assert woken() == {"b"}
+        loops.place("DELETED", _bound("b-0", "n2"), b)
+        loops.node_changed("DELETED", "n2", _node("n2"))
+        assert woken() == set()
+        loops.node_changed("MODIFIED", "n1", _node("n1"))  # the notice taken back
+        assert woken() == {"a", "b", "c"}
+
+    asyncio.run(run())
+
+
+def test_a_woken_loop_never_waits_behind_the_timer_ticks() -> None:
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cheapspot_operator.handlers import _Loops
+
+    class Records:
+        def __init__(self) -> None:
+            self.threads: list[tuple[str, str]] = []
+
+        def reconcile(self, namespace: str, name: str) -> list[Any]:
+            self.threads.append((name, threading.current_thread().name))
+            return []
+
+        def finished(self, namespace: str, name: str) -> bool:
+            return False
+
+    async def run() -> list[tuple[str, str]]:
+        fake = Records()
+        ticks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tick")
+        woken = ThreadPoolExecutor(max_workers=1, thread_name_prefix="woken")
+        loops = _Loops(fake, 0.05, ticks, woken)  # type: ignore[arg-type]
+        loops.ensure(("ns", "job"))
+        for _ in range(200):  # the first pass (woken), then timer ticks
+            await asyncio.sleep(0.01)
+            if len(fake.threads) >= 3:
+                break
+        seen = len(fake.threads)
+        loops.poke(("ns", "job"))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if any(t.startswith("woken") for _, t in fake.threads[seen:]):
+                break
+        await loops.stop_all()
+        return [t.split("_")[0] for _, t in fake.threads[:seen]] + [
+            "after: " + ",".join(sorted({t.split("_")[0] for _, t in fake.threads[seen:]}))
+        ]
+
+    threads = asyncio.run(run())
+    assert threads[0] == "woken" and set(threads[1:-1]) == {"tick"}
+    assert "woken" in threads[-1]
 
 
 def test_a_slow_store_does_not_hold_up_a_reconciliation() -> None:
