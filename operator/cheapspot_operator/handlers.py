@@ -669,13 +669,6 @@ def _node_state(node: Mapping[str, Any]) -> NodeState:
     return (view.ready, view.unschedulable, view.taint_keys)
 
 
-def _gained(before: NodeState, after: NodeState) -> bool:
-    """The node may take pods it could not before: ready, schedulable again, a taint gone."""
-    return (
-        (after[0] and not before[0]) or (before[1] and not after[1]) or bool(before[2] - after[2])
-    )
-
-
 @dataclass
 class _Loops:
     """One reconcile task per object, the event that wakes it early, and which objects have
@@ -711,10 +704,6 @@ class _Loops:
         if event is not None:
             event.set()
 
-    def poke_all(self) -> None:
-        for event in self.pokes.values():
-            event.set()
-
     def place(self, event_type: str | None, pod: Mapping[str, Any], owner: Key) -> None:
         """A pod watch event: remember the node the pod is bound to (none once deleted)."""
         meta = pod.get("metadata") or {}
@@ -737,22 +726,20 @@ class _Loops:
             self.on_node.setdefault(node, {})[key] = owner
 
     def node_changed(self, event_type: str | None, name: str, node: Mapping[str, Any]) -> None:
-        """A node watch event. Heartbeats wake nobody. A change that matters wakes the
-        objects with pods on the node (a notice, NotReady, deleted); one that may bring
-        capacity (a new node, ready or schedulable again, a taint gone) wakes every loop,
-        since any of them may be waiting for room."""
+        """A node watch event. Heartbeats wake nobody; a change that matters (a notice,
+        NotReady, cordoned, deleted) wakes the objects with pods on the node, and only them.
+        Room that appears (a new node, one ready again) wakes nobody: the scheduler places
+        pending pods, and every loop's next timer tick sees the node. Waking every loop on
+        every such change made a thousand flapping nodes a storm of reconciles."""
         if event_type == "DELETED":
             self.nodes.pop(name, None)
             self._poke_owners(name)
             return
         state = _node_state(node)
-        before = self.nodes.get(name)
-        if before == state:
+        if self.nodes.get(name) == state:
             return
         self.nodes[name] = state
         self._poke_owners(name)
-        if before is None or _gained(before, state):
-            self.poke_all()
 
     def _poke_owners(self, node: str) -> None:
         for owner in set((self.on_node.get(node) or {}).values()):
@@ -809,7 +796,7 @@ def loops_for(reconciler: Reconciles, config: OperatorConfig, name: str) -> _Loo
         reconciler=reconciler,
         interval=config.reconcile_interval_seconds,
         executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix=name),
-        urgent=ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-woken"),
+        urgent=ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{name}-woken"),
     )
 
 
