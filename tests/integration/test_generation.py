@@ -11,8 +11,9 @@ through the real training path on the records the teacher generated, moves towar
 teacher: its KL to the teacher on held-out prompts (prompts none of the generated records
 has) falls well below where it started.
 
-Needs the serving environment (`make serve-venv`, which `make test` builds). Four workers
-start, each loading vLLM: a few minutes on a two-core machine.
+Needs the serving environment (`make serve-venv`, which `make test` builds). Four generate
+workers start, each loading vLLM, and one training job (an anchor and a shard, 40 steps):
+a few minutes on a two-core machine.
 """
 
 from __future__ import annotations
