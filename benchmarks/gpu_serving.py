@@ -1,9 +1,10 @@
 """Serving throughput on the GPU through vLLM (offline batched generation), the engine the
-serving replicas run. Runs in the serving environment (``.venv-serve``: vLLM pins its own
-torch), on a model directory built beforehand by the project's environment:
+serving replicas run. Runs in the CUDA serving environment (``make serve-venv-cuda`` builds
+``.venv-serve-cuda`` with the ``vllm`` package; vLLM pins its own torch), on a model
+directory built beforehand by the project's environment:
 
     .venv/bin/python -m cheapspot_worker.tiny model /tmp/m --arch qwen2
-    .venv-serve/bin/python benchmarks/gpu_serving.py --model /tmp/m --out serving.json
+    .venv-serve-cuda/bin/python benchmarks/gpu_serving.py --model /tmp/m --out serving.json
 
 Generated tokens per second for 256 prompts of 64 new tokens each (``ignore_eos``, so every
 request generates all of them), after one warm-up batch. Part of ``benchmarks/gpu_check.sh``.

@@ -90,6 +90,103 @@ def test_a_reclaim_during_generation_replaces_the_pod_without_spending_restarts(
     assert "generator 0" in w.status.message
 
 
+def _generator_on_demand_after_fallback() -> World:
+    spot = {"fallbackAfterSeconds": 10, "returnAfterSeconds": 0}
+    w = World(spec=make_job(shards=1, distillation=SEQUENCES, spot=spot))
+    w.step()
+    w.set_pod("qa-lora-gen-0-0", node_name="", unschedulable_since=w.clock.now)
+    w.step(10)
+    assert [(c.index, c.capacity) for c in w.creates()] == [(G0, CapacityType.ON_DEMAND)]
+    assert [e.message for e in w.events("FellBackToOnDemand")] == [
+        "generator 0: no spot capacity for 10s"
+    ]
+    w.run_all()
+    w.step(1)
+    assert w.pods["qa-lora-gen-0-1"].capacity == "on-demand"
+    return w
+
+
+def test_a_generation_shard_returns_to_spot_between_chunks_like_a_training_shard() -> None:
+    w = _generator_on_demand_after_fallback()
+    # Still loading the teacher: nothing generated to keep, but nothing gained yet either.
+    w.progress[G0] = make_progress(G0, phase=Phase.LOADING, step=0, total_steps=40)
+    w.step(1)
+    assert w.creates() == []
+    # Generating, with more left than the chunk in progress (4 records): it moves; the
+    # leaving pod finishes and publishes that chunk on its SIGTERM.
+    w.progress[G0] = make_progress(G0, phase=Phase.GENERATING, step=12, total_steps=40)
+    w.step(1)
+    (create,) = w.creates()
+    assert (create.index, create.attempt, create.capacity) == (G0, 2, CapacityType.SPOT)
+    assert [d.name for d in w.deletes()] == ["qa-lora-gen-0-1"]
+    assert [e.message for e in w.events("ReturnedToSpot")] == ["generator 0: a spot GPU is free"]
+    assert w.status.restarts == 0 and w.status.preemptions == 0
+    assert w.status.generators[0].fallback_reason == ""
+
+
+def test_a_generation_shard_with_only_its_last_chunk_left_stays_on_demand() -> None:
+    w = _generator_on_demand_after_fallback()
+    w.progress[G0] = make_progress(G0, phase=Phase.GENERATING, step=36, total_steps=40)
+    w.step(1)
+    assert w.creates() == [] and w.deletes() == []
+    assert w.status.generators[0].capacity_type is CapacityType.ON_DEMAND
+
+
+def _generating_with_a_deadline(max_duration: str, policy: str = "CheapSpot") -> World:
+    """1 generation shard of 1000 records: after 1000 s Running it has published 100, so it
+    measures 10 s a record: 10000 s of work, 9000 s left. Changeover 600 s."""
+    spec = make_job(
+        shards=1,
+        distillation=SEQUENCES,
+        deadline={"changeoverSeconds": 600, "maxDuration": max_duration, "policy": policy},
+        spot={"fallbackAfterSeconds": 3600, "maxPreemptionsPerHour": 0},
+    )
+    w = World(spec=spec).started()
+    w.progress[G0] = make_progress(G0, phase=Phase.GENERATING, step=100, total_steps=1000)
+    w.step(1000)
+    return w
+
+
+def test_the_deadline_counts_the_generation_phase_and_reserves_the_trainings_start() -> None:
+    w = _generating_with_a_deadline("10h")
+    assert w.status.generators[0].running_seconds == 1000
+    d = w.status.deadline
+    assert d is not None
+    assert d.remaining_work_seconds == 9000
+    # The generation is held to the deadline less one changeover: training starts after it.
+    assert d.slack_seconds == 36000 - 600 - 1000 - 9000
+    assert d.on_demand_shards == []
+
+
+@pytest.mark.parametrize(
+    ("max_duration", "after_wait"),
+    [
+        # 3h8m20s = 11300 s: 699 s of slack once the training's start is reserved, below
+        # Greedy's safety net; without the reservation it would be 1299 s and Greedy would
+        # still wait for spot.
+        ("3h8m20s", CapacityType.ON_DEMAND),
+        ("10h", CapacityType.SPOT),
+    ],
+)
+def test_when_spot_is_taken_away_the_deadline_decides_where_a_generation_shard_runs(
+    max_duration: str, after_wait: CapacityType
+) -> None:
+    w = _generating_with_a_deadline(max_duration, policy="Greedy")
+    for name in ("spot-1", "spot-2"):
+        w.nodes[name] = make_node(name, taints=PROFILES["local"].interruption_taints)
+    w.step(1)
+    (create,) = w.creates()
+    assert (create.index, create.capacity) == (G0, CapacityType.SPOT)
+    assert w.status.restarts == 0
+    w.step(300)  # the replacement waits for spot, Pending
+    slot = w.status.generators[0]
+    assert slot.capacity_type is after_wait
+    if after_wait is CapacityType.ON_DEMAND:
+        assert slot.fallback_reason == "Deadline"
+        assert w.pods[slot.pod].capacity == "on-demand"
+        assert w.status.deadline is not None and w.status.deadline.on_demand_shards == []
+
+
 def test_a_permanent_generation_error_fails_the_job_with_its_message() -> None:
     w = _world().started()
     w.set_pod(

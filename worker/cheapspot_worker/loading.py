@@ -142,7 +142,7 @@ def check_quantization(source: ModelSource, what: str = "model") -> Any:
             "on GPU nodes"
         )
     try:
-        import bitsandbytes  # type: ignore[import-not-found]  # noqa: F401
+        import bitsandbytes  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
     except ImportError as exc:
         raise PermanentError(
             f"{what}.quantization {source.quantization.value} needs the bitsandbytes package, "

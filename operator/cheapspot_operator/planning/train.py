@@ -36,9 +36,10 @@ an event naming the cause; after ``failurePolicy.startTimeoutSeconds`` the job f
 Fallback: a spot shard pending Unschedulable for ``spot.fallbackAfterSeconds`` (measured
 from the condition's ``lastTransitionTime``), or any shard while the job is preempted more
 than ``spot.maxPreemptionsPerHour``, moves to on-demand. It returns to spot at its next round
-boundary (progress phase ``waiting``) once a matching spot node (ready, schedulable, no
-notice) has had a free GPU for ``spot.returnAfterSeconds`` (``status.spotFreeSince``), and
-only as many shards return in one pass as there are free GPUs for them.
+boundary (progress phase ``waiting``; a generation shard between chunks, see
+:func:`generator_can_move`) once a matching spot node (ready, schedulable, no notice) has had
+a free GPU for ``spot.returnAfterSeconds`` (``status.spotFreeSince``), and only as many
+shards return in one pass as there are free GPUs for them.
 """
 
 from __future__ import annotations
@@ -123,6 +124,18 @@ def pod_name(job_name: str, index: int, attempt: int) -> str:
 
 def at_round_boundary(progress: Progress | None) -> bool:
     return progress is not None and progress.phase in (Phase.WAITING, Phase.DONE)
+
+
+def generator_can_move(progress: Progress | None, records_per_chunk: int) -> bool:
+    """A generation shard's pod may move (back to spot) without losing work: it is
+    generating, and more than the chunk in progress is left, which the leaving pod finishes
+    and publishes on its SIGTERM; its replacement regenerates only the chunks not published.
+    With no more than that chunk left a move would gain nothing and cost a teacher load."""
+    return (
+        progress is not None
+        and progress.phase is Phase.GENERATING
+        and progress.total_steps - progress.step > records_per_chunk
+    )
 
 
 def _fresh_slot(slot: ShardStatus, capacity: CapacityType, reason: str) -> ShardStatus:
@@ -218,7 +231,7 @@ def plan(spec: TrainJobSpec, obs: Observed, now: datetime) -> list[Action]:
 def _watch_spot_room(work: _Plan) -> None:
     """Hysteresis for the return to spot: free spot GPUs must stay free for a while."""
     st, spec, now = work.status, work.spec, work.now
-    if not any(s.fallback_reason for s in st.shards):
+    if not any(s.fallback_reason for s in [*st.shards, *st.generators]):
         st.spot_free_since = None
         return
     r = spec.resources
@@ -685,12 +698,20 @@ def _desired_capacity(
 def _maybe_move(
     work: _Plan, slot: ShardStatus, pod: PodView, progress: Progress | None
 ) -> ShardStatus:
-    """Fallback to on-demand and return to spot for a healthy shard pod."""
+    """Fallback to on-demand and return to spot for a healthy shard or generation pod."""
     if slot.index == ANCHOR_INDEX:
         return slot
     st, spec, obs, now, avoid = work.status, work.spec, work.obs, work.now, work.avoid
     limit = spec.spot.max_preemptions_per_hour
-    what = f"shard {slot.index}"
+    what = slot_name(slot.index)
+    # Where a running pod may move without losing work: a training shard between rounds, a
+    # generation shard between chunks.
+    if is_generator(slot.index):
+        assert spec.distillation is not None
+        chunk = spec.distillation.sampling.records_per_chunk
+        movable = generator_can_move(progress, chunk)
+    else:
+        movable = at_round_boundary(progress)
     desired = slot.capacity_type
     reason = slot.fallback_reason
     if desired is CapacityType.SPOT and _deadline_wants_on_demand(work, slot):
@@ -728,7 +749,7 @@ def _maybe_move(
             if slot.fallback_reason == train_deadline.REASON
             else not _deadline_wants_on_demand(work, slot)
         )
-        and at_round_boundary(progress)
+        and movable
         and not _rate_exceeded(st, limit)
         and not _over_preemption_cap(st, spec)
         and work.spot_room > 0
@@ -738,8 +759,8 @@ def _maybe_move(
     slot = slot.model_copy(update={"capacity_type": desired, "fallback_reason": reason})
     if pod.capacity == desired.value:
         return slot
-    # Move now if the pod has not started work, else at the round boundary (no work lost).
-    if pod.phase == "Pending" or at_round_boundary(progress):
+    # Move now if the pod has not started work, else at a boundary (no work lost).
+    if pod.phase == "Pending" or movable:
         if desired is CapacityType.SPOT:
             work.event("Normal", "ReturnedToSpot", f"{what}: a spot GPU is free")
         slot = _fresh_slot(slot, desired, reason)

@@ -6,6 +6,13 @@ over the steps it has made, redone steps included, so load and restore time coun
 progress is its step, and the policy (``spec.deadline.policy``) chooses spot, on-demand or
 waiting for spot. The train planner keeps a shard on on-demand while its choice is on-demand;
 a shard without a measured step rate yet is left to the planner's usual rules.
+
+In sequences-mode distillation the generation shards come first, and while any of them works
+they are the workers: a generation shard's work is its records (its progress record's
+``total_steps``) times its measured seconds per published record, measured the same way.
+Training has yet to start after them, and how long it takes is not known before a training
+shard has made a step, so the generation phase is held to the deadline less one changeover
+(the training pods' start): an estimate that counts the training's start but not its steps.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from cheapspot_operator.observed import Observed
+from cheapspot_operator.observed import Observed, is_generator
 from cheapspot_operator.phases import JobPhase
 from cheapspot_operator.planning.deadline import Mode, Policy, Situation, decide
 from cheapspot_operator.planning.preemption import spot_available
@@ -122,13 +129,19 @@ def evaluate(
     capacity: dict[int, CapacityType] = {}
     remaining: list[float] = []
     slacks: list[float] = []
-    for slot in status.shards:
+    generating = any(not g.done for g in status.generators)
+    # While generating, the generation shards are the workers, and the training phase
+    # still has to start after them.
+    workers = status.generators if generating else status.shards
+    until = deadline - changeover if generating else deadline
+    for slot in workers:
         if slot.done:
             continue
         progress = obs.progress.get(slot.index)
         steps = progress.step if progress else 0
+        total = progress.total_steps if generating and progress else spec.training.steps
         rate = seconds_per_step(slot, status, obs, now)
-        if rate is None:
+        if rate is None or total <= 0:
             continue
         if slot.pod_phase == "Running":
             mode = Mode(slot.capacity_type.value)
@@ -139,9 +152,9 @@ def evaluate(
             mode, left = Mode.NONE, 0.0
         s = Situation(
             now=elapsed,
-            deadline=deadline,
-            work=spec.training.steps * rate,
-            done=min(steps, spec.training.steps) * rate,
+            deadline=until,
+            work=total * rate,
+            done=min(steps, total) * rate,
             mode=mode,
             spot_available=spot,
             changeover=changeover,
@@ -166,8 +179,15 @@ def evaluate(
 def _quiet(st: TrainJobStatus) -> TrainJobStatus:
     """The status without what accrues with time alone."""
     shards = [s.model_copy(update={"running_seconds": 0.0}) for s in st.shards]
+    generators = [s.model_copy(update={"running_seconds": 0.0}) for s in st.generators]
     return st.model_copy(
-        update={"cost": None, "deadline": None, "shards": shards, "running_accrued_at": None}
+        update={
+            "cost": None,
+            "deadline": None,
+            "shards": shards,
+            "generators": generators,
+            "running_accrued_at": None,
+        }
     )
 
 
@@ -178,8 +198,9 @@ def accrue(
     now: datetime,
     every: timedelta = ACCRUAL_INTERVAL,
 ) -> None:
-    """Add Running time to each shard (every job: the step rate also prices lost work and
-    the budget's horizon) and record the deadline's figures in ``st.deadline``.
+    """Add Running time to each shard and generation shard (every job: the step rate also
+    prices lost work and the budget's horizon) and record the deadline's figures in
+    ``st.deadline``.
 
     At most ``every`` (the operator's ``statusRefreshSeconds``) unless something else in the
     status changed; never once the job is finished.
@@ -194,13 +215,18 @@ def accrue(
         if elapsed < every and _quiet(st) == _quiet(prev):
             return
         seconds = elapsed.total_seconds()
-        prev_running = {s.index: s.pod_phase == "Running" for s in prev.shards}
-        st.shards = [
-            s.model_copy(update={"running_seconds": round(s.running_seconds + seconds, 3)})
-            if prev_running.get(s.index) and not s.done
-            else s
-            for s in st.shards
-        ]
+        prev_running = {s.index: s.pod_phase == "Running" for s in [*prev.shards, *prev.generators]}
+
+        def add(slots: list[ShardStatus]) -> list[ShardStatus]:
+            return [
+                s.model_copy(update={"running_seconds": round(s.running_seconds + seconds, 3)})
+                if prev_running.get(s.index) and not s.done
+                else s
+                for s in slots
+            ]
+
+        st.shards = add(st.shards)
+        st.generators = add(st.generators)
     st.running_accrued_at = now
     if view is None:
         st.deadline = None
@@ -210,5 +236,11 @@ def accrue(
         evaluated_at=now,
         remaining_work_seconds=None if view.remaining_work is None else round(view.remaining_work),
         slack_seconds=None if view.slack is None else round(view.slack),
-        on_demand_shards=sorted(i for i, c in view.capacity.items() if c is CapacityType.ON_DEMAND),
+        # Training shards only: a generation shard the deadline keeps on on-demand says so in
+        # its own status (status.generators[].fallbackReason).
+        on_demand_shards=sorted(
+            i
+            for i, c in view.capacity.items()
+            if c is CapacityType.ON_DEMAND and not is_generator(i)
+        ),
     )
