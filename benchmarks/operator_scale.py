@@ -136,7 +136,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def burst(h: Any, cluster: Any, count: int) -> list[float]:
     """Reclaim ``count`` spot nodes running shards at once; seconds from each node's notice
-    to the replacement of each shard on it being created."""
+    (its interruption taint seen on a node watch) to the replacement of each shard on it
+    being created."""
     import threading
 
     from kubernetes import client, watch
@@ -160,6 +161,7 @@ def burst(h: Any, cluster: Any, count: int) -> list[float]:
             slot = (m["job"], int(m["shard"]), int(m["attempt"]))
             on_node.setdefault(node, []).append(slot)
     victims = sorted(on_node)[:count]
+    nodes_version = core.list_node(limit=1).metadata.resource_version
     watched = {(j, s): a for node in victims for (j, s, a) in on_node[node]}
     created: dict[tuple[str, int], float] = {}
     done = threading.Event()
@@ -182,8 +184,29 @@ def burst(h: Any, cluster: Any, count: int) -> list[float]:
             if not done.is_set():
                 print(f"  the pod watch ended: {exc}", flush=True)
 
+    # When each notice is on the API server, as any watcher sees it: 50 reclaim threads of
+    # this process apply their taints over a few seconds, and the operator can only react to
+    # a notice that exists.
+    interruption = {t.key for t in profile.interruption_taints}
+    tainted: dict[str, float] = {}
+
+    def follow_nodes() -> None:
+        w = watch.Watch()
+        try:
+            for event in w.stream(core.list_node, resource_version=nodes_version):
+                node = event["object"]
+                keys = {t.key for t in node.spec.taints or []}
+                if node.metadata.name in victims and keys & interruption:
+                    tainted.setdefault(node.metadata.name, time.monotonic())
+                if done.is_set() or len(tainted) == len(victims):
+                    w.stop()
+        except Exception as exc:
+            if not done.is_set():
+                print(f"  the node watch ended: {exc}", flush=True)
+
     watcher = threading.Thread(target=follow, daemon=True)
     watcher.start()
+    threading.Thread(target=follow_nodes, daemon=True).start()
     time.sleep(1)
     notices: dict[str, float] = {}
     futures = []
@@ -207,11 +230,29 @@ def burst(h: Any, cluster: Any, count: int) -> list[float]:
     if unfinished:
         print(f"  {len(unfinished)} node removals did not finish, e.g. {unfinished[0]}")
     latencies = [
+        created[(j, s)] - tainted.get(node, notices[node])
+        for node in victims
+        for (j, s, _a) in on_node[node]
+        if (j, s) in created
+    ]
+    requested = [
         created[(j, s)] - notices[node]
         for node in victims
         for (j, s, _a) in on_node[node]
         if (j, s) in created
     ]
+    apply = sorted(tainted[n] - notices[n] for n in victims if n in tainted)
+    if apply:
+        print(
+            f"  the notices reached the API server {percentile(apply, 0.5):.2f} s (p50), "
+            f"{apply[-1]:.2f} s (max) after this process asked; {len(victims) - len(apply)} "
+            "not seen (timed from the request)"
+        )
+    if requested:
+        print(
+            f"  from the request of each notice (not its arrival): p50 "
+            f"{percentile(requested, 0.5):.2f} s, p99 {percentile(requested, 0.99):.2f} s"
+        )
     missing = len(watched) - len(latencies)
     if missing:
         print(f"  {missing} shards had no replacement within 120 s")
