@@ -77,4 +77,4 @@ kind-down: venv
 	$(VENV)/bin/cheapspot kind down
 
 e2e-kind: cluster-binaries
-	CHEAPSPOT_KIND=1 $(PYTEST) e2e -k kind -q
+	CHEAPSPOT_KIND=1 $(PYTEST) e2e/test_scenarios.py -k kind -q

@@ -54,13 +54,16 @@ CAPACITY = PROFILE.capacity_label
 INTERRUPTION = PROFILE.interruption_taints[0].key
 GPU = "nvidia.com/gpu"
 INSTANCE_TYPE = "g5.xlarge"
-# (capacity type, zone) of each worker node; the control plane runs nothing of cheapspot's.
+# (capacity type, zone, GPUs) of each worker node; the control plane runs nothing of
+# cheapspot's. Few nodes: every node holds its own copy of the worker image (torch with its
+# CUDA libraries, about 6 GB). Two spot nodes, so a scenario can reclaim two shards' nodes in
+# turn; one on-demand node with room for the anchor and both shards when spot is gone.
 WORKERS = [
-    (CapacityType.SPOT, "zone-a"),
-    (CapacityType.SPOT, "zone-b"),
-    (CapacityType.ON_DEMAND, "zone-a"),
-    (CapacityType.ON_DEMAND, "zone-b"),
+    (CapacityType.SPOT, "zone-a", 1),
+    (CapacityType.SPOT, "zone-b", 1),
+    (CapacityType.ON_DEMAND, "zone-a", 2),
 ]
+GPUS_LABEL = "cheapspot.dev/e2e-gpus"
 
 Progress = Callable[[str], None]
 
@@ -90,15 +93,20 @@ def not_requested() -> str:
     return "the kind tier runs with `make e2e-kind` (CHEAPSPOT_KIND=1); it builds for ~30 min cold"
 
 
+def keep() -> bool:
+    """CHEAPSPOT_KIND_KEEP=1: keep the cluster after a run and reuse it in the next."""
+    return os.environ.get("CHEAPSPOT_KIND_KEEP") == "1"
+
+
 def kind_config(
     quirks: HostQuirks,
     profile: Profile = PROFILE,
-    workers: list[tuple[CapacityType, str]] = WORKERS,
+    workers: list[tuple[CapacityType, str, int]] = WORKERS,
 ) -> dict[str, Any]:
     """kind's cluster configuration: nodes labelled per the placement profile, the pod
     network of the node image (no kindnetd), component images as built, host quirks."""
     nodes: list[dict[str, Any]] = [{"role": "control-plane"}]
-    for capacity, zone in workers:
+    for capacity, zone, gpus in workers:
         nodes.append(
             {
                 "role": "worker",
@@ -106,6 +114,7 @@ def kind_config(
                     **profile.capacity_labels(capacity),
                     "node.kubernetes.io/instance-type": INSTANCE_TYPE,
                     "topology.kubernetes.io/zone": zone,
+                    GPUS_LABEL: str(gpus),
                 },
             }
         )
@@ -209,9 +218,62 @@ class KindCluster:
             check=False,
         )
 
-    def load(self, *images: str) -> None:
-        for image in images:
-            self.kind("load", "docker-image", image, "--name", self.name)
+    def load(self, image: str, nodes: list[str] | None = None) -> None:
+        """Import a local Docker image into each node's containerd, one node at a time.
+
+        ``kind load`` imports into all nodes at once and keeps each layer twice (the imported
+        blob and the unpacked snapshot): for a worker image of several GB (torch with its CUDA
+        libraries) that is more disk than a small machine has. Here each node gets the image
+        streamed from ``docker save``, then drops the layer blobs it unpacked, as containerd's
+        own ``discard_unpacked_layers`` does for pulled images.
+        """
+        image_id = _run("docker", "image", "inspect", "-f", "{{.Id}}", image).strip()
+        for node in nodes if nodes is not None else self.node_names():
+            if self._config_digest(node, image) == image_id:
+                continue  # this very image is there already
+            save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+            done = subprocess.run(
+                ["docker", "exec", "-i", node, "ctr", "--namespace=k8s.io", "images", "import",
+                 "--digests", "--snapshotter=overlayfs", "-"],
+                stdin=save.stdout, capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if save.stdout is not None:
+                save.stdout.close()
+            save.wait()
+            if done.returncode != 0 or save.returncode != 0:
+                raise KindError(f"loading {image} into {node} failed:\n{done.stderr[-2000:]}")
+            self._discard_layers(node, image)
+
+    @staticmethod
+    def _manifest(node: str, image: str) -> dict[str, Any] | None:
+        """The image's manifest in the node's containerd (None: not there)."""
+        ref = image if "/" in image.split(":", 1)[0] else f"docker.io/library/{image}"
+
+        def ctr(*args: str) -> str:
+            return _run("docker", "exec", node, "ctr", "--namespace=k8s.io", *args)
+
+        listing = ctr("images", "ls", f"name=={ref}").splitlines()[1:]
+        if not listing:
+            return None
+        manifest: dict[str, Any] = json.loads(ctr("content", "get", listing[0].split()[2]))
+        if "manifests" in manifest:  # an index: its first (only) platform's manifest
+            manifest = json.loads(ctr("content", "get", manifest["manifests"][0]["digest"]))
+        return manifest
+
+    def _config_digest(self, node: str, image: str) -> str | None:
+        manifest = self._manifest(node, image)
+        return None if manifest is None else str(manifest["config"]["digest"])
+
+    def _discard_layers(self, node: str, image: str) -> None:
+        manifest = self._manifest(node, image)
+        if manifest is None:
+            raise KindError(f"{image} not found in {node}'s containerd after the import")
+        layers = [layer["digest"] for layer in manifest.get("layers", [])]
+        if layers:
+            _run("docker", "exec", node, "ctr", "--namespace=k8s.io", "content", "rm", *layers)
+
+    def node_names(self) -> list[str]:
+        return [n["metadata"]["name"] for n in self.nodes()]
 
     def nodes(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = json.loads(self.kubectl("get", "nodes", "-o", "json"))[
@@ -259,7 +321,11 @@ class KindBackend:
     @classmethod
     def create(cls, namespace: str, workdir: Path, progress: Progress = print) -> KindBackend:
         cluster = KindCluster.prepare(CLUSTER, workdir / "kubeconfig", progress)
-        cluster.create(workdir, progress)
+        if keep() and cluster.exists():
+            progress(f"reusing kind cluster {CLUSTER} (CHEAPSPOT_KIND_KEEP=1)")
+            cluster.kubeconfig.write_text(cluster.kind("get", "kubeconfig", "--name", CLUSTER))
+        else:
+            cluster.create(workdir, progress)
         gateway = _run(
             "docker", "network", "inspect", "kind", "-f", "{{(index .IPAM.Config 0).Gateway}}"
         ).strip()
@@ -315,8 +381,10 @@ class KindBackend:
         base = kindnode.python_base_image(progress)
         kindnode.app_image(root / "Dockerfile.operator", OPERATOR_IMAGE, base, progress)
         kindnode.app_image(root / "Dockerfile.worker", WORKER_IMAGE, base, progress, target="train")
-        progress("loading the images into the nodes")
-        self.cluster.load(OPERATOR_IMAGE, WORKER_IMAGE)
+        progress("loading the images into the worker nodes")
+        workers = self.cluster.worker_nodes()
+        self.cluster.load(OPERATOR_IMAGE, workers)
+        self.cluster.load(WORKER_IMAGE, workers)
         # What a user does before installing: a namespace for jobs, the store's keys in it and
         # in the release namespace (where IRSA / RRSA are not available).
         prepare_namespace(self.api_client(), self.namespace, self.s3)
@@ -334,7 +402,13 @@ class KindBackend:
         if self._s3_proc is not None:
             self._s3_proc.terminate()
             self._s3_proc.wait(timeout=10)
-        if os.environ.get("CHEAPSPOT_KIND_KEEP") != "1":
+        if keep():
+            subprocess.run(
+                [str(self.cluster.tools.helm), "uninstall", RELEASE, "--namespace", RELEASE_NS,
+                 "--kubeconfig", str(self.kubeconfig), "--wait"],
+                capture_output=True, check=False,
+            )  # fmt: skip
+        else:
             self.cluster.delete()
 
     # -- the Backend protocol ---------------------------------------------------------------

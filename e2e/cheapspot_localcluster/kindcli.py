@@ -48,7 +48,8 @@ def main(argv: Sequence[str]) -> int:
             cluster.delete()
             _log(f"cluster {args.name} deleted")
         else:
-            cluster.load(*args.images)
+            for image in args.images:
+                cluster.load(image)
             _log(f"loaded {', '.join(args.images)}")
     except KindError as exc:
         print(f"error: {exc}", file=sys.stderr)
