@@ -98,6 +98,14 @@ def keep() -> bool:
     return os.environ.get("CHEAPSPOT_KIND_KEEP") == "1"
 
 
+def reuse_images() -> bool:
+    """CHEAPSPOT_KIND_IMAGES=reuse: use the operator and worker images as last built, when
+    they exist (iterating on tests; they may predate the sources)."""
+    return os.environ.get("CHEAPSPOT_KIND_IMAGES") == "reuse" and all(
+        kindnode.image_exists(i) for i in (OPERATOR_IMAGE, WORKER_IMAGE)
+    )
+
+
 def kind_config(
     quirks: HostQuirks,
     profile: Profile = PROFILE,
@@ -378,9 +386,14 @@ class KindBackend:
 
     def install(self, progress: Progress = print) -> None:
         root = repo_root()
-        base = kindnode.python_base_image(progress)
-        kindnode.app_image(root / "Dockerfile.operator", OPERATOR_IMAGE, base, progress)
-        kindnode.app_image(root / "Dockerfile.worker", WORKER_IMAGE, base, progress, target="train")
+        if reuse_images():
+            progress(f"reusing {OPERATOR_IMAGE} and {WORKER_IMAGE} (CHEAPSPOT_KIND_IMAGES=reuse)")
+        else:
+            base = kindnode.python_base_image(progress)
+            kindnode.app_image(root / "Dockerfile.operator", OPERATOR_IMAGE, base, progress)
+            kindnode.app_image(
+                root / "Dockerfile.worker", WORKER_IMAGE, base, progress, target="train"
+            )
         progress("loading the images into the worker nodes")
         workers = self.cluster.worker_nodes()
         self.cluster.load(OPERATOR_IMAGE, workers)
