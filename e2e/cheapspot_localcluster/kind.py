@@ -209,9 +209,13 @@ class KindCluster:
         progress(f"creating kind cluster {self.name} from {self.tools.node_image}")
         self.kind(
             "create", "cluster", "--name", self.name, "--image", self.tools.node_image,
-            "--config", str(config), "--kubeconfig", str(self.kubeconfig), "--wait", "180s",
+            "--config", str(config), "--kubeconfig", str(self.kubeconfig), "--wait", "0s",
         )  # fmt: skip
+        # The nodes' pod network reads the nodes: until it may, no node is Ready (so kind's
+        # own --wait would only time out).
         self.kubectl("apply", "-f", "-", input_=kindnode.PODNET_RBAC)
+        progress("waiting for the nodes to be Ready")
+        self.kubectl("wait", "--for=condition=Ready", "nodes", "--all", "--timeout=300s")
         progress("waiting for CoreDNS")
         self.kubectl(
             "-n", "kube-system", "rollout", "status", "deployment/coredns", "--timeout=180s"
