@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nodes": ("cheapspot_localcluster.cli:nodes_main", "show the cluster's nodes in a table"),
     "preempt": ("cheapspot_localcluster.cli:preempt_main", "simulate a spot reclaim of a node"),
     "spot": ("cheapspot_localcluster.cli:spot_main", "take all spot capacity away or give it back"),
+    "kind": (
+        "cheapspot_localcluster.kindcli:main",
+        "a real kind cluster, built offline: kind build | up | down | load IMAGE...",
+    ),
     "operator": ("cheapspot_operator.main:main", "run the operator"),
     "cost": ("cheapspot_operator.costview:main", "what each job and pool has cost, by namespace"),
     "router": ("cheapspot_operator.router:main", "run an inference pool's router"),

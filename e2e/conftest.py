@@ -3,7 +3,8 @@
 ``backend`` is parametrized: ``local`` (the real control plane built from source, kwok nodes,
 pods run as local processes by the pod runner, moto S3, ``cheapspot operator`` as a child
 process) runs everywhere; ``kind`` (Docker nodes, the two images built and loaded, the Helm
-chart) is skipped with the reason where ``docker`` or ``kind`` is missing. Everything here is
+chart; Docker, kind, helm and the node image built here when missing) is skipped with the
+reason where no Docker engine can run (not Linux, or not root and none running). Everything here is
 module-scoped: one cluster and one set of tiny materials serve every scenario of the module.
 """
 
@@ -31,9 +32,9 @@ def backend(
         if request.param == "kind":
             from cheapspot_localcluster import kind
 
-            missing = kind.missing_tools()
-            if missing:
-                pytest.skip(f"kind backend: {missing}")
+            reason = kind.unavailable() or kind.not_requested()
+            if reason:
+                pytest.skip(f"kind backend: {reason}")
             kind_backend = kind.KindBackend.create(namespace, workdir)
             for key, value in kind_backend.s3.env().items():
                 mp.setenv(key, value)

@@ -75,21 +75,23 @@ def staging_modules() -> list[str]:
     return modules
 
 
-def render_go_mod() -> str:
+def render_go_mod(
+    requirements: Mapping[str, str] | None = None, module: str = "localcluster-build"
+) -> str:
     """The wrapper module's go.mod: pinned requirements plus one replace per staging module."""
-    requires = "\n".join(f"\t{mod} {ver}" for mod, ver in versions.ROOT_REQUIREMENTS.items())
+    pinned = versions.ROOT_REQUIREMENTS if requirements is None else requirements
+    requires = "\n".join(f"\t{mod} {ver}" for mod, ver in pinned.items())
     replaces = "\n".join(
         f"replace {mod} => {mod} {versions.STAGING_VERSION}" for mod in staging_modules()
     )
     return _template("gomod.go.tmpl").format(
-        go_version=versions.GO_VERSION, requires=requires, replaces=replaces
+        module=module, go_version=versions.GO_VERSION, requires=requires, replaces=replaces
     )
 
 
-def render_tools_go() -> str:
-    imports = "\n".join(
-        f'\t_ "{pkg}"' for pkg in versions.BINARIES.values() if not pkg.startswith("./")
-    )
+def render_tools_go(packages: list[str] | None = None) -> str:
+    listed = list(versions.BINARIES.values()) if packages is None else packages
+    imports = "\n".join(f'\t_ "{pkg}"' for pkg in listed if not pkg.startswith("./"))
     return _template("tools.go.tmpl").format(imports=imports)
 
 
@@ -169,7 +171,7 @@ def is_complete(directory: Path) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _bootstrap_go(cache: Path, progress: Callable[[str], None]) -> str:
+def bootstrap_go(cache: Path, progress: Callable[[str], None]) -> str:
     """Fetch a Go toolchain from the module proxy when no ``go`` is installed.
 
     The proxy serves every Go release as the module ``golang.org/toolchain``; this is the same
@@ -219,7 +221,7 @@ def _bootstrap_go(cache: Path, progress: Callable[[str], None]) -> str:
     return str(go)
 
 
-def _run_step(step: Step, cwd: Path, env: Mapping[str, str], log: Path) -> None:
+def run_step(step: Step, cwd: Path, env: Mapping[str, str], log: Path) -> None:
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(step.argv)}\n")
         out.flush()
@@ -241,7 +243,7 @@ def ensure_binaries(
         return target
     cache = cache_root(env)
     cache.mkdir(parents=True, exist_ok=True)
-    go = shutil.which("go") or _bootstrap_go(cache, progress)
+    go = shutil.which("go") or bootstrap_go(cache, progress)
 
     work = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
     out_dir = work / "bin"
@@ -258,7 +260,7 @@ def ensure_binaries(
         for step in build_steps(go, out_dir):
             started = time.monotonic()
             progress(step.label)
-            _run_step(step, module, environment, log)
+            run_step(step, module, environment, log)
             progress(f"{step.label}: done in {time.monotonic() - started:.0f}s")
         (out_dir / STAMP_FILE).write_text(json.dumps(versions.stamp(), indent=2) + "\n")
         # Atomic install: a half-finished build never sits where `is_complete` looks.

@@ -19,21 +19,27 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
+import os
+import platform
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cheapspot_localcluster import dockerengine, kindnode
+from cheapspot_localcluster.build import BuildError
+from cheapspot_localcluster.dockerengine import HostQuirks
+from cheapspot_localcluster.profiles import PROFILES, CapacityType, Profile
 from cheapspot_localcluster.s3 import S3Endpoint, s3_server_command, wait_for_s3
 from cheapspot_localcluster.stack import (
     NOTICE_SECONDS,
-    POOL_CRD_FILE,
     S3_SECRET,
-    install_crd,
     operator_config,
     prepare_namespace,
 )
@@ -43,47 +49,113 @@ from cheapspot_localcluster.waiting import wait_for
 CLUSTER = "cheapspot-e2e"
 RELEASE, RELEASE_NS = "cheapspot", "cheapspot-system"
 OPERATOR_IMAGE, WORKER_IMAGE = "cheapspot-operator:e2e", "cheapspot-worker:e2e"
-CAPACITY = "cheapspot.dev/capacity-type"
-INTERRUPTION = "cheapspot.dev/interruption"
+PROFILE = PROFILES["local"]
+CAPACITY = PROFILE.capacity_label
+INTERRUPTION = PROFILE.interruption_taints[0].key
+GPU = "nvidia.com/gpu"
+INSTANCE_TYPE = "g5.xlarge"
+# (capacity type, zone, GPUs) of each worker node; the control plane runs nothing of
+# cheapspot's. Few nodes: every node holds its own copy of the worker image (torch with its
+# CUDA libraries, about 6 GB). Two spot nodes, so a scenario can reclaim two shards' nodes in
+# turn; one on-demand node with room for the anchor and both shards when spot is gone.
 WORKERS = [
-    ("spot", "zone-a"),
-    ("spot", "zone-b"),
-    ("on-demand", "zone-a"),
-    ("on-demand", "zone-b"),
+    (CapacityType.SPOT, "zone-a", 1),
+    (CapacityType.SPOT, "zone-b", 1),
+    (CapacityType.ON_DEMAND, "zone-a", 2),
 ]
+GPUS_LABEL = "cheapspot.dev/e2e-gpus"
+
+Progress = Callable[[str], None]
 
 
-def missing_tools() -> str:
-    """Why the kind backend cannot run here ('' when it can)."""
-    missing = [t for t in ("docker", "kind", "helm", "kubectl") if shutil.which(t) is None]
-    if missing:
-        return f"{', '.join(missing)} not found on PATH"
-    probe = subprocess.run(["docker", "info"], capture_output=True, check=False)
-    if probe.returncode != 0:
-        return "docker is installed but its daemon does not answer (`docker info` failed)"
+class KindError(RuntimeError):
+    """The kind cluster cannot be had; the message says what is wrong."""
+
+
+def unavailable() -> str:
+    """Why the kind tier cannot run here ('' when it can, building what it lacks)."""
+    if platform.system() != "Linux":
+        return f"kind nodes need a Linux Docker host, this is {platform.system()}"
+    if dockerengine.docker_answers():
+        return ""
+    if os.geteuid() != 0:
+        return "no Docker daemon answers and installing/starting one needs root"
+    if shutil.which("dockerd") is None and shutil.which("apt-get") is None:
+        return "no Docker engine and no apt-get to install Debian's docker.io"
     return ""
 
 
-def kind_config() -> dict[str, Any]:
+def not_requested() -> str:
+    """The kind tier builds for about half an hour cold: it runs when asked for
+    (``make e2e-kind`` sets CHEAPSPOT_KIND=1), not in every ``pytest``."""
+    if os.environ.get("CHEAPSPOT_KIND") == "1":
+        return ""
+    return "the kind tier runs with `make e2e-kind` (CHEAPSPOT_KIND=1); it builds for ~30 min cold"
+
+
+def keep() -> bool:
+    """CHEAPSPOT_KIND_KEEP=1: keep the cluster after a run and reuse it in the next."""
+    return os.environ.get("CHEAPSPOT_KIND_KEEP") == "1"
+
+
+def reuse_images() -> bool:
+    """CHEAPSPOT_KIND_IMAGES=reuse: use the operator and worker images as last built, when
+    they exist (iterating on tests; they may predate the sources)."""
+    return os.environ.get("CHEAPSPOT_KIND_IMAGES") == "reuse" and all(
+        kindnode.image_exists(i) for i in (OPERATOR_IMAGE, WORKER_IMAGE)
+    )
+
+
+def kind_config(
+    quirks: HostQuirks,
+    profile: Profile = PROFILE,
+    workers: list[tuple[CapacityType, str, int]] = WORKERS,
+) -> dict[str, Any]:
+    """kind's cluster configuration: nodes labelled per the placement profile, the pod
+    network of the node image (no kindnetd), component images as built, host quirks."""
     nodes: list[dict[str, Any]] = [{"role": "control-plane"}]
-    for capacity, zone in WORKERS:
+    for capacity, zone, gpus in workers:
         nodes.append(
             {
                 "role": "worker",
                 "labels": {
-                    CAPACITY: capacity,
-                    "node.kubernetes.io/instance-type": "g5.xlarge",
+                    **profile.capacity_labels(capacity),
+                    "node.kubernetes.io/instance-type": INSTANCE_TYPE,
                     "topology.kubernetes.io/zone": zone,
+                    GPUS_LABEL: str(gpus),
                 },
             }
         )
-    return {"kind": "Cluster", "apiVersion": "kind.x-k8s.io/v1alpha4", "nodes": nodes}
+    patches: list[str] = []
+    if quirks.cgroup_v1:
+        # kubelet >= 1.35 refuses cgroup v1 unless told otherwise.
+        patches.append(
+            yaml.safe_dump(
+                {
+                    "kind": "KubeletConfiguration",
+                    "apiVersion": "kubelet.config.k8s.io/v1beta1",
+                    "failCgroupV1": False,
+                }
+            )
+        )
+    config: dict[str, Any] = {
+        "kind": "Cluster",
+        "apiVersion": "kind.x-k8s.io/v1alpha4",
+        "networking": {"disableDefaultCNI": True},
+        "kubeadmConfigPatches": patches,
+        "nodes": nodes,
+    }
+    if quirks.restricted_oom_score_adj:
+        config["containerdConfigPatches"] = [
+            '[plugins."io.containerd.grpc.v1.cri"]\n  restrict_oom_score_adj = true\n'
+        ]
+    return config
 
 
 def _run(*argv: str, input_: str | None = None) -> str:
     done = subprocess.run(argv, input=input_, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stdout}\n{done.stderr}")
+        raise KindError(f"{' '.join(argv)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout
 
 
@@ -94,15 +166,164 @@ def _free_port() -> int:
         return port
 
 
+@dataclass
+class KindCluster:
+    """A kind cluster of the pinned Kubernetes, with everything it needs built here."""
+
+    name: str
+    tools: kindnode.KindTools
+    kubeconfig: Path
+
+    @classmethod
+    def prepare(cls, name: str, kubeconfig: Path, progress: Progress = print) -> KindCluster:
+        """Docker running, kind/helm/kubectl and the node image built (cached after once)."""
+        reason = unavailable()
+        if reason:
+            raise KindError(f"the kind tier cannot run here: {reason}")
+        try:
+            dockerengine.ensure_engine(progress)
+            tools = kindnode.ensure_tools(progress)
+        except (dockerengine.DockerError, BuildError) as exc:
+            raise KindError(str(exc)) from exc
+        return cls(name, tools, kubeconfig)
+
+    def kind(self, *args: str) -> str:
+        return _run(str(self.tools.kind), *args)
+
+    def kubectl(self, *args: str, input_: str | None = None) -> str:
+        return _run(
+            str(self.tools.kubectl), "--kubeconfig", str(self.kubeconfig), *args, input_=input_
+        )
+
+    def exists(self) -> bool:
+        return self.name in self.kind("get", "clusters").split()
+
+    def create(self, workdir: Path, progress: Progress = print) -> None:
+        """A fresh cluster: control plane and workers, CoreDNS ready, GPUs advertised."""
+        quirks = dockerengine.detect_quirks()
+        if self.exists():
+            self.delete()
+        config = workdir / "kind.yaml"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(kind_config(quirks)))
+        progress(f"creating kind cluster {self.name} from {self.tools.node_image}")
+        self.kind(
+            "create", "cluster", "--name", self.name, "--image", self.tools.node_image,
+            "--config", str(config), "--kubeconfig", str(self.kubeconfig), "--wait", "0s",
+        )  # fmt: skip
+        # The nodes' pod network reads the nodes: until it may, no node is Ready (so kind's
+        # own --wait would only time out).
+        self.kubectl("apply", "-f", "-", input_=kindnode.PODNET_RBAC)
+        progress("waiting for the nodes to be Ready")
+        self.kubectl("wait", "--for=condition=Ready", "nodes", "--all", "--timeout=300s")
+        progress("waiting for CoreDNS")
+        self.kubectl(
+            "-n", "kube-system", "rollout", "status", "deployment/coredns", "--timeout=180s"
+        )  # fmt: skip
+        for node in self.worker_nodes():
+            self.advertise_gpu(node)
+
+    def delete(self) -> None:
+        subprocess.run(
+            [str(self.tools.kind), "delete", "cluster", "--name", self.name],
+            capture_output=True,
+            check=False,
+        )
+
+    def load(self, image: str, nodes: list[str] | None = None) -> None:
+        """Import a local Docker image into each node's containerd, one node at a time.
+
+        ``kind load`` imports into all nodes at once and keeps each layer twice (the imported
+        blob and the unpacked snapshot): for a worker image of several GB (torch with its CUDA
+        libraries) that is more disk than a small machine has. Here each node gets the image
+        streamed from ``docker save``, then drops the layer blobs it unpacked, as containerd's
+        own ``discard_unpacked_layers`` does for pulled images.
+        """
+        image_id = _run("docker", "image", "inspect", "-f", "{{.Id}}", image).strip()
+        for node in nodes if nodes is not None else self.node_names():
+            if self._config_digest(node, image) == image_id:
+                continue  # this very image is there already
+            save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+            done = subprocess.run(
+                ["docker", "exec", "-i", node, "ctr", "--namespace=k8s.io", "images", "import",
+                 "--digests", "--snapshotter=overlayfs", "-"],
+                stdin=save.stdout, capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if save.stdout is not None:
+                save.stdout.close()
+            save.wait()
+            if done.returncode != 0 or save.returncode != 0:
+                raise KindError(f"loading {image} into {node} failed:\n{done.stderr[-2000:]}")
+            self._discard_layers(node, image)
+
+    @staticmethod
+    def _manifest(node: str, image: str) -> dict[str, Any] | None:
+        """The image's manifest in the node's containerd (None: not there)."""
+        ref = image if "/" in image.split(":", 1)[0] else f"docker.io/library/{image}"
+
+        def ctr(*args: str) -> str:
+            return _run("docker", "exec", node, "ctr", "--namespace=k8s.io", *args)
+
+        listing = ctr("images", "ls", f"name=={ref}").splitlines()[1:]
+        if not listing:
+            return None
+        manifest: dict[str, Any] = json.loads(ctr("content", "get", listing[0].split()[2]))
+        if "manifests" in manifest:  # an index: its first (only) platform's manifest
+            manifest = json.loads(ctr("content", "get", manifest["manifests"][0]["digest"]))
+        return manifest
+
+    def _config_digest(self, node: str, image: str) -> str | None:
+        manifest = self._manifest(node, image)
+        return None if manifest is None else str(manifest["config"]["digest"])
+
+    def _discard_layers(self, node: str, image: str) -> None:
+        manifest = self._manifest(node, image)
+        if manifest is None:
+            raise KindError(f"{image} not found in {node}'s containerd after the import")
+        layers = [layer["digest"] for layer in manifest.get("layers", [])]
+        if layers:
+            _run("docker", "exec", node, "ctr", "--namespace=k8s.io", "content", "rm", *layers)
+
+    def node_names(self) -> list[str]:
+        return [n["metadata"]["name"] for n in self.nodes()]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = json.loads(self.kubectl("get", "nodes", "-o", "json"))[
+            "items"
+        ]
+        return items
+
+    def worker_nodes(self) -> list[str]:
+        return [n["metadata"]["name"] for n in self.nodes() if CAPACITY in n["metadata"]["labels"]]
+
+    def advertise_gpu(self, node: str) -> None:
+        """One ``nvidia.com/gpu`` in the node's status (no device plugin, no GPU used)."""
+        patch = [{"op": "add", "path": f"/status/capacity/{GPU.replace('/', '~1')}", "value": "1"}]
+        self.kubectl(
+            "patch", "node", node, "--subresource=status", "--type=json", "-p", json.dumps(patch)
+        )
+
+
 class KindBackend:
+    """The e2e scenarios on a kind cluster: images built from the Dockerfiles, the chart
+    installed with helm, S3 (moto) on the host reached by pods at the kind network's gateway."""
+
     name = "kind"
 
-    def __init__(self, namespace: str, workdir: Path, s3: S3Endpoint, pods_s3_url: str) -> None:
+    def __init__(
+        self,
+        cluster: KindCluster,
+        namespace: str,
+        workdir: Path,
+        s3: S3Endpoint,
+        pods_s3_url: str,
+    ) -> None:
+        self.cluster = cluster
         self.namespace = namespace
         self.workdir = workdir
         self.s3 = s3
         self.pods_s3_url = pods_s3_url
-        self.kubeconfig = workdir / "kubeconfig"
+        self.kubeconfig = cluster.kubeconfig
         self._s3_proc: subprocess.Popen[bytes] | None = None
         self._api: Any = None
         self._stopped: set[str] = set()
@@ -110,32 +331,24 @@ class KindBackend:
     # -- lifecycle ------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, namespace: str, workdir: Path) -> KindBackend:
-        config = workdir / "kind.yaml"
-        config.write_text(yaml.safe_dump(kind_config()))
-        subprocess.run(["kind", "delete", "cluster", "--name", CLUSTER], check=False)
-        _run(
-            "kind",
-            "create",
-            "cluster",
-            "--name",
-            CLUSTER,
-            "--config",
-            str(config),
-            "--wait",
-            "120s",
-        )
+    def create(cls, namespace: str, workdir: Path, progress: Progress = print) -> KindBackend:
+        cluster = KindCluster.prepare(CLUSTER, workdir / "kubeconfig", progress)
+        if keep() and cluster.exists():
+            progress(f"reusing kind cluster {CLUSTER} (CHEAPSPOT_KIND_KEEP=1)")
+            cluster.kubeconfig.write_text(cluster.kind("get", "kubeconfig", "--name", CLUSTER))
+        else:
+            cluster.create(workdir, progress)
         gateway = _run(
             "docker", "network", "inspect", "kind", "-f", "{{(index .IPAM.Config 0).Gateway}}"
         ).strip()
         port = _free_port()
         backend = cls(
+            cluster,
             namespace,
             workdir,
             S3Endpoint(url=f"http://127.0.0.1:{port}"),
             pods_s3_url=f"http://{gateway}:{port}",
         )
-        backend.kubeconfig.write_text(_run("kind", "get", "kubeconfig", "--name", CLUSTER))
         with (workdir / "s3.log").open("ab") as log:
             backend._s3_proc = subprocess.Popen(
                 s3_server_command(port, host="0.0.0.0"), stdout=log, stderr=subprocess.STDOUT
@@ -144,66 +357,76 @@ class KindBackend:
         backend.s3.ensure_bucket()
         return backend
 
-    def install(self) -> None:
-        root = repo_root()
-        for dockerfile, image in (
-            ("Dockerfile.operator", OPERATOR_IMAGE),
-            ("Dockerfile.worker", WORKER_IMAGE),
-        ):
-            _run("docker", "build", "-f", str(root / dockerfile), "-t", image, str(root))
-            _run("kind", "load", "docker-image", image, "--name", CLUSTER)
-        for node in self.worker_nodes():
-            self._advertise_gpu(node)
-        install_crd(self.api_client())
-        install_crd(self.api_client(), repo_root() / POOL_CRD_FILE)
-        prepare_namespace(self.api_client(), self.namespace, self.s3)
+    def helm_values(self) -> dict[str, Any]:
+        """The chart's values for this cluster: the README's "any cluster with an S3-compatible
+        store" install, with the images built here and e2e timings."""
+        store_env = {
+            "AWS_ENDPOINT_URL_S3": self.pods_s3_url,
+            "AWS_REGION": self.s3.region,
+        }
         config = operator_config(
             self.namespace, self.pods_s3_url, self.s3.region, image=WORKER_IMAGE
         )
-        values = {
-            "image": {"repository": OPERATOR_IMAGE.split(":", maxsplit=1)[0], "tag": "e2e"},
-            "profile": "local",
+        return {
+            "image": {
+                "repository": OPERATOR_IMAGE.split(":", maxsplit=1)[0],
+                "tag": "e2e",
+                "pullPolicy": "Never",
+            },
+            "profile": PROFILE.name,
             "noticeSeconds": NOTICE_SECONDS,
-            "reconcileIntervalSeconds": 1,
-            "statusRefreshSeconds": 15,
+            "reconcileIntervalSeconds": config["reconcileIntervalSeconds"],
+            "statusRefreshSeconds": config["statusRefreshSeconds"],
             "namespaces": [self.namespace],
+            "env": store_env,
+            "envFromSecret": S3_SECRET,
             "worker": {
                 "image": WORKER_IMAGE,
                 "imagePullPolicy": "Never",
-                "env": config["worker"]["env"],
+                "env": {**config["worker"]["env"], **store_env},
                 "envFromSecret": S3_SECRET,
-                "serviceAccount": {"create": False, "name": ""},
             },
         }
+
+    def install(self, progress: Progress = print) -> None:
+        root = repo_root()
+        if reuse_images():
+            progress(f"reusing {OPERATOR_IMAGE} and {WORKER_IMAGE} (CHEAPSPOT_KIND_IMAGES=reuse)")
+        else:
+            base = kindnode.python_base_image(progress)
+            kindnode.app_image(root / "Dockerfile.operator", OPERATOR_IMAGE, base, progress)
+            kindnode.app_image(
+                root / "Dockerfile.worker", WORKER_IMAGE, base, progress, target="train"
+            )
+        progress("loading the images into the worker nodes")
+        workers = self.cluster.worker_nodes()
+        self.cluster.load(OPERATOR_IMAGE, workers)
+        self.cluster.load(WORKER_IMAGE, workers)
+        # What a user does before installing: a namespace for jobs, the store's keys in it and
+        # in the release namespace (where IRSA / RRSA are not available).
+        prepare_namespace(self.api_client(), self.namespace, self.s3)
+        prepare_namespace(self.api_client(), RELEASE_NS, self.s3)
         values_file = self.workdir / "values.yaml"
-        values_file.write_text(yaml.safe_dump(values))
+        values_file.write_text(yaml.safe_dump(self.helm_values()))
+        progress("helm install")
         _run(
-            "helm", "upgrade", "--install", RELEASE, str(root / "helm" / "cheapspot"),
+            str(self.cluster.tools.helm), "install", RELEASE, str(root / "helm" / "cheapspot"),
             "--namespace", RELEASE_NS, "--create-namespace", "--values", str(values_file),
-            "--kubeconfig", str(self.kubeconfig), "--wait",
+            "--kubeconfig", str(self.kubeconfig), "--wait", "--timeout", "5m",
         )  # fmt: skip
-        # The operator reads progress records from the store: its endpoint and keys.
-        env = [
-            f"{k}={v}"
-            for k, v in {
-                **self.s3.env(),
-                "AWS_ENDPOINT_URL": self.pods_s3_url,
-                "AWS_ENDPOINT_URL_S3": self.pods_s3_url,
-            }.items()
-        ]
-        _run(
-            "kubectl", "--kubeconfig", str(self.kubeconfig), "-n", RELEASE_NS,
-            "set", "env", f"deployment/{RELEASE}", *env,
-        )  # fmt: skip
-        self._kubectl(
-            "-n", RELEASE_NS, "rollout", "status", f"deployment/{RELEASE}", "--timeout=180s"
-        )
 
     def close(self) -> None:
         if self._s3_proc is not None:
             self._s3_proc.terminate()
             self._s3_proc.wait(timeout=10)
-        subprocess.run(["kind", "delete", "cluster", "--name", CLUSTER], check=False)
+        if keep():
+            subprocess.run(
+                [str(self.cluster.tools.helm), "uninstall", RELEASE, "--namespace", RELEASE_NS,
+                 "--kubeconfig", str(self.kubeconfig), "--wait"],
+                capture_output=True, check=False,
+            )  # fmt: skip
+        else:
+            self.cluster.delete()
 
     # -- the Backend protocol ---------------------------------------------------------------
 
@@ -216,31 +439,19 @@ class KindBackend:
         return self._api
 
     def _kubectl(self, *args: str) -> str:
-        return _run("kubectl", "--kubeconfig", str(self.kubeconfig), *args)
-
-    def _nodes(self) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = json.loads(self._kubectl("get", "nodes", "-o", "json"))[
-            "items"
-        ]
-        return items
-
-    def worker_nodes(self) -> list[str]:
-        return [n["metadata"]["name"] for n in self._nodes() if CAPACITY in n["metadata"]["labels"]]
+        return self.cluster.kubectl(*args)
 
     def spot_nodes(self) -> list[str]:
+        spot = PROFILE.capacity_labels(CapacityType.SPOT)
         return sorted(
             n["metadata"]["name"]
-            for n in self._nodes()
-            if n["metadata"]["labels"].get(CAPACITY) == "spot"
-        )
-
-    def _advertise_gpu(self, node: str) -> None:
-        patch = [{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": "1"}]
-        self._kubectl(
-            "patch", "node", node, "--subresource=status", "--type=json", "-p", json.dumps(patch)
+            for n in self.cluster.nodes()
+            if spot.items() <= n["metadata"]["labels"].items()
         )
 
     def reclaim(self, node: str, notice_s: float) -> None:
+        """The profile's interruption taint; after the notice the node's container is stopped
+        (the machine is gone), Kubernetes' controllers evict its pods, the Node is deleted."""
         self._kubectl("taint", "node", node, f"{INTERRUPTION}=true:NoSchedule", "--overwrite")
         time.sleep(max(0.0, notice_s))
         _run("docker", "stop", "--time", "0", node)
@@ -292,7 +503,7 @@ class KindBackend:
         jsonpath = "jsonpath={.status.conditions[?(@.type=='Ready')].status}"
         try:
             return self._kubectl("get", "node", node, "-o", jsonpath).strip() == "True"
-        except RuntimeError:  # not registered again yet
+        except KindError:  # not registered again yet
             return False
 
     def restore(self) -> None:
@@ -300,5 +511,5 @@ class KindBackend:
             _run("docker", "start", node)
         for node in sorted(self._stopped):
             wait_for(f"{node} registered and Ready", functools.partial(self._ready, node), 180)
-            self._advertise_gpu(node)
+            self.cluster.advertise_gpu(node)
         self._stopped.clear()

@@ -69,7 +69,9 @@ SMALL: dict[str, Any] = {
     "shards": 2,
     "rounds": {"localSteps": 8, "pollSeconds": 0.5},
     "checkpoint": {"everySteps": 2, "everySeconds": 0},
-    "resources": {"gpu": 1, "cpu": "1", "memory": "2Gi"},
+    # Half a core: on kind a node has the machine's 2 cores, and after spot is gone both
+    # shards and the anchor must fit on one on-demand node.
+    "resources": {"gpu": 1, "cpu": "500m", "memory": "2Gi"},
     "anchor": {"cpu": "500m", "memory": "1Gi"},
     "spot": {"fallbackAfterSeconds": 10, "maxPreemptionsPerHour": 60},
 }

@@ -54,3 +54,17 @@ def stamp() -> dict[str, str]:
         "kwok": KWOK_VERSION,
         "binaries": ",".join(sorted(BINARIES)),
     }
+
+
+# The kind tier (cheapspot_localcluster.kindnode): kind's release that pairs with the
+# Kubernetes minor above, helm, CoreDNS, and the Debian release the images are built from.
+KIND_VERSION = "v0.32.0"
+HELM_VERSION = "v3.19.5"
+COREDNS_VERSION = "v1.14.2"
+DEBIAN_SUITE = "bookworm"
+# Built from k8s.io/kubernetes for the node image, beside the control plane binaries above.
+NODE_BINARIES: dict[str, str] = {
+    "kubelet": "k8s.io/kubernetes/cmd/kubelet",
+    "kubeadm": "k8s.io/kubernetes/cmd/kubeadm",
+    "kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy",
+}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from cheapspot_localcluster.kind import kind_config
 from cheapspot_localcluster.stack import S3_SECRET, operator_config
 from cheapspot_localcluster.trainjobs import (
     SMALL,
@@ -71,10 +70,3 @@ def test_workers_get_the_store_endpoint_and_keys_only_through_a_secret() -> None
     assert worker["env"]["AWS_ENDPOINT_URL"] == "http://10.0.0.1:9000"
     assert not any("SECRET" in key or "KEY" in key for key in worker["env"])
     assert config["namespaces"] == ["ns"]
-
-
-def test_kind_workers_are_labelled_as_the_local_profile_expects() -> None:
-    workers = [n for n in kind_config()["nodes"] if n["role"] == "worker"]
-    capacity = [n["labels"]["cheapspot.dev/capacity-type"] for n in workers]
-    assert sorted(capacity) == ["on-demand", "on-demand", "spot", "spot"]
-    assert {n["labels"]["topology.kubernetes.io/zone"] for n in workers} == {"zone-a", "zone-b"}

@@ -83,5 +83,5 @@ def test_second_run_builds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def no_go(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("a complete cache must not run go")
 
-    monkeypatch.setattr(build, "_run_step", no_go)
+    monkeypatch.setattr(build, "run_step", no_go)
     assert build.ensure_binaries(progress=lambda _m: None, env=env) == build.bin_dir(env)
