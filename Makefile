@@ -85,7 +85,7 @@ clean-cluster: venv
 # The kind tier: a real kind cluster (Docker nodes, real kubelets), the images built from the
 # Dockerfiles and the chart installed with helm. Everything is built here from package
 # registries (Debian's docker.io started as root where no Docker answers, kind, helm and
-# kubelet from the Go module proxy): about 30 minutes on 2 cores cold, cached afterwards.
+# kubelet from the Go module proxy): about 75 minutes on 2 cores cold, cached afterwards.
 # Not part of `make test` yet (its cold cost does not fit CI's 90 minutes beside the rest).
 kind-up: cluster-binaries
 	$(VENV)/bin/cheapspot kind up

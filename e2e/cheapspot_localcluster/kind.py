@@ -86,11 +86,11 @@ def unavailable() -> str:
 
 
 def not_requested() -> str:
-    """The kind tier builds for about half an hour cold: it runs when asked for
+    """The kind tier builds for over an hour cold: it runs when asked for
     (``make e2e-kind`` sets CHEAPSPOT_KIND=1), not in every ``pytest``."""
     if os.environ.get("CHEAPSPOT_KIND") == "1":
         return ""
-    return "the kind tier runs with `make e2e-kind` (CHEAPSPOT_KIND=1); it builds for ~30 min cold"
+    return "the kind tier runs with `make e2e-kind` (CHEAPSPOT_KIND=1); it builds for over an hour cold"
 
 
 def keep() -> bool:
