@@ -299,3 +299,89 @@ def _sigkill(s: Served, pod: str) -> None:
     pids = sorted(root.glob(f"{s.backend.namespace}_{pod}_*/pid"))  # type: ignore[attr-defined]
     assert pids, f"no process for {pod}"
     os.killpg(int(pids[-1].read_text()), signal.SIGKILL)
+
+
+def _condition(s: Served, type_: str) -> dict[str, Any] | None:
+    return next(
+        (c for c in s.pools.status(s.name).get("conditions") or [] if c["type"] == type_), None
+    )
+
+
+def test_spot_off_falls_back_to_on_demand_and_spot_on_returns_under_load(served: Served) -> None:
+    s = served
+    spot = set(s.backend.spot_nodes())
+    load = Load(s.url, [s.base, *ADAPTERS], threads=3, pause_s=LOAD_PAUSE_S).start()
+    try:
+        load.wait_requests(6)
+        s.backend.spot_off()  # every spot node gone at once, without notice
+        cond = wait_for(
+            "SpotUnavailable",
+            lambda: (c := _condition(s, "SpotUnavailable")) and c["status"] == "True" and c,
+            START_TIMEOUT_S,
+        )
+        assert cond["reason"] == "FellBackToOnDemand"
+        s.pools.wait_ready(s.name, 2, START_TIMEOUT_S)
+        on_spot = [p for p in s.pools.live_replicas(s.name) if p["spec"].get("nodeName") in spot]
+        assert on_spot == [], "a replica is still placed on a reclaimed spot node"
+        load.wait_requests(len(load.outcomes) + 6)
+
+        s.backend.spot_on()
+        spot = set(s.backend.spot_nodes())
+        wait_for(
+            "a ready replica back on spot, the on-demand fallback drained",
+            lambda: (
+                len(ready := s.pools.ready_replicas(s.name)) == 2
+                and sum(p["spec"].get("nodeName") in spot for p in ready) == 1
+                and len(s.pools.live_replicas(s.name)) == 2
+            ),
+            START_TIMEOUT_S,
+        )
+        wait_for(
+            "SpotUnavailable cleared",
+            lambda: (c := _condition(s, "SpotUnavailable")) and c["status"] == "False",
+            60,
+        )
+        load.wait_requests(len(load.outcomes) + 6)
+    finally:
+        load.stop()
+    _assert_clean(load)
+
+
+def test_an_operator_killed_during_a_drain_under_load_loses_nothing(served: Served) -> None:
+    s = served
+    victim = _spot_replica(s)
+    name, node = victim["metadata"]["name"], victim["spec"]["nodeName"]
+    slot = victim["metadata"]["labels"]["cheapspot.dev/replica"]
+    load = Load(s.url, [s.base, *ADAPTERS], threads=3, pause_s=LOAD_PAUSE_S).start()
+    reclaim: threading.Thread | None = None
+    try:
+        load.wait_requests(6)
+        reclaim = threading.Thread(target=s.backend.reclaim, args=(node, DRAIN_NOTICE_SECONDS))
+        reclaim.start()
+        wait_for(
+            "the victim marked draining",
+            lambda: any(
+                p["metadata"]["name"] == name and Pools.draining(p) for p in s.pools.pods(s.name)
+            ),
+            DRAIN_NOTICE_SECONDS,
+            poll_s=0.05,
+        )
+        s.backend.kill_operator()
+        time.sleep(1)
+        s.backend.start_operator()
+        reclaim.join(180)
+        s.pools.wait_ready(s.name, 2, START_TIMEOUT_S)
+        load.wait_requests(len(load.outcomes) + 6)
+    finally:
+        load.stop()
+        if reclaim is not None:
+            reclaim.join(180)
+    _assert_clean(load)
+    slot_pods = [
+        p["metadata"]["name"]
+        for p in s.pools.pods(s.name)
+        if p["metadata"]["labels"]["cheapspot.dev/replica"] == slot
+    ]
+    assert len(slot_pods) == 1 and slot_pods != [name], (
+        f"slot {slot} after the drain: {slot_pods} (one replacement expected)"
+    )
