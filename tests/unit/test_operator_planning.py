@@ -61,6 +61,13 @@ PREEMPTIONS: list[tuple[str, dict[str, Any], dict[str, Any] | None, str, int | N
     ("DisruptionTarget", {"disruption_target": True}, {}, "DisruptionTarget", None),
     ("evicted", {"phase": "Failed", "reason": "Evicted"}, {}, "Evicted", None),
     (
+        "rejected by the kubelet",
+        {"phase": "Failed", "reason": "OutOfnvidia.com/gpu"},
+        {},
+        "RejectedByNode",
+        None,
+    ),
+    (
         "SIGTERM exit",
         {"phase": "Failed", "exit_code": ExitCode.INTERRUPTED},
         {},

@@ -100,6 +100,28 @@ def caused_by_pod(eviction_message: str) -> bool:
     return "exceed" in eviction_message.lower()
 
 
+ADMISSION_REJECTIONS = frozenset(
+    {
+        "UnexpectedAdmissionError",
+        "NodeAffinity",
+        "InvalidNodeInfo",
+        "UnexpectedPredicateFailureType",
+    }
+)
+
+
+def rejected_by_node(pod: PodView) -> bool:
+    """The kubelet refused the pod at admission, before any container ran: its node lacked
+    what the scheduler counted on (``OutOfnvidia.com/gpu`` when a GPU went missing or the
+    device plugin reported fewer, ``UnexpectedAdmissionError`` when allocating a device
+    failed). Nothing of the worker's ran, so it is no failure of the job's."""
+    return (
+        pod.phase == "Failed"
+        and pod.exit_code is None
+        and (pod.reason.startswith("OutOf") or pod.reason in ADMISSION_REJECTIONS)
+    )
+
+
 def classify(pod: PodView, obs: ClusterView, progress: Progress | None = None) -> Verdict:
     """Sort a pod's state into one of the :class:`Outcome` classes. Order matters (see the
     module docstring): the container's own exit is judged before anything around it."""
@@ -112,6 +134,14 @@ def classify(pod: PodView, obs: ClusterView, progress: Progress | None = None) -
         if caused_by_pod(pod.termination_message):
             return Verdict(Outcome.FAILED, "Evicted", f"evicted: {pod.termination_message}")
         return Verdict(Outcome.PREEMPTED, "Evicted", pod.termination_message)
+    if rejected_by_node(pod):
+        # Capacity that was not there after all: replaced at once, off that node.
+        return Verdict(
+            Outcome.PREEMPTED,
+            "RejectedByNode",
+            f"node {pod.node_name or '?'} rejected the pod: {pod.reason} "
+            f"{pod.termination_message}".strip(),
+        )
     signal = node_signal(pod.node_name, obs)
     if pod.phase == "Failed" and pod.exit_code is not None:
         return _judge_exit(pod, signal)
