@@ -41,9 +41,26 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class NotInstalledError(RuntimeError):
+    """The command's part is not in this installation (the images ship only theirs)."""
+
+
 def _resolve(target: str) -> Callable[[Sequence[str]], int]:
     module_name, func_name = target.split(":")
-    func: Callable[[Sequence[str]], int] = getattr(importlib.import_module(module_name), func_name)
+    package = module_name.split(".")[0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != package:
+            raise
+        where = {
+            "cheapspot_localcluster": "the local cluster (folder e2e/ of a source checkout)",
+        }.get(package, f"the package {package}")
+        raise NotInstalledError(
+            f"this installation does not include {where}; the container images ship only "
+            "the operator and the worker: run it from a source checkout (`make venv`)"
+        ) from exc
+    func: Callable[[Sequence[str]], int] = getattr(module, func_name)
     return func
 
 
@@ -56,7 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"cheapspot: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return _resolve(COMMANDS[name][0])(rest)
+    try:
+        command = _resolve(COMMANDS[name][0])
+    except NotInstalledError as exc:
+        print(f"cheapspot {name}: {exc}", file=sys.stderr)
+        return 2
+    return command(rest)
 
 
 if __name__ == "__main__":
