@@ -223,6 +223,35 @@ class KindCluster:
         for node in self.worker_nodes():
             self.advertise_gpu(node)
 
+    def resume(self, progress: Progress = print) -> None:
+        """A kept cluster as a run left it (Docker restarted, a node container stopped by a
+        reclaim): every node container running, the API server answering with its RBAC
+        loaded, every node Ready with its GPU advertised."""
+        containers = _run(
+            "docker", "ps", "-a", "--filter", f"label=io.x-k8s.kind.cluster={self.name}",
+            "--format", "{{.Names}}",
+        ).split()  # fmt: skip
+        if containers:
+            _run("docker", "start", *containers)
+
+        def answers() -> bool:
+            try:
+                return bool(self.node_names())
+            except KindError:  # not up yet, or up with its authorizer not yet synced
+                return False
+
+        progress("waiting for the kept cluster's API server and nodes")
+        wait_for("the kind API server to answer", answers, 180, poll_s=1.0)
+        wait_for(
+            f"all {len(containers)} nodes registered",
+            lambda: len(self.node_names()) >= len(containers),
+            180,
+            poll_s=1.0,
+        )
+        self.kubectl("wait", "--for=condition=Ready", "nodes", "--all", "--timeout=300s")
+        for node in self.worker_nodes():
+            self.advertise_gpu(node)
+
     def delete(self) -> None:
         subprocess.run(
             [str(self.tools.kind), "delete", "cluster", "--name", self.name],
@@ -297,8 +326,11 @@ class KindCluster:
         return [n["metadata"]["name"] for n in self.nodes() if CAPACITY in n["metadata"]["labels"]]
 
     def advertise_gpu(self, node: str) -> None:
-        """One ``nvidia.com/gpu`` in the node's status (no device plugin, no GPU used)."""
-        patch = [{"op": "add", "path": f"/status/capacity/{GPU.replace('/', '~1')}", "value": "1"}]
+        """The node's ``nvidia.com/gpu`` in its status, as many as its GPUS_LABEL says (no
+        device plugin, no GPU used)."""
+        labels = json.loads(self.kubectl("get", "node", node, "-o", "json"))["metadata"]["labels"]
+        gpus = labels.get(GPUS_LABEL, "1")
+        patch = [{"op": "add", "path": f"/status/capacity/{GPU.replace('/', '~1')}", "value": gpus}]
         self.kubectl(
             "patch", "node", node, "--subresource=status", "--type=json", "-p", json.dumps(patch)
         )
@@ -336,6 +368,7 @@ class KindBackend:
         if keep() and cluster.exists():
             progress(f"reusing kind cluster {CLUSTER} (CHEAPSPOT_KIND_KEEP=1)")
             cluster.kubeconfig.write_text(cluster.kind("get", "kubeconfig", "--name", CLUSTER))
+            cluster.resume(progress)
         else:
             cluster.create(workdir, progress)
         gateway = _run(
@@ -374,6 +407,8 @@ class KindBackend:
                 "pullPolicy": "Never",
             },
             "profile": PROFILE.name,
+            # The operator is not to be reclaimed with the spot nodes it watches.
+            "nodeSelector": PROFILE.capacity_labels(CapacityType.ON_DEMAND),
             "noticeSeconds": NOTICE_SECONDS,
             "reconcileIntervalSeconds": config["reconcileIntervalSeconds"],
             "statusRefreshSeconds": config["statusRefreshSeconds"],
