@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cheapspot_localcluster import build, versions
-from cheapspot_localcluster.build import BuildError, Step, cache_root
+from cheapspot_localcluster.build import BuildError, cache_root
 
 Progress = Callable[[str], None]
 
@@ -269,39 +269,25 @@ def node_binaries(progress: Progress = print) -> Path:
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return target
     kind_cache().mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="node-bin-", dir=kind_cache()))
     log = kind_cache() / "node-bin.log"
     log.write_text(f"node binaries {stamp}\n")
-    try:
-        module = work / "module"
-        module.mkdir()
-        requirements = {"k8s.io/kubernetes": versions.KUBERNETES_VERSION}
-        (module / "go.mod").write_text(build.render_go_mod(requirements, "kind-node-build"))
-        packages = list(versions.NODE_BINARIES.values())
-        (module / "tools.go").write_text(build.render_tools_go(packages))
-        out = work / "bin"
-        out.mkdir()
-        go = _go()
-        steps = [
-            Step("resolving modules (go mod tidy)", [go, "mod", "tidy", "-e"]),
-            Step(
-                "compiling kubelet, kubeadm, kube-proxy",
-                [go, "build", "-trimpath", "-ldflags", build.ldflags(), "-o", f"{out}/", *packages],
-            ),
-        ]
-        for step in steps:
-            started = time.monotonic()
-            progress(step.label)
-            build.run_step(step, module, _go_env(), log)
-            progress(f"{step.label}: done in {time.monotonic() - started:.0f}s")
-        (out / build.STAMP_FILE).write_text(json.dumps(stamp))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
+    requirements = {"k8s.io/kubernetes": versions.KUBERNETES_VERSION}
+    packages = list(versions.NODE_BINARIES.values())
+    files = {
+        "go.mod": build.render_go_mod(requirements, "kind-node-build"),
+        "tools.go": build.render_tools_go(packages),
+    }
+    go = _go()
+    return build.build_module(
+        files,
+        lambda out: build.build_steps(go, out, packages, "kubelet, kubeadm, kube-proxy"),
+        stamp=stamp,
+        target=target,
+        log=log,
+        env=_go_env(),
+        progress=progress,
+        prefix="node-bin-",
+    )
 
 
 def pause_version(kubernetes_dir: Path) -> str:
