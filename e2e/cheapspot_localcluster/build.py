@@ -130,24 +130,20 @@ class Step:
     argv: list[str]
 
 
-def build_steps(go: str, out_dir: Path) -> list[Step]:
-    """The commands run inside the wrapper module's directory, in order."""
-    packages = list(versions.BINARIES.values())
+def build_steps(
+    go: str,
+    out_dir: Path,
+    packages: list[str] | None = None,
+    what: str = "etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok",
+) -> list[Step]:
+    """The commands run inside the wrapper module's directory, in order: the control plane's
+    binaries, or the ``packages`` given (``what`` names them for the progress display)."""
+    listed = list(versions.BINARIES.values()) if packages is None else packages
     return [
         Step("resolving modules (go mod tidy)", [go, "mod", "tidy", "-e"]),
         Step(
-            "compiling etcd, kube-apiserver, kube-controller-manager, kube-scheduler, "
-            "kubectl, kwok",
-            [
-                go,
-                "build",
-                "-trimpath",
-                "-ldflags",
-                ldflags(),
-                "-o",
-                str(out_dir) + os.sep,
-                *packages,
-            ],
+            f"compiling {what}",
+            [go, "build", "-trimpath", "-ldflags", ldflags(), "-o", str(out_dir) + os.sep, *listed],
         ),
     ]
 
@@ -233,6 +229,47 @@ def run_step(step: Step, cwd: Path, env: Mapping[str, str], log: Path) -> None:
         raise BuildError(f"{step.label} failed (exit {result.returncode}); log {log}:\n{tail}")
 
 
+def build_module(
+    files: Mapping[str, str],
+    steps: Callable[[Path], list[Step]],
+    *,
+    stamp: Mapping[str, object],
+    target: Path,
+    log: Path,
+    env: Mapping[str, str],
+    progress: Callable[[str], None],
+    prefix: str = "build-",
+) -> Path:
+    """Build a wrapper module in a scratch directory beside ``log`` and install the result.
+
+    ``files`` (path in the module -> text) make the module; ``steps(out_dir)`` are run in it
+    in order, each appending to ``log``; ``stamp`` is recorded beside the binaries, which
+    then replace ``target`` in one rename, so a half-finished build never sits where a later
+    run looks for a finished one. The scratch directory goes whatever happens.
+    """
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=log.parent))
+    try:
+        module = work / "module"
+        for name, text in files.items():
+            (module / name).parent.mkdir(parents=True, exist_ok=True)
+            (module / name).write_text(text)
+        out_dir = work / "bin"
+        out_dir.mkdir()
+        for step in steps(out_dir):
+            started = time.monotonic()
+            progress(step.label)
+            run_step(step, module, env, log)
+            progress(f"{step.label}: done in {time.monotonic() - started:.0f}s")
+        (out_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out_dir, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
 def ensure_binaries(
     progress: Callable[[str], None] = print,
     env: Mapping[str, str] | None = None,
@@ -244,30 +281,19 @@ def ensure_binaries(
     cache = cache_root(env)
     cache.mkdir(parents=True, exist_ok=True)
     go = shutil.which("go") or bootstrap_go(cache, progress)
-
-    work = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
-    out_dir = work / "bin"
-    out_dir.mkdir()
     log = cache / "build.log"
     log.write_text(f"cheapspot build of {versions.stamp()}\n")
-    try:
-        module = work / "module"
-        (module / "etcd").mkdir(parents=True)
-        (module / "go.mod").write_text(render_go_mod())
-        (module / "tools.go").write_text(render_tools_go())
-        (module / "etcd" / "main.go").write_text(_template("etcd_main.go.tmpl"))
-        environment = go_env(os.environ if env is None else env)
-        for step in build_steps(go, out_dir):
-            started = time.monotonic()
-            progress(step.label)
-            run_step(step, module, environment, log)
-            progress(f"{step.label}: done in {time.monotonic() - started:.0f}s")
-        (out_dir / STAMP_FILE).write_text(json.dumps(versions.stamp(), indent=2) + "\n")
-        # Atomic install: a half-finished build never sits where `is_complete` looks.
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out_dir, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
+    files = {
+        "go.mod": render_go_mod(),
+        "tools.go": render_tools_go(),
+        "etcd/main.go": _template("etcd_main.go.tmpl"),
+    }
+    return build_module(
+        files,
+        lambda out_dir: build_steps(go, out_dir),
+        stamp=versions.stamp(),
+        target=target,
+        log=log,
+        env=go_env(os.environ if env is None else env),
+        progress=progress,
+    )

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cheapspot_localcluster import build, versions
-from cheapspot_localcluster.build import BuildError, Step, cache_root
+from cheapspot_localcluster.build import BuildError, cache_root
 
 Progress = Callable[[str], None]
 
@@ -165,22 +165,80 @@ def module_dir(module: str, version: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def go_install(name: str, package: str, version: str, progress: Progress) -> Path:
-    """``go install package@version`` into a directory of the cache named by the version."""
-    target = kind_cache() / "tools" / f"{name}-{version}"
-    binary = target / name
+@dataclass(frozen=True)
+class GoTool:
+    """A command built with ``go install package@version`` into the cache."""
+
+    name: str
+    package: str
+    version: str
+    # ``-X symbol=value`` pairs, as the tool's own release build sets them.
+    stamps: tuple[tuple[str, str], ...] = ()
+
+    def ldflags(self) -> str:
+        return " ".join(["-s", "-w", *(f"-X {symbol}={value}" for symbol, value in self.stamps)])
+
+    def install_argv(self, go: str) -> list[str]:
+        return [
+            go, "install", "-trimpath", f"-ldflags={self.ldflags()}",
+            f"{self.package}@{self.version}",
+        ]  # fmt: skip
+
+    def cache_name(self) -> str:
+        """Its directory in the cache: name and version, and a digest of the stamps if any, so
+        a binary built with other stamps (or none) is never taken for this one."""
+        if not self.stamps:
+            return f"{self.name}-{self.version}"
+        return f"{self.name}-{self.version}-{_digest(self.ldflags())}"
+
+
+def helm_stamps() -> tuple[tuple[str, str], ...]:
+    """What helm's Makefile passes with ``-ldflags`` when it builds a release tag (v3.19.x).
+
+    ``go install`` alone leaves ``helm version`` at the source's placeholder (``v3.19``, no
+    commit) and the Kubernetes version that ``helm lint`` checks deprecated APIs against and
+    ``helm template`` renders ``.Capabilities.KubeVersion`` with at 1.20; the release build
+    derives the latter from its k8s.io/client-go version (v0.X.Y -> 1.X).
+    """
+    _, minor, _ = versions.HELM_CLIENT_GO_VERSION.lstrip("v").split(".")
+    major = "1"
+    return (
+        ("helm.sh/helm/v3/internal/version.version", versions.HELM_VERSION),
+        ("helm.sh/helm/v3/internal/version.gitCommit", versions.HELM_GIT_COMMIT),
+        ("helm.sh/helm/v3/internal/version.gitTreeState", "clean"),
+        ("helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor", major),
+        ("helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor", minor),
+        ("helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor", major),
+        ("helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor", minor),
+    )
+
+
+KIND = GoTool("kind", "sigs.k8s.io/kind", versions.KIND_VERSION)
+HELM = GoTool("helm", "helm.sh/helm/v3/cmd/helm", versions.HELM_VERSION, helm_stamps())
+COREDNS = GoTool("coredns", "github.com/coredns/coredns", versions.COREDNS_VERSION)
+
+
+def tool_binary(tool: GoTool) -> Path:
+    """Where ``tool`` lives once built (it may not be yet)."""
+    return kind_cache() / "tools" / tool.cache_name() / tool.name
+
+
+def go_install(tool: GoTool, progress: Progress) -> Path:
+    """``go install package@version`` into a directory of the cache named by the build."""
+    binary = tool_binary(tool)
     if os.access(binary, os.X_OK):
         return binary
-    progress(f"building {name} {version} from the Go module proxy")
-    work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=kind_cache()))
+    progress(f"building {tool.name} {tool.version} from the Go module proxy")
+    kind_cache().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{tool.name}-", dir=kind_cache()))
     try:
         _run(
-            [_go(), "install", "-trimpath", "-ldflags=-s -w", f"{package}@{version}"],
-            f"building {name} {version}",
+            tool.install_argv(_go()),
+            f"building {tool.name} {tool.version}",
             env={**_go_env(), "GOBIN": str(work), "GOFLAGS": ""},
         )
-        built = work / package.rstrip("/").rsplit("/", 1)[-1]
-        target.mkdir(parents=True, exist_ok=True)
+        built = work / tool.package.rstrip("/").rsplit("/", 1)[-1]
+        binary.parent.mkdir(parents=True, exist_ok=True)
         os.replace(built, binary)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -188,15 +246,15 @@ def go_install(name: str, package: str, version: str, progress: Progress) -> Pat
 
 
 def kind_binary(progress: Progress = print) -> Path:
-    return go_install("kind", "sigs.k8s.io/kind", versions.KIND_VERSION, progress)
+    return go_install(KIND, progress)
 
 
 def helm_binary(progress: Progress = print) -> Path:
-    return go_install("helm", "helm.sh/helm/v3/cmd/helm", versions.HELM_VERSION, progress)
+    return go_install(HELM, progress)
 
 
 def coredns_binary(progress: Progress = print) -> Path:
-    return go_install("coredns", "github.com/coredns/coredns", versions.COREDNS_VERSION, progress)
+    return go_install(COREDNS, progress)
 
 
 def node_bin_dir() -> Path:
@@ -211,39 +269,25 @@ def node_binaries(progress: Progress = print) -> Path:
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return target
     kind_cache().mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="node-bin-", dir=kind_cache()))
     log = kind_cache() / "node-bin.log"
     log.write_text(f"node binaries {stamp}\n")
-    try:
-        module = work / "module"
-        module.mkdir()
-        requirements = {"k8s.io/kubernetes": versions.KUBERNETES_VERSION}
-        (module / "go.mod").write_text(build.render_go_mod(requirements, "kind-node-build"))
-        packages = list(versions.NODE_BINARIES.values())
-        (module / "tools.go").write_text(build.render_tools_go(packages))
-        out = work / "bin"
-        out.mkdir()
-        go = _go()
-        steps = [
-            Step("resolving modules (go mod tidy)", [go, "mod", "tidy", "-e"]),
-            Step(
-                "compiling kubelet, kubeadm, kube-proxy",
-                [go, "build", "-trimpath", "-ldflags", build.ldflags(), "-o", f"{out}/", *packages],
-            ),
-        ]
-        for step in steps:
-            started = time.monotonic()
-            progress(step.label)
-            build.run_step(step, module, _go_env(), log)
-            progress(f"{step.label}: done in {time.monotonic() - started:.0f}s")
-        (out / build.STAMP_FILE).write_text(json.dumps(stamp))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
+    requirements = {"k8s.io/kubernetes": versions.KUBERNETES_VERSION}
+    packages = list(versions.NODE_BINARIES.values())
+    files = {
+        "go.mod": build.render_go_mod(requirements, "kind-node-build"),
+        "tools.go": build.render_tools_go(packages),
+    }
+    go = _go()
+    return build.build_module(
+        files,
+        lambda out: build.build_steps(go, out, packages, "kubelet, kubeadm, kube-proxy"),
+        stamp=stamp,
+        target=target,
+        log=log,
+        env=_go_env(),
+        progress=progress,
+        prefix="node-bin-",
+    )
 
 
 def pause_version(kubernetes_dir: Path) -> str:

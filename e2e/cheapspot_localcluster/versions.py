@@ -60,6 +60,11 @@ def stamp() -> dict[str, str]:
 # Kubernetes minor above, helm, CoreDNS, and the Debian release the images are built from.
 KIND_VERSION = "v0.32.0"
 HELM_VERSION = "v3.19.5"
+# What helm's release build of that tag stamps into the binary (its Makefile's -ldflags): the
+# tag's commit, and the k8s.io/client-go version of its go.mod, from which it derives the
+# Kubernetes version `helm lint` and `helm template` assume without a cluster (v0.34 -> 1.34).
+HELM_GIT_COMMIT = "4a19a5b6fb912c5c28a779e73f2e0880d9e239a4"
+HELM_CLIENT_GO_VERSION = "v0.34.2"
 COREDNS_VERSION = "v1.14.2"
 DEBIAN_SUITE = "bookworm"
 # Built from k8s.io/kubernetes for the node image, beside the control plane binaries above.

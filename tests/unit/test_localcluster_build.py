@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,71 @@ def test_second_run_builds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(build, "run_step", no_go)
     assert build.ensure_binaries(progress=lambda _m: None, env=env) == build.bin_dir(env)
+
+
+def test_node_binaries_compile_with_the_same_stamps(tmp_path: Path) -> None:
+    packages = list(versions.NODE_BINARIES.values())
+    steps = build.build_steps("go", tmp_path, packages, "kubelet, kubeadm, kube-proxy")
+    assert steps[-1].label == "compiling kubelet, kubeadm, kube-proxy"
+    assert steps[-1].argv == [
+        "go", "build", "-trimpath", "-ldflags", build.ldflags(), "-o", f"{tmp_path}/", *packages
+    ]  # fmt: skip
+
+
+def _writes(out_name: str, text: str) -> Callable[[Path], list[build.Step]]:
+    """Steps that stand in for ``go build``: a Python one-liner writing into the output."""
+
+    def steps(out_dir: Path) -> list[build.Step]:
+        code = f"import pathlib; pathlib.Path({str(out_dir / out_name)!r}).write_text({text!r})"
+        return [
+            build.Step("checking the module", [sys.executable, "-c", "open('go.mod')"]),
+            build.Step("writing", [sys.executable, "-c", code]),
+        ]
+
+    return steps
+
+
+def test_a_module_build_installs_its_output_with_the_stamp(tmp_path: Path) -> None:
+    target = tmp_path / "bin" / "k8s-v0"
+    target.mkdir(parents=True)
+    (target / "leftover").write_text("from an older build")
+    seen: list[str] = []
+    installed = build.build_module(
+        {"go.mod": "module x\n", "etcd/main.go": "package main\n"},
+        _writes("tool", "built"),
+        stamp={"kubernetes": "v0"},
+        target=target,
+        log=tmp_path / "build.log",
+        env=dict(os.environ),
+        progress=seen.append,
+    )
+    assert installed == target
+    assert (target / "tool").read_text() == "built"
+    assert not (target / "leftover").exists()
+    assert json.loads((target / build.STAMP_FILE).read_text()) == {"kubernetes": "v0"}
+    assert [m.split(":")[0] for m in seen] == ["checking the module"] * 2 + ["writing"] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "build.log"]  # no scratch left
+
+
+def test_a_failed_module_build_leaves_the_installed_one_alone(tmp_path: Path) -> None:
+    target = tmp_path / "bin" / "k8s-v0"
+    target.mkdir(parents=True)
+    (target / "tool").write_text("the old build")
+
+    def failing(out_dir: Path) -> list[build.Step]:
+        return [
+            build.Step("compiling", [sys.executable, "-c", "raise SystemExit('no such package')"])
+        ]
+
+    with pytest.raises(build.BuildError, match=r"(?s)compiling failed \(exit 1\).*no such package"):
+        build.build_module(
+            {"go.mod": ""},
+            failing,
+            stamp={},
+            target=target,
+            log=tmp_path / "b.log",
+            env=dict(os.environ),
+            progress=print,
+        )
+    assert (target / "tool").read_text() == "the old build"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.log", "bin"]

@@ -131,3 +131,53 @@ def test_base_image_dockerfile_uses_debians_parts_and_kinds_entrypoint() -> None
         assert package in dockerfile
     assert 'sandbox_image = "registry.k8s.io/pause:3.10.2"' in dockerfile
     assert 'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]' in dockerfile
+
+
+def test_helm_is_built_with_the_stamps_of_its_release_build() -> None:
+    argv = kindnode.HELM.install_argv("go")
+    assert argv[:3] == ["go", "install", "-trimpath"]
+    assert argv[-1] == f"helm.sh/helm/v3/cmd/helm@{versions.HELM_VERSION}"
+    flags = argv[3].removeprefix("-ldflags=").split()
+    assert flags[:2] == ["-s", "-w"]
+    stamps = dict(v.split("=", 1) for v in flags[3::2])
+    assert flags[2::2] == ["-X"] * len(stamps)
+    # `helm version --short` prints the version and the commit's first seven characters.
+    assert stamps["helm.sh/helm/v3/internal/version.version"] == versions.HELM_VERSION
+    assert stamps["helm.sh/helm/v3/internal/version.gitCommit"] == versions.HELM_GIT_COMMIT
+    assert stamps["helm.sh/helm/v3/internal/version.gitTreeState"] == "clean"
+    # Kubernetes 1.34, from its client-go v0.34.x: what lint and template assume, not 1.20.
+    for package in ("pkg/lint/rules", "pkg/chartutil"):
+        assert stamps[f"helm.sh/helm/v3/{package}.k8sVersionMajor"] == "1"
+        assert stamps[f"helm.sh/helm/v3/{package}.k8sVersionMinor"] == "34"
+
+
+def test_a_stamped_helm_is_a_new_cache_entry_and_kind_keeps_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHEAPSPOT_CACHE", str(tmp_path))
+    tools = tmp_path / "kind" / "tools"
+    # Built before helm was stamped: an unstamped helm must not be found as this one.
+    assert kindnode.tool_binary(kindnode.HELM).parent != tools / f"helm-{versions.HELM_VERSION}"
+    assert kindnode.HELM.cache_name().startswith(f"helm-{versions.HELM_VERSION}-")
+    other = kindnode.GoTool("helm", kindnode.HELM.package, versions.HELM_VERSION, (("x.y", "z"),))
+    assert other.cache_name() != kindnode.HELM.cache_name()
+    # kind and CoreDNS are built as before, so what is cached for them stays valid.
+    assert kindnode.tool_binary(kindnode.KIND) == tools / f"kind-{versions.KIND_VERSION}" / "kind"
+    assert kindnode.KIND.install_argv("go") == [
+        "go", "install", "-trimpath", "-ldflags=-s -w", f"sigs.k8s.io/kind@{versions.KIND_VERSION}"
+    ]  # fmt: skip
+    assert kindnode.COREDNS.cache_name() == f"coredns-{versions.COREDNS_VERSION}"
+
+
+def test_a_cached_tool_is_not_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHEAPSPOT_CACHE", str(tmp_path))
+    binary = kindnode.tool_binary(kindnode.HELM)
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+
+    def no_go(*_args: object, **_kwargs: object) -> str:
+        raise AssertionError("a cached tool must not run go")
+
+    monkeypatch.setattr(kindnode, "_run", no_go)
+    assert kindnode.helm_binary(lambda _m: None) == binary
