@@ -93,5 +93,7 @@ kind-up: cluster-binaries
 kind-down: venv
 	$(VENV)/bin/cheapspot kind down
 
-e2e-kind: cluster-binaries
-	CHEAPSPOT_KIND=1 $(PYTEST) e2e/test_scenarios.py -k kind -q
+# The cluster, the images and their loading happen before the tests (they take longer than
+# one test may); the tests reuse that cluster and leave it up for the next run.
+e2e-kind: kind-up
+	CHEAPSPOT_KIND=1 CHEAPSPOT_KIND_KEEP=1 $(PYTEST) e2e/test_scenarios.py -k kind -q

@@ -252,6 +252,26 @@ class KindCluster:
         for node in self.worker_nodes():
             self.advertise_gpu(node)
 
+    def images(self, progress: Progress = print) -> None:
+        """The operator and worker images built from the Dockerfiles (a layer cache hit when
+        nothing changed) and in every worker node (skipped where that very image is)."""
+        if reuse_images():
+            progress(f"reusing {OPERATOR_IMAGE} and {WORKER_IMAGE} (CHEAPSPOT_KIND_IMAGES=reuse)")
+        else:
+            root = repo_root()
+            base = kindnode.python_base_image(progress)
+            kindnode.app_image(root / "Dockerfile.operator", OPERATOR_IMAGE, base, progress)
+            kindnode.app_image(
+                root / "Dockerfile.worker", WORKER_IMAGE, base, progress, target="train"
+            )
+        workers = self.worker_nodes()
+        for image in (OPERATOR_IMAGE, WORKER_IMAGE):
+            started = time.monotonic()
+            loaded = self.load(image, workers)
+            if loaded:
+                took = time.monotonic() - started
+                progress(f"loaded {image} into {', '.join(loaded)} in {took:.0f}s")
+
     def delete(self) -> None:
         subprocess.run(
             [str(self.tools.kind), "delete", "cluster", "--name", self.name],
@@ -259,7 +279,7 @@ class KindCluster:
             check=False,
         )
 
-    def load(self, image: str, nodes: list[str] | None = None) -> None:
+    def load(self, image: str, nodes: list[str] | None = None) -> list[str]:
         """Import a local Docker image into each node's containerd, one node at a time.
 
         ``kind load`` imports into all nodes at once and keeps each layer twice (the imported
@@ -269,9 +289,11 @@ class KindCluster:
         own ``discard_unpacked_layers`` does for pulled images.
         """
         image_id = _run("docker", "image", "inspect", "-f", "{{.Id}}", image).strip()
+        loaded: list[str] = []
         for node in nodes if nodes is not None else self.node_names():
             if self._config_digest(node, image) == image_id:
                 continue  # this very image is there already
+            loaded.append(node)
             save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
             done = subprocess.run(
                 ["docker", "exec", "-i", node, "ctr", "--namespace=k8s.io", "images", "import",
@@ -284,6 +306,7 @@ class KindCluster:
             if done.returncode != 0 or save.returncode != 0:
                 raise KindError(f"loading {image} into {node} failed:\n{done.stderr[-2000:]}")
             self._discard_layers(node, image)
+        return loaded
 
     @staticmethod
     def _manifest(node: str, image: str) -> dict[str, Any] | None:
@@ -425,18 +448,7 @@ class KindBackend:
 
     def install(self, progress: Progress = print) -> None:
         root = repo_root()
-        if reuse_images():
-            progress(f"reusing {OPERATOR_IMAGE} and {WORKER_IMAGE} (CHEAPSPOT_KIND_IMAGES=reuse)")
-        else:
-            base = kindnode.python_base_image(progress)
-            kindnode.app_image(root / "Dockerfile.operator", OPERATOR_IMAGE, base, progress)
-            kindnode.app_image(
-                root / "Dockerfile.worker", WORKER_IMAGE, base, progress, target="train"
-            )
-        progress("loading the images into the worker nodes")
-        workers = self.cluster.worker_nodes()
-        self.cluster.load(OPERATOR_IMAGE, workers)
-        self.cluster.load(WORKER_IMAGE, workers)
+        self.cluster.images(progress)
         # What a user does before installing: a namespace for jobs, the store's keys in it and
         # in the release namespace (where IRSA / RRSA are not available).
         prepare_namespace(self.api_client(), self.namespace, self.s3)

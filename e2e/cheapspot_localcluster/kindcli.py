@@ -32,6 +32,14 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("action", choices=["build", "up", "down", "load"])
     parser.add_argument("images", nargs="*", help="for load: docker images to load")
     parser.add_argument("--name", default=CLUSTER, help="cluster name (default: %(default)s)")
+    parser.add_argument(
+        "--recreate", action="store_true", help="up: a new cluster even if one exists"
+    )
+    parser.add_argument(
+        "--no-images",
+        action="store_true",
+        help="up: skip building the operator and worker images and loading them into the nodes",
+    )
     args = parser.parse_args(argv)
     kubeconfig = default_kubeconfig(args.name)
     started = time.monotonic()
@@ -40,7 +48,15 @@ def main(argv: Sequence[str]) -> int:
         if args.action == "build":
             _log(f"built: {cluster.tools}")
         elif args.action == "up":
-            cluster.create(kubeconfig.parent, _log)
+            if cluster.exists() and not args.recreate:
+                _log(f"cluster {args.name} exists: resuming it (--recreate for a new one)")
+                kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+                kubeconfig.write_text(cluster.kind("get", "kubeconfig", "--name", args.name))
+                cluster.resume(_log)
+            else:
+                cluster.create(kubeconfig.parent, _log)
+            if not args.no_images:
+                cluster.images(_log)
             _log(f"cluster {args.name} up in {time.monotonic() - started:.0f}s")
             print(f"  export KUBECONFIG={kubeconfig}")
             print(f"  kubectl: {cluster.tools.kubectl}   helm: {cluster.tools.helm}")
