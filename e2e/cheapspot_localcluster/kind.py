@@ -159,6 +159,11 @@ def _run(*argv: str, input_: str | None = None) -> str:
     return done.stdout
 
 
+def _ref(image: str) -> str:
+    """The name containerd keeps a Docker image under (``docker.io/library/`` for short names)."""
+    return image if "/" in image.split(":", 1)[0] else f"docker.io/library/{image}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
@@ -291,8 +296,14 @@ class KindCluster:
         image_id = _run("docker", "image", "inspect", "-f", "{{.Id}}", image).strip()
         loaded: list[str] = []
         for node in nodes if nodes is not None else self.node_names():
-            if self._config_digest(node, image) == image_id:
+            digest = self._config_digest(node, image)
+            if digest == image_id:
                 continue  # this very image is there already
+            if digest is not None:
+                # An older build of the tag: dropped first (its snapshots collected), so the
+                # node never holds two builds of a 6 GB image at once.
+                _run("docker", "exec", node, "ctr", "--namespace=k8s.io", "images", "rm",
+                     "--sync", _ref(image))  # fmt: skip
             loaded.append(node)
             save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
             done = subprocess.run(
@@ -311,12 +322,11 @@ class KindCluster:
     @staticmethod
     def _manifest(node: str, image: str) -> dict[str, Any] | None:
         """The image's manifest in the node's containerd (None: not there)."""
-        ref = image if "/" in image.split(":", 1)[0] else f"docker.io/library/{image}"
 
         def ctr(*args: str) -> str:
             return _run("docker", "exec", node, "ctr", "--namespace=k8s.io", *args)
 
-        listing = ctr("images", "ls", f"name=={ref}").splitlines()[1:]
+        listing = ctr("images", "ls", f"name=={_ref(image)}").splitlines()[1:]
         if not listing:
             return None
         manifest: dict[str, Any] = json.loads(ctr("content", "get", listing[0].split()[2]))
@@ -470,6 +480,13 @@ class KindBackend:
             subprocess.run(
                 [str(self.cluster.tools.helm), "uninstall", RELEASE, "--namespace", RELEASE_NS,
                  "--kubeconfig", str(self.kubeconfig), "--wait"],
+                capture_output=True, check=False,
+            )  # fmt: skip
+            # The run's pods go with their namespace: a kept cluster's nodes would otherwise
+            # hold every finished pod's container (and the image builds they ran).
+            subprocess.run(
+                [str(self.cluster.tools.kubectl), "--kubeconfig", str(self.kubeconfig), "delete",
+                 "namespace", self.namespace, "--wait=false", "--ignore-not-found"],
                 capture_output=True, check=False,
             )  # fmt: skip
         else:
