@@ -14,7 +14,9 @@ leaves pods alone and this runner owns them, as a kubelet would:
 * the pod's status stays true: Running with a started container, then Succeeded or Failed
   with the exit code, and a termination message read from the file named by
   ``CHEAPSPOT_TERMINATION_MESSAGE_PATH`` (the local stand-in for ``terminationMessagePath``)
-  or, with ``FallbackToLogsOnError``, the tail of the log;
+  or, with ``FallbackToLogsOnError``, the tail of the log; the main process gone, the rest of
+  its process group is killed, as a container runtime ends a container's other processes (a
+  server's child left behind would keep the pod's ports, and its IP goes to the next pod);
 * a pod marked for deletion (deleted, evicted) gets SIGTERM, SIGKILL after its grace period,
   and is then removed, as kubelet does;
 * a pod whose machine went away (the reclaim switched the node off: kwok no longer acts for
@@ -460,20 +462,24 @@ def field_value(pod: Mapping[str, Any], path: str, ip: str) -> str:
 
 @dataclass
 class IpPool:
-    """Loopback pod IPs, 127.0.0.2 .. 127.0.0.254, reused once a pod is gone."""
+    """Loopback pod IPs, 127.0.0.2 .. 127.0.0.254, each held by one pod (its uid) and reused
+    once that pod is gone. Giving one back twice is harmless: a pod's exit and, later, its
+    removal both give its IP back, and by the second another pod may hold it."""
 
-    used: set[str] = field(default_factory=set)
+    owners: dict[str, str] = field(default_factory=dict)
+    """IP -> the uid of the pod holding it."""
 
-    def take(self) -> str:
+    def take(self, owner: str) -> str:
         for n in range(2, 255):
             ip = f"127.0.0.{n}"
-            if ip not in self.used:
-                self.used.add(ip)
+            if ip not in self.owners:
+                self.owners[ip] = owner
                 return ip
         raise RuntimeError("no loopback pod IP left")
 
-    def give_back(self, ip: str) -> None:
-        self.used.discard(ip)
+    def give_back(self, ip: str, owner: str) -> None:
+        if self.owners.get(ip) == owner:
+            del self.owners[ip]
 
 
 class PodRunner:
@@ -525,6 +531,13 @@ class PodRunner:
         for running in self.procs.values():
             if running.popen is not None and running.exit_code is None:
                 running.exit_code = running.popen.poll()
+                if running.exit_code is not None:
+                    # As a container runtime does: nothing of the container outlives its main
+                    # process (a child left behind would hold the pod's ports, and the pod's
+                    # IP goes to the next pod). The group outlives its reaped leader while
+                    # any member runs, so its id is still this pod's.
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(running.popen.pid, signal.SIGKILL)
         for uid in set(pods) | set(self.procs):
             pod = pods.get(uid)
             proc = self.procs.get(uid)
@@ -636,7 +649,7 @@ class PodRunner:
     def _start(self, pod: dict[str, Any]) -> None:
         meta, spec = pod["metadata"], pod["spec"]
         container = spec["containers"][0]
-        ip = self.ips.take()
+        ip = self.ips.take(meta["uid"])
         workdir = self.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
         workdir.mkdir(parents=True, exist_ok=True)
         log_path = workdir / "log"
@@ -715,7 +728,7 @@ class PodRunner:
         status = terminated_status(pod, code, message, proc.started_at, datetime.now(UTC))
         self._patch_status(pod, status)
         proc.exit_reported = True
-        self.ips.give_back(proc.ip)
+        self.ips.give_back(proc.ip, proc.uid)
         log.info("pod %s/%s exited with %d", proc.namespace, proc.name, code)
 
     def _remove(self, pod: dict[str, Any]) -> None:
@@ -738,7 +751,7 @@ class PodRunner:
     def _forget(self, proc: Proc) -> None:
         with contextlib.suppress(OSError):
             (SHORT_TMP_ROOT / proc.uid[:12]).unlink()
-        self.ips.give_back(proc.ip)
+        self.ips.give_back(proc.ip, proc.uid)
         self.procs.pop(proc.uid, None)
 
     def _patch_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:

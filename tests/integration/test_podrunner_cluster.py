@@ -44,6 +44,12 @@ signal.signal(signal.SIGTERM, on_term)
 with report.open("a") as f:
     f.write(json.dumps(seen) + "\n")
 mode = os.environ["EXIT_MODE"]
+if mode.startswith("orphan:"):  # leave a child behind, as a server's worker process can
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    with report.open("a") as f:
+        f.write(json.dumps({"child": child.pid}) + "\n")
+    sys.exit(int(mode.split(":")[1]))
 if mode.startswith("exit:"):
     message = os.environ.get("MESSAGE")
     if message:
@@ -206,6 +212,19 @@ def test_a_pod_runs_as_a_process_with_its_env_and_its_exit_becomes_the_phase(
     # The emptyDir at /scratch is a directory of the pod's own; env values under it follow.
     assert seen["HOME"] != "/scratch" and Path(seen["HOME"]).is_dir()
     assert seen["HF_HOME"] == seen["HOME"] + "/hf"
+
+
+def test_a_containers_other_processes_end_with_its_main_process(
+    cluster: LocalCluster, ns: str, tmp_path: Path
+) -> None:
+    """As a container runtime does: the main process gone, nothing of the pod runs on (a
+    child left behind would keep the pod's ports, and its IP goes to the next pod)."""
+    report = tmp_path / "report.jsonl"
+    cluster.core().create_namespaced_pod(ns, make_pod("parent", report, "orphan:3"))
+    pod = wait_for("pod to end Failed", lambda: finished(cluster, ns, "parent"))
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
+    child = next(r["child"] for r in reports(report) if "child" in r)
+    wait_for("the child to be killed", lambda: not _alive(child), 10)
 
 
 def test_deletion_delivers_sigterm_then_sigkill_after_the_grace_period(

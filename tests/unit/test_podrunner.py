@@ -158,12 +158,15 @@ def test_field_refs() -> None:
         field_value(pod, "spec.bogus", "")
 
 
-def test_ip_pool_reuses_addresses() -> None:
+def test_ip_pool_reuses_addresses_and_never_gives_out_one_held() -> None:
     pool = IpPool()
-    a, b = pool.take(), pool.take()
+    a, b = pool.take("pod-a"), pool.take("pod-b")
     assert a != b
-    pool.give_back(a)
-    assert pool.take() == a
+    pool.give_back(a, "pod-a")  # pod-a exited
+    assert pool.take("pod-c") == a
+    # pod-a's object is removed later: it gives its IP back again, but pod-c holds it now.
+    pool.give_back(a, "pod-a")
+    assert pool.take("pod-d") not in (a, b)
 
 
 def test_a_machine_is_on_while_kwok_acts_for_it_not_while_it_is_ready() -> None:
