@@ -534,6 +534,9 @@ ADMIN_PORT = 8001
 ``GET /cheapspot/status`` and ``PUT /cheapspot/adapters`` with the desired adapter list."""
 ROUTER_PORT = 8080
 """The router's client-facing port (the pool's Service targets it)."""
+ROUTER_READY_PATH = "/readyz"
+"""The router's readiness, on its port: 200 once it knows the pool's replica pods, 503 before
+that and from SIGTERM on (while it drains)."""
 
 
 class AdapterSource(_Strict):

@@ -21,6 +21,7 @@ from cheapspot.contract import (
     LABEL_POOL_ROLE,
     LABEL_REPLICA,
     ROUTER_PORT,
+    ROUTER_READY_PATH,
     SERVE_PORT,
     TASK_ENV,
     JobRef,
@@ -193,6 +194,12 @@ def build_replica_pod(
 # --- the router ---------------------------------------------------------------------------
 
 
+def router_grace_seconds(spec: ps.InferencePoolSpec) -> int:
+    """A queued request may wait ``maxQueueSeconds`` for a replica: the router's drain covers
+    that, a margin to exit, and its linger while the Service drops it."""
+    return int(spec.router.max_queue_seconds) + 2 * DRAIN_MARGIN_SECONDS
+
+
 def router_name(pool_name: str) -> str:
     return f"{pool_name}-router"
 
@@ -234,12 +241,24 @@ def build_router_deployment(
             str(ROUTER_PORT),
             "--max-queue-seconds",
             f"{router.max_queue_seconds:g}",
+            # On SIGTERM: not Ready at once, then the requests in flight finish, within the
+            # grace period less the time to exit.
+            "--drain-seconds",
+            str(router_grace_seconds(pool.spec) - DRAIN_MARGIN_SECONDS),
         ],
         "env": [
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "HOME", "value": "/tmp"},
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        # Ready once it knows the replica pods; not Ready from SIGTERM on (its drain). A new
+        # router of a rolling update takes traffic only when it can route it.
+        "readinessProbe": {
+            "httpGet": {"path": ROUTER_READY_PATH, "port": ROUTER_PORT},
+            "periodSeconds": 2,
+            "timeoutSeconds": 2,
+            "failureThreshold": 1,
+        },
         "resources": {
             "requests": {"cpu": router.cpu, "memory": router.memory},
             "limits": {"memory": router.memory},
@@ -251,8 +270,8 @@ def build_router_deployment(
         "serviceAccountName": router_name(pool.name),
         "automountServiceAccountToken": True,
         "enableServiceLinks": False,
-        # Requests in flight finish (or are handed over) before the router exits.
-        "terminationGracePeriodSeconds": int(router.max_queue_seconds) + DRAIN_MARGIN_SECONDS,
+        # Requests in flight finish before the router exits (its drain on SIGTERM).
+        "terminationGracePeriodSeconds": router_grace_seconds(pool.spec),
         "securityContext": _restricted_pod(worker.run_as_user),
         "affinity": {"nodeAffinity": _node_affinity(placement, [])},
         "tolerations": _tolerations(placement),

@@ -1,7 +1,8 @@
 """``cheapspot router``: the inference pool's one OpenAI-compatible endpoint.
 
     cheapspot router --pool NAME [--namespace NS] [--port 8080] [--max-queue-seconds 30]
-                     [--capacity 32] [--kubeconfig FILE]
+                     [--capacity 32] [--drain-seconds 30] [--drain-linger-seconds 3]
+                     [--kubeconfig FILE]
     cheapspot router --replica http://HOST:PORT ...     (fixed replicas, no Kubernetes)
 
 It watches the pool's replica pods (labels ``cheapspot.dev/pool=NAME``,
@@ -12,6 +13,12 @@ replica is at ``--capacity`` requests in flight, or none is ready, the request w
 ``--max-queue-seconds``) instead of failing. A request that fails before its first byte
 reaches the client is retried on another replica; a stream cut mid-way continues on another
 replica from the tokens already sent (:mod:`cheapspot_operator.routing`).
+
+It is Ready (``/readyz``) once it has listed the pool's replica pods. On SIGTERM it turns
+not Ready at once, so the Service stops sending it requests, keeps serving for
+``--drain-linger-seconds`` (endpoints take a moment to drop it) and until the requests in
+flight have finished, at most ``--drain-seconds``, then exits: a rolling update of the router,
+or its node drained, cuts no answer.
 
 HTTP is aiohttp, server and client: the operator already depends on it (kopf is built on
 it), it streams both ways without buffering, and one event loop carries thousands of open
@@ -26,15 +33,16 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from cheapspot.contract import ROUTER_PORT, SERVE_PORT
+from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
 from cheapspot_operator import routing
 from cheapspot_operator.routing import Load, Replica, StreamState
 
@@ -43,6 +51,7 @@ log = logging.getLogger("cheapspot.router")
 COOL_DOWN_SECONDS = 3.0
 RETRIES = 4
 """Replicas one request is tried on (first bytes failing, or a stream cut) before it fails."""
+_OWN_PATHS = frozenset({"/healthz", ROUTER_READY_PATH, "/cheapspot/router"})
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
 
 
@@ -77,12 +86,19 @@ class Router:
         self.cooling: dict[str, float] = {}
         """Replica -> until when no request is sent to it: it just refused a connection or
         failed a request before its first byte (until the pod watch says more)."""
+        self.listed = False
+        """The replica set is known (the first pod list, or fixed replicas): Ready from here."""
+        self.stopping = False
+        """SIGTERM came: not Ready, draining the requests in flight."""
+        self.active = 0
+        """Client requests in flight through this router (streams until their last byte)."""
 
     # -- the replica set -----------------------------------------------------------------
 
     async def set_replicas(self, replicas: Sequence[Replica]) -> None:
         async with self._changed:
             self.replicas = {r.name: r for r in replicas}
+            self.listed = True
             self._changed.notify_all()
 
     async def _release(self, name: str) -> None:
@@ -127,13 +143,46 @@ class Router:
 
     # -- HTTP ----------------------------------------------------------------------------
 
+    # -- shutting down -------------------------------------------------------------------
+
+    async def drain(self, linger: float, limit: float) -> int:
+        """Stop being Ready, keep serving at least ``linger`` seconds and until no request is
+        in flight, at most ``limit`` seconds; returns the requests still in flight then."""
+        self.stopping = True
+        start = time.monotonic()
+        log.info("draining: %d requests in flight, up to %gs", self.active, limit)
+        while time.monotonic() - start < limit:
+            if self.active == 0 and time.monotonic() - start >= linger:
+                break
+            await asyncio.sleep(0.1)
+        if self.active:
+            log.warning("drain time up after %gs: %d requests cut", limit, self.active)
+        else:
+            log.info("drained in %.1fs", time.monotonic() - start)
+        return self.active
+
+    @web.middleware
+    async def _count(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path in _OWN_PATHS:
+            return await handler(request)
+        self.active += 1
+        try:
+            return await handler(request)
+        finally:
+            self.active -= 1
+
+    # -- HTTP ----------------------------------------------------------------------------
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._count])
         for path in routing.FORWARDED_POSTS:
             app.router.add_post(path, self.handle_post)
         for path in routing.FORWARDED_GETS:
             app.router.add_get(path, self.handle_get)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get(ROUTER_READY_PATH, self.readyz)
         app.router.add_get("/cheapspot/router", self.status)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
@@ -157,6 +206,18 @@ class Router:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready once the replica set is known, until SIGTERM. Not tied to a replica being
+        ready: with none ready the router queues requests, better than no endpoint at all."""
+        if self.stopping:
+            return web.json_response({"ready": False, "reason": "shutting down"}, status=503)
+        if not self.listed:
+            return web.json_response(
+                {"ready": False, "reason": "the pool's replica pods are not listed yet"},
+                status=503,
+            )
+        return web.json_response({"ready": True, "replicas": len(self.replicas)})
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -446,6 +507,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-port", type=int, default=SERVE_PORT)
     p.add_argument("--capacity", type=int, default=32, help="requests in flight per replica")
     p.add_argument("--max-queue-seconds", type=float, default=30.0)
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: how long requests in flight may take to finish before the router exits",
+    )
+    p.add_argument(
+        "--drain-linger-seconds",
+        type=float,
+        default=3.0,
+        help="on SIGTERM: keep accepting requests at least this long, while the Service's "
+        "endpoints drop this pod",
+    )
     p.add_argument("--kubeconfig", default=None)
     return p
 
@@ -494,8 +568,13 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
             daemon=True,
         )
         watcher.start()
+    stop = stop or asyncio.Event()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
-        await (stop or asyncio.Event()).wait()
+        await stop.wait()
+        log.info("SIGTERM: no longer Ready")
+        await router.drain(args.drain_linger_seconds, args.drain_seconds)
     finally:
         halt.set()
         await runner.cleanup()

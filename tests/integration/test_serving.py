@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -405,6 +408,82 @@ def test_router_retries_a_dead_replica_and_queues_when_busy(
     code, doc = http_json("POST", empty.url + "/v1/completions", {"model": "qa", "prompt": "x"})
     assert code == 503 and "maxQueueSeconds" in doc["error"]["message"]
     assert time.monotonic() - started < 10
+
+
+def _status_of(url: str) -> int:
+    try:
+        return http_json("GET", url, timeout=5)[0]
+    except OSError:  # not listening yet
+        return 0
+
+
+def test_a_router_sent_sigterm_finishes_its_streams_before_it_exits(
+    replicas: list[ServeReplica], tmp_path: Path
+) -> None:
+    """What a rolling update of the router, or its node drained, does to it: SIGTERM. It turns
+    not Ready at once (the Service stops sending it requests) and exits 0 only once the
+    streams in flight have ended, each complete and equal to an undisturbed run."""
+    long = 200
+    replica = replicas[1]
+    asks = [("qa", PROMPTS[0]), ("sums", PROMPTS[1]), ("tiny-qwen2", PROMPTS[3])]
+
+    def stream(base_url: str, model: str, prompt: str, into: list[str]) -> None:
+        for c in _client(base_url).completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=long,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ):
+            if c.choices:
+                into.append(c.choices[0].text)
+
+    undisturbed: list[list[str]] = [[] for _ in asks]
+    for (model, prompt), out in zip(asks, undisturbed, strict=True):
+        stream(replica.url, model, prompt, out)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cheapspot = Path(sys.executable).parent / "cheapspot"
+    log_path = tmp_path / "router.log"
+    with log_path.open("wb") as log_file:
+        argv = [str(cheapspot), "router", "--replica", replica.url, "--host", "127.0.0.1"]
+        argv += ["--port", str(port), "--drain-linger-seconds", "2", "--drain-seconds", "120"]
+        proc = subprocess.Popen(
+            argv,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while _status_of(url + "/readyz") != 200:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the router never turned Ready"
+            time.sleep(0.2)
+        got: list[list[str]] = [[] for _ in asks]
+        with ThreadPoolExecutor(len(asks)) as pool:
+            futures = [
+                pool.submit(stream, url, m, p, out) for (m, p), out in zip(asks, got, strict=True)
+            ]
+            while min(len(g) for g in got) < 5:
+                assert time.monotonic() < deadline + 240, "the streams did not start"
+                assert not any(f.done() for f in futures), [f.exception() for f in futures]
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            in_flight = sum(not f.done() for f in futures)
+            code, doc = http_json("GET", url + "/readyz", timeout=5)
+            for f in futures:
+                f.result(timeout=300)
+        assert in_flight > 0, "every stream had ended before SIGTERM: nothing was drained"
+        assert code == 503 and "shutting down" in doc["reason"], (code, doc)
+        assert proc.wait(60) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for out, ref in zip(got, undisturbed, strict=True):
+        assert "".join(out).encode() == "".join(ref).encode()
+    assert "drained in" in log_path.read_text()
 
 
 def test_a_stream_cut_by_a_sigkill_continues_byte_identical(

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from cheapspot.contract import ADMIN_PORT, ANNOTATION_DRAINING, TASK_ENV, ServeTask
+from cheapspot.contract import (
+    ADMIN_PORT,
+    ANNOTATION_DRAINING,
+    ROUTER_READY_PATH,
+    TASK_ENV,
+    ServeTask,
+)
 from cheapspot_operator.config import OperatorConfig
 from cheapspot_operator.manifests import Placement
 from cheapspot_operator.placement import PROFILES
@@ -103,3 +109,20 @@ def test_the_router_runs_on_demand_behind_a_service_reading_pods_of_its_namespac
     ]
     assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
     assert all(o["metadata"]["ownerReferences"][0]["uid"] == "uid-7" for o in (sa, role, binding))
+
+
+def test_the_router_is_probed_and_drains_within_its_grace_period() -> None:
+    info = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(router={"maxQueueSeconds": 45}))
+    dep = build_router_deployment(
+        info, 1, _placement(CapacityType.ON_DEMAND), CONFIG.worker, CONFIG.serving
+    )
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    probe = c["readinessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == (ROUTER_READY_PATH, c["ports"][0]["containerPort"])
+    # A request may queue maxQueueSeconds before a replica takes it: the drain covers that,
+    # and the grace period the drain plus the time to exit.
+    drain = float(c["command"][c["command"].index("--drain-seconds") + 1])
+    assert 45 < drain < pod["terminationGracePeriodSeconds"]
+    # A rolling update never has fewer ready routers than asked for.
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0

@@ -159,3 +159,27 @@ def test_a_resume_regenerates_tokens_whose_text_was_held_back() -> None:
     sent = routing.resume_point(state)
     assert sent == [5] and state.sent_ids == [5]
     assert routing.continuation_body(state.body, [1, 2], sent)["max_tokens"] == 9
+
+
+def test_the_router_is_ready_once_it_knows_the_replicas_and_not_while_it_drains() -> None:
+    import asyncio
+
+    from cheapspot_operator.router import Router
+
+    async def scenario() -> list[Any]:
+        router = Router()
+        seen: list[Any] = [(await router.readyz(None)).status]  # type: ignore[arg-type]
+        await router.set_replicas([])  # listed: no replica yet is still a place to queue
+        seen.append((await router.readyz(None)).status)  # type: ignore[arg-type]
+        router.active = 1  # a stream in flight
+        started = asyncio.get_running_loop().time()
+        seen.append(await router.drain(linger=0.0, limit=0.3))
+        seen.append(round(asyncio.get_running_loop().time() - started, 1) >= 0.3)
+        seen.append((await router.readyz(None)).status)  # type: ignore[arg-type]
+        router.active = 0
+        seen.append(await router.drain(linger=0.0, limit=5.0))
+        return seen
+
+    # 503 before the first list; 200 after; a drain waits for the stream until its limit and
+    # says one was cut; not Ready from then on; with nothing in flight it ends at once.
+    assert asyncio.run(scenario()) == [503, 200, 1, True, 503, 0]
