@@ -93,6 +93,11 @@ class Op(enum.Enum):
     """The node went away: SIGKILL now and report nothing more, as a dead kubelet would."""
     REPORT_EXIT = "report-exit"
     """The process ended: report Succeeded/Failed with its exit code."""
+    BACK_OFF = "back-off"
+    """A ``restartPolicy: Always`` container ended: report it waiting (``CrashLoopBackOff``,
+    the exit in ``lastState``) and restart it after kubelet's back-off."""
+    RESTART = "restart"
+    """The back-off is over: start the container again in the same pod, with the same IP."""
     REMOVE = "remove"
     """The pod is terminating and its process has ended: delete the object (grace 0)."""
     FORGET = "forget"
@@ -120,6 +125,12 @@ class Proc:
     term_sent_at: float | None = None
     node_lost: bool = False
     probe: Probe | None = None
+    restarts: int = 0
+    """Times the container was started again in place (``restartCount``)."""
+    restart_at: float | None = None
+    """When the back-off of an ended ``restartPolicy: Always`` container is over."""
+    last_state: dict[str, Any] | None = None
+    """The previous run's ``terminated`` state, reported as ``lastState``."""
     ready: bool = False
     """What was last reported in the Ready condition."""
 
@@ -210,6 +221,8 @@ class PodView:
     grace_seconds: float
     ready: bool = False
     """The Ready condition as the API has it."""
+    restart_always: bool = False
+    """``restartPolicy: Always`` (a Deployment's pods): an ended container is started again."""
 
 
 def view(pod: Mapping[str, Any]) -> PodView:
@@ -229,6 +242,7 @@ def view(pod: Mapping[str, Any]) -> PodView:
             c.get("type") == "Ready" and c.get("status") == "True"
             for c in status.get("conditions") or []
         ),
+        restart_always=(spec.get("restartPolicy") or "Always") == "Always",
     )
 
 
@@ -263,6 +277,10 @@ def decide(
     if not node_alive:
         return Op.NODE_LOST
     if proc.exit_code is not None:
+        if pod.restart_always and not pod.deleting:
+            if proc.restart_at is None:
+                return Op.BACK_OFF
+            return Op.RESTART if now >= proc.restart_at else None
         if not proc.exit_reported:
             return Op.REPORT_EXIT
         return Op.REMOVE if pod.deleting else None
@@ -289,6 +307,19 @@ def machine_is_on(node: Mapping[str, Any]) -> bool:
     return not meta.get("deletionTimestamp") and labels.get(KWOK_MANAGED_LABEL) == "true"
 
 
+BACK_OFF_SECONDS = 10.0
+BACK_OFF_MAX_SECONDS = 300.0
+BACK_OFF_RESET_SECONDS = 600.0
+
+
+def back_off_seconds(restarts: int, ran_seconds: float) -> float:
+    """kubelet's restart back-off: 10 s doubling per restart up to 5 minutes, from 10 s again
+    once a run lasted 10 minutes."""
+    if ran_seconds >= BACK_OFF_RESET_SECONDS:
+        return BACK_OFF_SECONDS
+    return min(BACK_OFF_MAX_SECONDS, BACK_OFF_SECONDS * float(2 ** min(restarts, 5)))
+
+
 def iso(ts: datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -299,9 +330,13 @@ def running_status(
     started: datetime,
     ready: bool = True,
     changed: datetime | None = None,
+    *,
+    restarts: int = 0,
+    last_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The status a kubelet reports once the container has started; ``ready`` is the
-    readiness probe's verdict (true without a probe), ``changed`` when it last flipped."""
+    readiness probe's verdict (true without a probe), ``changed`` when it last flipped;
+    ``restarts`` and ``last_state`` (a ``terminated`` state) once it was started again."""
     containers = pod["spec"]["containers"]
     now = iso(started)
     flipped = iso(changed or started)
@@ -328,12 +363,32 @@ def running_status(
                 "containerID": f"local://{pod['metadata']['uid']}/{c['name']}",
                 "ready": ready,
                 "started": True,
-                "restartCount": 0,
+                "restartCount": restarts,
                 "state": {"running": {"startedAt": now}},
+                **({"lastState": {"terminated": last_state}} if last_state else {}),
             }
             for c in containers
         ],
     }
+
+
+def back_off_status(
+    pod: Mapping[str, Any], ip: str, last_state: dict[str, Any], restarts: int, delay: float
+) -> dict[str, Any]:
+    """The status of a ``restartPolicy: Always`` pod whose container ended and waits to be
+    started again: still Running (its IP kept), not Ready, the exit in ``lastState``."""
+    status = running_status(pod, ip, datetime.now(UTC), ready=False, restarts=restarts)
+    for cs in status["containerStatuses"]:
+        cs["started"] = False
+        cs["state"] = {
+            "waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": f"back-off {delay:g}s restarting failed container={cs['name']}",
+            }
+        }
+        cs["lastState"] = {"terminated": last_state}
+    del status["startTime"]
+    return status
 
 
 def terminated_status(
@@ -564,6 +619,12 @@ class PodRunner:
                 log.info("node %s lost: killed pod %s/%s", proc.node, proc.namespace, proc.name)
         elif op is Op.REPORT_EXIT and proc is not None and pod is not None:
             self._report_exit(pod, proc)
+        elif op is Op.BACK_OFF and proc is not None and pod is not None:
+            self._back_off(pod, proc)
+        elif op is Op.RESTART and proc is not None and pod is not None:
+            proc.restarts += 1
+            proc.exit_code, proc.restart_at, proc.term_sent_at = None, None, None
+            self._spawn(pod, proc)
         elif op is Op.REMOVE and pod is not None:
             self._remove(pod)
             if proc is not None:
@@ -571,9 +632,7 @@ class PodRunner:
         elif op is Op.FORGET and proc is not None:
             self._forget(proc)
         elif op is Op.REPORT_READY and proc is not None and pod is not None:
-            self._patch_status(
-                pod, running_status(pod, proc.ip, proc.started_at, proc.ready, datetime.now(UTC))
-            )
+            self._patch_status(pod, self._running_status(pod, proc, datetime.now(UTC)))
             log.info("pod %s/%s ready again: %s", proc.namespace, proc.name, proc.ready)
 
     def _probe(self, pods: Mapping[str, dict[str, Any]], now: float) -> set[str]:
@@ -590,10 +649,7 @@ class PodRunner:
             ready = proc.probe.record(ok, at)
             if pod is not None and proc.exit_code is None and ready != proc.ready:
                 proc.ready = ready
-                self._patch_status(
-                    pod,
-                    running_status(pod, proc.ip, proc.started_at, ready, datetime.now(UTC)),
-                )
+                self._patch_status(pod, self._running_status(pod, proc, datetime.now(UTC)))
                 flipped.add(uid)
                 log.info("pod %s/%s ready: %s", proc.namespace, proc.name, ready)
         for proc in self.procs.values():
@@ -648,13 +704,9 @@ class PodRunner:
 
     def _start(self, pod: dict[str, Any]) -> None:
         meta, spec = pod["metadata"], pod["spec"]
-        container = spec["containers"][0]
         ip = self.ips.take(meta["uid"])
         workdir = self.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
         workdir.mkdir(parents=True, exist_ok=True)
-        log_path = workdir / "log"
-        message_path = workdir / "termination-message"
-        started = datetime.now(UTC)
         proc = Proc(
             meta["uid"],
             meta["namespace"],
@@ -663,9 +715,32 @@ class PodRunner:
             None,
             ip,
             workdir,
-            started,
+            datetime.now(UTC),
         )
         self.procs[proc.uid] = proc
+        self._spawn(pod, proc)
+
+    def _running_status(
+        self, pod: dict[str, Any], proc: Proc, changed: datetime | None = None
+    ) -> dict[str, Any]:
+        return running_status(
+            pod,
+            proc.ip,
+            proc.started_at,
+            proc.ready,
+            changed,
+            restarts=proc.restarts,
+            last_state=proc.last_state,
+        )
+
+    def _spawn(self, pod: dict[str, Any], proc: Proc) -> None:
+        """Start the pod's container process (the first time, or again in place)."""
+        meta, spec = pod["metadata"], pod["spec"]
+        container = spec["containers"][0]
+        ip, workdir = proc.ip, proc.workdir
+        log_path = workdir / "log"
+        message_path = workdir / "termination-message"
+        proc.started_at = datetime.now(UTC)
         argv = list(container.get("command") or []) + list(container.get("args") or [])
         try:
             volumes = volume_dirs(spec, container, workdir / "volumes")
@@ -706,14 +781,18 @@ class PodRunner:
         (workdir / "pid").write_text(str(proc.popen.pid))
         proc.probe = Probe.of(container, time.monotonic())
         proc.ready = proc.probe is None
-        self._patch_status(pod, running_status(pod, ip, started, proc.ready))
+        status = self._running_status(pod, proc)
+        if proc.restarts:
+            del status["startTime"]  # the pod's start, not the container's
+        self._patch_status(pod, status)
         log.info(
-            "started pod %s/%s on %s as pid %d (%s)",
+            "started pod %s/%s on %s as pid %d (%s)%s",
             proc.namespace,
             proc.name,
             proc.node,
             proc.popen.pid,
             ip,
+            f", restart {proc.restarts}" if proc.restarts else "",
         )
 
     def _report_exit(self, pod: dict[str, Any], proc: Proc) -> None:
@@ -730,6 +809,28 @@ class PodRunner:
         proc.exit_reported = True
         self.ips.give_back(proc.ip, proc.uid)
         log.info("pod %s/%s exited with %d", proc.namespace, proc.name, code)
+
+    def _back_off(self, pod: dict[str, Any], proc: Proc) -> None:
+        """A ``restartPolicy: Always`` container ended: as kubelet, report the exit as its last
+        state and start it again after the back-off, in the same pod with the same IP."""
+        assert proc.exit_code is not None
+        code = proc.exit_code if proc.exit_code >= 0 else 128 - proc.exit_code
+        now = datetime.now(UTC)
+        ended = terminated_status(pod, code, "", proc.started_at, now)
+        proc.last_state = ended["containerStatuses"][0]["state"]["terminated"]
+        delay = back_off_seconds(proc.restarts, (now - proc.started_at).total_seconds())
+        proc.restart_at = time.monotonic() + delay
+        proc.ready = False
+        self._patch_status(
+            pod, back_off_status(pod, proc.ip, proc.last_state, proc.restarts, delay)
+        )
+        log.info(
+            "pod %s/%s: container exited with %d, restarting in %gs",
+            proc.namespace,
+            proc.name,
+            code,
+            delay,
+        )
 
     def _remove(self, pod: dict[str, Any]) -> None:
         from kubernetes.client import V1DeleteOptions, V1Preconditions

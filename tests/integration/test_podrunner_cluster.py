@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,6 +89,7 @@ def make_pod(
     grace: int = 30,
     capacity: str | None = None,
     message: str = "",
+    restart: str = "Never",
 ) -> dict[str, Any]:
     env: list[dict[str, Any]] = [
         {"name": "REPORT", "value": str(report)},
@@ -102,7 +104,7 @@ def make_pod(
         {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "key"}}},
     ]
     spec: dict[str, Any] = {
-        "restartPolicy": "Never",
+        "restartPolicy": restart,
         "terminationGracePeriodSeconds": grace,
         "containers": [
             {
@@ -225,6 +227,45 @@ def test_a_containers_other_processes_end_with_its_main_process(
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
     child = next(r["child"] for r in reports(report) if "child" in r)
     wait_for("the child to be killed", lambda: not _alive(child), 10)
+
+
+def test_a_restart_always_container_is_restarted_in_place_with_its_ip(
+    cluster: LocalCluster, ns: str, tmp_path: Path
+) -> None:
+    """A Deployment's pod (restartPolicy Always) whose process dies: kubelet starts the
+    container again in the same pod, after a back-off, with the same IP; the pod never fails."""
+    report = tmp_path / "report.jsonl"
+    core = cluster.core()
+    core.create_namespaced_pod(ns, make_pod("server", report, "run", restart="Always"))
+    first = wait_for("the first run", lambda: [r for r in reports(report) if "pid" in r])[0]
+    os.killpg(first["pid"], signal.SIGKILL)  # the whole container, no goodbye
+
+    def waiting() -> dict[str, Any] | None:
+        pod = pod_dict(cluster, ns, "server")
+        cs = ((pod or {}).get("status") or {}).get("containerStatuses") or [{}]
+        return pod if "waiting" in cs[0].get("state", {}) else None
+
+    pod = wait_for("the back-off reported", waiting, 10)
+    assert pod["status"]["phase"] == "Running"
+    last = pod["status"]["containerStatuses"][0]["lastState"]["terminated"]
+    assert last["exitCode"] == 137
+    runs = wait_for(
+        "the second run", lambda: (r := [x for x in reports(report) if "pid" in x])[1:] and r, 30
+    )
+    assert runs[1]["pid"] != first["pid"]
+    assert runs[1]["POD_IP"] == first["POD_IP"], "restarted in place keeps the pod's IP"
+
+    def restarted() -> dict[str, Any] | None:
+        pod = pod_dict(cluster, ns, "server")
+        cs = ((pod or {}).get("status") or {}).get("containerStatuses") or [{}]
+        return pod if cs[0].get("restartCount") == 1 and "running" in cs[0]["state"] else None
+
+    pod = wait_for("restartCount 1, running", restarted, 10)
+    assert pod["status"]["phase"] == "Running"
+    assert pod["status"]["podIP"] == first["POD_IP"]
+    core.delete_namespaced_pod("server", ns)
+    wait_for("the pod gone", lambda: pod_dict(cluster, ns, "server") is None, 40)
+    assert not _alive(runs[1]["pid"])
 
 
 def test_deletion_delivers_sigterm_then_sigkill_after_the_grace_period(

@@ -13,6 +13,8 @@ from cheapspot_localcluster.podrunner import (
     Op,
     PodView,
     Proc,
+    back_off_seconds,
+    back_off_status,
     decide,
     field_value,
     machine_is_on,
@@ -87,6 +89,40 @@ def test_decide(
     assert decide(pod, proc, node_alive, now) is expected
 
 
+def test_a_restart_always_container_is_started_again_in_place_after_a_back_off() -> None:
+    always = make_pod(phase="Running", restart_always=True)
+    # Ended: reported waiting, its restart planned; not before the back-off is over.
+    assert decide(always, make_proc(exit_code=137), True, 0.0) is Op.BACK_OFF
+    assert decide(always, make_proc(exit_code=137, restart_at=10.0), True, 5.0) is None
+    assert decide(always, make_proc(exit_code=137, restart_at=10.0), True, 10.0) is Op.RESTART
+    # Deleted meanwhile, or its machine gone: no restart.
+    leaving = make_pod(phase="Running", restart_always=True, deleting=True)
+    assert decide(leaving, make_proc(exit_code=137, restart_at=10.0), True, 20.0) is Op.REPORT_EXIT
+    assert decide(always, make_proc(exit_code=137), False, 0.0) is Op.NODE_LOST
+    # restartPolicy Never: the exit is the pod's end.
+    assert decide(make_pod(phase="Running"), make_proc(exit_code=1), True, 0.0) is Op.REPORT_EXIT
+    # kubelet's back-off: 10 s doubling up to 5 minutes, from 10 s again after a 10-minute run.
+    assert [back_off_seconds(n, 1.0) for n in range(7)] == [10, 20, 40, 80, 160, 300, 300]
+    assert back_off_seconds(6, 600.0) == 10
+
+
+def test_a_container_waiting_to_restart_is_reported_running_not_ready_with_its_last_exit() -> None:
+    pod = {
+        "metadata": {"uid": "u1", "name": "router-x"},
+        "spec": {"containers": [{"name": "router", "image": "img"}]},
+    }
+    ended = {"exitCode": 137, "reason": "Error"}
+    status = back_off_status(pod, "127.0.0.9", ended, restarts=2, delay=40)
+    assert status["phase"] == "Running" and status["podIP"] == "127.0.0.9"
+    assert "startTime" not in status  # the pod's start stays what it was
+    (cs,) = status["containerStatuses"]
+    assert (cs["ready"], cs["restartCount"]) == (False, 2)
+    assert cs["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    assert cs["lastState"] == {"terminated": ended}
+    ready = {c["type"]: c["status"] for c in status["conditions"]}["Ready"]
+    assert ready == "False"
+
+
 def test_a_ready_mark_cleared_by_the_node_controller_is_reported_again() -> None:
     # The node lifecycle controller marks every pod of a node whose lease lapsed not ready;
     # nothing flips the runner's own verdict, so only a comparison brings Ready back.
@@ -113,12 +149,15 @@ def test_view_takes_the_deletion_grace_period_over_the_spec() -> None:
             "deletionTimestamp": "2026-01-01T00:00:00Z",
             "deletionGracePeriodSeconds": 5,
         },
-        "spec": {"nodeName": "n", "terminationGracePeriodSeconds": 120},
+        "spec": {"nodeName": "n", "terminationGracePeriodSeconds": 120, "restartPolicy": "Never"},
         "status": {"phase": "Running"},
     }
     assert view(pod) == PodView(
         uid="x", node="n", phase="Running", deleting=True, grace_seconds=5.0
     )
+    # The API's default policy is Always (a Deployment's pods).
+    del pod["spec"]["restartPolicy"]
+    assert view(pod).restart_always
 
 
 def test_terminated_status_reports_exit_code_and_phase() -> None:
