@@ -37,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=64, help="steps per shard")
     args = parser.parse_args(argv)
 
-    from cheapspot_localcluster.cluster import LocalCluster
-    from cheapspot_localcluster.components import PodLifecycle, Ports
     from cheapspot_localcluster.demo import (
         JOB,
         Reclaim,
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         pod_logs,
         quiet_libraries,
     )
-    from cheapspot_localcluster.stack import LocalBackend
+    from cheapspot_localcluster.stack import LocalBackend, private_cluster
     from cheapspot_localcluster.trainjobs import (
         TrainJobs,
         job_from_example,
@@ -60,14 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     notice = int(args.notice)
     workdir = Path(tempfile.mkdtemp(prefix="cheapspot-bench-"))
-    cluster = LocalCluster(
-        "cheapspot-bench",
-        state_dir=workdir / "cluster",
-        ports=Ports.free(),
-        pod_lifecycle=PodLifecycle.EXTERNAL,
-        with_s3=True,
-        die_with_parent=True,
-    )
+    cluster = private_cluster(workdir / "cluster")
     rows: list[dict[str, Any]] = []
     cluster.start(progress=print)
     try:

@@ -205,6 +205,22 @@ class OperatorProcess:
             return ""
 
 
+def private_cluster(state_dir: Path, name: str = "cheapspot-bench") -> LocalCluster:
+    """A cluster of its own (its name, state and free ports: no clash with a user's) whose
+    pods run as local processes, with an S3 endpoint; it dies with this process. What the
+    end-to-end benchmarks start."""
+    from cheapspot_localcluster.components import PodLifecycle, Ports
+
+    return LocalCluster(
+        name,
+        state_dir=state_dir,
+        ports=Ports.free(),
+        pod_lifecycle=PodLifecycle.EXTERNAL,
+        with_s3=True,
+        die_with_parent=True,
+    )
+
+
 class LocalBackend:
     """The local cluster (pods run as local processes), an S3 endpoint and the operator."""
 
