@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     cluster.start(progress=print)
     load: Load | None = None
+    backend: LocalBackend | None = None
     try:
         os.environ.update(cluster.s3.env())
         materials = publish_materials(cluster.s3.uri(""), workdir)
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if load is not None:
             load.stop()
+        if backend is not None:
+            backend.operator.stop()
         cluster.stop()
 
     def during(o: Any) -> bool:
