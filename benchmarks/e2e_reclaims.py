@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             if status.get("phase") != "Succeeded":
                 print(f"job {trial} ended {status.get('phase')}: {status.get('message')}")
+                backend.close()
                 return 1
             resumes = resumes_from_logs(pod_logs(backend, JOB, 2))
             for shard in (0, 1):

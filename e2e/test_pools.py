@@ -390,7 +390,7 @@ def test_an_operator_killed_during_a_drain_under_load_loses_nothing(served: Serv
 
 def test_a_router_killed_during_a_drain_costs_only_its_own_outage(served: Served) -> None:
     """The router SIGKILLed while a replica drains. Its pod's container is restarted in place
-    (kubelet's back-off, the same pod and IP) and turns Ready once it has listed the replica
+    (as kubelet does: the same pod and IP) and turns Ready once it has listed the replica
     pods; the drain goes on with one replacement, the restarted router never sends to the
     draining replica, and every request started once it is back succeeds. What fails is what
     the dead router held or was sent while it was down: with one router replica that outage

@@ -94,8 +94,9 @@ class Op(enum.Enum):
     REPORT_EXIT = "report-exit"
     """The process ended: report Succeeded/Failed with its exit code."""
     BACK_OFF = "back-off"
-    """A ``restartPolicy: Always`` container ended: report it waiting (``CrashLoopBackOff``,
-    the exit in ``lastState``) and restart it after kubelet's back-off."""
+    """A ``restartPolicy: Always`` container ended: report the exit (in ``lastState``; waiting
+    in ``CrashLoopBackOff`` when there is a back-off) and restart it after kubelet's back-off:
+    at once the first time, then 10 s doubling to 5 minutes."""
     RESTART = "restart"
     """The back-off is over: start the container again in the same pod, with the same IP."""
     REMOVE = "remove"
@@ -127,6 +128,8 @@ class Proc:
     probe: Probe | None = None
     restarts: int = 0
     """Times the container was started again in place (``restartCount``)."""
+    crashes: int = 0
+    """Ends in a row that each got a back-off (reset after a 10-minute run)."""
     restart_at: float | None = None
     """When the back-off of an ended ``restartPolicy: Always`` container is over."""
     last_state: dict[str, Any] | None = None
@@ -312,12 +315,12 @@ BACK_OFF_MAX_SECONDS = 300.0
 BACK_OFF_RESET_SECONDS = 600.0
 
 
-def back_off_seconds(restarts: int, ran_seconds: float) -> float:
-    """kubelet's restart back-off: 10 s doubling per restart up to 5 minutes, from 10 s again
-    once a run lasted 10 minutes."""
-    if ran_seconds >= BACK_OFF_RESET_SECONDS:
-        return BACK_OFF_SECONDS
-    return min(BACK_OFF_MAX_SECONDS, BACK_OFF_SECONDS * float(2 ** min(restarts, 5)))
+def back_off_seconds(crashes: int) -> float:
+    """kubelet's restart back-off after ``crashes`` ends in a row: at once the first time,
+    then 10 s doubling up to 5 minutes (the count starts again after a 10-minute run)."""
+    if crashes <= 0:
+        return 0.0
+    return min(BACK_OFF_MAX_SECONDS, BACK_OFF_SECONDS * float(2 ** min(crashes - 1, 5)))
 
 
 def iso(ts: datetime) -> str:
@@ -380,12 +383,12 @@ def back_off_status(
     status = running_status(pod, ip, datetime.now(UTC), ready=False, restarts=restarts)
     for cs in status["containerStatuses"]:
         cs["started"] = False
-        cs["state"] = {
-            "waiting": {
-                "reason": "CrashLoopBackOff",
-                "message": f"back-off {delay:g}s restarting failed container={cs['name']}",
-            }
+        waiting = {
+            "reason": "CrashLoopBackOff",
+            "message": f"back-off {delay:g}s restarting failed container={cs['name']}",
         }
+        # Restarted at once (the first end in a row): the end shows until then.
+        cs["state"] = {"waiting": waiting} if delay > 0 else {"terminated": last_state}
         cs["lastState"] = {"terminated": last_state}
     del status["startTime"]
     return status
@@ -723,7 +726,7 @@ class PodRunner:
     def _running_status(
         self, pod: dict[str, Any], proc: Proc, changed: datetime | None = None
     ) -> dict[str, Any]:
-        return running_status(
+        status = running_status(
             pod,
             proc.ip,
             proc.started_at,
@@ -732,6 +735,9 @@ class PodRunner:
             restarts=proc.restarts,
             last_state=proc.last_state,
         )
+        if proc.restarts:
+            del status["startTime"]  # the pod's start, not its container's latest
+        return status
 
     def _spawn(self, pod: dict[str, Any], proc: Proc) -> None:
         """Start the pod's container process (the first time, or again in place)."""
@@ -781,10 +787,7 @@ class PodRunner:
         (workdir / "pid").write_text(str(proc.popen.pid))
         proc.probe = Probe.of(container, time.monotonic())
         proc.ready = proc.probe is None
-        status = self._running_status(pod, proc)
-        if proc.restarts:
-            del status["startTime"]  # the pod's start, not the container's
-        self._patch_status(pod, status)
+        self._patch_status(pod, self._running_status(pod, proc))
         log.info(
             "started pod %s/%s on %s as pid %d (%s)%s",
             proc.namespace,
@@ -818,7 +821,10 @@ class PodRunner:
         now = datetime.now(UTC)
         ended = terminated_status(pod, code, "", proc.started_at, now)
         proc.last_state = ended["containerStatuses"][0]["state"]["terminated"]
-        delay = back_off_seconds(proc.restarts, (now - proc.started_at).total_seconds())
+        if (now - proc.started_at).total_seconds() >= BACK_OFF_RESET_SECONDS:
+            proc.crashes = 0
+        delay = back_off_seconds(proc.crashes)
+        proc.crashes += 1
         proc.restart_at = time.monotonic() + delay
         proc.ready = False
         self._patch_status(

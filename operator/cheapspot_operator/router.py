@@ -141,8 +141,6 @@ class Router:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
 
-    # -- HTTP ----------------------------------------------------------------------------
-
     # -- shutting down -------------------------------------------------------------------
 
     async def drain(self, linger: float, limit: float) -> int:

@@ -101,9 +101,8 @@ def test_a_restart_always_container_is_started_again_in_place_after_a_back_off()
     assert decide(always, make_proc(exit_code=137), False, 0.0) is Op.NODE_LOST
     # restartPolicy Never: the exit is the pod's end.
     assert decide(make_pod(phase="Running"), make_proc(exit_code=1), True, 0.0) is Op.REPORT_EXIT
-    # kubelet's back-off: 10 s doubling up to 5 minutes, from 10 s again after a 10-minute run.
-    assert [back_off_seconds(n, 1.0) for n in range(7)] == [10, 20, 40, 80, 160, 300, 300]
-    assert back_off_seconds(6, 600.0) == 10
+    # kubelet's back-off after n ends in a row: at once, then 10 s doubling up to 5 minutes.
+    assert [back_off_seconds(n) for n in range(8)] == [0, 10, 20, 40, 80, 160, 300, 300]
 
 
 def test_a_container_waiting_to_restart_is_reported_running_not_ready_with_its_last_exit() -> None:
@@ -112,6 +111,8 @@ def test_a_container_waiting_to_restart_is_reported_running_not_ready_with_its_l
         "spec": {"containers": [{"name": "router", "image": "img"}]},
     }
     ended = {"exitCode": 137, "reason": "Error"}
+    at_once = back_off_status(pod, "127.0.0.9", ended, restarts=0, delay=0)
+    assert at_once["containerStatuses"][0]["state"] == {"terminated": ended}
     status = back_off_status(pod, "127.0.0.9", ended, restarts=2, delay=40)
     assert status["phase"] == "Running" and status["podIP"] == "127.0.0.9"
     assert "startTime" not in status  # the pod's start stays what it was
