@@ -301,12 +301,7 @@ def test_a_replica_sigkilled_mid_stream_resumes_byte_identical(served: Served) -
 
 def _busy_replica(s: Served) -> str | None:
     """The replica the router has a request in flight on (its /cheapspot/router status)."""
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(s.url.removesuffix("/v1") + "/cheapspot/router", timeout=2) as r:
-        doc = json.loads(r.read())
-    busy = [rep["name"] for rep in doc["replicas"] if rep["in_flight"] > 0]
+    busy = [rep["name"] for rep in _router_view(s, timeout=2) if rep["in_flight"] > 0]
     return busy[0] if len(busy) == 1 else None
 
 
@@ -440,11 +435,14 @@ def test_a_router_killed_during_a_drain_costs_only_its_own_outage(served: Served
     assert len(after) >= 8 and all(o.ok for o in after)
 
 
-def _router_view(s: Served) -> list[dict[str, Any]]:
+def _router_view(s: Served, timeout: float = 5) -> list[dict[str, Any]]:
+    """The replicas as the router sees them (its /cheapspot/router status)."""
     import json
     import urllib.request
 
-    with urllib.request.urlopen(s.url.removesuffix("/v1") + "/cheapspot/router", timeout=5) as r:
+    with urllib.request.urlopen(
+        s.url.removesuffix("/v1") + "/cheapspot/router", timeout=timeout
+    ) as r:
         replicas: list[dict[str, Any]] = json.loads(r.read())["replicas"]
     return replicas
 
