@@ -270,32 +270,42 @@ def test_a_replica_sigkilled_mid_stream_resumes_byte_identical(served: Served) -
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
 
-    # The stream under way (chunks arriving), then the replica the router has it on. On an
-    # idle replica 200 tokens take about a second: one that ends before it is seen is sent
-    # again, rather than the test failing on the timing.
+    # The stream under way, then the replica the router has it on, frozen (SIGSTOP) so the
+    # stream holds where it is, then SIGKILLed. On an idle replica 200 tokens take about a
+    # second: a stream that ended (or had all its text) before its replica was frozen is sent
+    # again, rather than the test failing on the timing. Text, not chunks, measures progress:
+    # vLLM merges the tokens of several steps into one chunk when its server falls behind.
+    def text() -> str:
+        return "".join(chunks)
+
+    victim, cut_at = None, 0
     for _ in range(5):
         t = threading.Thread(target=stream)
         t.start()
         wait_for(
             "the stream under way",
-            lambda t=t: len(chunks) >= 5 or not t.is_alive(),  # type: ignore[misc]
+            lambda t=t: bool(text()) or not t.is_alive(),  # type: ignore[misc]
             60,
             poll_s=0.01,
         )
-        victim = None
         while t.is_alive() and victim is None:
             victim = _busy_replica(s)
         if victim is not None:
-            break
+            pid = _replica_pid(s, victim)
+            os.killpg(pid, signal.SIGSTOP)
+            cut_at = len(text())
+            if t.is_alive() and cut_at < len(undisturbed.text):
+                os.killpg(pid, signal.SIGKILL)
+                break
+            os.killpg(pid, signal.SIGCONT)
+            victim = None
         t.join(300)
-    assert victim is not None, "no stream was seen under way on a replica in five tries"
-    _sigkill(s, victim)
-    cut_at = len(chunks)
+    assert victim is not None, "no stream was caught under way on a replica in five tries"
     t.join(300)
     assert errors == []
-    assert cut_at < tokens, "the stream had ended before the kill"
+    assert 0 < cut_at < len(undisturbed.text), (cut_at, undisturbed.text)
     assert finish == ["length"]
-    assert "".join(chunks).encode() == undisturbed.text.encode()
+    assert text().encode() == undisturbed.text.encode()
     s.pools.wait_ready(s.name, 2, START_TIMEOUT_S)
 
 
@@ -305,12 +315,17 @@ def _busy_replica(s: Served) -> str | None:
     return busy[0] if len(busy) == 1 else None
 
 
-def _sigkill(s: Served, pod: str) -> None:
-    """SIGKILL the replica's whole process group (launcher and vLLM): no notice at all."""
+def _replica_pid(s: Served, pod: str) -> int:
+    """The pod's process group (launcher and vLLM) under the local cluster's pod runner."""
     root = s.backend.cluster.layout.root / "podrunner" / "pods"  # type: ignore[attr-defined]
     pids = sorted(root.glob(f"{s.backend.namespace}_{pod}_*/pid"))  # type: ignore[attr-defined]
     assert pids, f"no process for {pod}"
-    os.killpg(int(pids[-1].read_text()), signal.SIGKILL)
+    return int(pids[-1].read_text())
+
+
+def _sigkill(s: Served, pod: str) -> None:
+    """SIGKILL the pod's whole process group: no notice at all."""
+    os.killpg(_replica_pid(s, pod), signal.SIGKILL)
 
 
 def _condition(s: Served, type_: str) -> dict[str, Any] | None:

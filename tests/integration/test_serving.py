@@ -9,6 +9,7 @@ last. Needs the serving environment (`make serve-venv`, which `make test` builds
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import signal
 import subprocess
@@ -16,8 +17,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -417,13 +418,46 @@ def _status_of(url: str) -> int:
         return 0
 
 
+def _under_way(
+    pool: ThreadPoolExecutor,
+    streams: Sequence[Callable[[list[str]], None]],
+    full: list[str],
+    deadline: float,
+) -> tuple[list[Future[None]], list[list[str]]]:
+    """Start the streams together; return once each has sent some of its text and none more
+    than half of it (`full`: the undisturbed texts), the moment to disturb them. An attempt in
+    which one ended or passed half before another began is waited out and made again.
+
+    Text, not chunks, measures progress: vLLM puts the tokens of several steps in one chunk
+    when its server falls behind (on a busy machine, 200 tokens can come in 4 chunks)."""
+    for _ in range(5):
+        got: list[list[str]] = [[] for _ in streams]
+        futures = [pool.submit(s, g) for s, g in zip(streams, got, strict=True)]
+        while True:
+            assert time.monotonic() < deadline, "the streams did not start"
+            sizes = [len("".join(g)) for g in got]
+            if any(f.done() for f in futures) or any(
+                n > len(ref) // 2 for n, ref in zip(sizes, full, strict=True)
+            ):
+                break
+            if all(sizes):
+                return futures, got
+            time.sleep(0.005)
+        for f in futures:
+            f.result(timeout=300)
+    pytest.fail("in 5 tries, one stream had always passed half its text before another began")
+
+
 def test_a_router_sent_sigterm_finishes_its_streams_before_it_exits(
     replicas: list[ServeReplica], tmp_path: Path
 ) -> None:
     """What a rolling update of the router, or its node drained, does to it: SIGTERM. It turns
     not Ready at once (the Service stops sending it requests) and exits 0 only once the
-    streams in flight have ended, each complete and equal to an undisturbed run."""
+    streams in flight have ended, each complete and equal to an undisturbed run. The replica
+    is frozen from just before the SIGTERM until past the drain's linger, so the streams are
+    surely in flight then."""
     long = 200
+    linger = 2
     replica = replicas[1]
     asks = [("qa", PROMPTS[0]), ("sums", PROMPTS[1]), ("tiny-qwen2", PROMPTS[3])]
 
@@ -442,6 +476,7 @@ def test_a_router_sent_sigterm_finishes_its_streams_before_it_exits(
     undisturbed: list[list[str]] = [[] for _ in asks]
     for (model, prompt), out in zip(asks, undisturbed, strict=True):
         stream(replica.url, model, prompt, out)
+    full = ["".join(u) for u in undisturbed]
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -449,7 +484,8 @@ def test_a_router_sent_sigterm_finishes_its_streams_before_it_exits(
     log_path = tmp_path / "router.log"
     with log_path.open("wb") as log_file:
         argv = [str(cheapspot), "router", "--replica", replica.url, "--host", "127.0.0.1"]
-        argv += ["--port", str(port), "--drain-linger-seconds", "2", "--drain-seconds", "120"]
+        argv += ["--port", str(port), "--drain-linger-seconds", str(linger)]
+        argv += ["--drain-seconds", "120"]
         proc = subprocess.Popen(
             argv,
             stdout=log_file,
@@ -461,28 +497,28 @@ def test_a_router_sent_sigterm_finishes_its_streams_before_it_exits(
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "the router never turned Ready"
             time.sleep(0.2)
-        got: list[list[str]] = [[] for _ in asks]
+        streams = [functools.partial(stream, url, m, p) for m, p in asks]
         with ThreadPoolExecutor(len(asks)) as pool:
-            futures = [
-                pool.submit(stream, url, m, p, out) for (m, p), out in zip(asks, got, strict=True)
-            ]
-            while min(len(g) for g in got) < 5:
-                assert time.monotonic() < deadline + 240, "the streams did not start"
-                assert not any(f.done() for f in futures), [f.exception() for f in futures]
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGTERM)
-            in_flight = sum(not f.done() for f in futures)
-            code, doc = http_json("GET", url + "/readyz", timeout=5)
+            futures, got = _under_way(pool, streams, full, deadline + 240)
+            replica.freeze()
+            try:
+                proc.send_signal(signal.SIGTERM)
+                code, doc = http_json("GET", url + "/readyz", timeout=5)
+                time.sleep(linger + 1)
+                exited = proc.poll()
+                ended = [f.done() for f in futures]
+            finally:
+                replica.thaw()
             for f in futures:
                 f.result(timeout=300)
-        assert in_flight > 0, "every stream had ended before SIGTERM: nothing was drained"
         assert code == 503 and "shutting down" in doc["reason"], (code, doc)
+        assert exited is None, "the router exited with streams in flight:\n" + log_path.read_text()
+        assert not any(ended), ended
         assert proc.wait(60) == 0, log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
-    for out, ref in zip(got, undisturbed, strict=True):
-        assert "".join(out).encode() == "".join(ref).encode()
+    assert ["".join(g).encode() for g in got] == [f.encode() for f in full]
     assert "drained in" in log_path.read_text()
 
 
@@ -490,43 +526,17 @@ def test_a_stream_cut_by_a_sigkill_continues_byte_identical(
     replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
 ) -> None:
     """Runs last: it kills replica 0. Two streams (completions and chat) start on replica 0
-    alone; once both are well under way replica 1 joins and replica 0 is SIGKILLed."""
+    alone; once both are under way, replica 0 is frozen, replica 1 joins, and replica 0 is
+    SIGKILLed: both streams are cut part-way, at a point the test knows."""
     long = 120
     victim, survivor = replicas
     rt = router_for([_replica(victim)])
     client = _client(rt.url)
     messages = [{"role": "user", "content": PROMPTS[0]}]
-    direct = _client(survivor.url)
-    undisturbed_text = "".join(
-        c.choices[0].text
-        for c in direct.completions.create(
-            model="qa",
-            prompt=PROMPTS[2],
-            max_tokens=long,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        if c.choices
-    )
-    undisturbed_chat = "".join(
-        c.choices[0].delta.content or ""
-        for c in direct.chat.completions.create(
-            model="sums",
-            messages=messages,
-            max_tokens=long,
-            temperature=0,
-            stream=True,  # type: ignore[arg-type]
-            extra_body={"ignore_eos": True},
-        )
-        if c.choices
-    )
-
-    got: dict[str, list[str]] = {"text": [], "chat": []}
     finish: dict[str, Any] = {}
 
-    def text_stream() -> None:
-        for c in client.completions.create(
+    def text_stream(c: Any, into: list[str]) -> None:
+        for chunk in c.completions.create(
             model="qa",
             prompt=PROMPTS[2],
             max_tokens=long,
@@ -534,44 +544,41 @@ def test_a_stream_cut_by_a_sigkill_continues_byte_identical(
             stream=True,
             extra_body={"ignore_eos": True},
         ):
-            if c.choices:
-                got["text"].append(c.choices[0].text)
-                finish["text"] = c.choices[0].finish_reason or finish.get("text")
+            if chunk.choices:
+                into.append(chunk.choices[0].text)
+                finish["text"] = chunk.choices[0].finish_reason or finish.get("text")
 
-    def chat_stream() -> None:
-        for c in client.chat.completions.create(
+    def chat_stream(c: Any, into: list[str]) -> None:
+        for chunk in c.chat.completions.create(
             model="sums",
             messages=messages,
             max_tokens=long,
             temperature=0,
-            stream=True,  # type: ignore[arg-type]
+            stream=True,
             extra_body={"ignore_eos": True},
         ):
-            if c.choices:
-                got["chat"].append(c.choices[0].delta.content or "")
-                finish["chat"] = c.choices[0].finish_reason or finish.get("chat")
+            if chunk.choices:
+                into.append(chunk.choices[0].delta.content or "")
+                finish["chat"] = chunk.choices[0].finish_reason or finish.get("chat")
+
+    direct = _client(survivor.url)
+    full: list[str] = []
+    for s in (text_stream, chat_stream):
+        out: list[str] = []
+        s(direct, out)
+        full.append("".join(out))
+    finish.clear()
 
     with ThreadPoolExecutor(2) as pool:
-        # The chat stream first, the text stream once chat is under way: started together, one
-        # could finish before the other's first token and leave nothing to cut.
-        futures = [pool.submit(chat_stream)]
-        deadline = time.monotonic() + 300
-        while not got["chat"]:
-            assert time.monotonic() < deadline, "the chat stream did not start"
-            assert not futures[0].done(), futures[0].exception()
-            time.sleep(0.01)
-        futures.append(pool.submit(text_stream))
-        while min(len(got["text"]), len(got["chat"])) < 10:
-            assert time.monotonic() < deadline, "streams did not start"
-            assert not any(f.done() for f in futures), [f.exception() for f in futures]
-            time.sleep(0.01)
+        streams = [functools.partial(s, client) for s in (text_stream, chat_stream)]
+        futures, got = _under_way(pool, streams, full, time.monotonic() + 300)
+        victim.freeze()
+        cut_at = [len("".join(g)) for g in got]
         rt.set_replicas([_replica(victim), _replica(survivor)])
         victim.kill()
-        cut_at = (len(got["text"]), len(got["chat"]))
         for f in futures:
             f.result(timeout=300)
-    assert cut_at[0] < long and cut_at[1] < long, "the streams ended before the kill"
+    assert all(0 < n < len(f) for n, f in zip(cut_at, full, strict=True)), (cut_at, full)
     assert rt.router.stats["resumes"] >= 2 and rt.router.stats["failed"] == 0
-    assert "".join(got["text"]).encode() == undisturbed_text.encode()
-    assert "".join(got["chat"]).encode() == undisturbed_chat.encode()
+    assert ["".join(g).encode() for g in got] == [f.encode() for f in full]
     assert finish == {"text": "length", "chat": "length"}

@@ -208,6 +208,15 @@ class ServeReplica:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(30)
 
+    def freeze(self) -> None:
+        """SIGSTOP the launcher, vLLM and its engine: nothing more is generated or sent until
+        `thaw`. A test freezes a replica to hold its streams at a known point."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM and wait; SIGKILL whatever is left. The launcher's exit code."""
         self.terminate()
