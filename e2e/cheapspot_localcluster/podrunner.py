@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from cheapspot_localcluster.nodepool import KWOK_MANAGED_LABEL
-from cheapspot_localcluster.processes import _die_with_parent
+from cheapspot_localcluster.processes import die_with_parent_hook
 from cheapspot_localcluster.reclaim import is_ready as node_is_ready
 
 log = logging.getLogger("cheapspot.podrunner")
@@ -777,7 +777,7 @@ class PodRunner:
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
                     # The pod dies with the runner, as it would with its machine.
-                    preexec_fn=_die_with_parent(),  # noqa: PLW1509 (one libc call, no locks)
+                    preexec_fn=die_with_parent_hook(),  # noqa: PLW1509 (one libc call, no locks)
                 )
         except Exception as exc:  # kubelet's CreateContainerError and friends: say why
             message_path.write_text(f"container could not start: {exc}")

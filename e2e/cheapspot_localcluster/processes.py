@@ -71,11 +71,13 @@ def check_ports_free(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
         )
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent_hook() -> Callable[[], None] | None:
     """A preexec function asking Linux to kill the child when its parent dies.
 
     Test clusters use it: if the test process is killed, its cluster goes too. The libc
     function is resolved here, in the parent, so the child only makes one call before exec.
+    Linux sends the signal when the *thread* that started the child ends, so start such
+    children from a thread that outlives them (the main thread, in tests and benchmarks).
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -105,7 +107,7 @@ def start(
             env=env,
             start_new_session=True,
             # Safe here despite threads: the hook makes one pre-resolved libc call, no locks.
-            preexec_fn=_die_with_parent() if die_with_parent else None,  # noqa: PLW1509
+            preexec_fn=die_with_parent_hook() if die_with_parent else None,  # noqa: PLW1509
         )
     record = {"pid": proc.pid, "exe": command.argv[0], "name": command.name}
     layout.pid(command.name).write_text(json.dumps(record))

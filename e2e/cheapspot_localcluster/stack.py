@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import yaml
 
 from cheapspot_localcluster.cluster import LocalCluster
+from cheapspot_localcluster.processes import die_with_parent_hook
 from cheapspot_localcluster.s3 import S3Endpoint
 from cheapspot_localcluster.trainjobs import CRD_FILE, repo_root
 from cheapspot_localcluster.waiting import wait_for
@@ -151,7 +152,9 @@ def operator_config(
 
 @dataclass
 class OperatorProcess:
-    """``cheapspot operator`` as a child process: SIGKILL and restart at will."""
+    """``cheapspot operator`` as a child process: SIGKILL and restart at will. It dies with
+    the process that started it (a test or benchmark killed leaves no operator behind), so
+    start it from the main thread."""
 
     kubeconfig: Path
     config: dict[str, Any]
@@ -179,6 +182,8 @@ class OperatorProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                # Safe despite threads: the hook makes one pre-resolved libc call, no locks.
+                preexec_fn=die_with_parent_hook(),  # noqa: PLW1509
             )
         self.starts += 1
 

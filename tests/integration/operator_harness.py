@@ -8,9 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,9 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from cheapspot.contract import Layout, Phase, Progress, Role
+from cheapspot_localcluster.stack import OperatorProcess
 from cheapspot_localcluster.waiting import wait_for
 from cheapspot_operator.crd import build_crd, build_pool_crd
 from cheapspot_operator.kubeapi import ApiError, KubeApi
@@ -83,54 +79,6 @@ def job_body(name: str, output_uri: str, **spec: Any) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": body,
     }
-
-
-@dataclass
-class OperatorProcess:
-    """``cheapspot operator`` against the local cluster; SIGKILL and restart at will."""
-
-    kubeconfig: Path
-    config_path: Path
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cheapspot.cli",
-                "operator",
-                "--kubeconfig",
-                str(self.kubeconfig),
-                "--config",
-                str(self.config_path),
-            ],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.starts += 1
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up, no goodbye, like an OOM kill or a node loss."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
 
 
 @dataclass
@@ -331,14 +279,11 @@ def make_harness(
         "worker": {"image": "cheapspot-worker:test", "env": {"AWS_REGION": s3_endpoint.region}},
     }
     cfg.update(config)
-    config_path = tmp_path / "operator.yaml"
-    config_path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ) | s3_endpoint.env()
     operator = OperatorProcess(
         kubeconfig=Path(local_cluster.kubeconfig_path),
-        config_path=config_path,
-        env=env,
-        log_path=tmp_path / "operator.log",
+        config=cfg,
+        workdir=tmp_path,
+        env=s3_endpoint.env(),
     )
     operator.start()
     harness = Harness(api, local_cluster, s3_endpoint, operator, namespace)
@@ -346,7 +291,7 @@ def make_harness(
         yield harness
     finally:
         operator.stop()
-        print(f"--- operator log (tail) ---\n{operator.log()}")
+        print(f"--- operator log (tail) ---\n{operator.log_tail(6000)}")
         with contextlib.suppress(ApiError):
             api.delete(f"/api/v1/namespaces/{namespace}")
         restore_nodes(api, local_cluster)

@@ -3,7 +3,12 @@ state."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -66,3 +71,56 @@ def test_sigkill_and_restart_lose_nothing_and_duplicate_nothing(h: Harness) -> N
         "progress read after restarts", lambda: h.status("tough")["shards"][0].get("step") == 120
     )
     assert h.operator.starts == 5
+
+
+STARTER = """
+import json, sys, time
+from pathlib import Path
+from cheapspot_localcluster.stack import OperatorProcess
+args = json.loads(sys.argv[1])
+op = OperatorProcess(Path(args["kubeconfig"]), args["config"], Path(args["workdir"]), args["env"])
+op.start()
+print(op.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_operator_goes_with_the_process_that_started_it(h: Harness, tmp_path: Path) -> None:
+    """A test or benchmark killed mid-run leaves no operator behind to act on the next run's
+    cluster: the process that starts one is SIGKILLed, and the operator goes too."""
+    h.operator.stop()
+    op = h.operator
+    args = {
+        "kubeconfig": str(op.kubeconfig),
+        "config": op.config,
+        "workdir": str(tmp_path / "starter"),
+        "env": op.env,
+    }
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, json.dumps(args)], stdout=subprocess.PIPE, text=True
+    )
+    assert starter.stdout is not None
+    pid = int(starter.stdout.readline())
+    try:
+        log = tmp_path / "starter" / "operator.log"
+        wait_for(
+            "the operator up",
+            lambda: "authentication has finished" in log.read_text(errors="replace"),
+        )
+        assert _alive(pid)
+        starter.kill()
+        starter.wait(10)
+        wait_for("the operator gone with its starter", lambda: not _alive(pid), timeout_s=10)
+    finally:
+        starter.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running: a zombie (exited, not reaped yet by whoever adopted it) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
