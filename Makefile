@@ -61,6 +61,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy benchmarks
 	$(VENV)/bin/lint-imports
 
 unit: venv

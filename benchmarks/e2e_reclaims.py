@@ -120,11 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             f" {r['seconds_to_resume']:>9.1f}s"
         )
     summary: dict[str, Any] = {}
-    for kind, pick in (
-        ("with_notice", lambda r: r["notice_s"] > 0),
-        ("without_notice", lambda r: r["notice_s"] == 0),
-    ):
-        chosen = [r for r in rows if pick(r)]
+    for kind, with_notice in (("with_notice", True), ("without_notice", False)):
+        chosen = [r for r in rows if (r["notice_s"] > 0) == with_notice]
         if not chosen:
             continue
         lost = [r["steps_lost"] for r in chosen]

@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
 
     llm = LLM(model=str(args.model), max_model_len=256, gpu_memory_utilization=0.5, seed=0)
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.8)

@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", action="store_true", help="a CheapInferencePool, not a job")
     args = parser.parse_args(argv)
 
-    from operator_harness import Harness, make_harness, restore_nodes, wait_for
+    from operator_harness import Harness, make_harness, restore_nodes
 
     from cheapspot_localcluster.s3 import start_s3
     from cheapspot_localcluster.testing import make_test_cluster
+    from cheapspot_localcluster.waiting import wait_for
 
     with tempfile.TemporaryDirectory(prefix="cheapspot-bench-") as tmp:
         root = Path(tmp)
@@ -108,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pool(h: Any, cluster: Any, reclaims: int, notice: float) -> int:
-    from operator_harness import apply_pool, replicas, restore_nodes, wait_for
+    from operator_harness import apply_pool, replicas, restore_nodes
 
     from cheapspot.contract import ANNOTATION_DRAINING
+    from cheapspot_localcluster.waiting import wait_for
 
     apply_pool(h, "bench", replicas=3)
     spot = {

@@ -25,6 +25,7 @@ before the burst), p50 / p99 / max, and the requests the operator made in the mi
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import signal
@@ -152,8 +153,9 @@ def burst(h: Any, cluster: Any, count: int) -> list[float]:
         if capacity_type_of(n["metadata"].get("labels") or {}, profile).value == "spot"
     }
     core = client.CoreV1Api(cluster.api_client())
-    listed = core.list_namespaced_pod(ns)
+    listed: Any = core.list_namespaced_pod(ns)
     on_node: dict[str, list[tuple[str, int, int]]] = {}
+    pod: Any
     for pod in listed.items:
         m = SHARD_POD.match(pod.metadata.name)
         node = pod.spec.node_name
@@ -161,15 +163,16 @@ def burst(h: Any, cluster: Any, count: int) -> list[float]:
             slot = (m["job"], int(m["shard"]), int(m["attempt"]))
             on_node.setdefault(node, []).append(slot)
     victims = sorted(on_node)[:count]
-    nodes_version = core.list_node(limit=1).metadata.resource_version
+    nodes: Any = core.list_node(limit=1)
+    nodes_version = nodes.metadata.resource_version
     watched = {(j, s): a for node in victims for (j, s, a) in on_node[node]}
     created: dict[tuple[str, int], float] = {}
     done = threading.Event()
 
     def follow() -> None:
-        w = watch.Watch()
+        w = watch.Watch()  # type: ignore[no-untyped-call]
         try:
-            for event in w.stream(
+            for event in w.stream(  # type: ignore[no-untyped-call]
                 core.list_namespaced_pod, ns, resource_version=listed.metadata.resource_version
             ):
                 if event["type"] == "ADDED":
@@ -179,7 +182,7 @@ def burst(h: Any, cluster: Any, count: int) -> list[float]:
                         if slot in watched and int(m["attempt"]) > watched[slot]:
                             created.setdefault(slot, time.monotonic())
                 if done.is_set() or len(created) == len(watched):
-                    w.stop()
+                    w.stop()  # type: ignore[no-untyped-call]
         except Exception as exc:  # the cluster going away at the end
             if not done.is_set():
                 print(f"  the pod watch ended: {exc}", flush=True)
@@ -191,15 +194,15 @@ def burst(h: Any, cluster: Any, count: int) -> list[float]:
     tainted: dict[str, float] = {}
 
     def follow_nodes() -> None:
-        w = watch.Watch()
+        w = watch.Watch()  # type: ignore[no-untyped-call]
         try:
-            for event in w.stream(core.list_node, resource_version=nodes_version):
+            for event in w.stream(core.list_node, resource_version=nodes_version):  # type: ignore[no-untyped-call]
                 node = event["object"]
                 keys = {t.key for t in node.spec.taints or []}
                 if node.metadata.name in victims and keys & interruption:
                     tainted.setdefault(node.metadata.name, time.monotonic())
                 if done.is_set() or len(tainted) == len(victims):
-                    w.stop()
+                    w.stop()  # type: ignore[no-untyped-call]
         except Exception as exc:
             if not done.is_set():
                 print(f"  the node watch ended: {exc}", flush=True)
@@ -282,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from operator_harness import Harness, make_harness, wait_for
+    from operator_harness import Harness, make_harness
 
     from cheapspot_localcluster import build
     from cheapspot_localcluster.cluster import LocalCluster
     from cheapspot_localcluster.components import KUBELET_TIMING, PodLifecycle, Ports
     from cheapspot_localcluster.s3 import start_s3
+    from cheapspot_localcluster.waiting import wait_for
 
     with tempfile.TemporaryDirectory(prefix="cheapspot-scale-") as tmp:
         root = Path(tmp)
@@ -325,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                     for p in h.api.list(f"/api/v1/namespaces/{h.namespace}/pods")
                     if (p.get("status") or {}).get("phase") == "Running"
                 ]
-                return len(running) >= pods
+                return len(running) >= int(pods)
 
             wait_for(f"{pods} pods running", all_running, timeout_s=3600, poll_s=5)
             print(f"{args.jobs} jobs, {pods} pods running after {time.monotonic() - started:.0f}s")
@@ -397,5 +401,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     sys.exit(main())

@@ -14,6 +14,7 @@ docs/benchmarks.md, section "Worker".
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import statistics
@@ -87,6 +88,10 @@ def throughput(work: Path, model: Path, data: Path, steps: int, repeats: int) ->
     }
 
 
+def _step_at_least(event: dict[str, Any], at: int) -> bool:
+    return event.get("event") == "step" and int(event["step"]) >= at
+
+
 def sigterm_latency(work: Path, model: Path, data: Path, repeats: int) -> dict[str, Any]:
     """Seconds from SIGTERM to the checkpoint published, and to the process gone."""
     launcher = Launcher(work / "logs-term")
@@ -96,7 +101,7 @@ def sigterm_latency(work: Path, model: Path, data: Path, repeats: int) -> dict[s
         procs = {n: launcher.start(n, t) for n, t in tasks.items()}
         shard = procs["shard0"]
         at = 20 + 7 * i
-        assert shard.wait_for(lambda e, at=at: e.get("event") == "step" and e["step"] >= at)
+        assert shard.wait_for(functools.partial(_step_at_least, at=at))
         sent = datetime.now().timestamp()
         shard.send(signal.SIGTERM)
         assert shard.wait() == ExitCode.INTERRUPTED
@@ -152,7 +157,7 @@ def real_shapes(r: int = 16) -> dict[str, Any]:
     out = {}
     for name, config in shapes.items():
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
         peft = get_peft_model(model, LoraConfig(r=r, target_modules="all-linear"))
         params = sum(p.numel() for p in peft.parameters() if p.requires_grad)
         # A checkpoint holds the adapter and AdamW's two moments: three fp32 copies.
