@@ -340,6 +340,8 @@ class Router:
                 if resumed:
                     if state.prompt_ids is None:
                         state.prompt_ids = await self._tokenize(replica, request.path, body)
+                    if state.sure < state.committed:
+                        await self._settle(replica, state)
                     path = routing.COMPLETIONS
                     doc = routing.continuation_body(
                         body, state.prompt_ids, routing.resume_point(state)
@@ -371,6 +373,14 @@ class Router:
                 last = f"replica {replica.name} failed: {exc}"
                 self.cooling[replica.name] = time.monotonic() + COOL_DOWN_SECONDS
                 tried.add(replica.name)
+                if response is not None and state.finished:
+                    # The answer is whole (its finish_reason sent): only the closing events
+                    # were lost. A continuation would add a token, so the router ends it.
+                    log.info("a stream cut after its last token, closed here: %s", last)
+                    with contextlib.suppress(ClientGone):
+                        await _write(response, routing.closing_events(state))
+                        await response.write_eof()
+                    return response
                 if attempt + 1 < RETRIES:
                     if response is not None:
                         self.stats["resumes"] += 1
@@ -404,6 +414,29 @@ class Router:
                     await _write(response, out)
                 if state.done:
                     return
+
+    async def _settle(self, replica: Replica, state: StreamState) -> None:
+        """How many of the last chunk's tokens the client has the text of, when vLLM merged
+        several tokens into that chunk: the most whose text, decoded after the prompt, is
+        exactly the text sent. A continuation after a token whose text was held back would
+        start inside a character."""
+        prompt = state.prompt_ids or []
+        base = await self._detokenize(replica, prompt)
+        for count in routing.commit_candidates(state):
+            decoded = await self._detokenize(replica, [*prompt, *state.sent_ids[:count]])
+            if decoded == base + state.text:
+                state.committed = state.sure = count
+                return
+        log.warning(
+            "no count of tokens decodes to the text sent; resuming after %d", state.committed
+        )
+
+    async def _detokenize(self, replica: Replica, ids: list[int]) -> str:
+        async with self.session.post(replica.url + "/detokenize", json={"tokens": ids}) as resp:
+            if resp.status != 200:
+                raise Upstream(f"{replica.name} could not detokenize: {resp.status}")
+            text: str = (await resp.json())["prompt"]
+            return text
 
     async def _tokenize(self, replica: Replica, path: str, body: dict[str, Any]) -> list[int]:
         doc = routing.tokenize_body(path, body)

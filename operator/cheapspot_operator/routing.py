@@ -209,7 +209,14 @@ def resume_point(state: StreamState) -> list[int]:
     """The tokens a continuation starts after: those whose text the client has. Tokens after
     them (text held back) are dropped, to be generated again."""
     del state.sent_ids[state.committed :]
+    state.sure = state.committed
     return list(state.sent_ids)
+
+
+def commit_candidates(state: StreamState) -> range:
+    """The counts of sent tokens the client may have the whole text of, most first: from
+    ``committed`` down to ``sure``. One count when no chunk merged tokens."""
+    return range(state.committed, state.sure - 1, -1)
 
 
 def continuation_body(
@@ -243,6 +250,14 @@ class StreamState:
     token that ends inside a multi-byte character (its chunk's text is empty) until the next
     token completes it; a continuation must generate such tokens again rather than start
     after them, or their text is lost with the cut."""
+    sure: int = 0
+    """How many of ``sent_ids`` the client surely has the text of. vLLM puts the tokens of
+    several steps in one chunk when its server falls behind; the text of such a chunk may
+    hold back its last tokens, so ``committed`` (every token of the last chunk with text) is
+    then only an upper bound. The router settles on the true count with the replica's
+    detokenizer before it resumes (`Router._settle`)."""
+    text: str = ""
+    """Every character of the answer the client has been sent."""
     prompt_ids: list[int] | None = None
     first: dict[str, Any] | None = None
     """The first chunk sent (its id, created time, model, object: continuations reuse them)."""
@@ -287,6 +302,30 @@ def _strip_ids(chunk: dict[str, Any]) -> list[int]:
     return ids
 
 
+def closing_events(state: StreamState) -> bytes:
+    """The end of a stream whose answer the client already has whole (its finish_reason was
+    sent) when the replica was lost before the closing events: the usage chunk if the client
+    asked for it and has not had it, then ``[DONE]``. No replica is asked to continue: a
+    continuation always generates at least one token, one more than the answer has."""
+    out = b""
+    if state.wants_usage and not state.usage_sent:
+        first = state.first or {}
+        prompt_len = len(state.prompt_ids or [])
+        chunk: dict[str, Any] = {
+            **{k: first.get(k) for k in ("id", "object", "created", "model")},
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt_len,
+                "completion_tokens": len(state.sent_ids),
+                "total_tokens": prompt_len + len(state.sent_ids),
+            },
+        }
+        out += sse(json.dumps(chunk, separators=(",", ":")).encode())
+        state.usage_sent = True
+    state.done = True
+    return out + sse(b"[DONE]")
+
+
 def relay_chunk(state: StreamState, payload: bytes, *, resumed: bool) -> bytes | None:
     """One upstream event turned into what the client gets (None: nothing to send).
 
@@ -305,12 +344,19 @@ def relay_chunk(state: StreamState, payload: bytes, *, resumed: bool) -> bytes |
     for choice in chunk.get("choices") or []:
         if state.prompt_ids is None and isinstance(choice.get("prompt_token_ids"), list):
             state.prompt_ids = [int(t) for t in choice["prompt_token_ids"]]
+    before = len(state.sent_ids)
     ids = _strip_ids(chunk)
     state.sent_ids.extend(ids)
-    if any(
-        (c.get("text") or (c.get("delta") or {}).get("content")) for c in chunk.get("choices") or []
-    ):
+    text = "".join(
+        c.get("text") or (c.get("delta") or {}).get("content") or ""
+        for c in chunk.get("choices") or []
+    )
+    if text:
+        state.text += text
         state.committed = len(state.sent_ids)
+        # Text at all means the chunk's first token is whole (a held-back token's text comes
+        # out with the token that completes it); its later ones may be held back.
+        state.sure = before + 1 if len(ids) > 1 else state.committed
     usage = chunk.get("usage")
     if not resumed:
         if state.first is None:

@@ -161,6 +161,58 @@ def test_a_resume_regenerates_tokens_whose_text_was_held_back() -> None:
     assert routing.continuation_body(state.body, [1, 2], sent)["max_tokens"] == 9
 
 
+def test_a_merged_chunk_leaves_its_later_tokens_unsure() -> None:
+    state = StreamState(routing.COMPLETIONS, {"stream": True})
+    routing.relay_chunk(
+        state, _chunk(id="c", choices=[{"text": "a", "token_ids": [4]}]), resumed=False
+    )
+    assert (state.committed, state.sure, state.text) == (1, 1, "a")
+    # three tokens in one chunk (vLLM fell behind): its last ones may be held back
+    routing.relay_chunk(
+        state, _chunk(id="c", choices=[{"text": "bc", "token_ids": [5, 6, 7]}]), resumed=False
+    )
+    assert (state.committed, state.sure, state.text) == (4, 2, "abc")
+    assert list(routing.commit_candidates(state)) == [4, 3, 2]
+    state.committed = 3  # what the replica's detokenizer settles on
+    assert routing.resume_point(state) == [4, 5, 6] and state.sure == 3
+    assert list(routing.commit_candidates(state)) == [3]
+
+
+def test_a_stream_cut_after_its_finish_reason_is_closed_without_another_token() -> None:
+    body = {"stream": True, "max_tokens": 2, "stream_options": {"include_usage": True}}
+    state = StreamState(routing.COMPLETIONS, body)
+    for ids, reason in [([5], None), ([6], "length")]:
+        routing.relay_chunk(
+            state,
+            _chunk(
+                id="c",
+                object="text_completion",
+                created=3,
+                model="qa",
+                choices=[
+                    {
+                        "index": 0,
+                        "text": "ab",
+                        "token_ids": ids,
+                        "prompt_token_ids": [1, 2, 3] if ids == [5] else None,
+                        "finish_reason": reason,
+                    }
+                ],
+            ),
+            resumed=False,
+        )
+    assert state.finished and not state.done
+    usage, done = routing.closing_events(state).split(b"\n\n", 1)
+    doc = json.loads(usage[len(b"data: ") :])
+    assert doc["id"] == "c" and doc["choices"] == []
+    assert doc["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert done == b"data: [DONE]\n\n" and state.done
+    # usage already sent, or never asked for: only [DONE]
+    assert routing.closing_events(state) == b"data: [DONE]\n\n"
+    plain = StreamState(routing.COMPLETIONS, {"stream": True})
+    assert routing.closing_events(plain) == b"data: [DONE]\n\n"
+
+
 def test_the_router_is_ready_once_it_knows_the_replicas_and_not_while_it_drains() -> None:
     import asyncio
 
