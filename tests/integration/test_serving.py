@@ -496,34 +496,20 @@ def test_a_stream_cut_at_any_byte_resumes_byte_identical(
 
     def ask(url: str, chat: bool) -> tuple[str, str | None]:
         c = _client(url).with_options(timeout=60)
+        settings: dict[str, Any] = {"max_tokens": tokens, "temperature": 0, "stream": True}
+        settings["extra_body"] = {"ignore_eos": True}
+        stream: Any = (
+            c.chat.completions.create(model="sums", messages=messages, **settings)
+            if chat
+            else c.completions.create(model="qa", prompt=PROMPTS[2], **settings)
+        )
         parts: list[str] = []
         finish = None
-        if chat:
-            stream = c.chat.completions.create(
-                model="sums",
-                messages=messages,
-                max_tokens=tokens,
-                temperature=0,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            )
-            for chunk in stream:
-                if chunk.choices:
-                    parts.append(chunk.choices[0].delta.content or "")
-                    finish = chunk.choices[0].finish_reason or finish
-        else:
-            stream = c.completions.create(
-                model="qa",
-                prompt=PROMPTS[2],
-                max_tokens=tokens,
-                temperature=0,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            )
-            for chunk in stream:
-                if chunk.choices:
-                    parts.append(chunk.choices[0].text)
-                    finish = chunk.choices[0].finish_reason or finish
+        for chunk in stream:
+            if chunk.choices:
+                choice = chunk.choices[0]
+                parts.append((choice.delta.content if chat else choice.text) or "")
+                finish = choice.finish_reason or finish
         return "".join(parts), finish
 
     try:
