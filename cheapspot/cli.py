@@ -27,9 +27,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "cheapspot_localcluster.kindcli:main",
         "a real kind cluster, built offline: kind build | up | down | load IMAGE...",
     ),
-    "operator": ("cheapspot_operator.main:main", "run the operator"),
-    "cost": ("cheapspot_operator.costview:main", "what each job and pool has cost, by namespace"),
-    "router": ("cheapspot_operator.router:main", "run an inference pool's router"),
+    "operator": ("cheapspot_operator.app.main:main", "run the operator"),
+    "cost": (
+        "cheapspot_operator.app.costview:main",
+        "what each job and pool has cost, by namespace",
+    ),
+    "router": ("cheapspot_operator.router.server:main", "run an inference pool's router"),
     "worker": ("cheapspot_worker.main:main", "run a worker role (train, anchor, serve)"),
     "demo": ("cheapspot_localcluster.demo:main", "the main job, end to end on the local cluster"),
 }

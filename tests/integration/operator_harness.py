@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 from cheapspot.contract import Layout, Phase, Progress, Role
 from cheapspot_localcluster.stack import OperatorProcess
 from cheapspot_localcluster.waiting import wait_for
-from cheapspot_operator.crd import build_crd, build_pool_crd
-from cheapspot_operator.kubeapi import ApiError, KubeApi
-from cheapspot_operator.poolspec import PLURAL as POOL_PLURAL
-from cheapspot_operator.spec import GROUP, PLURAL, VERSION
+from cheapspot_operator.api.common import GROUP, VERSION
+from cheapspot_operator.api.crd import build_crd, build_pool_crd
+from cheapspot_operator.api.inferencepool import PLURAL as POOL_PLURAL
+from cheapspot_operator.api.trainjob import PLURAL
+from cheapspot_operator.runtime.kubeapi import ApiError, KubeApi
 
 T = TypeVar("T")
 NOTICE_SECONDS = 10

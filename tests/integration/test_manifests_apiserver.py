@@ -8,14 +8,19 @@ from typing import Any
 
 import pytest
 
-from cheapspot_operator.config import OperatorConfig
-from cheapspot_operator.kubeapi import ApiError, KubeApi
-from cheapspot_operator.manifests import JobInfo, Placement, build_anchor_pod, build_shard_pod
-from cheapspot_operator.placement import PROFILES
-from cheapspot_operator.poolmanifests import PoolInfo, build_replica_pod
-from cheapspot_operator.pooltesting import make_pool
-from cheapspot_operator.spec import CapacityType
-from cheapspot_operator.testing import make_job
+from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.cluster.placement import PROFILES
+from cheapspot_operator.inferencepool.manifests import PoolInfo, build_replica_pod
+from cheapspot_operator.runtime.config import OperatorConfig
+from cheapspot_operator.runtime.kubeapi import ApiError, KubeApi
+from cheapspot_operator.testing.pool import make_pool
+from cheapspot_operator.testing.train import make_job
+from cheapspot_operator.trainjob.manifests import (
+    JobInfo,
+    Placement,
+    build_anchor_pod,
+    build_shard_pod,
+)
 
 CONFIG = OperatorConfig()
 # Three doomed nodes at once: what a zone-wide reclaim or `spot off` produces.

@@ -286,7 +286,7 @@ def test_a_budget_keeps_only_the_anchor_and_raising_it_brings_the_replicas_back(
     assert "BudgetExceeded" in pool_events(h, "bud")
     wait_for("costs accrued", lambda: pool_status(h, "bud")["cost"]["dollars"] > 0, timeout_s=60)
     assert "table" in pool_status(h, "bud")["cost"]["sources"]
-    from cheapspot_operator import costview
+    from cheapspot_operator.app import costview
 
     kubeconfig = str(h.cluster.kubeconfig_path)
     monkeypatch.setenv("COLUMNS", "250")  # rich fits its table to the terminal

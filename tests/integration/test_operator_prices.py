@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from operator_harness import Harness, make_harness, wait_for
 
-from cheapspot_operator.costs import default_prices
-from cheapspot_operator.kubeapi import ApiError, KubeApi
-from cheapspot_operator.spec import CapacityType
+from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.pricing.table import default_prices
+from cheapspot_operator.runtime.kubeapi import ApiError, KubeApi
 
 NODE = "spot-priced-us-east-1a"
 

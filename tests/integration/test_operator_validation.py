@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from operator_harness import Harness, job_body, jobs_path, make_harness
 
-from cheapspot_operator.kubeapi import ApiError
+from cheapspot_operator.runtime.kubeapi import ApiError
 
 
 @pytest.fixture(scope="module")

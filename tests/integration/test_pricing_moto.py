@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import boto3
 
 from cheapspot_localcluster.s3 import S3Endpoint
+from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.pricing.aws import AwsSpotPrices
-from cheapspot_operator.spec import CapacityType
 
 
 def test_spot_prices_are_read_per_zone_from_the_ec2_api(s3_endpoint: S3Endpoint) -> None:

@@ -14,9 +14,9 @@ import pytest
 
 from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL, LABEL_POOL_ROLE, LABEL_REPLICA
 from cheapspot_localcluster.cluster import LocalCluster
-from cheapspot_operator.kubeapi import KubeApi
-from cheapspot_operator.router import Router, watch_pods
-from cheapspot_operator.routing import Load, choose
+from cheapspot_operator.router.routing import Load, choose
+from cheapspot_operator.router.server import Router, watch_pods
+from cheapspot_operator.runtime.kubeapi import KubeApi
 
 NS = "default"
 

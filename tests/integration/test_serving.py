@@ -309,14 +309,14 @@ class RouterThread:
 
 
 def _replica(r: ServeReplica) -> Any:
-    from cheapspot_operator.routing import Replica
+    from cheapspot_operator.router.routing import Replica
 
     return Replica(r.name, "127.0.0.1", r.port, ready=True)
 
 
 @pytest.fixture
 def router_for() -> Iterator[Callable[..., RouterThread]]:
-    from cheapspot_operator.router import Router
+    from cheapspot_operator.router.server import Router
 
     made: list[RouterThread] = []
 
@@ -389,7 +389,7 @@ def test_router_errors_are_openai_errors(
 def test_router_retries_a_dead_replica_and_queues_when_busy(
     replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
 ) -> None:
-    from cheapspot_operator.routing import Replica
+    from cheapspot_operator.router.routing import Replica
 
     dead = Replica("a-dead", "127.0.0.1", free_port(), ready=True)
     rt = router_for([dead, _replica(replicas[0])], capacity=1, max_queue_seconds=120)
@@ -485,7 +485,7 @@ def test_a_stream_cut_at_any_byte_resumes_byte_identical(
     """The replica's connection reset at byte after byte of its response (headers, mid-event,
     between events, in the last chunk): every answer, completions and chat, equals the
     undisturbed one, byte for byte, and ends with finish_reason "length"."""
-    from cheapspot_operator.routing import Replica
+    from cheapspot_operator.router.routing import Replica
 
     replica = replicas[1]
     proxy = CutProxy(replica.port)
@@ -542,8 +542,8 @@ def test_a_resume_after_a_merged_chunk_starts_after_the_text_the_client_has(
     text of a token that ends inside a character. A stream cut after such a merged chunk must
     continue after the tokens whose text the client has: the router settles on that count
     with the replica's detokenizer, and the continuation's text is the rest of the answer."""
-    from cheapspot_operator import routing
-    from cheapspot_operator.routing import StreamState
+    from cheapspot_operator.router import routing
+    from cheapspot_operator.router.routing import StreamState
 
     replica = replicas[1]
     rt = router_for([_replica(replica)])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY
 
-from cheapspot_operator.config import OperatorConfig
-from cheapspot_operator.handlers import Reconciler
-from cheapspot_operator.spec import BudgetStatus, CostStatus, TrainJobStatus
-from cheapspot_operator.testing import EPOCH, FakeClock
+from cheapspot_operator.api.common import BudgetStatus, CostStatus
+from cheapspot_operator.api.trainjob import TrainJobStatus
+from cheapspot_operator.runtime.config import OperatorConfig
+from cheapspot_operator.testing.train import EPOCH, FakeClock
+from cheapspot_operator.trainjob.controller import Reconciler
 
 
 def test_a_status_update_sets_the_job_cost_and_budget_gauges() -> None:
@@ -42,8 +43,8 @@ def test_a_status_update_sets_the_job_cost_and_budget_gauges() -> None:
 
 
 def test_a_pool_status_update_sets_the_pool_cost_and_budget_gauges() -> None:
-    from cheapspot_operator.poolhandlers import PoolReconciler
-    from cheapspot_operator.poolspec import InferencePoolStatus
+    from cheapspot_operator.api.inferencepool import InferencePoolStatus
+    from cheapspot_operator.inferencepool.controller import PoolReconciler
 
     r = PoolReconciler(object(), OperatorConfig(), clock=FakeClock(EPOCH))  # type: ignore[arg-type]
     status = InferencePoolStatus(

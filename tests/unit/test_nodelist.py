@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from cheapspot_operator.nodelist import NODES_PATH, PODS_PATH, SharedNodeList
+from cheapspot_operator.runtime.nodelist import NODES_PATH, PODS_PATH, SharedNodeList
 
 
 class FakeApi:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cheapspot_operator.crd import CRD_PATHS, build_crd, build_pool_crd, render
-from cheapspot_operator.spec import TrainJobSpec
+from cheapspot_operator.api.crd import CRD_PATHS, build_crd, build_pool_crd, render
+from cheapspot_operator.api.trainjob import TrainJobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("rel", CRD_PATHS, ids=str)
 def test_the_committed_crd_is_what_the_models_generate(rel: Path) -> None:
     assert (ROOT / rel).read_text() == render(rel), (
-        f"{rel} is stale: run `python -m cheapspot_operator.crd`"
+        f"{rel} is stale: run `python -m cheapspot_operator.api.crd`"
     )
 
 
@@ -76,7 +76,7 @@ def _examples() -> list[Path]:
 
 @pytest.mark.parametrize("path", _examples(), ids=lambda p: p.name)
 def test_examples_are_valid_specs(path: Path) -> None:
-    from cheapspot_operator.poolspec import InferencePoolSpec
+    from cheapspot_operator.api.inferencepool import InferencePoolSpec
 
     doc = yaml.safe_load(path.read_text())
     models = {"CheapTrainJob": TrainJobSpec, "CheapInferencePool": InferencePoolSpec}
@@ -97,7 +97,7 @@ def test_examples_are_valid_specs(path: Path) -> None:
     ],
 )
 def test_pydantic_rejects_what_the_crd_rejects(change: dict[str, Any], field: str) -> None:
-    from cheapspot_operator.testing import spec_dict
+    from cheapspot_operator.testing.train import spec_dict
 
     with pytest.raises(ValidationError) as info:
         TrainJobSpec.model_validate(spec_dict(**change))
@@ -113,7 +113,7 @@ def test_pydantic_rejects_what_the_crd_rejects(change: dict[str, Any], field: st
     ],
 )
 def test_uris_that_cannot_work_are_rejected_with_what_to_use(uri: str, expect: str) -> None:
-    from cheapspot_operator.testing import spec_dict
+    from cheapspot_operator.testing.train import spec_dict
 
     with pytest.raises(ValidationError) as info:
         TrainJobSpec.model_validate(spec_dict(output={"uri": uri}))
@@ -144,7 +144,7 @@ def test_the_pool_crd_has_scale_short_name_columns_and_is_structural() -> None:
 
 
 def test_the_pool_example_is_a_valid_spec() -> None:
-    from cheapspot_operator.poolspec import parse_spec
+    from cheapspot_operator.api.inferencepool import parse_spec
 
     doc = yaml.safe_load((ROOT / "crds" / "examples" / "inference-pool.yaml").read_text())
     assert doc["kind"] == "CheapInferencePool"

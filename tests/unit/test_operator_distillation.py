@@ -7,11 +7,16 @@ import pytest
 from pydantic import ValidationError
 
 from cheapspot.contract import TASK_ENV, DistillationMode, Task
-from cheapspot_operator.config import WorkerSettings
-from cheapspot_operator.manifests import JobInfo, Placement, build_anchor_pod, build_shard_pod
-from cheapspot_operator.placement import PROFILES
-from cheapspot_operator.spec import CapacityType
-from cheapspot_operator.testing import World, make_job
+from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.cluster.placement import PROFILES
+from cheapspot_operator.runtime.config import WorkerSettings
+from cheapspot_operator.testing.train import World, make_job
+from cheapspot_operator.trainjob.manifests import (
+    JobInfo,
+    Placement,
+    build_anchor_pod,
+    build_shard_pod,
+)
 
 TEACHER = {"uri": "s3://models/teacher/", "adapterUri": "s3://ckpt/teacher-sft/final"}
 WORKER = WorkerSettings(image="registry.example/worker:1")

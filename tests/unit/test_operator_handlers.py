@@ -8,10 +8,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from cheapspot.contract import Progress
-from cheapspot_operator.config import OperatorConfig
-from cheapspot_operator.handlers import Reconciler
-from cheapspot_operator.kubeapi import ApiError
-from cheapspot_operator.testing import EPOCH, FakeClock, spec_dict
+from cheapspot_operator.runtime.config import OperatorConfig
+from cheapspot_operator.runtime.kubeapi import ApiError
+from cheapspot_operator.testing.train import EPOCH, FakeClock, spec_dict
+from cheapspot_operator.trainjob.controller import Reconciler
 
 JOB = "/apis/cheapspot.dev/v1alpha1/namespaces/ns/cheaptrainjobs/qa-lora"
 PODS = "/api/v1/namespaces/ns/pods"
@@ -284,7 +284,7 @@ def test_the_loop_of_a_finished_job_ends() -> None:
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from cheapspot_operator.handlers import _Loops
+    from cheapspot_operator.trainjob.controller import _Loops
 
     class Finishes:
         calls = 0
@@ -324,7 +324,7 @@ def test_a_node_change_wakes_only_the_jobs_with_pods_on_it() -> None:
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from cheapspot_operator.handlers import _Loops
+    from cheapspot_operator.trainjob.controller import _Loops
 
     notice = "cheapspot.dev/interruption"
 
@@ -367,7 +367,7 @@ def test_a_woken_loop_never_waits_behind_the_timer_ticks() -> None:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from cheapspot_operator.handlers import _Loops
+    from cheapspot_operator.trainjob.controller import _Loops
 
     class Records:
         def __init__(self) -> None:
@@ -409,7 +409,7 @@ def test_a_woken_loop_never_waits_behind_the_timer_ticks() -> None:
 def test_a_slow_store_does_not_hold_up_a_reconciliation() -> None:
     import time
 
-    from cheapspot_operator.handlers import _ProgressCache
+    from cheapspot_operator.trainjob.controller import _ProgressCache
 
     def slow(uri: str, shards: int, anchor: int) -> Mapping[int, Progress]:
         time.sleep(2.0)
@@ -426,7 +426,7 @@ def test_a_slow_store_does_not_hold_up_a_reconciliation() -> None:
 
 
 def test_one_store_client_per_output_prefix(tmp_path: Any) -> None:
-    from cheapspot_operator.handlers import StoreProgressReader
+    from cheapspot_operator.trainjob.controller import StoreProgressReader
 
     reader = StoreProgressReader()
     uri = f"file://{tmp_path}/job/"
@@ -439,8 +439,8 @@ def test_one_store_client_per_output_prefix(tmp_path: Any) -> None:
 def test_generation_shards_progress_is_read_at_their_slots_when_asked_for(tmp_path: Any) -> None:
     from cheapspot.contract import Layout, Phase, Progress, Role
     from cheapspot.store import Store
-    from cheapspot_operator.handlers import StoreProgressReader
-    from cheapspot_operator.observed import ANCHOR_INDEX, GENERATOR_BASE
+    from cheapspot_operator.cluster.views import ANCHOR_INDEX, GENERATOR_BASE
+    from cheapspot_operator.trainjob.controller import StoreProgressReader
 
     uri = f"file://{tmp_path}/job/"
     store, layout = Store(uri), Layout(uri)
@@ -456,7 +456,7 @@ def test_generation_shards_progress_is_read_at_their_slots_when_asked_for(tmp_pa
 
 
 def test_an_output_prefix_is_claimed_by_one_job_and_refused_to_another(tmp_path: Any) -> None:
-    from cheapspot_operator.handlers import StoreProgressReader, store_output_claims
+    from cheapspot_operator.trainjob.controller import StoreProgressReader, store_output_claims
 
     claim = store_output_claims(StoreProgressReader())
     uri = f"file://{tmp_path}/out/"
@@ -471,7 +471,7 @@ def test_an_output_prefix_is_claimed_by_one_job_and_refused_to_another(tmp_path:
 
 def test_a_prefix_holding_a_finished_adapter_is_refused_unless_resumed(tmp_path: Any) -> None:
     from cheapspot.store import Store
-    from cheapspot_operator.handlers import StoreProgressReader, store_output_claims
+    from cheapspot_operator.trainjob.controller import StoreProgressReader, store_output_claims
 
     uri = f"file://{tmp_path}/old/"
     Store(uri).publish("final/", {"adapter_model.safetensors": b"old"})

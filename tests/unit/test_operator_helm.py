@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cheapspot_operator.config import (
+from cheapspot_operator.runtime.config import (
     OperatorConfig,
     PricingSettings,
     ServingSettings,
@@ -85,7 +85,7 @@ def test_the_chart_runs_one_operator_with_least_privilege() -> None:
 def test_the_grafana_dashboard_queries_only_metrics_the_operator_exports() -> None:
     from prometheus_client import REGISTRY
 
-    import cheapspot_operator.metrics  # noqa: F401  (registers the metrics)
+    import cheapspot_operator.runtime.metrics  # noqa: F401  (registers the metrics)
 
     exported = {s.name for m in REGISTRY.collect() for s in m.samples}
     exported |= {m.name for m in REGISTRY.collect()}

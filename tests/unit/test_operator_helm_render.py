@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from cheapspot_localcluster import kindnode
-from cheapspot_operator.config import OperatorConfig
+from cheapspot_operator.runtime.config import OperatorConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "cheapspot"

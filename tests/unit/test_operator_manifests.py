@@ -8,11 +8,16 @@ from typing import Any
 import pytest
 
 from cheapspot.contract import TASK_ENV, Role, Task
-from cheapspot_operator.config import WorkerSettings
-from cheapspot_operator.manifests import JobInfo, Placement, build_anchor_pod, build_shard_pod
-from cheapspot_operator.placement import PROFILES
-from cheapspot_operator.spec import CapacityType
-from cheapspot_operator.testing import make_job
+from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.cluster.placement import PROFILES
+from cheapspot_operator.runtime.config import WorkerSettings
+from cheapspot_operator.testing.train import make_job
+from cheapspot_operator.trainjob.manifests import (
+    JobInfo,
+    Placement,
+    build_anchor_pod,
+    build_shard_pod,
+)
 
 WORKER = WorkerSettings(image="registry.example/worker:1", env={"AWS_REGION": "us-east-1"})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cheapspot_operator.observed import node_view, pod_requests, pod_view
+from cheapspot_operator.cluster.views import node_view, pod_requests, pod_view
 
 
 def _pod(status: dict[str, Any], **spec: Any) -> dict[str, Any]:

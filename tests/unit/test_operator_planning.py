@@ -9,12 +9,11 @@ from typing import Any
 import pytest
 
 from cheapspot.contract import ExitCode, Phase
-from cheapspot_operator.observed import ANCHOR_INDEX
-from cheapspot_operator.phases import IllegalTransitionError, JobPhase, transition
+from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.api.phases import IllegalTransitionError, JobPhase, transition
+from cheapspot_operator.cluster.views import ANCHOR_INDEX
 from cheapspot_operator.planning.preemption import Outcome, classify
-from cheapspot_operator.planning.train import plan
-from cheapspot_operator.spec import CapacityType
-from cheapspot_operator.testing import (
+from cheapspot_operator.testing.train import (
     EPOCH,
     World,
     make_job,
@@ -22,6 +21,7 @@ from cheapspot_operator.testing import (
     make_pod,
     make_progress,
 )
+from cheapspot_operator.trainjob.plan import plan
 
 INTERRUPTION = "cheapspot.dev/interruption"
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from cheapspot.contract import ADMIN_PORT
-from cheapspot_operator.poolhandlers import AdminClient
-from cheapspot_operator.pooltesting import make_replica
+from cheapspot_operator.inferencepool.controller import AdminClient
+from cheapspot_operator.testing.pool import make_replica
 
 IP = "127.0.9.9"  # a loopback address of its own: nothing else listens there
 

@@ -9,19 +9,19 @@ from cheapspot.contract import (
     TASK_ENV,
     ServeTask,
 )
-from cheapspot_operator.config import OperatorConfig
-from cheapspot_operator.manifests import Placement
-from cheapspot_operator.placement import PROFILES
-from cheapspot_operator.poolmanifests import (
+from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.cluster.placement import PROFILES
+from cheapspot_operator.inferencepool.manifests import (
     PoolInfo,
     build_replica_pod,
     build_router_deployment,
     build_router_rbac,
     build_router_service,
 )
-from cheapspot_operator.poolobserved import replica_pod_view
-from cheapspot_operator.pooltesting import make_pool
-from cheapspot_operator.spec import CapacityType
+from cheapspot_operator.inferencepool.observed import replica_pod_view
+from cheapspot_operator.runtime.config import OperatorConfig
+from cheapspot_operator.testing.pool import make_pool
+from cheapspot_operator.trainjob.manifests import Placement
 
 CONFIG = OperatorConfig()
 INFO = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(engine={"shutdownTimeoutSeconds": 40}))

@@ -8,7 +8,10 @@ from datetime import timedelta
 import pytest
 
 from cheapspot.contract import ExitCode
-from cheapspot_operator.planning.pool import (
+from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.api.inferencepool import InferencePoolStatus
+from cheapspot_operator.inferencepool.observed import ReplicaReport
+from cheapspot_operator.inferencepool.plan import (
     DEADLINE_MARGIN,
     DRAIN_SETTLE,
     EnsureRouter,
@@ -16,11 +19,8 @@ from cheapspot_operator.planning.pool import (
     replica_pod_name,
     replica_state,
 )
-from cheapspot_operator.poolobserved import ReplicaReport
-from cheapspot_operator.poolspec import InferencePoolStatus
-from cheapspot_operator.pooltesting import POOL_NAME, PoolWorld, make_pool, make_replica
-from cheapspot_operator.spec import CapacityType
-from cheapspot_operator.testing import EPOCH, make_node
+from cheapspot_operator.testing.pool import POOL_NAME, PoolWorld, make_pool, make_replica
+from cheapspot_operator.testing.train import EPOCH, make_node
 
 
 def name(index: int, attempt: int = 0) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from cheapspot_operator.phases import JobPhase
+from cheapspot_operator.api.common import BudgetSpec
+from cheapspot_operator.api.phases import JobPhase
+from cheapspot_operator.api.trainjob import TrainJobSpec
 from cheapspot_operator.planning.budget import Level, judge
-from cheapspot_operator.spec import BudgetSpec, TrainJobSpec
-from cheapspot_operator.testing import World, make_job
+from cheapspot_operator.testing.train import World, make_job
 
 
 def _spec(limit: float, on_exceed: str = "Suspend") -> TrainJobSpec:

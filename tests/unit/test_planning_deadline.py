@@ -13,9 +13,10 @@ import pytest
 from pydantic import ValidationError
 
 from cheapspot.contract import Phase
-from cheapspot_operator.phases import JobPhase
-from cheapspot_operator.spec import CapacityType, DeadlineSpec, parse_duration
-from cheapspot_operator.testing import EPOCH, World, make_job, make_progress
+from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.api.phases import JobPhase
+from cheapspot_operator.api.trainjob import DeadlineSpec, parse_duration
+from cheapspot_operator.testing.train import EPOCH, World, make_job, make_progress
 
 SHARD0 = "qa-lora-shard-0-0"
 

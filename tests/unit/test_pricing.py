@@ -21,7 +21,7 @@ import pytest
 from botocore.config import Config
 from botocore.stub import ANY, Stubber
 
-from cheapspot_operator.costs import PriceTable, default_prices
+from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.pricing.alibaba import AlibabaPrices
 from cheapspot_operator.pricing.aws import AwsOnDemandPrices, AwsSpotPrices, on_demand_usd
 from cheapspot_operator.pricing.quotes import (
@@ -35,7 +35,7 @@ from cheapspot_operator.pricing.quotes import (
     undecodable,
 )
 from cheapspot_operator.pricing.static import StaticPrices
-from cheapspot_operator.spec import CapacityType
+from cheapspot_operator.pricing.table import PriceTable, default_prices
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 SPOT = CapacityType.SPOT

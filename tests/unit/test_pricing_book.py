@@ -6,15 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from cheapspot_operator.costs import default_prices
-from cheapspot_operator.pricing.book import PriceBook, Source
+from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.pricing.quotes import (
     PriceKey,
     ProviderUnavailableError,
     Quote,
     resolve,
 )
-from cheapspot_operator.spec import CapacityType
+from cheapspot_operator.pricing.table import default_prices
+from cheapspot_operator.runtime.pricebook import PriceBook, Source
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 SPOT_A = PriceKey("g5.xlarge", CapacityType.SPOT, "zone-a")

@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL, LABEL_POOL_ROLE
-from cheapspot_operator import routing
-from cheapspot_operator.routing import Load, Replica, StreamState
+from cheapspot_operator.router import routing
+from cheapspot_operator.router.routing import Load, Replica, StreamState
 
 
 def pod(
@@ -216,7 +216,7 @@ def test_a_stream_cut_after_its_finish_reason_is_closed_without_another_token() 
 def test_the_router_is_ready_once_it_knows_the_replicas_and_not_while_it_drains() -> None:
     import asyncio
 
-    from cheapspot_operator.router import Router
+    from cheapspot_operator.router.server import Router
 
     async def scenario() -> list[Any]:
         router = Router()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cheapspot_operator.watchcache import Primed, WatchCache
+from cheapspot_operator.runtime.watchcache import Primed, WatchCache
 
 
 def pod(name: str, version: int, job: str = "a", namespace: str = "ns") -> dict[str, Any]:

@@ -15,8 +15,8 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cheapspot_operator.api.common import BudgetSpec, BudgetStatus, Condition
 from cheapspot_operator.planning.conditions import set_condition
-from cheapspot_operator.spec import BudgetSpec, BudgetStatus, Condition
 
 PROJECTION = timedelta(minutes=5)
 """The horizon when no checkpoint interval says otherwise."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cheapspot_operator.spec import Condition
+from cheapspot_operator.api.common import Condition
 
 
 def set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:

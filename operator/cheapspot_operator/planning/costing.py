@@ -13,11 +13,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from cheapspot_operator.costs import PriceTable
-from cheapspot_operator.observed import NodeView, PodView
-from cheapspot_operator.placement import PlacementProfile
+from cheapspot_operator.api.common import CapacityType, CostStatus
+from cheapspot_operator.cluster.placement import PlacementProfile
+from cheapspot_operator.cluster.views import NodeView, PodView
 from cheapspot_operator.pricing.quotes import PriceKey, Quote, resolve
-from cheapspot_operator.spec import CapacityType, CostStatus
+from cheapspot_operator.pricing.table import PriceTable
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ checkpoint restore).
 
 :func:`decide` answers one question for one worker at one moment: run on spot, on on-demand,
 or wait. The same function drives the CheapTrainJob planner (per shard, see
-:func:`cheapspot_operator.planning.train`) and the trace-replay benchmark
+:func:`cheapspot_operator.trainjob.plan`) and the trace-replay benchmark
 (``benchmarks/trace_replay.py``), so what the benchmark measures is what the operator does.
 
 Policies (:class:`Policy`):

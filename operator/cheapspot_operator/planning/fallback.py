@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from cheapspot_operator.observed import PodView
+from cheapspot_operator.cluster.views import PodView
 
 
 def spot_wait(pod: PodView, now: datetime) -> timedelta | None:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cheapspot.contract import ExitCode, Progress
-from cheapspot_operator.observed import NodeView, PodView
-from cheapspot_operator.placement import PlacementProfile
-from cheapspot_operator.spec import CapacityType
+from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.cluster.placement import PlacementProfile
+from cheapspot_operator.cluster.views import NodeView, PodView
 
 
 class ClusterView(Protocol):

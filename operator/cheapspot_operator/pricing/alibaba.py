@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.pricing.quotes import PriceKey, ProviderUnavailableError, Quote
-from cheapspot_operator.spec import CapacityType
 
 SOURCE = "alibaba-ecs"
 WINDOW = timedelta(hours=3)

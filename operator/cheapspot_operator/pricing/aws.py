@@ -15,8 +15,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.pricing.quotes import PriceKey, ProviderUnavailableError, Quote
-from cheapspot_operator.spec import CapacityType
 
 SPOT_SOURCE = "aws-ec2-spot"
 ON_DEMAND_SOURCE = "aws-pricing"

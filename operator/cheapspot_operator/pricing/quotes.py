@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cheapspot_operator.costs import PriceTable
-from cheapspot_operator.spec import CapacityType
+from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.pricing.table import PriceTable
 
 _NEVER = datetime.min.replace(tzinfo=UTC)
 TABLE = "table"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from cheapspot_operator.costs import PriceTable
+from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.pricing.quotes import TABLE, PriceKey, Quote
-from cheapspot_operator.spec import CapacityType
+from cheapspot_operator.pricing.table import PriceTable
 
 
 class StaticPrices:

@@ -1,0 +1,1 @@
+"""The custom resources' API: pydantic models of both kinds, their shared types, CRD generation."""

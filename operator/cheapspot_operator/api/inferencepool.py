@@ -1,0 +1,306 @@
+"""The CheapInferencePool API as pydantic models: the single source of its CRD schema.
+
+``crds/cheapinferencepools.yaml`` is generated from these models (:mod:`cheapspot_operator.api.crd`)
+like the CheapTrainJob's. What a replica receives unchanged (model, adapters, engine) is the
+contract's own models, so the spec, the CRD and the replica's task cannot disagree.
+
+A pool has ``replicas`` replica slots; the first ``anchor.replicas`` are anchors (on-demand,
+never drained for a reclaim, never scaled away), the rest run on spot and fall back to
+on-demand when spot is missing. ``spec.replicas`` is the scale subresource's field.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field, model_validator
+
+from cheapspot.contract import AdapterSource, EngineSettings, ModelSource
+from cheapspot_operator.api.common import (
+    QUANTITY_PATTERN,
+    BudgetSpec,
+    BudgetStatus,
+    CapacityType,
+    Condition,
+    CostStatus,
+    SpecModel,
+    StatusModel,
+    cel,
+    immutable,
+    scheme_rule,
+)
+
+KIND = "CheapInferencePool"
+PLURAL = "cheapinferencepools"
+SINGULAR = "cheapinferencepool"
+SHORT_NAMES = ("cip",)
+MAX_REPLICAS = 256
+MAX_ADAPTERS = 256
+MAX_NAME_LENGTH = 40
+"""Pod names (``<pool>-replica-<i>-<attempt>``) and label values derive from it."""
+
+
+class ReplicaResources(SpecModel):
+    gpu: Annotated[int, Field(ge=0, le=16, description="GPUs per replica pod.")] = 1
+    cpu: Annotated[
+        str,
+        Field(pattern=QUANTITY_PATTERN, max_length=32, description="CPU request per replica pod."),
+    ] = "4"
+    memory: Annotated[
+        str,
+        Field(
+            pattern=QUANTITY_PATTERN, max_length=32, description="Memory request per replica pod."
+        ),
+    ] = "16Gi"
+    instance_types: Annotated[
+        list[Annotated[str, Field(max_length=64)]],
+        Field(
+            alias="instanceTypes",
+            max_length=32,
+            description="Preferred instance types, best first (a preference, not a requirement).",
+        ),
+    ] = []
+    gpu_resource: Annotated[
+        str,
+        Field(
+            alias="gpuResource",
+            max_length=128,
+            description="Extended resource name of the GPU (nvidia.com/gpu on EKS and GKE).",
+        ),
+    ] = "nvidia.com/gpu"
+
+
+class PoolAnchor(SpecModel):
+    replicas: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=MAX_REPLICAS,
+            description="Replicas on on-demand capacity: never drained for a reclaim, never "
+            "scaled away (spec.replicas cannot go below it).",
+        ),
+    ] = 1
+
+
+class PoolSpotPolicy(SpecModel):
+    fallback_after_seconds: Annotated[
+        int,
+        Field(
+            alias="fallbackAfterSeconds",
+            ge=0,
+            le=86400,
+            description="A spot replica that stays unschedulable this long moves to on-demand "
+            "(condition SpotUnavailable); it returns to spot once a spot node with a free GPU "
+            "exists, the new spot replica Ready before the on-demand one is drained.",
+        ),
+    ] = 120
+
+
+class RouterSpec(SpecModel):
+    replicas: Annotated[
+        int, Field(ge=1, le=16, description="Router pods (on on-demand capacity).")
+    ] = 1
+    max_queue_seconds: Annotated[
+        float,
+        Field(
+            alias="maxQueueSeconds",
+            gt=0,
+            le=3600,
+            description="How long a request may wait for a free replica before it is refused "
+            "(HTTP 503).",
+        ),
+    ] = 30.0
+    cpu: Annotated[
+        str, Field(pattern=QUANTITY_PATTERN, max_length=32, description="CPU request per router.")
+    ] = "500m"
+    memory: Annotated[
+        str,
+        Field(pattern=QUANTITY_PATTERN, max_length=32, description="Memory request per router."),
+    ] = "256Mi"
+
+
+class InferencePoolSpec(SpecModel):
+    """What a user asks for: one base model with LoRA adapters, served by replicas on spot."""
+
+    model: Annotated[
+        ModelSource,
+        Field(
+            description="The base model (Hugging Face format). Immutable: a new model is a "
+            "new pool.",
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    scheme_rule("model", ("s3", "file", "hf")),
+                    immutable("model"),
+                ]
+            },
+        ),
+    ]
+    adapters: Annotated[
+        list[AdapterSource],
+        Field(
+            max_length=MAX_ADAPTERS,
+            description="LoRA adapters, served by name in the OpenAI `model` field. Adding or "
+            "removing one loads or unloads it on the running replicas, without a restart.",
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+            },
+        ),
+    ] = []
+    replicas: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=MAX_REPLICAS,
+            description="Replicas in all, anchors included (the scale subresource's field: "
+            "kubectl scale, an HPA or KEDA drive it). Scaling down removes on-demand "
+            "fallback replicas first, then spot ones, never an anchor.",
+        ),
+    ] = 1
+    anchor: Annotated[
+        PoolAnchor, Field(description="Replicas on on-demand capacity that are never reclaimed.")
+    ] = PoolAnchor()
+    engine: Annotated[
+        EngineSettings,
+        Field(
+            description="vLLM options (maxNumSeqs, maxLoras, maxLoraRank, maxModelLen, "
+            "shutdownTimeoutSeconds: how long a replica drains on SIGTERM, args).",
+            json_schema_extra={"x-kubernetes-validations": [immutable("engine")]},
+        ),
+    ] = EngineSettings()
+    resources: Annotated[
+        ReplicaResources,
+        Field(
+            description="What each replica pod gets.",
+            json_schema_extra={"x-kubernetes-validations": [immutable("resources")]},
+        ),
+    ] = ReplicaResources()
+    spot: Annotated[PoolSpotPolicy, Field(description="When to leave spot and return.")] = (
+        PoolSpotPolicy()
+    )
+    router: Annotated[RouterSpec, Field(description="The pool's endpoint.")] = RouterSpec()
+    budget: Annotated[
+        BudgetSpec | None,
+        Field(
+            description="A spending limit; the anchors' cost counts. At the limit (with the "
+            "running replicas' next 5 minutes projected) Suspend keeps only the anchors "
+            "serving, Fail stops every replica; raising the limit brings the replicas back."
+        ),
+    ] = None
+
+    @model_validator(mode="after")
+    def _anchors_fit(self) -> InferencePoolSpec:
+        # The CRD's CEL rule says the same; this keeps the operator's own reading honest.
+        if self.replicas < self.anchor.replicas:
+            raise ValueError(
+                f"replicas ({self.replicas}) must not be below anchor.replicas "
+                f"({self.anchor.replicas}): anchors are never scaled away"
+            )
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.anchor) || !has(self.replicas) "
+                    "|| self.replicas >= self.anchor.replicas",
+                    "replicas must not be below anchor.replicas (anchors are never scaled away)",
+                    field_path=".replicas",
+                ),
+                cel(
+                    "!has(self.anchor) || !has(oldSelf.anchor) "
+                    "|| self.anchor.replicas == oldSelf.anchor.replicas",
+                    "anchor.replicas is immutable after creation",
+                    field_path=".anchor.replicas",
+                ),
+            ]
+        }
+    )
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+class ReplicaSlot(StatusModel):
+    """One replica slot: its current pod and where it is meant to run."""
+
+    index: Annotated[int, Field(description="Slot index (the pod's cheapspot.dev/replica).")] = 0
+    anchor: Annotated[bool, Field(description="An anchor slot: on-demand, never reclaimed.")] = (
+        False
+    )
+    attempt: Annotated[
+        int, Field(description="Pod incarnation: the pod is <pool>-replica-<i>-<attempt>.")
+    ] = 0
+    pod: str = ""
+    node: str = ""
+    capacity_type: Annotated[
+        CapacityType,
+        Field(alias="capacityType", description="Where the slot is meant to run now."),
+    ] = CapacityType.SPOT
+    pod_phase: Annotated[str, Field(alias="podPhase")] = ""
+    ready: bool = False
+    fallback_reason: Annotated[str, Field(alias="fallbackReason")] = ""
+    preemptions: int = 0
+    failures: Annotated[
+        int, Field(description="Failed pods in a row (not reclaims); reset once Ready.")
+    ] = 0
+    held: Annotated[
+        str,
+        Field(
+            description="Why the slot is not recreated (a permanent replica error or a crash "
+            "loop); cleared when the spec changes."
+        ),
+    ] = ""
+    held_generation: Annotated[int, Field(alias="heldGeneration")] = 0
+
+
+class DrainingReplica(StatusModel):
+    pod: str
+    index: int = 0
+    deadline: Annotated[datetime | None, Field(description="Deleted by then at the latest.")] = None
+    since: Annotated[datetime | None, Field(description="When the drain began.")] = None
+    reason: str = ""
+
+
+class InferencePoolStatus(StatusModel):
+    observed_generation: Annotated[int, Field(alias="observedGeneration")] = 0
+    replicas: Annotated[
+        int, Field(description="Replica slots with a pod (the scale subresource's status).")
+    ] = 0
+    ready_replicas: Annotated[int, Field(alias="readyReplicas")] = 0
+    selector: Annotated[
+        str, Field(description="Label selector of the replica pods (scale subresource).")
+    ] = ""
+    spot_replicas: Annotated[int, Field(alias="spotReplicas")] = 0
+    on_demand_replicas: Annotated[int, Field(alias="onDemandReplicas")] = 0
+    replicas_display: Annotated[
+        str,
+        Field(alias="replicasDisplay", description="ready/replicas for the printer column."),
+    ] = "0/0"
+    placement_display: Annotated[
+        str,
+        Field(alias="placementDisplay", description="spot/on-demand for the printer column."),
+    ] = "0/0"
+    draining_replicas: Annotated[int, Field(alias="drainingReplicas")] = 0
+    slots: list[ReplicaSlot] = []
+    draining: Annotated[
+        list[DrainingReplica], Field(description="Replicas being drained and their deadline.")
+    ] = []
+    endpoint: Annotated[str, Field(description="The pool's OpenAI base URL (in the cluster).")] = ""
+    preemptions: int = 0
+    conditions: list[Condition] = []
+    cost: CostStatus = CostStatus()
+    budget: BudgetStatus | None = None
+
+    def to_patch(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return data
+
+
+def parse_spec(raw: dict[str, Any]) -> InferencePoolSpec:
+    return InferencePoolSpec.model_validate(raw)
+
+
+def parse_status(raw: dict[str, Any] | None) -> InferencePoolStatus:
+    return InferencePoolStatus.model_validate(raw or {})

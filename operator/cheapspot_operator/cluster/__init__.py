@@ -1,0 +1,1 @@
+"""Views of pods and nodes, placement profiles and the pod skeleton both kinds build on (pure)."""

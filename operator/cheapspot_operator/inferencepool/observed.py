@@ -1,0 +1,162 @@
+"""What the pool planner sees: typed views of a CheapInferencePool, its pods and replicas. Pure.
+
+Replica pods reuse the train job's :class:`~cheapspot_operator.cluster.views.PodView` (so the
+shared :func:`~cheapspot_operator.planning.preemption.classify` sorts them), with the slot
+index in ``index`` and what only serving needs beside it: readiness, the drain deadline and
+the pod IP. A replica's own report (``GET /cheapspot/status`` on :data:`ADMIN_PORT`: ready,
+adapters loaded, requests running and waiting) is read by the act layer and comes in as
+:class:`ReplicaReport`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL_ROLE, LABEL_REPLICA
+from cheapspot_operator.api.inferencepool import InferencePoolStatus
+from cheapspot_operator.cluster.placement import PlacementProfile
+from cheapspot_operator.cluster.views import NodeView, PodView, _parse_time, pod_view
+from cheapspot_operator.pricing.quotes import PriceKey, Quote
+from cheapspot_operator.pricing.table import PriceTable
+
+REPLICA_ROLE = "replica"
+ROUTER_ROLE = "router"
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """A replica launcher's answer to ``GET /cheapspot/status``."""
+
+    ready: bool
+    adapters: frozenset[str] = frozenset()
+    running: int | None = 0
+    waiting: int | None = 0
+    """Requests vLLM runs and queues; None when the replica cannot tell (vLLM not up)."""
+    message: str = ""
+    """An error the replica reports (an adapter that cannot be loaded), else empty."""
+
+    @property
+    def in_flight(self) -> int | None:
+        if self.running is None or self.waiting is None:
+            return None
+        return self.running + self.waiting
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ReplicaReport:
+        adapters = data.get("adapters") or []
+        names = frozenset(
+            str(a.get("name")) if isinstance(a, Mapping) else str(a) for a in adapters
+        )
+        errors = data.get("errors") or data.get("message") or ""
+        if isinstance(errors, Mapping):
+            errors = "; ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
+        elif isinstance(errors, list):
+            errors = "; ".join(str(e) for e in errors)
+        return cls(
+            ready=bool(data.get("ready")),
+            adapters=names,
+            running=None if data.get("running") is None else int(data["running"]),
+            waiting=None if data.get("waiting") is None else int(data["waiting"]),
+            message=str(errors),
+        )
+
+
+@dataclass(frozen=True)
+class ReplicaPod:
+    pod: PodView
+    """``pod.index`` is the replica slot."""
+    ready: bool = False
+    """The pod's Ready condition (its readiness probe on the admin port)."""
+    draining_until: datetime | None = None
+    ip: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.pod.name
+
+    @property
+    def index(self) -> int:
+        return self.pod.index
+
+    @property
+    def attempt(self) -> int:
+        return self.pod.attempt
+
+    @property
+    def live(self) -> bool:
+        return not self.pod.terminated and not self.pod.deleting
+
+
+@dataclass(frozen=True)
+class RouterView:
+    replicas: int
+    ready_replicas: int = 0
+
+
+@dataclass(frozen=True)
+class PoolView:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    status: InferencePoolStatus
+
+
+@dataclass(frozen=True)
+class PoolObserved:
+    """Everything one reconciliation of one pool looks at."""
+
+    pool: PoolView
+    replicas: tuple[ReplicaPod, ...]
+    nodes: Mapping[str, NodeView]
+    profile: PlacementProfile
+    prices: PriceTable
+    reports: Mapping[str, ReplicaReport] = field(default_factory=dict)
+    """Replica reports by pod name; a pod without one did not answer (or was not asked)."""
+    router: RouterView | None = None
+    """The router Deployment; None when it does not exist."""
+    quotes: Mapping[PriceKey, Quote] = field(default_factory=dict)
+    """Live and last known good prices (the price book); the table fills the gaps."""
+    status_refresh_seconds: float = 15.0
+    """Cost alone rewrites the status at most this often (``statusRefreshSeconds``)."""
+
+
+def replica_pod_view(pod: Mapping[str, Any]) -> ReplicaPod | None:
+    """The planner's view of one replica pod; None for the router's pods and strangers."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get(LABEL_POOL_ROLE) != REPLICA_ROLE or LABEL_REPLICA not in labels:
+        return None
+    base = pod_view(pod)
+    if base is None:
+        return None
+    status = pod.get("status") or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    until = None
+    raw = (meta.get("annotations") or {}).get(ANNOTATION_DRAINING)
+    if raw:
+        try:
+            until = _parse_time(raw)
+        except ValueError:
+            until = None
+    return ReplicaPod(
+        pod=replace(base, index=int(labels[LABEL_REPLICA])),
+        ready=ready and base.phase == "Running",
+        draining_until=until,
+        ip=str(status.get("podIP") or ""),
+    )
+
+
+def router_view(deployment: Mapping[str, Any] | None) -> RouterView | None:
+    if deployment is None:
+        return None
+    return RouterView(
+        replicas=int((deployment.get("spec") or {}).get("replicas") or 0),
+        ready_replicas=int((deployment.get("status") or {}).get("readyReplicas") or 0),
+    )

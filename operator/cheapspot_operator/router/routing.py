@@ -1,0 +1,410 @@
+"""The router's decisions, as pure functions: which pods are replicas to send to, which one
+gets a request, and how a stream cut mid-way is resumed.
+
+The router (:mod:`cheapspot_operator.router.server`) owns the I/O: it watches the pool's pods,
+proxies HTTP and counts requests in flight; everything it decides is here, so it is tested
+without sockets.
+
+Resuming a stream: the router asks vLLM for the token ids of each streamed chunk
+(``return_token_ids``, removed again before the chunk reaches the client). When a replica
+dies mid-stream, the rest is asked of another replica as a *completion of token ids*: the
+prompt's token ids (vLLM's ``/tokenize`` of the original prompt or chat messages, with the
+chat template) followed by every token already sent, with ``max_tokens`` reduced by as many.
+Working in tokens, not text, keeps the boundary exact: re-tokenising the text sent so far
+can give other tokens (BPE merges across the cut, a multi-byte character split between two
+tokens), and then a greedy continuation is no longer the one an undisturbed run produces.
+vLLM decodes the continuation's text against the prompt tokens before it, so the text
+deltas join up as in one run; the router rewrites the continuation's chunks into the shape
+of the original stream (chat deltas, the first stream's id, created time and model name).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cheapspot.contract import (
+    ANNOTATION_DRAINING,
+    LABEL_POOL,
+    LABEL_POOL_ROLE,
+    SERVE_PORT,
+)
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+FORWARDED_POSTS = (COMPLETIONS, CHAT, "/v1/embeddings", "/tokenize", "/detokenize")
+"""Client requests the router passes on. vLLM's runtime adapter API (``/v1/load_lora_adapter``,
+``/v1/unload_lora_adapter``) and everything else on the replica is never reachable through
+the router: adapters are the pool spec's to change."""
+FORWARDED_GETS = ("/v1/models",)
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A replica pod as the router sees it."""
+
+    name: str
+    host: str
+    port: int = SERVE_PORT
+    ready: bool = False
+    draining: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def usable(self) -> bool:
+        return self.ready and not self.draining
+
+
+def pool_selector(pool: str) -> str:
+    return f"{LABEL_POOL}={pool},{LABEL_POOL_ROLE}=replica"
+
+
+def replica_from_pod(pod: Mapping[str, Any], port: int = SERVE_PORT) -> Replica | None:
+    """The replica a pod is, or None if it is not a replica pod with an IP yet.
+
+    Draining: the operator's annotation, or the pod being deleted (``deletionTimestamp``).
+    Ready: the pod's ``Ready`` condition (its readiness probe) and phase Running."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get(LABEL_POOL_ROLE) != "replica":
+        return None
+    status = pod.get("status") or {}
+    ip = status.get("podIP")
+    if not ip:
+        return None
+    conditions = status.get("conditions") or []
+    ready = status.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
+    )
+    draining = bool((meta.get("annotations") or {}).get(ANNOTATION_DRAINING)) or bool(
+        meta.get("deletionTimestamp")
+    )
+    return Replica(str(meta.get("name", "")), str(ip), port, ready, draining)
+
+
+@dataclass
+class Load:
+    """What the router knows of each replica's work: requests in flight through it, and the
+    models (base or adapter names) each has served."""
+
+    in_flight: dict[str, int] = field(default_factory=dict)
+    served: dict[str, set[str]] = field(default_factory=dict)
+
+
+def choose(
+    replicas: Iterable[Replica],
+    model: str,
+    load: Load,
+    *,
+    capacity: int,
+    exclude: Iterable[str] = (),
+) -> Replica | None:
+    """The replica for a request for ``model``: usable (ready, not draining), not in
+    ``exclude`` (replicas this request already failed on) and below ``capacity`` requests in
+    flight; among those, one that has served ``model`` before (its adapter is loaded), then
+    the fewest in flight, then by name. None: every replica is busy or none is usable (the
+    caller queues)."""
+    skip = set(exclude)
+    best: tuple[int, int, str] | None = None
+    chosen: Replica | None = None
+    for r in replicas:
+        if not r.usable or r.name in skip:
+            continue
+        busy = load.in_flight.get(r.name, 0)
+        if busy >= capacity:
+            continue
+        key = (0 if model in load.served.get(r.name, set()) else 1, busy, r.name)
+        if best is None or key < best:
+            best, chosen = key, r
+    return chosen
+
+
+# -- resuming streams -------------------------------------------------------------------------
+
+
+def openai_error(message: str, status: int, kind: str = "server_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def upstream_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The request sent to a replica: the client's, asking for token ids when it streams
+    (what a resume needs); the router strips them from what the client sees."""
+    out = dict(body)
+    if out.get("stream"):
+        out["return_token_ids"] = True
+    return out
+
+
+def resumable(body: Mapping[str, Any]) -> bool:
+    """Streams the router can resume: one choice, text output (no beam search, no logprobs
+    to rebuild, no echo of the prompt)."""
+    return (
+        bool(body.get("stream"))
+        and int(body.get("n") or 1) == 1
+        and not body.get("logprobs")
+        and not body.get("top_logprobs")
+        and not body.get("echo")
+        and not body.get("use_beam_search")
+        and not body.get("tools")
+    )
+
+
+def tokenize_body(path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """vLLM's ``/tokenize`` request giving the prompt token ids the original request had;
+    None if the prompt is already token ids (they are used as they are)."""
+    if path == CHAT:
+        doc: dict[str, Any] = {
+            "model": body.get("model"),
+            "messages": body.get("messages") or [],
+            "add_generation_prompt": body.get("add_generation_prompt", True),
+        }
+        for key in ("chat_template", "chat_template_kwargs", "continue_final_message"):
+            if key in body:
+                doc[key] = body[key]
+        return doc
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        return None
+    return {
+        "model": body.get("model"),
+        "prompt": prompt or "",
+        "add_special_tokens": body.get("add_special_tokens", True),
+    }
+
+
+def prompt_ids(body: Mapping[str, Any]) -> list[int] | None:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return [int(t) for t in prompt]
+    return None
+
+
+_CONTINUATION_KEYS = (
+    "model",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+    "min_tokens",
+    "user",
+)
+
+
+def resume_point(state: StreamState) -> list[int]:
+    """The tokens a continuation starts after: those whose text the client has. Tokens after
+    them (text held back) are dropped, to be generated again."""
+    del state.sent_ids[state.committed :]
+    state.sure = state.committed
+    return list(state.sent_ids)
+
+
+def commit_candidates(state: StreamState) -> range:
+    """The counts of sent tokens the client may have the whole text of, most first: from
+    ``committed`` down to ``sure``. One count when no chunk merged tokens."""
+    return range(state.committed, state.sure - 1, -1)
+
+
+def continuation_body(
+    body: Mapping[str, Any], prompt: Sequence[int], sent: Sequence[int]
+) -> dict[str, Any]:
+    """The completions request that continues an interrupted stream on another replica:
+    the prompt's tokens and the tokens already sent, the remaining token budget, the same
+    sampling settings. Streamed, with token ids (it may be cut again)."""
+    doc: dict[str, Any] = {k: body[k] for k in _CONTINUATION_KEYS if k in body}
+    doc["prompt"] = [*prompt, *sent]
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if limit is not None:
+        doc["max_tokens"] = max(1, int(limit) - len(sent))
+    if body.get("min_tokens"):
+        doc["min_tokens"] = max(0, int(body["min_tokens"]) - len(sent))
+    doc["stream"] = True
+    doc["stream_options"] = {"include_usage": True}
+    doc["return_token_ids"] = True
+    return doc
+
+
+@dataclass
+class StreamState:
+    """What has gone to the client of one streamed request so far."""
+
+    path: str
+    body: Mapping[str, Any]
+    sent_ids: list[int] = field(default_factory=list)
+    committed: int = 0
+    """How many of ``sent_ids`` the client has the text of. vLLM holds back the text of a
+    token that ends inside a multi-byte character (its chunk's text is empty) until the next
+    token completes it; a continuation must generate such tokens again rather than start
+    after them, or their text is lost with the cut."""
+    sure: int = 0
+    """How many of ``sent_ids`` the client surely has the text of. vLLM puts the tokens of
+    several steps in one chunk when its server falls behind; the text of such a chunk may
+    hold back its last tokens, so ``committed`` (every token of the last chunk with text) is
+    then only an upper bound. The router settles on the true count with the replica's
+    detokenizer before it resumes (`Router._settle`)."""
+    text: str = ""
+    """Every character of the answer the client has been sent."""
+    prompt_ids: list[int] | None = None
+    first: dict[str, Any] | None = None
+    """The first chunk sent (its id, created time, model, object: continuations reuse them)."""
+    role_sent: bool = False
+    finished: bool = False
+    done: bool = False
+    usage_sent: bool = False
+
+    @property
+    def wants_usage(self) -> bool:
+        opts = self.body.get("stream_options") or {}
+        return bool(opts.get("include_usage"))
+
+
+def parse_sse(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """Complete server-sent events (their ``data:`` payloads) and the unfinished rest."""
+    events: list[bytes] = []
+    while True:
+        cut = buffer.find(b"\n\n")
+        if cut < 0:
+            return events, buffer
+        raw, buffer = buffer[:cut], buffer[cut + 2 :]
+        data = [line[5:].lstrip() for line in raw.split(b"\n") if line.startswith(b"data:")]
+        if data:
+            events.append(b"\n".join(data))
+
+
+def sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+def _strip_ids(chunk: dict[str, Any]) -> list[int]:
+    """Remove the token-id fields the router added; the ids of this chunk's tokens."""
+    ids: list[int] = []
+    chunk.pop("prompt_token_ids", None)
+    chunk.pop("prompt_text", None)
+    for choice in chunk.get("choices") or []:
+        got = choice.pop("token_ids", None)
+        choice.pop("prompt_token_ids", None)
+        if isinstance(got, list):
+            ids.extend(int(t) for t in got)
+    return ids
+
+
+def closing_events(state: StreamState) -> bytes:
+    """The end of a stream whose answer the client already has whole (its finish_reason was
+    sent) when the replica was lost before the closing events: the usage chunk if the client
+    asked for it and has not had it, then ``[DONE]``. No replica is asked to continue: a
+    continuation always generates at least one token, one more than the answer has."""
+    out = b""
+    if state.wants_usage and not state.usage_sent:
+        first = state.first or {}
+        prompt_len = len(state.prompt_ids or [])
+        chunk: dict[str, Any] = {
+            **{k: first.get(k) for k in ("id", "object", "created", "model")},
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt_len,
+                "completion_tokens": len(state.sent_ids),
+                "total_tokens": prompt_len + len(state.sent_ids),
+            },
+        }
+        out += sse(json.dumps(chunk, separators=(",", ":")).encode())
+        state.usage_sent = True
+    state.done = True
+    return out + sse(b"[DONE]")
+
+
+def relay_chunk(state: StreamState, payload: bytes, *, resumed: bool) -> bytes | None:
+    """One upstream event turned into what the client gets (None: nothing to send).
+
+    From the first replica, chunks pass through with the router's token-id fields removed.
+    From a continuation (a completions stream), the text becomes a chunk of the original
+    kind (a chat ``delta`` or a completion ``text``) with the original id, created time and
+    model; usage counts the original prompt and every token generated."""
+    if payload.strip() == b"[DONE]":
+        state.done = True
+        return sse(b"[DONE]")
+    chunk = json.loads(payload)
+    if "error" in chunk and "choices" not in chunk:
+        return sse(payload)
+    if state.prompt_ids is None and isinstance(chunk.get("prompt_token_ids"), list):
+        state.prompt_ids = [int(t) for t in chunk["prompt_token_ids"]]
+    for choice in chunk.get("choices") or []:
+        if state.prompt_ids is None and isinstance(choice.get("prompt_token_ids"), list):
+            state.prompt_ids = [int(t) for t in choice["prompt_token_ids"]]
+    before = len(state.sent_ids)
+    ids = _strip_ids(chunk)
+    state.sent_ids.extend(ids)
+    text = "".join(
+        c.get("text") or (c.get("delta") or {}).get("content") or ""
+        for c in chunk.get("choices") or []
+    )
+    if text:
+        state.text += text
+        state.committed = len(state.sent_ids)
+        # Text at all means the chunk's first token is whole (a held-back token's text comes
+        # out with the token that completes it); its later ones may be held back.
+        state.sure = before + 1 if len(ids) > 1 else state.committed
+    usage = chunk.get("usage")
+    if not resumed:
+        if state.first is None:
+            state.first = {k: chunk.get(k) for k in ("id", "object", "created", "model")}
+        for choice in chunk.get("choices") or []:
+            if (choice.get("delta") or {}).get("role"):
+                state.role_sent = True
+            if choice.get("finish_reason"):
+                state.finished = True
+        if usage:
+            state.usage_sent = True
+        return sse(json.dumps(chunk, separators=(",", ":")).encode())
+    first = state.first or {}
+    out: dict[str, Any] = {
+        "id": first.get("id") or chunk.get("id"),
+        "object": first.get("object") or chunk.get("object"),
+        "created": first.get("created") or chunk.get("created"),
+        "model": first.get("model") or chunk.get("model"),
+    }
+    choices = []
+    for choice in chunk.get("choices") or []:
+        text = choice.get("text") or ""
+        reason = choice.get("finish_reason")
+        if reason:
+            state.finished = True
+        if state.path == CHAT:
+            delta: dict[str, Any] = {"content": text} if text or not reason else {}
+            if not state.role_sent:
+                delta = {"role": "assistant", **delta}
+                state.role_sent = True
+            choices.append({"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason})
+        else:
+            choices.append({"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+    out["choices"] = choices
+    if usage:
+        if not state.wants_usage or state.usage_sent:
+            if not choices:
+                return None
+        else:
+            prompt_len = len(state.prompt_ids or [])
+            out["usage"] = {
+                "prompt_tokens": prompt_len,
+                "completion_tokens": len(state.sent_ids),
+                "total_tokens": prompt_len + len(state.sent_ids),
+            }
+            state.usage_sent = True
+    elif not choices:
+        return None
+    if state.wants_usage and "usage" not in out:
+        out["usage"] = None
+    return sse(json.dumps(out, separators=(",", ":")).encode())

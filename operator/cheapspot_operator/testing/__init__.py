@@ -1,0 +1,1 @@
+"""Test worlds: a fake clock, node builders and one world per kind, for the planners' table tests."""

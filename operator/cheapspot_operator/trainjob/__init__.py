@@ -1,0 +1,1 @@
+"""The CheapTrainJob: what it observes, its plan, its pods, and its controller."""
