@@ -18,6 +18,7 @@ from rich.table import Table
 from cheapspot_operator.api import inferencepool as poolspec
 from cheapspot_operator.api.common import GROUP, VERSION, BudgetStatus, CostStatus
 from cheapspot_operator.api.trainjob import PLURAL, parse_status
+from cheapspot_operator.runtime.kubeapi import KubeApi
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,6 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("-n", "--namespace", default="", help="one namespace (default: all)")
     parser.add_argument("--kubeconfig", default=None)
     args = parser.parse_args(argv)
-    from cheapspot_operator.runtime.kubeapi import KubeApi
-
     api = KubeApi.from_config(args.kubeconfig)
     scope = f"/namespaces/{args.namespace}" if args.namespace else ""
     objects: list[Mapping[str, Any]] = []

@@ -14,6 +14,11 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from alibabacloud_credentials.client import Client as CredentialClient
+from alibabacloud_ecs20140526 import models
+from alibabacloud_ecs20140526.client import Client
+from alibabacloud_tea_openapi.utils_models import Config
+
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.pricing.quotes import PriceKey, ProviderUnavailableError, Quote
 
@@ -23,10 +28,6 @@ WINDOW = timedelta(hours=3)
 
 
 def make_client(region: str, endpoint: str | None = None, protocol: str = "https") -> Any:
-    from alibabacloud_credentials.client import Client as CredentialClient
-    from alibabacloud_ecs20140526.client import Client
-    from alibabacloud_tea_openapi.utils_models import Config
-
     config = Config(credential=CredentialClient(), region_id=region, protocol=protocol)
     if endpoint:
         config.endpoint = endpoint
@@ -54,8 +55,6 @@ class AlibabaPrices:
         """Configured conversion rates: USD per unit of each currency."""
 
     def quotes(self, instance_types: Sequence[str], now: datetime) -> dict[PriceKey, Quote]:
-        from alibabacloud_ecs20140526 import models
-
         out: dict[PriceKey, Quote] = {}
         start = (now - WINDOW).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         for instance_type in instance_types:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cheapspot_operator.api.common import CapacityType
@@ -25,8 +26,6 @@ PRICING_REGION = "us-east-1"
 
 
 def _client(service: str, region: str | None) -> Any:
-    import boto3
-
     session: Any = boto3.session.Session(region_name=region)
     return session.client(service)
 

@@ -13,6 +13,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from kubernetes import client, config
+
 REQUEST_TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds for every request: a hung API server must not hang a reconcile."""
 
@@ -47,8 +49,6 @@ class KubeApi:
     @classmethod
     def from_config(cls, kubeconfig: str | None = None) -> KubeApi:
         """In-cluster configuration when running in a pod, else the kubeconfig."""
-        from kubernetes import client, config
-
         try:
             if kubeconfig:
                 raise config.ConfigException("kubeconfig given")

@@ -31,6 +31,12 @@ from typing import Any, Protocol
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.placement import PlacementProfile
 from cheapspot_operator.cluster.views import node_view
+from cheapspot_operator.pricing.aws import (
+    ON_DEMAND_SOURCE,
+    SPOT_SOURCE,
+    AwsOnDemandPrices,
+    AwsSpotPrices,
+)
 from cheapspot_operator.pricing.quotes import (
     LAST_KNOWN,
     PriceKey,
@@ -71,13 +77,6 @@ class Source:
 def sources_for(settings: PricingSettings) -> list[Source]:
     """The sources ``settings.provider`` names (none for ``table``)."""
     if settings.provider == "aws":
-        from cheapspot_operator.pricing.aws import (
-            ON_DEMAND_SOURCE,
-            SPOT_SOURCE,
-            AwsOnDemandPrices,
-            AwsSpotPrices,
-        )
-
         region = (
             settings.region
             or os.environ.get("AWS_REGION")
@@ -91,7 +90,9 @@ def sources_for(settings: PricingSettings) -> list[Source]:
             Source(ON_DEMAND_SOURCE, AwsOnDemandPrices(region), settings.on_demand_refresh_seconds),
         ]
     if settings.provider == "alibaba":
-        from cheapspot_operator.pricing.alibaba import SOURCE, AlibabaPrices
+        # Lazy: Alibaba Cloud's SDK takes about 2 s to import; only operators set up for
+        # its prices pay that.
+        from cheapspot_operator.pricing.alibaba import SOURCE, AlibabaPrices  # noqa: PLC0415
 
         if not settings.region:
             raise ValueError("pricing.provider alibaba needs pricing.region (e.g. cn-hangzhou)")
