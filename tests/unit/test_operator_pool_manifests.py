@@ -11,6 +11,7 @@ from cheapspot.contract import (
 )
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.placement import PROFILES
+from cheapspot_operator.cluster.pods import Placement
 from cheapspot_operator.inferencepool.manifests import (
     PoolInfo,
     build_replica_pod,
@@ -21,7 +22,6 @@ from cheapspot_operator.inferencepool.manifests import (
 from cheapspot_operator.inferencepool.observed import replica_pod_view
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.testing.pool import make_pool
-from cheapspot_operator.trainjob.manifests import Placement
 
 CONFIG = OperatorConfig()
 INFO = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(engine={"shutdownTimeoutSeconds": 40}))
