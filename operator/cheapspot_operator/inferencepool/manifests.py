@@ -129,7 +129,7 @@ def build_replica_pod(
         placement=placement,
         instance_types=r.instance_types,
         grace_seconds=replica_grace_seconds(pool.spec, placement.profile.notice_seconds),
-        scratch_size=None,
+        scratch_size=r.scratch_size,
         settings=worker,
         priority_class=worker.priority_class,
     )
