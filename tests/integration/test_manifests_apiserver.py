@@ -10,6 +10,7 @@ import pytest
 
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.placement import PROFILES
+from cheapspot_operator.cluster.pods import Placement
 from cheapspot_operator.inferencepool.manifests import PoolInfo, build_replica_pod
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import ApiError, KubeApi
@@ -17,7 +18,6 @@ from cheapspot_operator.testing.pool import make_pool
 from cheapspot_operator.testing.train import make_job
 from cheapspot_operator.trainjob.manifests import (
     JobInfo,
-    Placement,
     build_anchor_pod,
     build_shard_pod,
 )

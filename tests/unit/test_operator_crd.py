@@ -10,7 +10,9 @@ import yaml
 from pydantic import ValidationError
 
 from cheapspot_operator.api.crd import CRD_PATHS, build_crd, build_pool_crd, render
+from cheapspot_operator.api.inferencepool import InferencePoolSpec, parse_spec
 from cheapspot_operator.api.trainjob import TrainJobSpec
+from cheapspot_operator.testing.train import spec_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,8 +78,6 @@ def _examples() -> list[Path]:
 
 @pytest.mark.parametrize("path", _examples(), ids=lambda p: p.name)
 def test_examples_are_valid_specs(path: Path) -> None:
-    from cheapspot_operator.api.inferencepool import InferencePoolSpec
-
     doc = yaml.safe_load(path.read_text())
     models = {"CheapTrainJob": TrainJobSpec, "CheapInferencePool": InferencePoolSpec}
     assert doc["apiVersion"] == "cheapspot.dev/v1alpha1" and doc["kind"] in models
@@ -97,8 +97,6 @@ def test_examples_are_valid_specs(path: Path) -> None:
     ],
 )
 def test_pydantic_rejects_what_the_crd_rejects(change: dict[str, Any], field: str) -> None:
-    from cheapspot_operator.testing.train import spec_dict
-
     with pytest.raises(ValidationError) as info:
         TrainJobSpec.model_validate(spec_dict(**change))
     assert field in str(info.value)
@@ -113,8 +111,6 @@ def test_pydantic_rejects_what_the_crd_rejects(change: dict[str, Any], field: st
     ],
 )
 def test_uris_that_cannot_work_are_rejected_with_what_to_use(uri: str, expect: str) -> None:
-    from cheapspot_operator.testing.train import spec_dict
-
     with pytest.raises(ValidationError) as info:
         TrainJobSpec.model_validate(spec_dict(output={"uri": uri}))
     assert expect in str(info.value)
@@ -144,8 +140,6 @@ def test_the_pool_crd_has_scale_short_name_columns_and_is_structural() -> None:
 
 
 def test_the_pool_example_is_a_valid_spec() -> None:
-    from cheapspot_operator.api.inferencepool import parse_spec
-
     doc = yaml.safe_load((ROOT / "crds" / "examples" / "inference-pool.yaml").read_text())
     assert doc["kind"] == "CheapInferencePool"
     spec = parse_spec(doc["spec"])

@@ -9,11 +9,11 @@ from pydantic import ValidationError
 from cheapspot.contract import TASK_ENV, DistillationMode, Task
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.placement import PROFILES
+from cheapspot_operator.cluster.pods import Placement
 from cheapspot_operator.runtime.config import WorkerSettings
 from cheapspot_operator.testing.train import World, make_job
 from cheapspot_operator.trainjob.manifests import (
     JobInfo,
-    Placement,
     build_anchor_pod,
     build_shard_pod,
 )

@@ -11,6 +11,7 @@ from cheapspot.contract import (
 )
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.placement import PROFILES
+from cheapspot_operator.cluster.pods import Placement
 from cheapspot_operator.inferencepool.manifests import (
     PoolInfo,
     build_replica_pod,
@@ -21,7 +22,6 @@ from cheapspot_operator.inferencepool.manifests import (
 from cheapspot_operator.inferencepool.observed import replica_pod_view
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.testing.pool import make_pool
-from cheapspot_operator.trainjob.manifests import Placement
 
 CONFIG = OperatorConfig()
 INFO = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(engine={"shutdownTimeoutSeconds": 40}))
@@ -126,3 +126,17 @@ def test_the_router_is_probed_and_drains_within_its_grace_period() -> None:
     assert 45 < drain < pod["terminationGracePeriodSeconds"]
     # A rolling update never has fewer ready routers than asked for.
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_a_replica_pods_scratch_is_bounded_like_a_shards() -> None:
+    """A replica that fills /tmp (the base model, its adapters) is evicted for it, instead of
+    filling the node's disk and getting every pod there evicted."""
+    placement = _placement(CapacityType.SPOT)
+    for resources, size in (({}, "100Gi"), ({"scratchSize": "300Gi"}, "300Gi")):
+        info = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(resources=resources))
+        assert info.spec.resources.scratch_size == size
+        pod = build_replica_pod(info, 0, 0, placement, CONFIG.worker, serving=CONFIG.serving)
+        (volume,) = pod["spec"]["volumes"]
+        (mount,) = pod["spec"]["containers"][0]["volumeMounts"]
+        assert (volume["name"], mount["mountPath"]) == (mount["name"], "/tmp")
+        assert volume["emptyDir"] == {"sizeLimit": size}

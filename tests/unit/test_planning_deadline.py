@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from cheapspot.contract import Phase
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.phases import JobPhase
-from cheapspot_operator.api.trainjob import DeadlineSpec, parse_duration
+from cheapspot_operator.api.trainjob_policies import DeadlineSpec, parse_duration
 from cheapspot_operator.testing.train import EPOCH, World, make_job, make_progress
 
 SHARD0 = "qa-lora-shard-0-0"

@@ -57,15 +57,17 @@ class SpecModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+# What each workload pod gets, a job's training shard or a pool's replica. No docstring: it
+# would become the schema's description, and each kind's field describes it in its own words.
 class Resources(SpecModel):
-    gpu: Annotated[int, Field(ge=0, le=16, description="GPUs per shard pod.")] = 1
+    gpu: Annotated[int, Field(ge=0, le=16, description="GPUs per pod.")] = 1
     cpu: Annotated[
         str,
-        Field(pattern=QUANTITY_PATTERN, max_length=32, description="CPU request per shard pod."),
+        Field(pattern=QUANTITY_PATTERN, max_length=32, description="CPU request per pod."),
     ] = "4"
     memory: Annotated[
         str,
-        Field(pattern=QUANTITY_PATTERN, max_length=32, description="Memory request per shard pod."),
+        Field(pattern=QUANTITY_PATTERN, max_length=32, description="Memory request per pod."),
     ] = "16Gi"
     instance_types: Annotated[
         list[Annotated[str, Field(max_length=64)]],
@@ -91,8 +93,9 @@ class Resources(SpecModel):
             pattern=QUANTITY_PATTERN,
             max_length=32,
             description="Size limit of each pod's scratch volume (/tmp: the downloaded base "
-            "model, the dataset, checkpoints being written). A pod that outgrows it is evicted "
-            "and the eviction counts as a failure, not a preemption: size it to the model.",
+            "model; a shard's dataset and the checkpoints it writes; a replica's adapters). A "
+            "pod that outgrows it is evicted and the eviction counts as a failure, not a "
+            "preemption: size it to the model.",
         ),
     ] = "100Gi"
 

@@ -24,6 +24,7 @@ from cheapspot_operator.api.common import (
     CapacityType,
     Condition,
     CostStatus,
+    Resources,
     SpecModel,
     StatusModel,
     cel,
@@ -39,36 +40,6 @@ MAX_REPLICAS = 256
 MAX_ADAPTERS = 256
 MAX_NAME_LENGTH = 40
 """Pod names (``<pool>-replica-<i>-<attempt>``) and label values derive from it."""
-
-
-class ReplicaResources(SpecModel):
-    gpu: Annotated[int, Field(ge=0, le=16, description="GPUs per replica pod.")] = 1
-    cpu: Annotated[
-        str,
-        Field(pattern=QUANTITY_PATTERN, max_length=32, description="CPU request per replica pod."),
-    ] = "4"
-    memory: Annotated[
-        str,
-        Field(
-            pattern=QUANTITY_PATTERN, max_length=32, description="Memory request per replica pod."
-        ),
-    ] = "16Gi"
-    instance_types: Annotated[
-        list[Annotated[str, Field(max_length=64)]],
-        Field(
-            alias="instanceTypes",
-            max_length=32,
-            description="Preferred instance types, best first (a preference, not a requirement).",
-        ),
-    ] = []
-    gpu_resource: Annotated[
-        str,
-        Field(
-            alias="gpuResource",
-            max_length=128,
-            description="Extended resource name of the GPU (nvidia.com/gpu on EKS and GKE).",
-        ),
-    ] = "nvidia.com/gpu"
 
 
 class PoolAnchor(SpecModel):
@@ -170,12 +141,12 @@ class InferencePoolSpec(SpecModel):
         ),
     ] = EngineSettings()
     resources: Annotated[
-        ReplicaResources,
+        Resources,
         Field(
             description="What each replica pod gets.",
             json_schema_extra={"x-kubernetes-validations": [immutable("resources")]},
         ),
-    ] = ReplicaResources()
+    ] = Resources()
     spot: Annotated[PoolSpotPolicy, Field(description="When to leave spot and return.")] = (
         PoolSpotPolicy()
     )

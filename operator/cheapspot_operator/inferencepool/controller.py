@@ -41,6 +41,7 @@ from cheapspot.contract import ADMIN_PORT, ANNOTATION_DRAINING, LABEL_POOL
 from cheapspot_operator.api import common
 from cheapspot_operator.api import inferencepool as ps
 from cheapspot_operator.api.common import CapacityType
+from cheapspot_operator.cluster.pods import Placement
 from cheapspot_operator.inferencepool.manifests import (
     PoolInfo,
     build_replica_pod,
@@ -74,7 +75,6 @@ from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import ApiError, KubeApi
 from cheapspot_operator.runtime.nodelist import SharedNodeList
 from cheapspot_operator.trainjob.controller import _owned_by, loops_for, post_event
-from cheapspot_operator.trainjob.manifests import Placement
 
 log = logging.getLogger("cheapspot.operator.pools")
 

@@ -23,18 +23,29 @@ from cheapspot.contract import (
     ROUTER_PORT,
     ROUTER_READY_PATH,
     SERVE_PORT,
-    TASK_ENV,
     JobRef,
     Role,
     ServeTask,
 )
-from cheapspot_operator.api import common
 from cheapspot_operator.api import inferencepool as ps
-from cheapspot_operator.cluster.views import ANNOTATION_ATTEMPT, LABEL_CAPACITY, LABEL_ROLE
+from cheapspot_operator.cluster.pods import (
+    SCRATCH_PATH,
+    SCRATCH_VOLUME,
+    Owner,
+    Placement,
+    node_affinity,
+    resource_requirements,
+    restricted_container_security,
+    restricted_pod_security,
+    scratch_volume,
+    tolerations,
+    workload_container,
+    workload_pod,
+)
+from cheapspot_operator.cluster.views import LABEL_ROLE
 from cheapspot_operator.inferencepool.observed import REPLICA_ROLE, ROUTER_ROLE
 from cheapspot_operator.inferencepool.plan import ROUTER_SERVICE_PORT, replica_pod_name
 from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
-from cheapspot_operator.trainjob.manifests import Placement, _node_affinity, _tolerations
 
 DRAIN_MARGIN_SECONDS = 5
 """Added to vLLM's shutdown timeout in the grace period, for the launcher to exit."""
@@ -49,38 +60,9 @@ class PoolInfo:
     uid: str
     spec: ps.InferencePoolSpec
 
-
-def _owner(pool: PoolInfo) -> list[dict[str, Any]]:
-    return [
-        {
-            "apiVersion": f"{common.GROUP}/{common.VERSION}",
-            "kind": ps.KIND,
-            "name": pool.name,
-            "uid": pool.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
-    ]
-
-
-def _restricted_container() -> dict[str, Any]:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def _restricted_pod(user: int) -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": user,
-        "runAsGroup": user,
-        "fsGroup": user,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    @property
+    def owner(self) -> Owner:
+        return Owner(ps.KIND, self.namespace, self.name, self.uid)
 
 
 def build_serve_task(pool: PoolInfo, index: int, attempt: int) -> ServeTask:
@@ -112,83 +94,45 @@ def build_replica_pod(
 ) -> dict[str, Any]:
     """Replica slot ``index``'s pod, attempt ``attempt``."""
     r = pool.spec.resources
-    task = build_serve_task(pool, index, attempt)
-    labels = {
-        LABEL_POOL: pool.name,
-        LABEL_POOL_ROLE: REPLICA_ROLE,
-        LABEL_REPLICA: str(index),
-        LABEL_ROLE: Role.SERVE.value,
-        LABEL_CAPACITY: placement.capacity.value,
-        "app.kubernetes.io/name": "cheapspot-serve",
-        "app.kubernetes.io/managed-by": "cheapspot",
-    }
-    requests: dict[str, str] = {"cpu": r.cpu, "memory": r.memory}
-    limits: dict[str, str] = {"memory": r.memory}
-    if r.gpu:
-        requests[r.gpu_resource] = str(r.gpu)
-        limits[r.gpu_resource] = str(r.gpu)
-    env: list[dict[str, Any]] = [{"name": TASK_ENV, "value": task.to_env()}]
-    env += [{"name": k, "value": v} for k, v in sorted(worker.env.items())]
-    env += [
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "HF_HOME", "value": "/tmp/hf"},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+    container = workload_container(
+        "replica",
+        serving.image,
+        serving.command,
+        task=build_serve_task(pool, index, attempt).to_env(),
+        resources=resource_requirements(r.cpu, r.memory, r.gpu, r.gpu_resource),
+        settings=worker,
         # The launcher binds vLLM and its admin API to the pod's IP.
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        extra_env=[{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+    )
+    container["ports"] = [
+        {"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"},
+        {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
     ]
-    container: dict[str, Any] = {
-        "name": "replica",
-        "image": serving.image,
-        "imagePullPolicy": worker.image_pull_policy,
-        "command": list(serving.command),
-        "env": env,
-        "ports": [
-            {"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"},
-            {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
-        ],
-        "readinessProbe": {
-            "httpGet": {"path": READY_PATH, "port": ADMIN_PORT},
-            "periodSeconds": 2,
-            "timeoutSeconds": 2,
-            "failureThreshold": 2,
+    container["readinessProbe"] = {
+        "httpGet": {"path": READY_PATH, "port": ADMIN_PORT},
+        "periodSeconds": 2,
+        "timeoutSeconds": 2,
+        "failureThreshold": 2,
+    }
+    return workload_pod(
+        pool.owner,
+        replica_pod_name(pool.name, index, attempt),
+        attempt,
+        labels={
+            LABEL_POOL: pool.name,
+            LABEL_POOL_ROLE: REPLICA_ROLE,
+            LABEL_REPLICA: str(index),
+            LABEL_ROLE: Role.SERVE.value,
+            "app.kubernetes.io/name": "cheapspot-serve",
         },
-        "resources": {"requests": requests, "limits": limits},
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": _restricted_container(),
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-    }
-    if worker.env_from_secret:
-        container["envFrom"] = [{"secretRef": {"name": worker.env_from_secret}}]
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": replica_grace_seconds(
-            pool.spec, placement.profile.notice_seconds
-        ),
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": _restricted_pod(worker.run_as_user),
-        "affinity": {"nodeAffinity": _node_affinity(placement, list(r.instance_types))},
-        "tolerations": _tolerations(placement),
-        "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
-    }
-    if worker.service_account:
-        pod_spec["serviceAccountName"] = worker.service_account
-    if worker.priority_class:
-        pod_spec["priorityClassName"] = worker.priority_class
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": replica_pod_name(pool.name, index, attempt),
-            "namespace": pool.namespace,
-            "labels": labels,
-            "annotations": {ANNOTATION_ATTEMPT: str(attempt)},
-            "ownerReferences": _owner(pool),
-        },
-        "spec": pod_spec,
-    }
+        container=container,
+        placement=placement,
+        instance_types=r.instance_types,
+        grace_seconds=replica_grace_seconds(pool.spec, placement.profile.notice_seconds),
+        scratch_size=r.scratch_size,
+        settings=worker,
+        priority_class=worker.priority_class,
+    )
 
 
 # --- the router ---------------------------------------------------------------------------
@@ -248,7 +192,7 @@ def build_router_deployment(
         ],
         "env": [
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-            {"name": "HOME", "value": "/tmp"},
+            {"name": "HOME", "value": SCRATCH_PATH},
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         # Ready once it knows the replica pods; not Ready from SIGTERM on (its drain). A new
@@ -263,8 +207,8 @@ def build_router_deployment(
             "requests": {"cpu": router.cpu, "memory": router.memory},
             "limits": {"memory": router.memory},
         },
-        "securityContext": _restricted_container(),
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": restricted_container_security(),
+        "volumeMounts": [{"name": SCRATCH_VOLUME, "mountPath": SCRATCH_PATH}],
     }
     pod_spec: dict[str, Any] = {
         "serviceAccountName": router_name(pool.name),
@@ -272,11 +216,11 @@ def build_router_deployment(
         "enableServiceLinks": False,
         # Requests in flight finish before the router exits (its drain on SIGTERM).
         "terminationGracePeriodSeconds": router_grace_seconds(pool.spec),
-        "securityContext": _restricted_pod(worker.run_as_user),
-        "affinity": {"nodeAffinity": _node_affinity(placement, [])},
-        "tolerations": _tolerations(placement),
+        "securityContext": restricted_pod_security(worker.run_as_user),
+        "affinity": {"nodeAffinity": node_affinity(placement, [])},
+        "tolerations": tolerations(placement),
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "volumes": [scratch_volume(None)],
     }
     return {
         "apiVersion": "apps/v1",
@@ -285,7 +229,7 @@ def build_router_deployment(
             "name": router_name(pool.name),
             "namespace": pool.namespace,
             "labels": labels,
-            "ownerReferences": _owner(pool),
+            "ownerReferences": pool.owner.references(),
         },
         "spec": {
             "replicas": replicas,
@@ -308,7 +252,7 @@ def build_router_service(pool: PoolInfo) -> dict[str, Any]:
             "name": pool.name,
             "namespace": pool.namespace,
             "labels": {**_router_labels(pool), "app.kubernetes.io/managed-by": "cheapspot"},
-            "ownerReferences": _owner(pool),
+            "ownerReferences": pool.owner.references(),
         },
         "spec": {
             "type": "ClusterIP",
@@ -332,7 +276,7 @@ def build_router_rbac(pool: PoolInfo) -> list[dict[str, Any]]:
         "name": name,
         "namespace": pool.namespace,
         "labels": {**_router_labels(pool), "app.kubernetes.io/managed-by": "cheapspot"},
-        "ownerReferences": _owner(pool),
+        "ownerReferences": pool.owner.references(),
     }
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},

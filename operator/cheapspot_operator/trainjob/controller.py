@@ -57,6 +57,7 @@ from cheapspot_operator.api import common
 from cheapspot_operator.api import trainjob as s
 from cheapspot_operator.api.phases import JobPhase
 from cheapspot_operator.cluster.placement import PlacementProfile
+from cheapspot_operator.cluster.pods import Placement
 from cheapspot_operator.cluster.views import (
     ANCHOR_INDEX,
     GENERATOR_BASE,
@@ -79,7 +80,6 @@ from cheapspot_operator.runtime.nodelist import SharedNodeList
 from cheapspot_operator.runtime.watchcache import Primed, WatchCache
 from cheapspot_operator.trainjob.manifests import (
     JobInfo,
-    Placement,
     build_anchor_pod,
     build_generator_pod,
     build_shard_pod,

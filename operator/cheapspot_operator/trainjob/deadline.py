@@ -23,12 +23,12 @@ from datetime import datetime, timedelta
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.phases import JobPhase
 from cheapspot_operator.api.trainjob import (
-    DeadlinePolicy,
     DeadlineStatus,
     ShardStatus,
     TrainJobSpec,
     TrainJobStatus,
 )
+from cheapspot_operator.api.trainjob_policies import DeadlinePolicy
 from cheapspot_operator.cluster.views import Observed, is_generator
 from cheapspot_operator.planning.deadline import Mode, Policy, Situation, decide
 from cheapspot_operator.planning.preemption import spot_available

@@ -9,15 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cheapspot.contract import TASK_ENV, JobRef, Role, Task
-from cheapspot_operator.api import common
+from cheapspot.contract import JobRef, Role, Task
 from cheapspot_operator.api import trainjob as s
-from cheapspot_operator.cluster.placement import PlacementProfile
+from cheapspot_operator.cluster.pods import (
+    Owner,
+    Placement,
+    resource_requirements,
+    workload_container,
+    workload_pod,
+)
 from cheapspot_operator.cluster.views import (
     ANCHOR_INDEX,
-    ANNOTATION_ATTEMPT,
     GENERATOR_BASE,
-    LABEL_CAPACITY,
     LABEL_JOB,
     LABEL_ROLE,
     LABEL_SHARD,
@@ -46,16 +49,9 @@ class JobInfo:
     uid: str
     spec: s.TrainJobSpec
 
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a pod goes."""
-
-    profile: PlacementProfile
-    capacity: common.CapacityType
-    avoid_nodes: tuple[str, ...] = ()
-    """Nodes being reclaimed or lost: excluded by name, whatever their taints say."""
-    not_ready_toleration_seconds: int = 5
+    @property
+    def owner(self) -> Owner:
+        return Owner(s.KIND, self.namespace, self.name, self.uid)
 
 
 def build_task(job: JobInfo, index: int, attempt: int, grace_seconds: int) -> Task:
@@ -109,8 +105,16 @@ def build_generator_pod(
     shard and the workers' environment, secret, service account and user."""
     r = job.spec.resources
     wants = _Wants(r.cpu, r.memory, r.gpu, r.instance_types)
-    runner = worker.model_copy(update={"image": serving.image, "command": list(serving.command)})
-    return _pod(job, GENERATOR_BASE + shard, attempt, placement, runner, wants=wants)
+    return _pod(
+        job,
+        GENERATOR_BASE + shard,
+        attempt,
+        placement,
+        worker,
+        wants=wants,
+        image=serving.image,
+        command=serving.command,
+    )
 
 
 def build_anchor_pod(
@@ -138,154 +142,38 @@ def _pod(
     worker: WorkerSettings,
     *,
     wants: _Wants,
+    image: str | None = None,
+    command: list[str] | None = None,
 ) -> dict[str, Any]:
-    cpu, memory, gpu = wants.cpu, wants.memory, wants.gpu
-    profile = placement.profile
-    grace = profile.notice_seconds
+    grace = placement.profile.notice_seconds
     task = build_task(job, index, attempt, grace)
-    role = task.role.value
     labels = {
         LABEL_JOB: job.name,
-        LABEL_ROLE: role,
-        LABEL_CAPACITY: placement.capacity.value,
+        LABEL_ROLE: task.role.value,
         "app.kubernetes.io/name": "cheapspot-worker",
-        "app.kubernetes.io/managed-by": "cheapspot",
     }
     if index != ANCHOR_INDEX:
         labels[LABEL_SHARD] = str(task.shard_index)
-    requests: dict[str, str] = {"cpu": cpu, "memory": memory}
-    limits: dict[str, str] = {"memory": memory}
-    if gpu:
-        # Extended resources: request and limit must be equal.
-        requests[job.spec.resources.gpu_resource] = str(gpu)
-        limits[job.spec.resources.gpu_resource] = str(gpu)
-    env: list[dict[str, Any]] = [{"name": TASK_ENV, "value": task.to_env()}]
-    env += [{"name": k, "value": v} for k, v in sorted(worker.env.items())]
-    env += [
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "HF_HOME", "value": "/tmp/hf"},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-    ]
-    container: dict[str, Any] = {
-        "name": "worker",
-        "image": worker.image,
-        "imagePullPolicy": worker.image_pull_policy,
-        "command": list(worker.command),
-        "env": env,
-        "resources": {"requests": requests, "limits": limits},
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-    }
-    if worker.env_from_secret:
-        container["envFrom"] = [{"secretRef": {"name": worker.env_from_secret}}]
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": grace,
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": worker.run_as_user,
-            "runAsGroup": worker.run_as_user,
-            "fsGroup": worker.run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "affinity": {"nodeAffinity": _node_affinity(placement, wants.instance_types)},
-        "tolerations": _tolerations(placement),
-        "containers": [container],
-        # Bounded: a pod that fills its scratch is evicted for it (a failure with the kubelet's
-        # message), instead of filling the node's disk and getting every pod there evicted.
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": job.spec.resources.scratch_size}}],
-    }
-    if worker.service_account:
-        pod_spec["serviceAccountName"] = worker.service_account
-    priority_class = job.spec.priority_class_name or worker.priority_class
-    if priority_class:
-        pod_spec["priorityClassName"] = priority_class
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": pod_name(job.name, index, attempt),
-            "namespace": job.namespace,
-            "labels": labels,
-            "annotations": {ANNOTATION_ATTEMPT: str(attempt), **NO_VOLUNTARY_DISRUPTION},
-            "ownerReferences": [
-                {
-                    "apiVersion": f"{common.GROUP}/{common.VERSION}",
-                    "kind": s.KIND,
-                    "name": job.name,
-                    "uid": job.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
-        },
-        "spec": pod_spec,
-    }
-
-
-def _node_affinity(placement: Placement, instance_types: list[str]) -> dict[str, Any]:
-    terms = []
-    for term in placement.profile.terms_for(placement.capacity):
-        out: dict[str, Any] = {
-            "matchExpressions": [
-                {"key": k, "operator": op, **({"values": list(v)} if v else {})}
-                for k, op, v in term
-            ]
-        }
-        if placement.avoid_nodes:
-            # The API takes one value per node-field requirement; requirements in a term
-            # are ANDed, so one NotIn per node excludes them all.
-            out["matchFields"] = [
-                {"key": "metadata.name", "operator": "NotIn", "values": [node]}
-                for node in placement.avoid_nodes
-            ]
-        terms.append(out)
-    affinity: dict[str, Any] = {
-        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
-    }
-    if instance_types:
-        n = len(instance_types)
-        affinity["preferredDuringSchedulingIgnoredDuringExecution"] = [
-            {
-                # Best first: weights n*k down to k, within the API's 1..100.
-                "weight": max(1, 100 * (n - i) // n),
-                "preference": {
-                    "matchExpressions": [
-                        {
-                            "key": "node.kubernetes.io/instance-type",
-                            "operator": "In",
-                            "values": [t],
-                        }
-                    ]
-                },
-            }
-            for i, t in enumerate(instance_types)
-        ]
-    return affinity
-
-
-def _tolerations(placement: Placement) -> list[dict[str, Any]]:
-    short = placement.not_ready_toleration_seconds
-    out: list[dict[str, Any]] = [
-        {
-            "key": f"node.kubernetes.io/{key}",
-            "operator": "Exists",
-            "effect": "NoExecute",
-            "tolerationSeconds": short,
-        }
-        for key in ("not-ready", "unreachable")
-    ]
-    if placement.capacity is common.CapacityType.SPOT:
-        out += [dict(t) for t in placement.profile.spot_tolerations]
-    out += [dict(t) for t in placement.profile.extra_tolerations]
-    return out
+    r = job.spec.resources
+    container = workload_container(
+        "worker",
+        worker.image if image is None else image,
+        worker.command if command is None else command,
+        task=task.to_env(),
+        resources=resource_requirements(wants.cpu, wants.memory, wants.gpu, r.gpu_resource),
+        settings=worker,
+    )
+    return workload_pod(
+        job.owner,
+        pod_name(job.name, index, attempt),
+        attempt,
+        labels=labels,
+        annotations=NO_VOLUNTARY_DISRUPTION,
+        container=container,
+        placement=placement,
+        instance_types=wants.instance_types,
+        grace_seconds=grace,
+        scratch_size=r.scratch_size,
+        settings=worker,
+        priority_class=job.spec.priority_class_name or worker.priority_class,
+    )

@@ -53,12 +53,12 @@ from cheapspot_operator.api.common import BudgetAction, CapacityType, Condition,
 from cheapspot_operator.api.phases import JobPhase, transition
 from cheapspot_operator.api.trainjob import (
     CheckpointStatus,
-    OnMaxPreemptions,
     ProgressStatus,
     ShardStatus,
     TrainJobSpec,
     TrainJobStatus,
 )
+from cheapspot_operator.api.trainjob_policies import OnMaxPreemptions
 from cheapspot_operator.cluster.views import (
     ANCHOR_INDEX,
     GENERATOR_BASE,
