@@ -13,18 +13,16 @@ from cheapspot.contract import TASK_ENV, JobRef, Role, Task
 from cheapspot_operator.api import common
 from cheapspot_operator.api import trainjob as s
 from cheapspot_operator.cluster.placement import PlacementProfile
-from cheapspot_operator.cluster.views import (
+from cheapspot_operator.cluster.views import ANNOTATION_ATTEMPT, LABEL_CAPACITY, LABEL_ROLE
+from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
+from cheapspot_operator.trainjob.observed import (
     ANCHOR_INDEX,
-    ANNOTATION_ATTEMPT,
     GENERATOR_BASE,
-    LABEL_CAPACITY,
     LABEL_JOB,
-    LABEL_ROLE,
     LABEL_SHARD,
     is_generator,
 )
-from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
-from cheapspot_operator.trainjob.plan import pod_name
+from cheapspot_operator.trainjob.shards import pod_name
 
 NO_VOLUNTARY_DISRUPTION = {
     "karpenter.sh/do-not-disrupt": "true",
