@@ -6,15 +6,20 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+from rich.console import Console
 
+from cheapspot_localcluster.demo import summary_table
 from cheapspot_operator.api.common import CapacityType, CostStatus
 from cheapspot_operator.api.phases import JobPhase
+from cheapspot_operator.app.costview import cost_rows, cost_table
 from cheapspot_operator.cluster.placement import PROFILES
-from cheapspot_operator.cluster.views import node_view, pod_view
+from cheapspot_operator.cluster.views import node_view
 from cheapspot_operator.planning import costing
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.pricing.table import PriceTable
+from cheapspot_operator.testing.pool import PoolWorld, make_pool
 from cheapspot_operator.testing.train import World, make_job, make_node, make_pod, make_progress
+from cheapspot_operator.trainjob.observed import pod_view
 
 TABLE = PriceTable({"g5.12xlarge": {"spot": 2.0, "on-demand": 5.0}})
 LOCAL = PROFILES["local"]
@@ -95,10 +100,6 @@ def test_requests_and_allocatable_are_read_from_the_api_objects() -> None:
 
 
 def test_the_cost_table_shows_spent_savings_budget_and_sources() -> None:
-    from rich.console import Console
-
-    from cheapspot_operator.app.costview import cost_rows, cost_table
-
     w = World(spec=make_job(budget={"limitUSD": 10})).started()
     w.step(3600)
     w.step(1)
@@ -117,11 +118,6 @@ def test_the_cost_table_shows_spent_savings_budget_and_sources() -> None:
 
 
 def test_the_cost_table_lists_pools_next_to_jobs() -> None:
-    from rich.console import Console
-
-    from cheapspot_operator.app.costview import cost_rows, cost_table
-    from cheapspot_operator.testing.pool import PoolWorld, make_pool
-
     job = World(spec=make_job()).started()
     job.progress[0] = make_progress(0, step=90, steps_lost=10)
     job.step(1000)
@@ -154,10 +150,6 @@ def test_the_cost_table_lists_pools_next_to_jobs() -> None:
 
 
 def test_the_demo_summary_names_where_its_prices_came_from() -> None:
-    from rich.console import Console
-
-    from cheapspot_localcluster.demo import summary_table
-
     summary = {
         "succeeded": True,
         "wall_seconds": 60,

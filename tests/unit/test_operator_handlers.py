@@ -439,8 +439,8 @@ def test_one_store_client_per_output_prefix(tmp_path: Any) -> None:
 def test_generation_shards_progress_is_read_at_their_slots_when_asked_for(tmp_path: Any) -> None:
     from cheapspot.contract import Layout, Phase, Progress, Role
     from cheapspot.store import Store
-    from cheapspot_operator.cluster.views import ANCHOR_INDEX, GENERATOR_BASE
     from cheapspot_operator.trainjob.controller import StoreProgressReader
+    from cheapspot_operator.trainjob.observed import ANCHOR_INDEX, GENERATOR_BASE
 
     uri = f"file://{tmp_path}/job/"
     store, layout = Store(uri), Layout(uri)

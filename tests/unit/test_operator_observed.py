@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cheapspot_operator.cluster.views import node_view, pod_requests, pod_view
+from cheapspot_operator.cluster.views import node_view, pod_requests
+from cheapspot_operator.trainjob.observed import pod_view
 
 
 def _pod(status: dict[str, Any], **spec: Any) -> dict[str, Any]:

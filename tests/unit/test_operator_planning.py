@@ -11,7 +11,6 @@ import pytest
 from cheapspot.contract import ExitCode, Phase
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.phases import IllegalTransitionError, JobPhase, transition
-from cheapspot_operator.cluster.views import ANCHOR_INDEX
 from cheapspot_operator.planning.preemption import Outcome, classify
 from cheapspot_operator.testing.train import (
     EPOCH,
@@ -21,6 +20,7 @@ from cheapspot_operator.testing.train import (
     make_pod,
     make_progress,
 )
+from cheapspot_operator.trainjob.observed import ANCHOR_INDEX
 from cheapspot_operator.trainjob.plan import plan
 
 INTERRUPTION = "cheapspot.dev/interruption"

@@ -10,11 +10,11 @@ import pytest
 from cheapspot.contract import ExitCode
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.inferencepool import InferencePoolStatus
+from cheapspot_operator.inferencepool.actions import EnsureRouter
 from cheapspot_operator.inferencepool.observed import ReplicaReport
 from cheapspot_operator.inferencepool.plan import (
     DEADLINE_MARGIN,
     DRAIN_SETTLE,
-    EnsureRouter,
     ReplicaState,
     replica_pod_name,
     replica_state,

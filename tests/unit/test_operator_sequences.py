@@ -11,10 +11,11 @@ from cheapspot.contract import TASK_ENV, DistillationMode, Phase, Role, Task
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.placement import PROFILES
 from cheapspot_operator.cluster.pods import Placement
-from cheapspot_operator.cluster.views import GENERATOR_BASE, LABEL_ROLE, LABEL_SHARD, pod_view
+from cheapspot_operator.cluster.views import LABEL_ROLE
 from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
 from cheapspot_operator.testing.train import World, make_job, make_node, make_progress
 from cheapspot_operator.trainjob.manifests import JobInfo, build_generator_pod
+from cheapspot_operator.trainjob.observed import GENERATOR_BASE, LABEL_SHARD, pod_view
 
 TEACHER = {"uri": "s3://models/teacher/"}
 SEQUENCES = {

@@ -1,46 +1,21 @@
-"""What the planner sees: small, typed views of the job, its pods and their nodes. Pure.
+"""What the planners see: small, typed views of pods and nodes. Pure.
 
-The handlers read raw Kubernetes objects (dicts) and progress records; :func:`pod_view` and
-:func:`node_view` reduce them to the facts the planner decides on, so planner tests build views
-directly and never need a Kubernetes object.
+The handlers read raw Kubernetes objects (dicts); :func:`slot_pod_view` and :func:`node_view`
+reduce them to the facts the planners decide on, so planner tests build views directly and
+never need a Kubernetes object. Each kind adds its own views of its workload (its object,
+its slots' numbering) next to its planner.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from cheapspot.contract import Progress
-from cheapspot_operator.api.trainjob import TrainJobStatus
-from cheapspot_operator.cluster.placement import PlacementProfile
-from cheapspot_operator.pricing.quotes import PriceKey, Quote
-from cheapspot_operator.pricing.table import PriceTable
-
-LABEL_JOB = "cheapspot.dev/job"
 LABEL_ROLE = "cheapspot.dev/role"
-LABEL_SHARD = "cheapspot.dev/shard"
 LABEL_CAPACITY = "cheapspot.dev/capacity-type"
 ANNOTATION_ATTEMPT = "cheapspot.dev/attempt"
-ANCHOR_INDEX = -1
-"""The anchor's slot index (shards are 0..N-1)."""
-GENERATOR_BASE = 1000
-"""Generation shard i's slot index is ``GENERATOR_BASE + i`` (sequences-mode distillation;
-training shards are fewer than this)."""
-
-
-def is_generator(index: int) -> bool:
-    return index >= GENERATOR_BASE
-
-
-def slot_name(index: int) -> str:
-    """How events and messages name a slot: ``anchor``, ``shard 3``, ``generator 0``."""
-    if index == ANCHOR_INDEX:
-        return "anchor"
-    if is_generator(index):
-        return f"generator {index - GENERATOR_BASE}"
-    return f"shard {index}"
 
 
 INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
@@ -66,7 +41,7 @@ def _gpus(resources: Mapping[str, Any]) -> float:
 class PodView:
     name: str
     index: int
-    """Shard index, or :data:`ANCHOR_INDEX`."""
+    """The slot the pod fills (each kind numbers its slots)."""
     attempt: int
     capacity: str
     node_name: str = ""
@@ -130,41 +105,9 @@ class NodeView:
         return ""
 
 
-@dataclass(frozen=True)
-class JobView:
-    namespace: str
-    name: str
-    uid: str
-    generation: int
-    status: TrainJobStatus
-
-
-@dataclass(frozen=True)
-class Observed:
-    """Everything one reconciliation of one job looks at."""
-
-    job: JobView
-    pods: tuple[PodView, ...]
-    nodes: Mapping[str, NodeView]
-    progress: Mapping[int, Progress]
-    """Progress records by slot index (:data:`ANCHOR_INDEX` for the anchor)."""
-    profile: PlacementProfile
-    prices: PriceTable
-    progress_known: bool = True
-    """False while the records have not been read yet (the store is slow or down): the
-    status keeps the progress it shows instead of dropping to zero."""
-    create_refused: Mapping[int, str] = field(default_factory=dict)
-    """Slots whose current pod the API server refused to create (quota, admission, a missing
-    service account), with its message; filled by the act layer from its last attempt."""
-    quotes: Mapping[PriceKey, Quote] = field(default_factory=dict)
-    """Live and last known good prices (the price refresher's); the table fills gaps."""
-    status_refresh_seconds: float = 15.0
-    """What only grows with time (cost, running seconds) rewrites the status at most this
-    often (the operator's ``statusRefreshSeconds``); budgets count unwritten cost all the
-    same."""
-
-
-def _parse_time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
+    """A Kubernetes timestamp (``2026-01-01T12:00:00Z``) as an aware datetime; None if unset.
+    Raises ValueError for text that is not one."""
     if isinstance(value, datetime):
         return value
     if isinstance(value, str) and value:
@@ -172,17 +115,18 @@ def _parse_time(value: Any) -> datetime | None:
     return None
 
 
-def pod_view(pod: Mapping[str, Any]) -> PodView | None:
-    """The planner's view of one of the job's pods; None for pods that are not ours."""
+def slot_pod_view(
+    pod: Mapping[str, Any], slot_index: Callable[[Mapping[str, str]], int]
+) -> PodView | None:
+    """The planner's view of a pod the operator created; ``slot_index`` reads its slot off its
+    labels (each kind numbers its slots). None for a pod without the role label and attempt
+    annotation every such pod carries: not the operator's."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     if LABEL_ROLE not in labels or ANNOTATION_ATTEMPT not in annotations:
         return None
-    role = labels[LABEL_ROLE]
-    index = ANCHOR_INDEX if role == "anchor" else int(labels.get(LABEL_SHARD, 0))
-    if role == "generate":
-        index += GENERATOR_BASE
+    index = slot_index(labels)
     status = pod.get("status") or {}
     exit_code: int | None = None
     message, exit_reason, waiting_reason, waiting_message = "", "", "", ""
@@ -206,7 +150,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
             and cond.get("status") == "False"
             and cond.get("reason") == "Unschedulable"
         ):
-            unschedulable_since = _parse_time(cond.get("lastTransitionTime"))
+            unschedulable_since = parse_time(cond.get("lastTransitionTime"))
     requests = [
         ((c.get("resources") or {}).get("requests") or {})
         for c in (pod.get("spec") or {}).get("containers") or []

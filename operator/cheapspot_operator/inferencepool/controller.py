@@ -42,6 +42,14 @@ from cheapspot_operator.api import common
 from cheapspot_operator.api import inferencepool as ps
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.pods import Placement
+from cheapspot_operator.inferencepool.actions import (
+    CreateReplica,
+    EnsureRouter,
+    MarkDraining,
+    PoolAction,
+    SyncAdapters,
+    UpdatePoolStatus,
+)
 from cheapspot_operator.inferencepool.manifests import (
     PoolInfo,
     build_replica_pod,
@@ -58,15 +66,7 @@ from cheapspot_operator.inferencepool.observed import (
     replica_pod_view,
     router_view,
 )
-from cheapspot_operator.inferencepool.plan import (
-    CreateReplica,
-    EnsureRouter,
-    MarkDraining,
-    PoolAction,
-    SyncAdapters,
-    UpdatePoolStatus,
-    plan,
-)
+from cheapspot_operator.inferencepool.plan import plan
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.pricing.quotes import PriceKey, Quote

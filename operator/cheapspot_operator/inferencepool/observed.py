@@ -1,6 +1,6 @@
 """What the pool planner sees: typed views of a CheapInferencePool, its pods and replicas. Pure.
 
-Replica pods reuse the train job's :class:`~cheapspot_operator.cluster.views.PodView` (so the
+Replica pods are :class:`~cheapspot_operator.cluster.views.PodView` like every kind's (so the
 shared :func:`~cheapspot_operator.planning.preemption.classify` sorts them), with the slot
 index in ``index`` and what only serving needs beside it: readiness, the drain deadline and
 the pod IP. A replica's own report (``GET /cheapspot/status`` on :data:`ADMIN_PORT`: ready,
@@ -11,14 +11,14 @@ adapters loaded, requests running and waiting) is read by the act layer and come
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL_ROLE, LABEL_REPLICA
 from cheapspot_operator.api.inferencepool import InferencePoolStatus
 from cheapspot_operator.cluster.placement import PlacementProfile
-from cheapspot_operator.cluster.views import NodeView, PodView, _parse_time, pod_view
+from cheapspot_operator.cluster.views import NodeView, PodView, parse_time, slot_pod_view
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.pricing.table import PriceTable
 
@@ -130,7 +130,7 @@ def replica_pod_view(pod: Mapping[str, Any]) -> ReplicaPod | None:
     labels = meta.get("labels") or {}
     if labels.get(LABEL_POOL_ROLE) != REPLICA_ROLE or LABEL_REPLICA not in labels:
         return None
-    base = pod_view(pod)
+    base = slot_pod_view(pod, _replica_index)
     if base is None:
         return None
     status = pod.get("status") or {}
@@ -142,15 +142,19 @@ def replica_pod_view(pod: Mapping[str, Any]) -> ReplicaPod | None:
     raw = (meta.get("annotations") or {}).get(ANNOTATION_DRAINING)
     if raw:
         try:
-            until = _parse_time(raw)
+            until = parse_time(raw)
         except ValueError:
             until = None
     return ReplicaPod(
-        pod=replace(base, index=int(labels[LABEL_REPLICA])),
+        pod=base,
         ready=ready and base.phase == "Running",
         draining_until=until,
         ip=str(status.get("podIP") or ""),
     )
+
+
+def _replica_index(labels: Mapping[str, str]) -> int:
+    return int(labels[LABEL_REPLICA])
 
 
 def router_view(deployment: Mapping[str, Any] | None) -> RouterView | None:

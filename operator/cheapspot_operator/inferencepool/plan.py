@@ -52,22 +52,30 @@ Make-before-break everywhere. A replica pod goes through these states
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from cheapspot.contract import LABEL_POOL, LABEL_POOL_ROLE, AdapterSource
-from cheapspot_operator.api.common import BudgetAction, CapacityType, Condition, CostStatus
+from cheapspot.contract import LABEL_POOL, LABEL_POOL_ROLE
+from cheapspot_operator.api.common import BudgetAction, CapacityType
 from cheapspot_operator.api.inferencepool import (
     DrainingReplica,
     InferencePoolSpec,
     InferencePoolStatus,
     ReplicaSlot,
 )
+from cheapspot_operator.inferencepool.actions import (
+    CreateReplica,
+    EnsureRouter,
+    MarkDraining,
+    PoolAction,
+    SyncAdapters,
+    UpdatePoolStatus,
+)
 from cheapspot_operator.inferencepool.observed import REPLICA_ROLE, PoolObserved, ReplicaPod
-from cheapspot_operator.planning import budget, costing
+from cheapspot_operator.planning import budget, costing, slots
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
-from cheapspot_operator.planning.conditions import set_condition
-from cheapspot_operator.planning.fallback import waited_too_long
+from cheapspot_operator.planning.conditions import ConditionWriter
 from cheapspot_operator.planning.preemption import (
     Outcome,
     Verdict,
@@ -116,50 +124,6 @@ def replica_state(rp: ReplicaPod, current: bool) -> ReplicaState:
     return ReplicaState.RETIRING
 
 
-# --- actions ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UpdatePoolStatus:
-    status: InferencePoolStatus
-
-
-@dataclass(frozen=True)
-class CreateReplica:
-    index: int
-    attempt: int
-    capacity: CapacityType
-    avoid_nodes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class MarkDraining:
-    """Set the draining annotation (deadline) on a replica pod: the router stops at once."""
-
-    pod: str
-    deadline: datetime
-
-
-@dataclass(frozen=True)
-class SyncAdapters:
-    """Push the desired adapter list to a running replica (loaded/unloaded, no restart)."""
-
-    pod: str
-    adapters: tuple[AdapterSource, ...]
-
-
-@dataclass(frozen=True)
-class EnsureRouter:
-    """Create the router (Deployment, Service, its RBAC) if absent; set its replicas."""
-
-    replicas: int
-
-
-PoolAction = (
-    UpdatePoolStatus | CreateReplica | MarkDraining | SyncAdapters | EnsureRouter | DeletePod
-) | EmitEvent
-
-
 # --- helpers --------------------------------------------------------------------------------
 
 
@@ -177,17 +141,7 @@ def endpoint_url(namespace: str, pool_name: str) -> str:
 
 
 def _next_attempt(slot: ReplicaSlot, capacity: CapacityType, reason: str) -> ReplicaSlot:
-    return slot.model_copy(
-        update={
-            "attempt": slot.attempt + 1,
-            "pod": "",
-            "node": "",
-            "pod_phase": "",
-            "ready": False,
-            "capacity_type": capacity,
-            "fallback_reason": reason,
-        }
-    )
+    return slots.next_attempt(slot, capacity, reason, ready=False)
 
 
 @dataclass
@@ -328,11 +282,7 @@ def _scale(work: _Plan) -> None:
 
 def _reconcile_slot(work: _Plan, slot: ReplicaSlot, pods: list[ReplicaPod]) -> ReplicaSlot:
     st, obs = work.status, work.obs
-    newest = max((p.attempt for p in pods), default=-1)
-    if newest > slot.attempt:
-        # A pod newer than the status knows is adopted (a status write was lost).
-        slot = slot.model_copy(update={"attempt": newest, "pod_phase": ""})
-    current = next((p for p in pods if p.attempt == slot.attempt), None)
+    slot, current = slots.adopt_newest(slot, pods, pod_phase="")
     what = f"replica {slot.index}" + (" (anchor)" if slot.anchor else "")
     if slot.held:
         return slot
@@ -368,15 +318,8 @@ def _reconcile_slot(work: _Plan, slot: ReplicaSlot, pods: list[ReplicaPod]) -> R
         )
     if verdict.outcome is Outcome.PREEMPTED:
         st.preemptions += 1
-        slot = slot.model_copy(update={"preemptions": slot.preemptions + 1})
-        work.event(
-            "Warning",
-            "Preempted",
-            f"{what} ({slot.pod} on {slot.node or 'no node'}): "
-            + " ".join(x for x in (verdict.reason, verdict.message) if x)
-            + "; replacement started",
-            verdict.reason,
-        )
+        slot, announced = slots.preempted(slot, what, verdict)
+        work.actions.append(announced)
         return work.create(_next_attempt(slot, slot.capacity_type, slot.fallback_reason))
     # Failed (or exited): retried a few times in a row, then held.
     failures = slot.failures + 1
@@ -393,16 +336,14 @@ def _reconcile_slot(work: _Plan, slot: ReplicaSlot, pods: list[ReplicaPod]) -> R
 def _maybe_fall_back(work: _Plan, slot: ReplicaSlot, current: ReplicaPod) -> ReplicaSlot:
     if slot.anchor or slot.capacity_type is not CapacityType.SPOT:
         return slot
-    waited = waited_too_long(current.pod, work.spec.spot.fallback_after_seconds, work.now)
-    if waited is None:
-        return slot
-    work.event(
-        "Warning",
-        "FellBackToOnDemand",
-        f"replica {slot.index}: no spot capacity for {int(waited.total_seconds())}s",
-        "SpotUnavailable",
+    what = f"replica {slot.index}"
+    fell_back = slots.spot_wait_over(
+        what, current.pod, work.spec.spot.fallback_after_seconds, work.now
     )
-    return work.create(_next_attempt(slot, CapacityType.ON_DEMAND, "SpotUnavailable"))
+    if fell_back is None:
+        return slot
+    work.actions.append(fell_back)
+    return work.create(_next_attempt(slot, CapacityType.ON_DEMAND, slots.SPOT_UNAVAILABLE))
 
 
 def _return_to_spot(work: _Plan) -> None:
@@ -562,20 +503,8 @@ def _summarise(work: _Plan) -> None:
     st.placement_display = f"{st.spot_replicas}/{st.on_demand_replicas}"
     st.draining_replicas = len(st.draining)
 
-    c = st.conditions
-
-    def put(type_: str, status: str, reason: str, message: str = "") -> None:
-        nonlocal c
-        new = Condition(
-            type=type_,
-            status=status,
-            reason=reason,
-            message=message,
-            last_transition_time=now,
-            observed_generation=gen,
-        )
-        c = set_condition(c, new)
-
+    out = ConditionWriter(st.conditions, now, gen)
+    put = out.put
     router_ready = obs.router is not None and obs.router.ready_replicas > 0
     if work.replicas == 0 and work.over_budget:
         put("Ready", "False", "BudgetExceeded", "every replica stopped: spec.budget reached")
@@ -614,47 +543,32 @@ def _summarise(work: _Plan) -> None:
         put("Degraded", "True", reason, message)
     else:
         put("Degraded", "False", "AsExpected")
-    st.conditions = c
+    st.conditions = out.conditions
 
 
 def _doomed(rp: ReplicaPod, work: _Plan) -> bool:
     return rp.pod.node_name in work.avoid
 
 
-def _running(obs: PoolObserved) -> list[costing.Usage]:
+def _running(obs: PoolObserved) -> Iterator[costing.Usage]:
     """What each running replica pod costs per hour where it runs."""
-    return [
-        costing.usage(rp.pod, node, obs.profile, obs.prices, obs.quotes)
-        for rp in obs.replicas
-        if rp.pod.phase == "Running"
-        and not rp.pod.deleting
-        and (node := obs.nodes.get(rp.pod.node_name)) is not None
-    ]
+    return costing.running_usage((rp.pod for rp in obs.replicas), obs)
 
 
 def _budget(work: _Plan) -> int:
     """Budget status, condition and events; the replicas the budget allows."""
     spec, st, obs = work.spec, work.status, work.obs
-    if spec.budget is None:
-        st.budget, st.conditions = None, budget.without_budget(st.conditions)
-        return spec.replicas
-    rate = sum(u.usd_per_hour for u in _running(obs))
-    got = budget.assess(
-        spec.budget,
-        costing.spent_by(st.cost, rate, work.now),
-        rate,
-        prev=st.budget,
-        conditions=st.conditions,
-        now=work.now,
-        generation=obs.pool.generation,
+    got = budget.review(
+        st, spec.budget, _running(obs), now=work.now, generation=obs.pool.generation
     )
-    st.budget, st.conditions = got.status, got.conditions
-    if got.announce:
-        work.event("Warning", got.verdict.level.value, got.verdict.message)
+    if got is None:
+        return spec.replicas
+    if got.event is not None:
+        work.actions.append(got.event)
     if not got.exceeded:
         return spec.replicas
     work.over_budget = True
-    if spec.budget.on_exceed is BudgetAction.FAIL:
+    if spec.budget is not None and spec.budget.on_exceed is BudgetAction.FAIL:
         return 0
     return min(spec.anchor.replicas, spec.replicas)
 
@@ -664,20 +578,5 @@ def _accrue_cost(
 ) -> None:
     """Running replica pods at their share of their node's price (live, last known good or
     the table), and the same seconds at on-demand."""
-    cost = st.cost
-    if cost.accrued_at is None:
-        st.cost = cost.model_copy(update={"accrued_at": now})
-        return
-    elapsed = now - cost.accrued_at
-    if elapsed <= timedelta(0):
-        return
     every = timedelta(seconds=obs.status_refresh_seconds)
-    if elapsed < every and _without_cost(st) == _without_cost(prev):
-        return
-    st.cost = costing.add(cost, _running(obs), elapsed.total_seconds()).model_copy(
-        update={"accrued_at": now}
-    )
-
-
-def _without_cost(st: InferencePoolStatus) -> InferencePoolStatus:
-    return st.model_copy(update={"cost": CostStatus()})
+    costing.accrue(st, prev, _running(obs), now, every)

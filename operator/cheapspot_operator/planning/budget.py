@@ -12,11 +12,15 @@ suspension on the next pass.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
-from cheapspot_operator.api.common import BudgetSpec, BudgetStatus, Condition
+from cheapspot_operator.api.common import BudgetSpec, BudgetStatus, Condition, CostStatus
+from cheapspot_operator.planning.actions import EmitEvent
 from cheapspot_operator.planning.conditions import set_condition
+from cheapspot_operator.planning.costing import Usage, spent_by
 
 PROJECTION = timedelta(minutes=5)
 """The horizon when no checkpoint interval says otherwise."""
@@ -125,6 +129,13 @@ class Assessment:
     def exceeded(self) -> bool:
         return self.verdict.level is Level.EXCEEDED
 
+    @property
+    def event(self) -> EmitEvent | None:
+        """The Warning event for a level just reached, else None."""
+        if not self.announce:
+            return None
+        return EmitEvent("Warning", self.verdict.level.value, self.verdict.message)
+
 
 def assess(
     budget: BudgetSpec,
@@ -153,3 +164,41 @@ def assess(
         ),
     )
     return Assessment(verdict, status, new, level.value != before and level is not Level.WITHIN)
+
+
+class Budgeted(Protocol):
+    """The part of a workload's status a budget reads and writes (jobs' and pools')."""
+
+    budget: BudgetStatus | None
+    conditions: list[Condition]
+    cost: CostStatus
+
+
+def review(
+    status: Budgeted,
+    limit: BudgetSpec | None,
+    running: Iterable[Usage],
+    *,
+    now: datetime,
+    generation: int,
+    ahead: timedelta = PROJECTION,
+) -> Assessment | None:
+    """:func:`assess` the workload's spending (its cost so far and its ``running`` pods) and
+    write the outcome into ``status``: ``budget`` and the ``WithinBudget`` condition, both
+    removed when the spec has no budget (then None)."""
+    if limit is None:
+        status.budget, status.conditions = None, without_budget(status.conditions)
+        return None
+    rate = sum(u.usd_per_hour for u in running)
+    got = assess(
+        limit,
+        spent_by(status.cost, rate, now),
+        rate,
+        prev=status.budget,
+        conditions=status.conditions,
+        now=now,
+        generation=generation,
+        ahead=ahead,
+    )
+    status.budget, status.conditions = got.status, got.conditions
+    return got

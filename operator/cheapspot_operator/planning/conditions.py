@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
+
 from cheapspot_operator.api.common import Condition
 
 
@@ -19,3 +22,23 @@ def set_condition(conditions: list[Condition], new: Condition) -> list[Condition
     if all(c.type != new.type for c in conditions):
         out.append(new)
     return out
+
+
+@dataclass
+class ConditionWriter:
+    """A status's conditions as one pass rewrites them: each set now, for ``generation``."""
+
+    conditions: list[Condition]
+    now: datetime
+    generation: int
+
+    def put(self, type_: str, status: str, reason: str, message: str = "") -> None:
+        new = Condition(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=message,
+            last_transition_time=self.now,
+            observed_generation=self.generation,
+        )
+        self.conditions = set_condition(self.conditions, new)

@@ -9,9 +9,10 @@ table); the same seconds are also priced at on-demand, for the savings.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any, Protocol, Self
 
 from cheapspot_operator.api.common import CapacityType, CostStatus
 from cheapspot_operator.cluster.placement import PlacementProfile
@@ -67,6 +68,33 @@ def usage(
     )
 
 
+class PricedCluster(Protocol):
+    """What pricing a pod reads from an observation (every kind's has it)."""
+
+    @property
+    def nodes(self) -> Mapping[str, NodeView]: ...
+
+    @property
+    def profile(self) -> PlacementProfile: ...
+
+    @property
+    def prices(self) -> PriceTable: ...
+
+    @property
+    def quotes(self) -> Mapping[PriceKey, Quote]: ...
+
+
+def running_usage(pods: Iterable[PodView], cluster: PricedCluster) -> Iterator[Usage]:
+    """What each running pod (not being deleted, on a node still there) costs per hour; lazy,
+    so a caller that turns out not to need it prices nothing."""
+    for pod in pods:
+        if pod.phase != "Running" or pod.deleting:
+            continue
+        node = cluster.nodes.get(pod.node_name)
+        if node is not None:
+            yield usage(pod, node, cluster.profile, cluster.prices, cluster.quotes)
+
+
 def add(cost: CostStatus, usages: Iterable[Usage], seconds: float) -> CostStatus:
     """``cost`` plus ``seconds`` of every usage (``accruedAt`` is the caller's)."""
     c = cost.model_copy(deep=True)
@@ -104,3 +132,37 @@ def spent_by(cost: CostStatus, usd_per_hour: float, now: datetime) -> float:
         return cost.dollars
     unwritten = max(0.0, (now - cost.accrued_at).total_seconds())
     return cost.dollars + usd_per_hour * unwritten / 3600
+
+
+class Costed(Protocol):
+    """A workload's status, as far as its cost goes."""
+
+    cost: CostStatus
+
+    def model_copy(
+        self, *, update: Mapping[str, Any] | None = None, deep: bool = False
+    ) -> Self: ...
+
+
+def accrue(
+    status: Costed, prev: Costed, running: Iterable[Usage], now: datetime, every: timedelta
+) -> bool:
+    """Add the ``running`` pods' cost since ``cost.accruedAt`` to ``status.cost``; True when
+    it did. The first pass only stamps ``accruedAt``. Cost alone rewrites the status at most
+    ``every`` (the operator's ``statusRefreshSeconds``): sooner only when something else in
+    the status changed since ``prev`` and it is written anyway."""
+    cost = status.cost
+    if cost.accrued_at is None:
+        status.cost = cost.model_copy(update={"accrued_at": now})
+        return False
+    elapsed = now - cost.accrued_at
+    if elapsed <= timedelta(0):
+        return False
+    if elapsed < every and _without_cost(status) == _without_cost(prev):
+        return False
+    status.cost = add(cost, running, elapsed.total_seconds()).model_copy(update={"accrued_at": now})
+    return True
+
+
+def _without_cost(status: Costed) -> Costed:
+    return status.model_copy(update={"cost": CostStatus()})

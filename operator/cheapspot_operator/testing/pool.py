@@ -15,6 +15,14 @@ from typing import Any
 from cheapspot_operator.api.inferencepool import InferencePoolSpec, InferencePoolStatus
 from cheapspot_operator.cluster.placement import PROFILES, PlacementProfile
 from cheapspot_operator.cluster.views import NodeView, PodView
+from cheapspot_operator.inferencepool.actions import (
+    CreateReplica,
+    EnsureRouter,
+    MarkDraining,
+    PoolAction,
+    SyncAdapters,
+    UpdatePoolStatus,
+)
 from cheapspot_operator.inferencepool.observed import (
     PoolObserved,
     PoolView,
@@ -22,16 +30,7 @@ from cheapspot_operator.inferencepool.observed import (
     ReplicaReport,
     RouterView,
 )
-from cheapspot_operator.inferencepool.plan import (
-    CreateReplica,
-    EnsureRouter,
-    MarkDraining,
-    PoolAction,
-    SyncAdapters,
-    UpdatePoolStatus,
-    plan,
-    replica_pod_name,
-)
+from cheapspot_operator.inferencepool.plan import plan, replica_pod_name
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.pricing.table import PriceTable, default_prices

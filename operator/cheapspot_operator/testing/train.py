@@ -14,24 +14,19 @@ from typing import Any
 from cheapspot.contract import Phase, Progress, Role
 from cheapspot_operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from cheapspot_operator.cluster.placement import PROFILES, PlacementProfile
-from cheapspot_operator.cluster.views import (
+from cheapspot_operator.cluster.views import NodeView, PodView
+from cheapspot_operator.planning.actions import DeletePod, EmitEvent
+from cheapspot_operator.pricing.table import PriceTable, default_prices
+from cheapspot_operator.trainjob.actions import Action, CreatePod, UpdateStatus
+from cheapspot_operator.trainjob.observed import (
     ANCHOR_INDEX,
     GENERATOR_BASE,
     JobView,
-    NodeView,
     Observed,
-    PodView,
     is_generator,
 )
-from cheapspot_operator.planning.actions import DeletePod, EmitEvent
-from cheapspot_operator.pricing.table import PriceTable, default_prices
-from cheapspot_operator.trainjob.plan import (
-    Action,
-    CreatePod,
-    UpdateStatus,
-    plan,
-    pod_name,
-)
+from cheapspot_operator.trainjob.plan import plan
+from cheapspot_operator.trainjob.shards import pod_name
 
 EPOCH = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 JOB_NAME = "qa-lora"

@@ -58,18 +58,7 @@ from cheapspot_operator.api import trainjob as s
 from cheapspot_operator.api.phases import JobPhase
 from cheapspot_operator.cluster.placement import PlacementProfile
 from cheapspot_operator.cluster.pods import Placement
-from cheapspot_operator.cluster.views import (
-    ANCHOR_INDEX,
-    GENERATOR_BASE,
-    LABEL_JOB,
-    LABEL_ROLE,
-    JobView,
-    NodeView,
-    Observed,
-    is_generator,
-    node_view,
-    pod_view,
-)
+from cheapspot_operator.cluster.views import LABEL_ROLE, NodeView, node_view
 from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.pricing.table import PriceTable
@@ -78,20 +67,24 @@ from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import ApiError, KubeApi
 from cheapspot_operator.runtime.nodelist import SharedNodeList
 from cheapspot_operator.runtime.watchcache import Primed, WatchCache
+from cheapspot_operator.trainjob.actions import Action, CreatePod, UpdateStatus
 from cheapspot_operator.trainjob.manifests import (
     JobInfo,
     build_anchor_pod,
     build_generator_pod,
     build_shard_pod,
 )
-from cheapspot_operator.trainjob.plan import (
-    Action,
-    CreatePod,
-    UpdateStatus,
-    generates,
-    generating,
-    plan,
+from cheapspot_operator.trainjob.observed import (
+    ANCHOR_INDEX,
+    GENERATOR_BASE,
+    LABEL_JOB,
+    JobView,
+    Observed,
+    is_generator,
+    pod_view,
 )
+from cheapspot_operator.trainjob.plan import plan
+from cheapspot_operator.trainjob.shards import generates, generating
 
 log = logging.getLogger("cheapspot.operator")
 

@@ -29,9 +29,9 @@ from cheapspot_operator.api.trainjob import (
     TrainJobStatus,
 )
 from cheapspot_operator.api.trainjob_policies import DeadlinePolicy
-from cheapspot_operator.cluster.views import Observed, is_generator
 from cheapspot_operator.planning.deadline import Mode, Policy, Situation, decide
 from cheapspot_operator.planning.preemption import spot_available
+from cheapspot_operator.trainjob.observed import Observed, is_generator
 
 DECISION_STEP_SECONDS = 60.0
 """How long a decision holds: the operator re-plans every job at least this often."""

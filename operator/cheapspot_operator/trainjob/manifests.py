@@ -18,16 +18,16 @@ from cheapspot_operator.cluster.pods import (
     workload_container,
     workload_pod,
 )
-from cheapspot_operator.cluster.views import (
+from cheapspot_operator.cluster.views import LABEL_ROLE
+from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
+from cheapspot_operator.trainjob.observed import (
     ANCHOR_INDEX,
     GENERATOR_BASE,
     LABEL_JOB,
-    LABEL_ROLE,
     LABEL_SHARD,
     is_generator,
 )
-from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
-from cheapspot_operator.trainjob.plan import pod_name
+from cheapspot_operator.trainjob.shards import pod_name
 
 NO_VOLUNTARY_DISRUPTION = {
     "karpenter.sh/do-not-disrupt": "true",
