@@ -126,7 +126,7 @@ class Manifest:
         try:
             doc = json.loads(data)
             files = {
-                str(n): FileEntry(
+                check_object_name(str(n)): FileEntry(
                     sha256=str(e["sha256"]),
                     size=int(e["size"]),
                     key=_listed_key(str(n), e.get("key")),
@@ -136,6 +136,24 @@ class Manifest:
             return cls(files=files, meta=dict(doc.get("meta", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptObjectError(f"unreadable manifest: {exc}") from exc
+
+
+def check_object_name(name: str) -> str:
+    """``name`` if it may stand in a manifest: a relative path below its prefix. Refused at
+    publish and again at read, so a manifest written by anything else (a bug, another tool,
+    someone with write access to the bucket) cannot make a reader write outside the folder
+    it fetches into (``../other-adapter/...``, ``/etc/...``) or over the manifest itself."""
+    parts = name.split("/")
+    if (
+        not name
+        or name.startswith(("/", FENCE_PREFIX))
+        or any(part in ("", ".", "..") for part in parts)
+        or "\x00" in name
+    ):
+        raise ValueError(f"bad object name {name!r}: not a relative path below the prefix")
+    if name == MANIFEST_NAME:
+        raise ValueError(f"bad object name {name!r}: {MANIFEST_NAME} is written by publish itself")
+    return name
 
 
 def _listed_key(name: str, key: Any) -> str | None:
@@ -685,10 +703,7 @@ class Store:
             return False
         entries: dict[str, FileEntry] = {}
         for name, src in sorted(files.items()):
-            if name.startswith(("/", FENCE_PREFIX)) or ".." in name.split("/"):
-                raise ValueError(f"bad object name {name!r}")
-            if name == MANIFEST_NAME:
-                raise ValueError(f"{MANIFEST_NAME} is written by publish itself")
+            check_object_name(name)
             if isinstance(src, bytes):
                 digest, size = hashlib.sha256(src).hexdigest(), len(src)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 from cheapspot.contract import MANIFEST_NAME
 from cheapspot.store import (
     CorruptObjectError,
+    FileEntry,
+    Manifest,
     NotFoundError,
     RetryPolicy,
     Store,
@@ -150,3 +153,35 @@ def test_a_store_rooted_at_a_published_prefix_reads_its_manifest(tmp_path: Path)
     assert rooted.has_manifest("")
     rooted.fetch("", tmp_path / "out")
     assert (tmp_path / "out" / "config.json").read_bytes() == b"{}"
+
+
+BAD_NAMES = [
+    "../other/adapter_model.safetensors",
+    "/etc/cron.d/x",
+    "a/../../x",
+    "./x",
+    "a//b",
+    "",
+    MANIFEST_NAME,
+]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_manifest_naming_a_path_outside_its_prefix_is_refused_on_read(
+    store: Store, tmp_path: Path, name: str
+) -> None:
+    """Names are checked when publishing, and again when reading: a manifest that some other
+    writer put in the bucket must not make a replica write over another adapter's files."""
+    victim = tmp_path / "cache" / "other" / "adapter_model.safetensors"
+    victim.parent.mkdir(parents=True)
+    victim.write_bytes(b"the other adapter")
+    store.put_bytes("a/x.bin", b"evil")
+    entry = FileEntry(hashlib.sha256(b"evil").hexdigest(), 4, None)
+    store.put_bytes("a/" + MANIFEST_NAME, Manifest({name: entry}).to_json())
+    with pytest.raises(CorruptObjectError, match="bad object name"):
+        store.read_manifest("a/")
+    with pytest.raises(CorruptObjectError, match="bad object name"):
+        store.fetch("a/", tmp_path / "cache" / "a")
+    assert victim.read_bytes() == b"the other adapter"
+    with pytest.raises(ValueError, match="bad object name"):
+        store.publish("b/", {name: b"evil"})
