@@ -12,7 +12,8 @@ from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.placement import PROFILES
 from cheapspot_operator.cluster.views import GENERATOR_BASE, LABEL_ROLE, LABEL_SHARD, pod_view
 from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
-from cheapspot_operator.testing.train import World, make_job, make_node, make_progress
+from cheapspot_operator.testing.train import World, make_job, make_progress
+from cheapspot_operator.testing.world import make_node
 from cheapspot_operator.trainjob.manifests import JobInfo, Placement, build_generator_pod
 
 TEACHER = {"uri": "s3://models/teacher/"}
