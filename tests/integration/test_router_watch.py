@@ -14,8 +14,8 @@ import pytest
 
 from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL, LABEL_POOL_ROLE, LABEL_REPLICA
 from cheapspot_localcluster.cluster import LocalCluster
+from cheapspot_operator.router.replicas import ReplicaSet, watch_pods
 from cheapspot_operator.router.routing import Load, choose
-from cheapspot_operator.router.server import Router, watch_pods
 from cheapspot_operator.runtime.kubeapi import KubeApi
 
 NS = "default"
@@ -40,23 +40,23 @@ def replica_pod(pool: str, name: str, index: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-def watched(local_cluster: LocalCluster) -> Iterator[tuple[Router, KubeApi, str]]:
+def watched(local_cluster: LocalCluster) -> Iterator[tuple[ReplicaSet, KubeApi, str]]:
     pool = f"pool-{uuid.uuid4().hex[:6]}"
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    router = asyncio.run_coroutine_threadsafe(_make_router(), loop).result(10)
+    replicas = asyncio.run_coroutine_threadsafe(_make_replicas(), loop).result(10)
     stop = threading.Event()
     kubeconfig = str(local_cluster.kubeconfig_path)
     thread = threading.Thread(
         target=watch_pods,
-        args=(router, loop, NS, pool, stop),
+        args=(replicas, loop, NS, pool, stop),
         kwargs={"kubeconfig": kubeconfig},
         daemon=True,
     )
     thread.start()
     api = KubeApi.from_config(kubeconfig)
     try:
-        yield router, api, pool
+        yield replicas, api, pool
     finally:
         stop.set()
         for pod in api.list(f"/api/v1/namespaces/{NS}/pods", f"{LABEL_POOL}={pool}"):
@@ -65,8 +65,8 @@ def watched(local_cluster: LocalCluster) -> Iterator[tuple[Router, KubeApi, str]
         loop.call_soon_threadsafe(loop.stop)
 
 
-async def _make_router() -> Router:
-    return Router(capacity=4)
+async def _make_replicas() -> ReplicaSet:
+    return ReplicaSet(capacity=4)
 
 
 def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
@@ -90,8 +90,8 @@ def _ready(api: KubeApi, name: str, ip: str) -> None:
     )
 
 
-def test_router_follows_replica_pods(watched: tuple[Router, KubeApi, str]) -> None:
-    router, api, pool = watched
+def test_router_follows_replica_pods(watched: tuple[ReplicaSet, KubeApi, str]) -> None:
+    replicas, api, pool = watched
     pods = f"/api/v1/namespaces/{NS}/pods"
     api.create(pods, replica_pod(pool, f"{pool}-0", 0))
     api.create(pods, replica_pod(pool, f"{pool}-1", 1))
@@ -99,31 +99,31 @@ def test_router_follows_replica_pods(watched: tuple[Router, KubeApi, str]) -> No
     api.create(pods, replica_pod(pool + "x", f"{pool}x-0", 0))
     try:
         time.sleep(1.0)
-        assert router.replicas == {}, "a pod without an IP is nobody to send to"
+        assert replicas.by_name == {}, "a pod without an IP is nobody to send to"
         _ready(api, f"{pool}-0", "127.0.0.41")
         _ready(api, f"{pool}-1", "127.0.0.42")
         _until(
             lambda: (
-                {n for n, r in router.replicas.items() if r.usable} == {f"{pool}-0", f"{pool}-1"}
+                {n for n, r in replicas.by_name.items() if r.usable} == {f"{pool}-0", f"{pool}-1"}
             ),
             "ready replicas not seen",
         )
-        assert router.replicas[f"{pool}-0"].url == "http://127.0.0.41:8000"
+        assert replicas.by_name[f"{pool}-0"].url == "http://127.0.0.41:8000"
 
         started = time.monotonic()
         api.merge_patch(
             f"{pods}/{pool}-0",
             {"metadata": {"annotations": {ANNOTATION_DRAINING: "2030-01-01T00:00:00Z"}}},
         )
-        _until(lambda: router.replicas[f"{pool}-0"].draining, "draining not seen")
+        _until(lambda: replicas.by_name[f"{pool}-0"].draining, "draining not seen")
         seen_after = time.monotonic() - started
         assert seen_after < 5, f"the router saw the drain after {seen_after:.1f}s"
         for _ in range(5):
-            chosen = choose(router.replicas.values(), "qa", Load(), capacity=4)
+            chosen = choose(replicas.by_name.values(), "qa", Load(), capacity=4)
             assert chosen is not None and chosen.name == f"{pool}-1"
 
         api.delete(f"{pods}/{pool}-0", 0)
-        _until(lambda: f"{pool}-0" not in router.replicas, "deletion not seen")
-        assert set(router.replicas) == {f"{pool}-1"}
+        _until(lambda: f"{pool}-0" not in replicas.by_name, "deletion not seen")
+        assert set(replicas.by_name) == {f"{pool}-1"}
     finally:
         api.delete(f"{pods}/{pool}x-0", 0)

@@ -30,6 +30,9 @@ import pytest
 
 from cheapspot.contract import ExitCode, ServeTask
 from cheapspot_localcluster.s3 import S3Endpoint
+from cheapspot_operator.router import relay, routing
+from cheapspot_operator.router.routing import Replica, StreamState
+from cheapspot_operator.router.server import Router
 from cheapspot_worker.serve_testing import ServeReplica, free_port, http_json, publish_dir
 from cheapspot_worker.serving import serve_python
 
@@ -301,7 +304,9 @@ class RouterThread:
         return f"http://127.0.0.1:{self.port}"
 
     def set_replicas(self, replicas: list[Any]) -> None:
-        asyncio.run_coroutine_threadsafe(self.router.set_replicas(replicas), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(self.router.replicas.update(replicas), self.loop).result(
+            10
+        )
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -309,15 +314,11 @@ class RouterThread:
 
 
 def _replica(r: ServeReplica) -> Any:
-    from cheapspot_operator.router.routing import Replica
-
     return Replica(r.name, "127.0.0.1", r.port, ready=True)
 
 
 @pytest.fixture
 def router_for() -> Iterator[Callable[..., RouterThread]]:
-    from cheapspot_operator.router.server import Router
-
     made: list[RouterThread] = []
 
     def make(replicas: list[Any], **kwargs: Any) -> RouterThread:
@@ -389,8 +390,6 @@ def test_router_errors_are_openai_errors(
 def test_router_retries_a_dead_replica_and_queues_when_busy(
     replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
 ) -> None:
-    from cheapspot_operator.router.routing import Replica
-
     dead = Replica("a-dead", "127.0.0.1", free_port(), ready=True)
     rt = router_for([dead, _replica(replicas[0])], capacity=1, max_queue_seconds=120)
     client = _client(rt.url)
@@ -485,8 +484,6 @@ def test_a_stream_cut_at_any_byte_resumes_byte_identical(
     """The replica's connection reset at byte after byte of its response (headers, mid-event,
     between events, in the last chunk): every answer, completions and chat, equals the
     undisturbed one, byte for byte, and ends with finish_reason "length"."""
-    from cheapspot_operator.router.routing import Replica
-
     replica = replicas[1]
     proxy = CutProxy(replica.port)
     direct = Replica("direct", "127.0.0.1", replica.port, ready=True)
@@ -542,9 +539,6 @@ def test_a_resume_after_a_merged_chunk_starts_after_the_text_the_client_has(
     text of a token that ends inside a character. A stream cut after such a merged chunk must
     continue after the tokens whose text the client has: the router settles on that count
     with the replica's detokenizer, and the continuation's text is the rest of the answer."""
-    from cheapspot_operator.router import routing
-    from cheapspot_operator.router.routing import StreamState
-
     replica = replicas[1]
     rt = router_for([_replica(replica)])
     body = {
@@ -579,7 +573,7 @@ def test_a_resume_after_a_merged_chunk_starts_after_the_text_the_client_has(
     merged["choices"][0]["token_ids"] += chunks[i]["choices"][0]["token_ids"]
     routing.relay_chunk(state, json.dumps(merged).encode(), resumed=False)
     assert state.sure < state.committed == i + 1
-    settle = rt.router._settle(_replica(replica), state)
+    settle = relay.settle(rt.router.relay.session, _replica(replica), state)
     asyncio.run_coroutine_threadsafe(settle, rt.loop).result(60)
     assert state.committed == i, (i, state.committed)
     assert state.prompt_ids is not None

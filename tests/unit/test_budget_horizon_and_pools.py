@@ -15,7 +15,8 @@ from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.planning.budget import MAX_HORIZON, MIN_HORIZON, PROJECTION, horizon
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.testing.pool import PoolWorld, make_pool
-from cheapspot_operator.testing.train import EPOCH, World, make_job, make_node, make_progress
+from cheapspot_operator.testing.train import World, make_job, make_progress
+from cheapspot_operator.testing.world import EPOCH, make_node
 
 
 def test_the_horizon_is_the_checkpoint_interval_within_bounds() -> None:

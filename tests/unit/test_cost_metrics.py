@@ -7,7 +7,7 @@ from prometheus_client import REGISTRY
 from cheapspot_operator.api.common import BudgetStatus, CostStatus
 from cheapspot_operator.api.trainjob import TrainJobStatus
 from cheapspot_operator.runtime.config import OperatorConfig
-from cheapspot_operator.testing.train import EPOCH, FakeClock
+from cheapspot_operator.testing.world import EPOCH, FakeClock
 from cheapspot_operator.trainjob.controller import Reconciler
 
 

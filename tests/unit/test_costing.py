@@ -18,7 +18,8 @@ from cheapspot_operator.planning import costing
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.pricing.table import PriceTable
 from cheapspot_operator.testing.pool import PoolWorld, make_pool
-from cheapspot_operator.testing.train import World, make_job, make_node, make_pod, make_progress
+from cheapspot_operator.testing.train import World, make_job, make_pod, make_progress
+from cheapspot_operator.testing.world import make_node
 from cheapspot_operator.trainjob.observed import pod_view
 
 TABLE = PriceTable({"g5.12xlarge": {"spot": 2.0, "on-demand": 5.0}})

@@ -10,7 +10,8 @@ from typing import Any
 from cheapspot.contract import Progress
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import ApiError
-from cheapspot_operator.testing.train import EPOCH, FakeClock, spec_dict
+from cheapspot_operator.testing.train import spec_dict
+from cheapspot_operator.testing.world import EPOCH, FakeClock
 from cheapspot_operator.trainjob.controller import Reconciler
 
 JOB = "/apis/cheapspot.dev/v1alpha1/namespaces/ns/cheaptrainjobs/qa-lora"

@@ -12,14 +12,8 @@ from cheapspot.contract import ExitCode, Phase
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.phases import IllegalTransitionError, JobPhase, transition
 from cheapspot_operator.planning.preemption import Outcome, classify
-from cheapspot_operator.testing.train import (
-    EPOCH,
-    World,
-    make_job,
-    make_node,
-    make_pod,
-    make_progress,
-)
+from cheapspot_operator.testing.train import World, make_job, make_pod, make_progress
+from cheapspot_operator.testing.world import EPOCH, make_node
 from cheapspot_operator.trainjob.observed import ANCHOR_INDEX
 from cheapspot_operator.trainjob.plan import plan
 

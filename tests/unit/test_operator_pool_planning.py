@@ -20,7 +20,7 @@ from cheapspot_operator.inferencepool.plan import (
     replica_state,
 )
 from cheapspot_operator.testing.pool import POOL_NAME, PoolWorld, make_pool, make_replica
-from cheapspot_operator.testing.train import EPOCH, make_node
+from cheapspot_operator.testing.world import EPOCH, make_node
 
 
 def name(index: int, attempt: int = 0) -> str:

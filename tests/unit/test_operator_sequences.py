@@ -13,7 +13,8 @@ from cheapspot_operator.cluster.placement import PROFILES
 from cheapspot_operator.cluster.pods import Placement
 from cheapspot_operator.cluster.views import LABEL_ROLE
 from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
-from cheapspot_operator.testing.train import World, make_job, make_node, make_progress
+from cheapspot_operator.testing.train import World, make_job, make_progress
+from cheapspot_operator.testing.world import make_node
 from cheapspot_operator.trainjob.manifests import JobInfo, build_generator_pod
 from cheapspot_operator.trainjob.observed import GENERATOR_BASE, LABEL_SHARD, pod_view
 

@@ -16,7 +16,8 @@ from cheapspot.contract import Phase
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.phases import JobPhase
 from cheapspot_operator.api.trainjob_policies import DeadlineSpec, parse_duration
-from cheapspot_operator.testing.train import EPOCH, World, make_job, make_progress
+from cheapspot_operator.testing.train import World, make_job, make_progress
+from cheapspot_operator.testing.world import EPOCH
 
 SHARD0 = "qa-lora-shard-0-0"
 

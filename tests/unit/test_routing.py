@@ -3,12 +3,14 @@ an interrupted stream's continuation is asked for and relayed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL, LABEL_POOL_ROLE
 from cheapspot_operator.router import routing
 from cheapspot_operator.router.routing import Load, Replica, StreamState
+from cheapspot_operator.router.server import Router
 
 
 def pod(
@@ -214,14 +216,10 @@ def test_a_stream_cut_after_its_finish_reason_is_closed_without_another_token() 
 
 
 def test_the_router_is_ready_once_it_knows_the_replicas_and_not_while_it_drains() -> None:
-    import asyncio
-
-    from cheapspot_operator.router.server import Router
-
     async def scenario() -> list[Any]:
         router = Router()
         seen: list[Any] = [(await router.readyz(None)).status]  # type: ignore[arg-type]
-        await router.set_replicas([])  # listed: no replica yet is still a place to queue
+        await router.replicas.update([])  # listed: no replica yet is still a place to queue
         seen.append((await router.readyz(None)).status)  # type: ignore[arg-type]
         router.active = 1  # a stream in flight
         started = asyncio.get_running_loop().time()

@@ -1,9 +1,10 @@
 """The router's decisions, as pure functions: which pods are replicas to send to, which one
 gets a request, and how a stream cut mid-way is resumed.
 
-The router (:mod:`cheapspot_operator.router.server`) owns the I/O: it watches the pool's pods,
-proxies HTTP and counts requests in flight; everything it decides is here, so it is tested
-without sockets.
+The rest of the router owns the I/O: :mod:`~cheapspot_operator.router.replicas` watches the
+pool's pods and counts requests in flight, :mod:`~cheapspot_operator.router.relay` proxies
+HTTP, :mod:`~cheapspot_operator.router.server` serves; everything it decides is here, so it
+is tested without sockets.
 
 Resuming a stream: the router asks vLLM for the token ids of each streamed chunk
 (``return_token_ids``, removed again before the chunk reaches the client). When a replica

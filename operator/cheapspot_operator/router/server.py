@@ -20,6 +20,10 @@ not Ready at once, so the Service stops sending it requests, keeps serving for
 flight have finished, at most ``--drain-seconds``, then exits: a rolling update of the router,
 or its node drained, cuts no answer.
 
+Here: the endpoints, readiness, draining and the command line. Which replica takes a request
+and where the replicas come from: :mod:`cheapspot_operator.router.replicas`; sending the
+request, retrying and resuming: :mod:`cheapspot_operator.router.relay`.
+
 HTTP is aiohttp, server and client: the operator already depends on it (kopf is built on
 it), it streams both ways without buffering, and one event loop carries thousands of open
 streams, which is what a router spends its time on.
@@ -37,109 +41,35 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
 from cheapspot_operator.router import routing
-from cheapspot_operator.router.routing import Load, Replica, StreamState
+from cheapspot_operator.router.relay import Relay, error
+from cheapspot_operator.router.replicas import ReplicaSet, fixed_replicas, watch_pods
 
 log = logging.getLogger("cheapspot.router")
 
-COOL_DOWN_SECONDS = 3.0
-RETRIES = 4
-"""Replicas one request is tried on (first bytes failing, or a stream cut) before it fails."""
-_OWN_PATHS = frozenset({"/healthz", ROUTER_READY_PATH, "/cheapspot/router"})
-_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
-
-
-class Upstream(Exception):  # noqa: N818 (a replica's failure, handled by trying another)
-    """The replica failed the request; ``status`` is its answer, 0 when there was none."""
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ClientGone(Exception):  # noqa: N818
-    """The client closed its connection: nothing more to send, nothing to retry."""
-
-
-async def _write(response: web.StreamResponse, data: bytes) -> None:
-    try:
-        await response.write(data)
-    except (ConnectionResetError, aiohttp.ClientError, RuntimeError) as exc:
-        raise ClientGone(str(exc)) from exc
+OWN_PATHS = frozenset({"/healthz", ROUTER_READY_PATH, "/cheapspot/router"})
+"""The router's own endpoints: not client requests, not waited for when draining."""
 
 
 class Router:
+    """The router's HTTP face: its endpoints, readiness and draining; each client request is
+    handed to the :class:`Relay`, which sends it to one of the :class:`ReplicaSet`."""
+
     def __init__(self, *, capacity: int = 32, max_queue_seconds: float = 30.0) -> None:
-        self.capacity = capacity
-        self.max_queue_seconds = max_queue_seconds
-        self.replicas: dict[str, Replica] = {}
-        self.load = Load()
-        self._changed = asyncio.Condition()
-        self._session: aiohttp.ClientSession | None = None
-        self.stats = {"requests": 0, "retries": 0, "resumes": 0, "failed": 0}
-        self.cooling: dict[str, float] = {}
-        """Replica -> until when no request is sent to it: it just refused a connection or
-        failed a request before its first byte (until the pod watch says more)."""
-        self.listed = False
-        """The replica set is known (the first pod list, or fixed replicas): Ready from here."""
+        self.replicas = ReplicaSet(capacity)
+        self.relay = Relay(self.replicas, max_queue_seconds=max_queue_seconds)
         self.stopping = False
         """SIGTERM came: not Ready, draining the requests in flight."""
         self.active = 0
         """Client requests in flight through this router (streams until their last byte)."""
 
-    # -- the replica set -----------------------------------------------------------------
-
-    async def set_replicas(self, replicas: Sequence[Replica]) -> None:
-        async with self._changed:
-            self.replicas = {r.name: r for r in replicas}
-            self.listed = True
-            self._changed.notify_all()
-
-    async def _release(self, name: str) -> None:
-        async with self._changed:
-            self.load.in_flight[name] = max(0, self.load.in_flight.get(name, 0) - 1)
-            self._changed.notify_all()
-
-    async def acquire(self, model: str, exclude: set[str], deadline: float) -> Replica | None:
-        """A replica for the request, counted in flight; waits while all are busy or none
-        is ready, until ``deadline``."""
-        async with self._changed:
-            while True:
-                now = time.monotonic()
-                avoid = exclude | {n for n, t in self.cooling.items() if t > now}
-                chosen = routing.choose(
-                    self.replicas.values(), model, self.load, capacity=self.capacity, exclude=avoid
-                )
-                if chosen is None and not any(
-                    r.usable and r.name not in avoid for r in self.replicas.values()
-                ):
-                    # Every usable replica failed this request or just failed another one:
-                    # better to try one of those again than to wait for nothing.
-                    for fallback in (exclude, set()):
-                        chosen = routing.choose(
-                            self.replicas.values(),
-                            model,
-                            self.load,
-                            capacity=self.capacity,
-                            exclude=fallback,
-                        )
-                        if chosen is not None:
-                            break
-                if chosen is not None:
-                    self.load.in_flight[chosen.name] = self.load.in_flight.get(chosen.name, 0) + 1
-                    self.load.served.setdefault(chosen.name, set()).add(model)
-                    return chosen
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.relay.stats
 
     # -- shutting down -------------------------------------------------------------------
 
@@ -163,7 +93,7 @@ class Router:
     async def _count(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path in _OWN_PATHS:
+        if request.path in OWN_PATHS:
             return await handler(request)
         self.active += 1
         try:
@@ -178,7 +108,7 @@ class Router:
         for path in routing.FORWARDED_POSTS:
             app.router.add_post(path, self.handle_post)
         for path in routing.FORWARDED_GETS:
-            app.router.add_get(path, self.handle_get)
+            app.router.add_get(path, self.relay.get)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get(ROUTER_READY_PATH, self.readyz)
         app.router.add_get("/cheapspot/router", self.status)
@@ -187,20 +117,10 @@ class Router:
         return app
 
     async def _start(self, app: web.Application) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, connect=3, sock_connect=3),
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            auto_decompress=False,
-        )
+        await self.relay.start()
 
     async def _stop(self, app: web.Application) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "router app not started"
-        return self._session
+        await self.relay.close()
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -210,52 +130,15 @@ class Router:
         ready: with none ready the router queues requests, better than no endpoint at all."""
         if self.stopping:
             return web.json_response({"ready": False, "reason": "shutting down"}, status=503)
-        if not self.listed:
+        if not self.replicas.listed:
             return web.json_response(
                 {"ready": False, "reason": "the pool's replica pods are not listed yet"},
                 status=503,
             )
-        return web.json_response({"ready": True, "replicas": len(self.replicas)})
+        return web.json_response({"ready": True, "replicas": len(self.replicas.by_name)})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "replicas": [
-                    {
-                        "name": r.name,
-                        "url": r.url,
-                        "ready": r.ready,
-                        "draining": r.draining,
-                        "in_flight": self.load.in_flight.get(r.name, 0),
-                    }
-                    for r in sorted(self.replicas.values(), key=lambda r: r.name)
-                ],
-                **self.stats,
-            }
-        )
-
-    def _error(self, message: str, status: int) -> web.Response:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return web.json_response(routing.openai_error(message, status, kind), status=status)
-
-    async def handle_get(self, request: web.Request) -> web.Response:
-        deadline = time.monotonic() + self.max_queue_seconds
-        tried: set[str] = set()
-        for _ in range(RETRIES):
-            replica = await self.acquire("", tried, deadline)
-            if replica is None:
-                break
-            try:
-                async with self.session.get(replica.url + request.path) as resp:
-                    data = await resp.read()
-                    return web.Response(
-                        body=data, status=resp.status, content_type=resp.content_type
-                    )
-            except (aiohttp.ClientError, TimeoutError):
-                tried.add(replica.name)
-            finally:
-                await self._release(replica.name)
-        return self._error("no replica of this pool is ready", 503)
+        return web.json_response({"replicas": self.replicas.describe(), **self.stats})
 
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -264,255 +147,12 @@ class Router:
             if not isinstance(body, dict):
                 raise ValueError("the body is not a JSON object")
         except ValueError as exc:
-            return self._error(f"request body is not valid JSON: {exc}", 400)
+            return error(f"request body is not valid JSON: {exc}", 400)
         self.stats["requests"] += 1
         model = str(body.get("model") or "")
         if body.get("stream") and routing.resumable(body):
-            return await self._stream(request, body, model)
-        return await self._once(request, raw, body, model)
-
-    async def _once(
-        self, request: web.Request, raw: bytes, body: dict[str, Any], model: str
-    ) -> web.StreamResponse:
-        """Non-resumable requests: retried on another replica while nothing has reached the
-        client; a plain (non-streamed) answer reaches the client only when it is complete."""
-        deadline = time.monotonic() + self.max_queue_seconds
-        tried: set[str] = set()
-        last = "no replica of this pool became ready within maxQueueSeconds"
-        for attempt in range(RETRIES):
-            replica = await self.acquire(model, tried, deadline)
-            if replica is None:
-                break
-            response: web.StreamResponse | None = None
-            try:
-                async with self.session.post(
-                    replica.url + request.path,
-                    data=raw,
-                    headers={"Content-Type": "application/json"},
-                ) as resp:
-                    if resp.status >= 500:
-                        raise Upstream(f"{replica.name} answered {resp.status}", resp.status)
-                    if not body.get("stream"):
-                        data = await resp.read()
-                        return web.Response(
-                            body=data, status=resp.status, content_type=resp.content_type
-                        )
-                    response = web.StreamResponse(status=resp.status, headers=_copy(resp))
-                    await response.prepare(request)
-                    async for piece in resp.content.iter_any():
-                        await _write(response, piece)
-                    await response.write_eof()
-                    return response
-            except ClientGone:
-                assert response is not None
-                return response
-            except (aiohttp.ClientError, TimeoutError, Upstream) as exc:
-                last = f"replica {replica.name} failed: {exc}"
-                self.cooling[replica.name] = time.monotonic() + COOL_DOWN_SECONDS
-                if response is not None:
-                    # Bytes already went out: a stream the router cannot resume ends here.
-                    self.stats["failed"] += 1
-                    log.warning("unresumable stream cut: %s", last)
-                    return response
-                tried.add(replica.name)
-                if attempt + 1 < RETRIES:
-                    self.stats["retries"] += 1
-            finally:
-                await self._release(replica.name)
-        self.stats["failed"] += 1
-        return self._error(last, 503)
-
-    async def _stream(
-        self, request: web.Request, body: dict[str, Any], model: str
-    ) -> web.StreamResponse:
-        """A resumable stream: token ids tracked, continued elsewhere when cut."""
-        deadline = time.monotonic() + self.max_queue_seconds
-        state = StreamState(request.path, body, prompt_ids=routing.prompt_ids(body))
-        tried: set[str] = set()
-        response: web.StreamResponse | None = None
-        last = "no replica of this pool became ready within maxQueueSeconds"
-        for attempt in range(RETRIES):
-            replica = await self.acquire(model, tried, deadline)
-            if replica is None:
-                break
-            resumed = state.first is not None
-            try:
-                if resumed:
-                    if state.prompt_ids is None:
-                        state.prompt_ids = await self._tokenize(replica, request.path, body)
-                    if state.sure < state.committed:
-                        await self._settle(replica, state)
-                    path = routing.COMPLETIONS
-                    doc = routing.continuation_body(
-                        body, state.prompt_ids, routing.resume_point(state)
-                    )
-                else:
-                    path, doc = request.path, routing.upstream_body(body)
-                async with self.session.post(replica.url + path, json=doc) as resp:
-                    if resp.status >= 500:
-                        raise Upstream(f"{replica.name} answered {resp.status}", resp.status)
-                    if resp.status != 200:
-                        data = await resp.read()
-                        if response is None:
-                            return web.Response(
-                                body=data, status=resp.status, content_type=resp.content_type
-                            )
-                        raise Upstream(f"{replica.name} refused the continuation: {data[:300]!r}")
-                    if response is None:
-                        response = web.StreamResponse(status=200, headers=_copy(resp))
-                        await response.prepare(request)
-                    await self._relay(resp, response, state, resumed=resumed)
-                if state.done:
-                    await response.write_eof()
-                    return response
-                raise Upstream(f"{replica.name} ended the stream early")
-            except ClientGone:
-                assert response is not None
-                return response
-            except (aiohttp.ClientError, TimeoutError, Upstream) as exc:
-                last = f"replica {replica.name} failed: {exc}"
-                self.cooling[replica.name] = time.monotonic() + COOL_DOWN_SECONDS
-                tried.add(replica.name)
-                if response is not None and state.finished:
-                    # The answer is whole (its finish_reason sent): only the closing events
-                    # were lost. A continuation would add a token, so the router ends it.
-                    log.info("a stream cut after its last token, closed here: %s", last)
-                    with contextlib.suppress(ClientGone):
-                        await _write(response, routing.closing_events(state))
-                        await response.write_eof()
-                    return response
-                if attempt + 1 < RETRIES:
-                    if response is not None:
-                        self.stats["resumes"] += 1
-                        log.info("resuming a stream after %d tokens: %s", len(state.sent_ids), last)
-                    else:
-                        self.stats["retries"] += 1
-            finally:
-                await self._release(replica.name)
-        self.stats["failed"] += 1
-        if response is None:
-            return self._error(last, 503)
-        with contextlib.suppress(ConnectionResetError):
-            await response.write(routing.sse(json.dumps(routing.openai_error(last, 503)).encode()))
-            await response.write_eof()
-        return response
-
-    async def _relay(
-        self,
-        resp: aiohttp.ClientResponse,
-        response: web.StreamResponse,
-        state: StreamState,
-        *,
-        resumed: bool,
-    ) -> None:
-        buffer = b""
-        async for piece in resp.content.iter_any():
-            events, buffer = routing.parse_sse(buffer + piece)
-            for payload in events:
-                out = routing.relay_chunk(state, payload, resumed=resumed)
-                if out is not None:
-                    await _write(response, out)
-                if state.done:
-                    return
-
-    async def _settle(self, replica: Replica, state: StreamState) -> None:
-        """How many of the last chunk's tokens the client has the text of, when vLLM merged
-        several tokens into that chunk: the most whose text, decoded after the prompt, is
-        exactly the text sent. A continuation after a token whose text was held back would
-        start inside a character."""
-        prompt = state.prompt_ids or []
-        base = await self._detokenize(replica, prompt)
-        for count in routing.commit_candidates(state):
-            decoded = await self._detokenize(replica, [*prompt, *state.sent_ids[:count]])
-            if decoded == base + state.text:
-                state.committed = state.sure = count
-                return
-        log.warning(
-            "no count of tokens decodes to the text sent; resuming after %d", state.committed
-        )
-
-    async def _detokenize(self, replica: Replica, ids: list[int]) -> str:
-        async with self.session.post(replica.url + "/detokenize", json={"tokens": ids}) as resp:
-            if resp.status != 200:
-                raise Upstream(f"{replica.name} could not detokenize: {resp.status}")
-            text: str = (await resp.json())["prompt"]
-            return text
-
-    async def _tokenize(self, replica: Replica, path: str, body: dict[str, Any]) -> list[int]:
-        doc = routing.tokenize_body(path, body)
-        if doc is None:
-            return routing.prompt_ids(body) or []
-        async with self.session.post(replica.url + "/tokenize", json=doc) as resp:
-            if resp.status != 200:
-                raise Upstream(f"{replica.name} could not tokenize the prompt: {resp.status}")
-            tokens: list[int] = (await resp.json())["tokens"]
-            return tokens
-
-
-def _copy(resp: aiohttp.ClientResponse) -> dict[str, str]:
-    return {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
-
-
-# -- watching the pool's pods ------------------------------------------------------------------
-
-
-def watch_pods(
-    router: Router,
-    loop: asyncio.AbstractEventLoop,
-    namespace: str,
-    pool: str,
-    stop: threading.Event,
-    *,
-    kubeconfig: str | None = None,
-    port: int = SERVE_PORT,
-) -> None:
-    """List and watch the pool's replica pods (in a thread), handing each new view of the
-    replica set to the router's loop. Relists after a watch ends or fails."""
-    from kubernetes import client, watch
-
-    from cheapspot_operator.runtime.kubeapi import KubeApi
-
-    api = KubeApi.from_config(kubeconfig)
-    core = client.CoreV1Api(api._client)
-    selector = routing.pool_selector(pool)
-    pods: dict[str, dict[str, Any]] = {}
-
-    def publish() -> None:
-        view = [r for p in pods.values() if (r := routing.replica_from_pod(p, port)) is not None]
-        asyncio.run_coroutine_threadsafe(router.set_replicas(view), loop)
-
-    while not stop.is_set():
-        try:
-            listed = api.request(
-                "GET", f"/api/v1/namespaces/{namespace}/pods", query={"labelSelector": selector}
-            )
-            pods = {p["metadata"]["name"]: p for p in listed.get("items") or []}
-            publish()
-            version = listed["metadata"]["resourceVersion"]
-            w = watch.Watch()  # type: ignore[no-untyped-call]
-            for ev in w.stream(  # type: ignore[no-untyped-call]
-                core.list_namespaced_pod,
-                namespace,
-                label_selector=selector,
-                resource_version=version,
-                timeout_seconds=30,
-                allow_watch_bookmarks=False,
-            ):
-                if stop.is_set():
-                    w.stop()  # type: ignore[no-untyped-call]
-                    break
-                obj = ev.get("raw_object") or {}
-                name = (obj.get("metadata") or {}).get("name")
-                if ev.get("type") == "ERROR" or not name:
-                    break
-                if ev["type"] == "DELETED":
-                    pods.pop(name, None)
-                else:
-                    pods[name] = obj
-                publish()
-        except Exception as exc:
-            log.warning("pod watch failed (%s); relisting", exc)
-            stop.wait(1.0)
+            return await self.relay.stream(request, body, model)
+        return await self.relay.once(request, raw, body, model)
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -564,15 +204,6 @@ def _namespace(given: str | None) -> str:
     return "default"
 
 
-def fixed_replicas(urls: Sequence[str]) -> list[Replica]:
-    out = []
-    for i, url in enumerate(urls):
-        hostport = url.split("://", 1)[-1].rstrip("/")
-        host, _, port = hostport.rpartition(":")
-        out.append(Replica(f"replica-{i}", host, int(port), ready=True))
-    return out
-
-
 def listen_host(given: str | None) -> str:
     if given:
         return given
@@ -590,11 +221,17 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     halt = threading.Event()
     watcher: threading.Thread | None = None
     if args.replica:
-        await router.set_replicas(fixed_replicas(args.replica))
+        await router.replicas.update(fixed_replicas(args.replica))
     else:
         watcher = threading.Thread(
             target=watch_pods,
-            args=(router, asyncio.get_running_loop(), _namespace(args.namespace), args.pool, halt),
+            args=(
+                router.replicas,
+                asyncio.get_running_loop(),
+                _namespace(args.namespace),
+                args.pool,
+                halt,
+            ),
             kwargs={"kubeconfig": args.kubeconfig, "port": args.replica_port},
             daemon=True,
         )

@@ -1,4 +1,4 @@
-"""Builders for pool tests: pools, replica pods, replica reports and a world that steps forward.
+"""The inference pool's test world and its builders: pools and replica pods.
 
 ``PoolWorld.step()`` plans and applies what the act layer would (status stored, replicas
 created Pending, draining marks set, deletions begun, adapter lists taken up), so a test says
@@ -7,14 +7,12 @@ only what changes in the world (``w.taint("spot-1")``, ``w.run_all()``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from cheapspot_operator.api.inferencepool import InferencePoolSpec, InferencePoolStatus
-from cheapspot_operator.cluster.placement import PROFILES, PlacementProfile
-from cheapspot_operator.cluster.views import NodeView, PodView
+from cheapspot_operator.cluster.views import PodView
 from cheapspot_operator.inferencepool.actions import (
     CreateReplica,
     EnsureRouter,
@@ -31,13 +29,10 @@ from cheapspot_operator.inferencepool.observed import (
     RouterView,
 )
 from cheapspot_operator.inferencepool.plan import plan, replica_pod_name
-from cheapspot_operator.planning.actions import DeletePod, EmitEvent
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
-from cheapspot_operator.pricing.table import PriceTable, default_prices
-from cheapspot_operator.testing.train import FakeClock, make_node
+from cheapspot_operator.testing.world import WorkloadWorld
 
 POOL_NAME = "qa-serve"
-INTERRUPTION = "cheapspot.dev/interruption"
 
 
 def pool_dict(**overrides: Any) -> dict[str, Any]:
@@ -80,47 +75,37 @@ def make_replica(index: int, attempt: int = 0, **overrides: Any) -> ReplicaPod:
     )
 
 
-def default_pool_nodes() -> dict[str, NodeView]:
-    nodes = [
-        make_node("spot-1"),
-        make_node("spot-2"),
-        make_node("on-demand-1", "on-demand"),
-    ]
-    return {n.name: n for n in nodes}
-
-
 @dataclass
-class PoolWorld:
+class PoolWorld(WorkloadWorld[ReplicaPod, PoolAction, InferencePoolStatus]):
     spec: InferencePoolSpec = field(default_factory=make_pool)
     status: InferencePoolStatus = field(default_factory=InferencePoolStatus)
-    pods: dict[str, ReplicaPod] = field(default_factory=dict)
-    nodes: dict[str, NodeView] = field(default_factory=default_pool_nodes)
     reports: dict[str, ReplicaReport] = field(default_factory=dict)
     router: RouterView | None = None
-    other_gpus: dict[str, int] = field(default_factory=dict)
-    """GPUs requested on a node by pods of other workloads."""
-    clock: FakeClock = field(default_factory=FakeClock)
-    profile: PlacementProfile = PROFILES["local"]
-    prices: PriceTable = field(default_factory=default_prices)
     quotes: dict[PriceKey, Quote] = field(default_factory=dict)
     """Live prices (the price book's snapshot); the table fills the gaps."""
-    generation: int = 1
-    last: list[PoolAction] = field(default_factory=list)
+
+    @property
+    def current_status(self) -> InferencePoolStatus:
+        return self.status
+
+    def view_of(self, pod: ReplicaPod) -> PodView:
+        return pod.pod
+
+    def with_view(self, pod: ReplicaPod, view: PodView) -> ReplicaPod:
+        return replace(pod, pod=view)
+
+    def gpus_of(self, pod: ReplicaPod) -> float:
+        return self.spec.resources.gpu
+
+    @property
+    def gpu_resource(self) -> str:
+        return self.spec.resources.gpu_resource
 
     def observed(self) -> PoolObserved:
-        # What the act layer does: each node's GPUs requested by the live pods bound to it.
-        used: dict[str, float] = {k: float(v) for k, v in self.other_gpus.items()}
-        for rp in self.pods.values():
-            if rp.pod.node_name and not rp.pod.terminated:
-                used[rp.pod.node_name] = used.get(rp.pod.node_name, 0.0) + self.spec.resources.gpu
-        resource = self.spec.resources.gpu_resource
         return PoolObserved(
             pool=PoolView("default", POOL_NAME, "uid-1", self.generation, self.status),
             replicas=tuple(self.pods.values()),
-            nodes={
-                name: replace(n, requested={resource: used.get(name, 0.0)})
-                for name, n in self.nodes.items()
-            },
+            nodes=self.observed_nodes(),
             profile=self.profile,
             prices=self.prices,
             reports=dict(self.reports),
@@ -128,42 +113,31 @@ class PoolWorld:
             quotes=dict(self.quotes),
         )
 
-    def step(self, seconds: float = 0.0) -> list[PoolAction]:
-        self.clock.advance(seconds)
-        actions = plan(self.spec, self.observed(), self.clock.now)
-        for action in actions:
-            if isinstance(action, UpdatePoolStatus):
-                self.status = action.status
-            elif isinstance(action, CreateReplica):
-                name = replica_pod_name(POOL_NAME, action.index, action.attempt)
-                self.pods.setdefault(
-                    name,
-                    make_replica(
-                        action.index,
-                        action.attempt,
-                        capacity=action.capacity.value,
-                        node_name="",
-                        phase="Pending",
-                        ready=False,
-                    ),
-                )
-            elif isinstance(action, MarkDraining) and action.pod in self.pods:
-                self.pods[action.pod] = replace(
-                    self.pods[action.pod], draining_until=action.deadline
-                )
-            elif isinstance(action, DeletePod) and action.name in self.pods:
-                rp = self.pods[action.name]
-                if action.grace_seconds == 0 or rp.pod.phase != "Running":
-                    del self.pods[action.name]
-                else:
-                    self.pods[action.name] = replace(rp, pod=replace(rp.pod, deleting=True))
-            elif isinstance(action, SyncAdapters) and action.pod in self.reports:
-                names = frozenset(a.name for a in action.adapters)
-                self.reports[action.pod] = replace(self.reports[action.pod], adapters=names)
-            elif isinstance(action, EnsureRouter):
-                self.router = RouterView(action.replicas, action.replicas)
-        self.last = actions
-        return actions
+    def plan(self) -> list[PoolAction]:
+        return plan(self.spec, self.observed(), self.clock.now)
+
+    def apply(self, action: PoolAction, *, apply_pods: bool) -> None:
+        if isinstance(action, UpdatePoolStatus):
+            self.status = action.status
+        elif isinstance(action, CreateReplica) and apply_pods:
+            self.pods.setdefault(
+                replica_pod_name(POOL_NAME, action.index, action.attempt),
+                make_replica(
+                    action.index,
+                    action.attempt,
+                    capacity=action.capacity.value,
+                    node_name="",
+                    phase="Pending",
+                    ready=False,
+                ),
+            )
+        elif isinstance(action, MarkDraining) and action.pod in self.pods:
+            self.pods[action.pod] = replace(self.pods[action.pod], draining_until=action.deadline)
+        elif isinstance(action, SyncAdapters) and action.pod in self.reports:
+            names = frozenset(a.name for a in action.adapters)
+            self.reports[action.pod] = replace(self.reports[action.pod], adapters=names)
+        elif isinstance(action, EnsureRouter):
+            self.router = RouterView(action.replicas, action.replicas)
 
     def run_all(self, node: dict[str, str] | None = None) -> None:
         """Schedule pending replicas on a node of their capacity, Running and Ready, each
@@ -185,10 +159,6 @@ class PoolWorld:
         self.step()
         return self
 
-    def taint(self, node: str, key: str = INTERRUPTION) -> None:
-        n = self.nodes[node]
-        self.nodes[node] = replace(n, taint_keys=n.taint_keys | {key})
-
     def set_pod(self, name: str, **changes: Any) -> None:
         rp = self.pods[name]
         top = {k: changes.pop(k) for k in ("ready", "draining_until", "ip") if k in changes}
@@ -200,18 +170,8 @@ class PoolWorld:
     def of_slot(self, index: int) -> list[ReplicaPod]:
         return sorted((p for p in self.pods.values() if p.index == index), key=lambda p: p.attempt)
 
-    def events(self, reason: str | None = None) -> list[EmitEvent]:
-        return [
-            a
-            for a in self.last
-            if isinstance(a, EmitEvent) and (reason is None or a.reason == reason)
-        ]
-
     def creates(self) -> list[CreateReplica]:
         return [a for a in self.last if isinstance(a, CreateReplica)]
-
-    def deletes(self) -> list[DeletePod]:
-        return [a for a in self.last if isinstance(a, DeletePod)]
 
     def marks(self) -> list[MarkDraining]:
         return [a for a in self.last if isinstance(a, MarkDraining)]
@@ -219,18 +179,5 @@ class PoolWorld:
     def syncs(self) -> list[SyncAdapters]:
         return [a for a in self.last if isinstance(a, SyncAdapters)]
 
-    def condition(self, type_: str) -> tuple[str, str]:
-        for c in self.status.conditions:
-            if c.type == type_:
-                return c.status, c.reason
-        raise KeyError(type_)
-
-    def condition_message(self, type_: str) -> str:
-        return next(c.message for c in self.status.conditions if c.type == type_)
-
     def deadline_of(self, name: str) -> datetime | None:
         return self.pods[name].draining_until
-
-
-def nodes(*names: str, capacity: str = "spot", taints: Iterable[str] = ()) -> dict[str, NodeView]:
-    return {n: make_node(n, capacity, taints=taints) for n in names}

@@ -1,0 +1,184 @@
+"""The replicas a router sends to: where they come from and which one takes the next request.
+
+:class:`ReplicaSet` is the router's live view of the pool's replicas and what it has sent to
+each (requests in flight, adapters served, replicas cooling down after a failure); a request
+waits in :meth:`ReplicaSet.acquire` while every replica is busy or none is ready.
+:func:`watch_pods` keeps that view up to date from the pool's replica pods; ``--replica``
+URLs (:func:`fixed_replicas`) stand in for them where there is no Kubernetes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kubernetes import client, config, watch
+
+from cheapspot.contract import SERVE_PORT
+from cheapspot_operator.router import routing
+from cheapspot_operator.router.routing import Load, Replica
+
+log = logging.getLogger("cheapspot.router")
+
+COOL_DOWN_SECONDS = 3.0
+LIST_TIMEOUT = (5.0, 30.0)
+"""(connect, read) seconds for the pod list: a hung API server must not hang the watch."""
+
+
+class ReplicaSet:
+    def __init__(self, capacity: int = 32) -> None:
+        self.capacity = capacity
+        """Requests in flight one replica takes before another request waits."""
+        self.by_name: dict[str, Replica] = {}
+        self.load = Load()
+        self.cooling: dict[str, float] = {}
+        """Replica -> until when no request is sent to it: it just refused a connection or
+        failed a request before its first byte (until the pod watch says more)."""
+        self.listed = False
+        """The replica set is known (the first pod list, or fixed replicas)."""
+        self._changed = asyncio.Condition()
+
+    async def update(self, replicas: Sequence[Replica]) -> None:
+        async with self._changed:
+            self.by_name = {r.name: r for r in replicas}
+            self.listed = True
+            self._changed.notify_all()
+
+    def cool(self, name: str) -> None:
+        self.cooling[name] = time.monotonic() + COOL_DOWN_SECONDS
+
+    async def release(self, name: str) -> None:
+        async with self._changed:
+            self.load.in_flight[name] = max(0, self.load.in_flight.get(name, 0) - 1)
+            self._changed.notify_all()
+
+    async def acquire(self, model: str, exclude: set[str], deadline: float) -> Replica | None:
+        """A replica for the request, counted in flight; waits while all are busy or none
+        is ready, until ``deadline``."""
+        async with self._changed:
+            while True:
+                now = time.monotonic()
+                avoid = exclude | {n for n, t in self.cooling.items() if t > now}
+                chosen = self._choose(model, avoid)
+                if chosen is None and not any(
+                    r.usable and r.name not in avoid for r in self.by_name.values()
+                ):
+                    # Every usable replica failed this request or just failed another one:
+                    # better to try one of those again than to wait for nothing.
+                    for fallback in (exclude, set()):
+                        chosen = self._choose(model, fallback)
+                        if chosen is not None:
+                            break
+                if chosen is not None:
+                    self.load.in_flight[chosen.name] = self.load.in_flight.get(chosen.name, 0) + 1
+                    self.load.served.setdefault(chosen.name, set()).add(model)
+                    return chosen
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+
+    def _choose(self, model: str, exclude: set[str]) -> Replica | None:
+        return routing.choose(
+            self.by_name.values(), model, self.load, capacity=self.capacity, exclude=exclude
+        )
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each replica, by name, as the router's status page shows it."""
+        return [
+            {
+                "name": r.name,
+                "url": r.url,
+                "ready": r.ready,
+                "draining": r.draining,
+                "in_flight": self.load.in_flight.get(r.name, 0),
+            }
+            for r in sorted(self.by_name.values(), key=lambda r: r.name)
+        ]
+
+
+def fixed_replicas(urls: Sequence[str]) -> list[Replica]:
+    out = []
+    for i, url in enumerate(urls):
+        hostport = url.split("://", 1)[-1].rstrip("/")
+        host, _, port = hostport.rpartition(":")
+        out.append(Replica(f"replica-{i}", host, int(port), ready=True))
+    return out
+
+
+def api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """In-cluster configuration when running in a pod, else the kubeconfig."""
+    try:
+        if kubeconfig:
+            raise config.ConfigException("kubeconfig given")
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+def watch_pods(
+    replicas: ReplicaSet,
+    loop: asyncio.AbstractEventLoop,
+    namespace: str,
+    pool: str,
+    stop: threading.Event,
+    *,
+    kubeconfig: str | None = None,
+    port: int = SERVE_PORT,
+) -> None:
+    """List and watch the pool's replica pods (in a thread), handing each new view of the
+    replica set to the router's loop. Relists after a watch ends or fails."""
+    core = client.CoreV1Api(api_client(kubeconfig))
+    selector = routing.pool_selector(pool)
+    pods: dict[str, dict[str, Any]] = {}
+
+    def publish() -> None:
+        view = [r for p in pods.values() if (r := routing.replica_from_pod(p, port)) is not None]
+        asyncio.run_coroutine_threadsafe(replicas.update(view), loop)
+
+    while not stop.is_set():
+        try:
+            # The raw JSON (the HTTP response, which the typed signature does not say), as
+            # the watch's raw_object is: replica_from_pod reads API dicts.
+            resp: Any = core.list_namespaced_pod(
+                namespace,
+                label_selector=selector,
+                _preload_content=False,
+                _request_timeout=LIST_TIMEOUT,
+            )
+            listed = json.loads(resp.data)
+            pods = {p["metadata"]["name"]: p for p in listed.get("items") or []}
+            publish()
+            version = listed["metadata"]["resourceVersion"]
+            w = watch.Watch()  # type: ignore[no-untyped-call]
+            for ev in w.stream(  # type: ignore[no-untyped-call]
+                core.list_namespaced_pod,
+                namespace,
+                label_selector=selector,
+                resource_version=version,
+                timeout_seconds=30,
+                allow_watch_bookmarks=False,
+            ):
+                if stop.is_set():
+                    w.stop()  # type: ignore[no-untyped-call]
+                    break
+                obj = ev.get("raw_object") or {}
+                name = (obj.get("metadata") or {}).get("name")
+                if ev.get("type") == "ERROR" or not name:
+                    break
+                if ev["type"] == "DELETED":
+                    pods.pop(name, None)
+                else:
+                    pods[name] = obj
+                publish()
+        except Exception as exc:
+            log.warning("pod watch failed (%s); relisting", exc)
+            stop.wait(1.0)
