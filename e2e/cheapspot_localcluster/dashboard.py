@@ -89,7 +89,7 @@ class MetricsRecorder:
         return self.samples
 
 
-def _lines(
+def series_lines(
     samples: Sequence[tuple[float, Series]],
     name: str,
     key: Callable[[Mapping[str, str]], str | None],
@@ -153,7 +153,7 @@ def render(samples: Sequence[tuple[float, Series]], path: Path, title: str = "")
         (
             "Training: spent by capacity type",
             "USD",
-            _lines(samples, "cheapspot_job_cost_dollars", _spent_by_capacity),
+            series_lines(samples, "cheapspot_job_cost_dollars", _spent_by_capacity),
         ),
         (
             "Savings against on-demand",
@@ -166,13 +166,13 @@ def render(samples: Sequence[tuple[float, Series]], path: Path, title: str = "")
         (
             "Budget remaining",
             "USD",
-            _lines(samples, "cheapspot_budget_remaining_dollars", _by("job"))
-            | _lines(samples, "cheapspot_pool_budget_remaining_dollars", _by("pool")),
+            series_lines(samples, "cheapspot_budget_remaining_dollars", _by("job"))
+            | series_lines(samples, "cheapspot_pool_budget_remaining_dollars", _by("pool")),
         ),
         (
             "Node price by instance and capacity type",
             "USD/h",
-            _lines(
+            series_lines(
                 samples,
                 "cheapspot_node_price_dollars_per_hour",
                 lambda labels: f"{labels.get('capacity_type')} {labels.get('instance_type')}",
@@ -182,13 +182,17 @@ def render(samples: Sequence[tuple[float, Series]], path: Path, title: str = "")
         (
             "Preemptions and fallbacks",
             "count",
-            _lines(samples, "cheapspot_preemptions_total", lambda lb: f"preempted: {lb['signal']}")
-            | _lines(samples, "cheapspot_fallbacks_total", lambda lb: f"fell back: {lb['reason']}"),
+            series_lines(
+                samples, "cheapspot_preemptions_total", lambda lb: f"preempted: {lb['signal']}"
+            )
+            | series_lines(
+                samples, "cheapspot_fallbacks_total", lambda lb: f"fell back: {lb['reason']}"
+            ),
         ),
         (
             "Serving: spent by capacity type",
             "USD",
-            _lines(samples, "cheapspot_pool_cost_dollars", _spent_by_capacity),
+            series_lines(samples, "cheapspot_pool_cost_dollars", _spent_by_capacity),
         ),
     ]
     fig, axes = plt.subplots(3, 2, figsize=(13, 11), constrained_layout=True)

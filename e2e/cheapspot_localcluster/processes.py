@@ -153,7 +153,7 @@ def wait_ready(
     )
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -194,7 +194,7 @@ def running_pids(layout: Layout) -> dict[str, int]:
     alive = {}
     for name, rec in recorded(layout).items():
         pid = int(str(rec["pid"]))
-        if _alive(pid) and _same_program(pid, str(rec["exe"])):
+        if process_alive(pid) and _same_program(pid, str(rec["exe"])):
             alive[name] = pid
     return alive
 
@@ -216,7 +216,7 @@ def stop(
     for name in names:
         rec = records[name]
         pid = int(str(rec["pid"]))
-        if _alive(pid) and _same_program(pid, str(rec["exe"])):
+        if process_alive(pid) and _same_program(pid, str(rec["exe"])):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + grace_s
@@ -224,7 +224,7 @@ def stop(
             while time.monotonic() < deadline:
                 if child is not None:
                     child.poll()  # reap, or the zombie looks alive
-                if not _alive(pid):
+                if not process_alive(pid):
                     break
                 time.sleep(0.1)
             else:

@@ -13,7 +13,7 @@ import pytest
 from cheapspot_localcluster import cli, versions
 from cheapspot_localcluster.cluster import LocalCluster
 from cheapspot_localcluster.components import Ports
-from cheapspot_localcluster.processes import _alive
+from cheapspot_localcluster.processes import process_alive
 from cheapspot_localcluster.waiting import wait_for
 
 CAPACITY = "cheapspot.dev/capacity-type"
@@ -198,4 +198,4 @@ def test_down_leaves_no_process(tmp_path: Path) -> None:
     # `cheapspot down`, the way a user stops a cluster from another shell.
     assert cli.down_main(["--state-dir", str(tmp_path / "state")]) == 0
     second.stop()  # reaps our own children (a CLI `up` would have left them to init)
-    assert not [name for name, pid in pids.items() if _alive(pid)]
+    assert not [name for name, pid in pids.items() if process_alive(pid)]

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from operator_harness import Harness, make_harness, wait_for
 
+from cheapspot_localcluster.processes import process_alive
+
 
 @pytest.fixture
 def h(local_cluster: Any, s3_endpoint: Any, tmp_path: Path) -> Iterator[Harness]:
@@ -107,20 +109,11 @@ def test_an_operator_goes_with_the_process_that_started_it(h: Harness, tmp_path:
             "the operator up",
             lambda: "authentication has finished" in log.read_text(errors="replace"),
         )
-        assert _alive(pid)
+        assert process_alive(pid)
         starter.kill()
         starter.wait(10)
-        wait_for("the operator gone with its starter", lambda: not _alive(pid), timeout_s=10)
+        wait_for("the operator gone with its starter", lambda: not process_alive(pid), timeout_s=10)
     finally:
         starter.kill()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """Running: a zombie (exited, not reaped yet by whoever adopted it) counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

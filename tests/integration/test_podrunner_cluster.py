@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from cheapspot_localcluster.cluster import LocalCluster
-from cheapspot_localcluster.processes import _alive
+from cheapspot_localcluster.processes import process_alive
 from cheapspot_localcluster.waiting import wait_for
 
 CAPACITY = "cheapspot.dev/capacity-type"
@@ -226,7 +226,7 @@ def test_a_containers_other_processes_end_with_its_main_process(
     pod = wait_for("pod to end Failed", lambda: finished(cluster, ns, "parent"))
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
     child = next(r["child"] for r in reports(report) if "child" in r)
-    wait_for("the child to be killed", lambda: not _alive(child), 10)
+    wait_for("the child to be killed", lambda: not process_alive(child), 10)
 
 
 def test_a_restart_always_container_is_restarted_in_place_with_its_ip(
@@ -276,7 +276,7 @@ def test_a_restart_always_container_is_restarted_in_place_with_its_ip(
     assert third["POD_IP"] == first["POD_IP"]
     core.delete_namespaced_pod("server", ns)
     wait_for("the pod gone", lambda: pod_dict(cluster, ns, "server") is None, 40)
-    assert not _alive(third["pid"])
+    assert not process_alive(third["pid"])
 
 
 def test_deletion_delivers_sigterm_then_sigkill_after_the_grace_period(
@@ -304,10 +304,10 @@ def test_deletion_delivers_sigterm_then_sigkill_after_the_grace_period(
     # The stubborn one hears SIGTERM too, ignores it, and is SIGKILLed once its 3 s are up.
     wait_for("stubborn's SIGTERM", lambda: any("sigterm" in r for r in reports(stubborn)), 10)
     pid = reports(stubborn)[0]["pid"]
-    wait_for("stubborn's process to be killed", lambda: not _alive(pid), 20)
+    wait_for("stubborn's process to be killed", lambda: not process_alive(pid), 20)
     assert time.monotonic() - deleted >= 3, "killed before its grace period was up"
     wait_for("stubborn to be gone", lambda: pod_dict(cluster, ns, "stubborn") is None, 15)
-    assert not _alive(reports(polite)[0]["pid"])
+    assert not process_alive(reports(polite)[0]["pid"])
 
 
 def test_a_reclaimed_node_kills_its_pods_processes(
@@ -323,12 +323,12 @@ def test_a_reclaimed_node_kills_its_pods_processes(
     node = pod["spec"]["nodeName"]
     assert node in cluster.spot_nodes()
     pid = reports(report)[0]["pid"]
-    assert _alive(pid)
+    assert process_alive(pid)
 
     try:
         # No notice: the machine is simply gone. Its processes die with it, unwarned.
         cluster.preempt(node, notice_s=0)
-        assert not _alive(pid)
+        assert not process_alive(pid)
         assert not any("sigterm" in r for r in reports(report)), "a vanished machine sent SIGTERM"
         assert pod_dict(cluster, ns, "victim") is None
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from cheapspot_localcluster.dashboard import _lines, load, parse, render, save, savings
+from cheapspot_localcluster.dashboard import load, parse, render, save, savings, series_lines
 
 
 def _exposition(spot: float, equivalent: float, preemptions: int) -> str:
@@ -65,7 +65,7 @@ def test_a_price_shared_by_several_nodes_is_averaged_not_added() -> None:
     price.labels("spot-1", "g5.xlarge", "spot", "a").set(0.40)
     price.labels("spot-2", "g5.xlarge", "spot", "b").set(0.50)
     samples = [(0.0, parse(generate_latest(reg).decode()))]
-    lines = _lines(
+    lines = series_lines(
         samples,
         "cheapspot_node_price_dollars_per_hour",
         lambda lb: lb["instance_type"],

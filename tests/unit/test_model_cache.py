@@ -11,7 +11,7 @@ import pytest
 
 from cheapspot.store import Store
 from cheapspot_worker.errors import PermanentError
-from cheapspot_worker.loading import COMPLETE_MARKER, _download_s3_model, cache_dir
+from cheapspot_worker.loading import COMPLETE_MARKER, cache_dir, download_s3_model
 
 FILES = {"config.json": b'{"model_type": "qwen2"}', "model.safetensors": b"w" * 4096}
 
@@ -58,7 +58,7 @@ def test_two_processes_downloading_at_once_each_write_their_own_files(
     results: dict[str, Path] = {}
     threads = [
         threading.Thread(
-            target=lambda n=n: results.update({n: _download_s3_model(model_uri)}), name=n
+            target=lambda n=n: results.update({n: download_s3_model(model_uri)}), name=n
         )
         for n in ("replica-a", "replica-b")
     ]
@@ -76,10 +76,10 @@ def test_two_processes_downloading_at_once_each_write_their_own_files(
 
 
 def test_an_incomplete_directory_left_by_a_crash_is_replaced(model_uri: str) -> None:
-    first = _download_s3_model(model_uri)
+    first = download_s3_model(model_uri)
     (first / COMPLETE_MARKER).unlink()  # as if the process died before finishing
     (first / "model.safetensors").write_bytes(b"half")
-    again = _download_s3_model(model_uri)
+    again = download_s3_model(model_uri)
     assert again == first
     _assert_complete(again)
     assert _leftovers() == []
@@ -102,7 +102,7 @@ def test_a_copy_completed_first_by_another_process_is_kept(
             theirs.append(dest)
 
     monkeypatch.setattr(Store, "download", download)
-    got = _download_s3_model(model_uri)
+    got = download_s3_model(model_uri)
     assert got == theirs[0]
     assert (got / COMPLETE_MARKER).read_text() == "theirs"
     assert _leftovers() == []
@@ -112,6 +112,6 @@ def test_a_failed_download_leaves_nothing_behind(model_uri: str) -> None:
     src = Path(model_uri.removeprefix("file://"))
     (src / "config.json").unlink()
     with pytest.raises(PermanentError, match=r"no config\.json"):
-        _download_s3_model(model_uri)
+        download_s3_model(model_uri)
     models = cache_dir() / "models"
     assert not models.exists() or list(models.iterdir()) == []

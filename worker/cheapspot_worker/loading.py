@@ -53,7 +53,7 @@ def resolve_model_dir(source: ModelSource) -> str:
                 f"model {uri} is not a Hugging Face model directory: no config.json in {path}"
             )
         return str(path)
-    return str(_download_s3_model(uri))
+    return str(download_s3_model(uri))
 
 
 @contextlib.contextmanager
@@ -90,7 +90,7 @@ def _settle(staging: Path, dest: Path) -> None:
     raise OSError(f"cannot move the download {staging} to {dest}")
 
 
-def _download_s3_model(uri: str) -> Path:
+def download_s3_model(uri: str) -> Path:
     prefix = uri if uri.endswith("/") else uri + "/"
     dest = cache_dir() / "models" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
     if (dest / COMPLETE_MARKER).is_file():
