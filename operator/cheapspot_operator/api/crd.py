@@ -27,7 +27,7 @@ from cheapspot_operator.api import inferencepool as ps
 from cheapspot_operator.api import trainjob as s
 
 _DROP = {"title", "additionalProperties"}
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = Path(__file__).resolve().parents[3]
 CRD_FILES = ("cheaptrainjobs.yaml", "cheapinferencepools.yaml")
 CRD_PATHS = tuple(
     folder / name
