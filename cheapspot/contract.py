@@ -45,7 +45,8 @@ class ExitCode(enum.IntEnum):
     """The role finished its work (a shard finished all rounds, the anchor published the final adapter)."""
     PERMANENT = 65
     """A user error that no retry can fix (bad dataset, unknown target module, unreadable
-    model, quantization without CUDA). The job fails with the worker's message; no retry."""
+    model, a quantization the worker's device cannot run). The job fails with the worker's
+    message; no retry."""
     TRANSIENT = 75
     """Something outside the worker failed (object store down after retries). Retrying may
     succeed: the operator backs off and retries without spending the restart budget, for a
@@ -104,7 +105,8 @@ def check_uri(uri: str, allowed: tuple[str, ...]) -> str:
 class ModelSource(_Strict):
     uri: str = Field(description="Hugging Face model directory: s3://, file:// or hf://<repo id>.")
     quantization: Quantization = Field(
-        Quantization.NONE, description="Load the base model in int8 or 4-bit NF4 (CUDA only)."
+        Quantization.NONE,
+        description="Load the base model in int8 or 4-bit NF4 (bitsandbytes, on CUDA or CPU).",
     )
 
     @field_validator("uri")
@@ -267,6 +269,12 @@ class GenerationSettings(_Strict):
 class TeacherSource(ModelSource):
     """The teacher: a base model (like ``model``) and optionally a PEFT adapter on it."""
 
+    quantization: Quantization = Field(
+        Quantization.NONE,
+        description="Load the teacher in int8 or 4-bit NF4: logits mode through bitsandbytes, "
+        "on CUDA or CPU; sequences mode through vLLM, nf4 only and on CUDA only.",
+    )
+
     adapter_uri: str | None = Field(
         None,
         alias="adapterUri",
@@ -322,6 +330,11 @@ class DistillationSettings(_Strict):
     @model_validator(mode="after")
     def _mode_fields(self) -> DistillationSettings:
         if self.mode is DistillationMode.SEQUENCES:
+            if self.teacher.quantization is Quantization.INT8:
+                raise ValueError(
+                    "distillation.teacher.quantization int8 is not available in sequences "
+                    "mode (vLLM loads bitsandbytes models in 4 bits only): use nf4 or none"
+                )
             # Compared with the defaults, not model_fields_set: a task round-trips through
             # JSON with every field written out.
             fields = type(self).model_fields

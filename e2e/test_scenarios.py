@@ -362,6 +362,34 @@ def test_h_a_deadline_moves_shards_to_on_demand_when_spot_is_taken_away_and_is_m
     assert run.adapter(tmp_path) == reference, "the adapter depends on the move"
 
 
+def test_j_an_nf4_base_survives_a_reclaim_bit_identically(world: World, tmp_path: Path) -> None:
+    # The base loaded in 4-bit NF4 (bitsandbytes on the CPU here), LoRA training on top. A
+    # shard reclaimed with notice resumes on another node from its checkpoint, and the job
+    # ends with the adapter bytes of the same NF4 job run without interference.
+    nf4 = {"model": {"quantization": "nf4"}}
+    reference = world.run(prefix="nf4-ref", **nf4).apply()
+    status = reference.finish()
+    succeeded(status)
+    assert status["preemptions"] == 0
+    expected = reference.adapter(tmp_path / "reference")
+
+    run = world.run(prefix="nf4", **nf4).apply()
+    run.wait_step(0, 2)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # In the background, as in scenario a: the reclaim ends only once the node is gone.
+        reclaim = pool.submit(world.backend.reclaim, run.node_of(0), NOTICE_SECONDS)
+        status = run.finish()
+        reclaim.result(timeout=300)
+    succeeded(status)
+    assert status["preemptions"] >= 1 and status["restarts"] == 0
+    final = fetch_final(run.output_uri, tmp_path / "nf4")
+    assert (final / ADAPTER).read_bytes() == expected, "the NF4 job's adapter depends on reclaims"
+    summary = json.loads((final / "training_summary.json").read_text())
+    assert summary["preemptions_survived"] >= 1
+    # A stock PEFT adapter: it loads on the unquantized base too.
+    assert load_in_peft(world.materials.model_dir, final) > 0
+
+
 @pytest.fixture(scope="module")
 def teacher_uri(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny trained Qwen2 teacher for the tiny Qwen2 student, built here and uploaded."""

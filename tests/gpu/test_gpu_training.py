@@ -1,7 +1,7 @@
 """The gpu tier: real CUDA training of a small model through the worker, as a pod runs it.
 
 Skipped, with the reason, where there is no CUDA device (and the quantized cases where
-bitsandbytes, the ``gpu`` extra, is not installed). ``benchmarks/gpu_check.sh`` runs this
+bitsandbytes, part of the ``worker`` extra, is not installed). ``benchmarks/gpu_check.sh`` runs this
 tier and the GPU figures in one go.
 
 What is promised on a GPU:
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.gpu
 needs_bitsandbytes = pytest.mark.skipif(
     # Without CUDA the tier's own reason (no CUDA device) is the one to show.
     torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is None,
-    reason="gpu tier: bitsandbytes is not installed (pip install 'cheapspot[worker,gpu]')",
+    reason="gpu tier: bitsandbytes is not installed (pip install 'cheapspot[worker]')",
 )
 
 FINAL = "final/adapter_model.safetensors"

@@ -258,6 +258,10 @@ def test_generation_pods_run_the_serving_image_with_a_generate_task() -> None:
         ),
         ({**SEQUENCES, "generation": {"temperature": -1}}, "generation.temperature"),
         ({**SEQUENCES, "generation": {"maxNewTokens": 0}}, "generation.maxNewTokens"),
+        (
+            {**SEQUENCES, "teacher": {**TEACHER, "quantization": "int8"}},
+            "distillation.teacher.quantization int8 is not available in sequences mode",
+        ),
     ],
 )
 def test_fields_of_the_other_mode_are_rejected_naming_them(

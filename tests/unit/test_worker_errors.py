@@ -98,16 +98,6 @@ def test_moe_experts_with_dropout_say_what_to_change(
     assert "set lora.dropout to 0" in message
 
 
-def test_quantization_without_cuda(task_for: Callable[..., Task], tmp_path: Path) -> None:
-    task = task_for()
-    task = task.model_copy(
-        update={"model": task.model.model_copy(update={"quantization": Quantization.NF4})}
-    )
-    rc, message = _run(task, tmp_path)
-    assert rc == ExitCode.PERMANENT
-    assert "nf4 needs a CUDA GPU" in message
-
-
 def test_unreadable_model(task_for: Callable[..., Task], tmp_path: Path) -> None:
     empty = tmp_path / "not-a-model"
     empty.mkdir()
@@ -205,5 +195,5 @@ def test_quantization_that_cannot_work_fails_before_the_model_is_fetched(
     )
     rc, message = _run(task, tmp_path)
     assert rc == ExitCode.PERMANENT
-    expected = "needs the bitsandbytes package" if cuda else "nf4 needs a CUDA GPU"
-    assert expected in message and "model.quantization" in message
+    # On CUDA and on the CPU alike: bitsandbytes runs NF4 on both, and this image lacks it.
+    assert "model.quantization nf4 needs the bitsandbytes package" in message, message

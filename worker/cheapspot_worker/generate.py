@@ -146,16 +146,15 @@ def load_teacher(task: Task) -> Teacher:
     assert d is not None
     teacher = d.teacher
     cuda = _cuda()
+    # Generation's own rule, not training's: vLLM loads the teacher, with bitsandbytes on
+    # CUDA only here (the CPU serving environment does not install it), and in 4 bits only
+    # (int8 is refused with the spec, see DistillationSettings).
     if teacher.quantization is not Quantization.NONE and not cuda:
         raise PermanentError(
-            f"{TEACHER}.quantization {teacher.quantization.value} needs a CUDA GPU, and this "
-            f"generation pod has none: set {TEACHER}.quantization to none or schedule the job "
-            "on GPU nodes"
-        )
-    if teacher.quantization is Quantization.INT8:
-        raise PermanentError(
-            f"{TEACHER}.quantization int8 is not available for sequences-mode generation "
-            "(vLLM loads bitsandbytes models in 4 bits): use nf4"
+            f"{TEACHER}.quantization {teacher.quantization.value} needs a CUDA GPU in "
+            "sequences mode (vLLM loads a quantized teacher on CUDA only here), and this "
+            f"generation pod has none: set {TEACHER}.quantization to none, use logits mode "
+            "(which runs a quantized teacher on CPU too), or schedule the job on GPU nodes"
         )
     try:
         model_dir = resolve_model_dir(teacher)

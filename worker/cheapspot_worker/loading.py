@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import shutil
@@ -126,28 +127,44 @@ def _download_listed(store: Store, uri: str, into: Path) -> None:
             raise PermanentError(f"model {uri}: {key} changed size while downloading")
 
 
-def check_quantization(source: ModelSource, what: str = "model") -> Any:
-    """A BitsAndBytesConfig for the source's quantization, or None; no CUDA -> PermanentError.
+def check_quantization(
+    source: ModelSource, what: str = "model", *, cuda: bool | None = None
+) -> Any:
+    """A BitsAndBytesConfig for the source's quantization, or None.
 
-    ``what`` names the spec field the source came from, so the message says which to change.
+    bitsandbytes runs NF4 and int8 on CUDA and on the CPU (computing in float32 or bfloat16,
+    as :func:`compute_dtype` picks). The check refuses only what this worker cannot run: no
+    bitsandbytes, or a bitsandbytes without kernels for the device (a tiny quantization is
+    tried on it, in the compute dtype). ``what`` names the spec field the source came from,
+    so the message says which to change. ``cuda`` defaults to whether torch sees a GPU.
     """
     if source.quantization is Quantization.NONE:
         return None
     import torch
 
-    if not torch.cuda.is_available():
-        raise PermanentError(
-            f"{what}.quantization {source.quantization.value} needs a CUDA GPU (bitsandbytes), "
-            f"and this worker has none: set {what}.quantization to none or schedule the job "
-            "on GPU nodes"
-        )
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    field = f"{what}.quantization {source.quantization.value}"
     try:
-        import bitsandbytes  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+        import bitsandbytes  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
         raise PermanentError(
-            f"{what}.quantization {source.quantization.value} needs the bitsandbytes package, "
-            "which this worker lacks: install the worker with the gpu extra "
-            "(pip install 'cheapspot[worker,gpu]'), as the worker image does"
+            f"{field} needs the bitsandbytes package, which this worker lacks: install the "
+            "worker extra (pip install 'cheapspot[worker]'), as the worker image does, or set "
+            f"{what}.quantization to none"
+        ) from exc
+    quiet_bitsandbytes()
+    dtype = compute_dtype(cuda)
+    device = "cuda" if cuda else "cpu"
+    try:
+        _try_quantization(source.quantization, device, dtype)
+    except Exception as exc:
+        version = getattr(bitsandbytes, "__version__", "?")
+        raise PermanentError(
+            f"{field} cannot run on this worker's {device} (bitsandbytes {version}, compute "
+            f"dtype {str(dtype).removeprefix('torch.')}): {type(exc).__name__}: {exc}; set "
+            f"{what}.quantization to none or schedule the job on nodes whose device "
+            "bitsandbytes supports"
         ) from exc
     from transformers import BitsAndBytesConfig
 
@@ -156,9 +173,40 @@ def check_quantization(source: ModelSource, what: str = "model") -> Any:
     return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=compute_dtype(True),
+        bnb_4bit_compute_dtype=dtype,
         bnb_4bit_use_double_quant=True,
     )
+
+
+def _try_quantization(quantization: Quantization, device: str, dtype: Any) -> None:
+    """Quantize and dequantize one small block on ``device``: raises where bitsandbytes has
+    no kernel for it."""
+    import bitsandbytes.functional as bnb_f  # type: ignore[import-not-found,unused-ignore]
+    import torch
+
+    x = torch.linspace(-1.0, 1.0, 128, device=device).reshape(2, 64)
+    if quantization is Quantization.INT8:
+        q, scale, _ = bnb_f.int8_vectorwise_quant(x.to(torch.float16))
+        back = bnb_f.int8_vectorwise_dequant(q, scale)
+    else:
+        packed, state = bnb_f.quantize_4bit(x.to(dtype), quant_type="nf4", compress_statistics=True)
+        back = bnb_f.dequantize_4bit(packed, state)
+    if not bool(torch.isfinite(back.float()).all()):
+        raise RuntimeError("quantizing a test block gave non-finite values")
+
+
+class _DropPerCallNotices(logging.Filter):
+    """bitsandbytes logs a notice at every int8 matmul of a frozen layer (its inputs are cast
+    to float16, by design); in a worker's log it would drown every other line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quiet_bitsandbytes() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropPerCallNotices) for f in log.filters):
+        log.addFilter(_DropPerCallNotices())
 
 
 def load_tokenizer(model_dir: str, uri: str) -> Any:
@@ -189,7 +237,7 @@ def load_base_model(
     gradient_checkpointing: bool = False,
     what: str = "model",
 ) -> Any:
-    """The base model, quantized if ``source`` asks (CUDA only).
+    """The base model, quantized if ``source`` asks (on CUDA or on the CPU).
 
     ``trainable`` prepares a quantized model for adapter training (fp32 norms, input
     gradients); a frozen teacher (``trainable=False``) is loaded as is and put in eval mode.
@@ -198,13 +246,13 @@ def load_base_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    quant = check_quantization(source, what)
+    quant = check_quantization(source, what, cuda=cuda)
     dtype = compute_dtype(cuda)
     # fp16 weights train badly; older GPUs keep fp32 weights and autocast to fp16 instead.
     kwargs: dict[str, Any] = {"dtype": dtype if dtype != torch.float16 else torch.float32}
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": 0 if cuda else "cpu"}
     try:
         from transformers.utils import logging as hf_logging
 
@@ -215,6 +263,8 @@ def load_base_model(
             f"{what} {source.uri} cannot be loaded as a causal language model: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    if quant is not None and not cuda:
+        keep_cpu_compute_dtype(model)
     if not trainable:
         model.eval()  # type: ignore[no-untyped-call]
         for p in model.parameters():
@@ -236,6 +286,21 @@ def load_base_model(
         )
         model.enable_input_require_grads()  # type: ignore[no-untyped-call]
     return model
+
+
+def keep_cpu_compute_dtype(model: Any) -> None:
+    """NF4 layers on the CPU compute in the configured dtype in eval mode too.
+
+    On CPUs with AVX512-BF16, bitsandbytes rewrites a frozen NF4 layer's weights in place at
+    its first inference call (no gradients, eval mode: a distillation teacher) for a kernel
+    that computes in bfloat16. The teacher's logits would then depend on the node's CPU
+    model, which a resumed shard does not choose, and differ from the float32 the job
+    computes in. With that turned off they do not depend on the CPU feature (and layers
+    narrower than that kernel's 64-wide blocks keep working).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(settings: LoraSettings) -> Any:

@@ -38,6 +38,7 @@ PRELOAD = [
     "transformers",
     "peft",
     "accelerate",
+    "bitsandbytes",
     "safetensors.torch",
     "cheapspot.store",
     "cheapspot_worker.main",

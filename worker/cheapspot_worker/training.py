@@ -9,7 +9,7 @@ training.
 Exactness: the batch of a step is a function of the step number, every RNG state is in
 the checkpoint, torch runs with a fixed thread count and deterministic algorithms. A run
 resumed from any checkpoint therefore computes the same bits as one that never stopped
-(on CPU; on GPU up to the determinism the kernels offer).
+(on CPU, with a quantized base too; on GPU up to the determinism the kernels offer).
 
 SIGTERM: the handler only sets a flag. The step in flight is finished if it fits in the
 budget (``checkpoint.sigtermBudgetSeconds``, measured from the signal), otherwise
@@ -44,7 +44,7 @@ from cheapspot_worker.data import (
     load_generated_examples,
     shard_slice,
 )
-from cheapspot_worker.distill import Parts, Teacher
+from cheapspot_worker.distill import TEACHER, Parts, Teacher
 from cheapspot_worker.errors import Interrupted, PermanentError, Stop
 from cheapspot_worker.loading import (
     adapter_bytes,
@@ -139,7 +139,10 @@ class ShardTrainer:
         task = self.task
         self.reporter.update(phase=Phase.LOADING, total_steps=task.training.steps, force=True)
         setup_determinism()
-        check_quantization(task.model)  # before downloading gigabytes it could not load
+        # Before downloading gigabytes it could not load.
+        check_quantization(task.model, cuda=self.cuda)
+        if task.distillation is not None and not task.distillation.sequences:
+            check_quantization(task.distillation.teacher, TEACHER, cuda=self.cuda)
         model_dir = resolve_model_dir(task.model)
         tokenizer = load_tokenizer(model_dir, task.model.uri)
         if task.distillation is not None and task.distillation.sequences:
