@@ -323,7 +323,8 @@ def test_a_replica_a_quota_refuses_is_reported_and_created_once_the_quota_allows
 
     cond = wait_for("the refusal on the Degraded condition", refused, timeout_s=30)
     assert cond["status"] == "True" and "exceeded quota: gpus" in cond["message"]
-    assert "PodNotStarting" in pool_events(h, "rq")
+    # The event follows the status write by a few milliseconds.
+    wait_for("a PodNotStarting event", lambda: "PodNotStarting" in pool_events(h, "rq"), 10)
     wait_for("one replica running", lambda: running(h, "rq", 1), timeout_s=60)
     h.api.merge_patch(f"{quotas}/gpus", {"spec": {"hard": {"requests.nvidia.com/gpu": "2"}}})
     wait_for("2 replicas running", lambda: running(h, "rq", 2), timeout_s=60)

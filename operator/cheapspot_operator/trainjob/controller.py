@@ -66,6 +66,8 @@ from cheapspot_operator.trainjob.progress import (
     store_output_claims,
 )
 
+STAGES: Mapping[type, Stage] = {UpdateStatus: Stage.STATUS, CreatePod: Stage.CREATE}
+
 
 class Reconciler(ObjectReconciler[Action]):
     """Observe, plan, act for one job at a time. Synchronous: runs in a worker thread."""
@@ -189,9 +191,7 @@ class Reconciler(ObjectReconciler[Action]):
     # -- acting -------------------------------------------------------------------------------
 
     def stage(self, action: Action) -> Stage:
-        if isinstance(action, UpdateStatus):
-            return Stage.STATUS
-        return Stage.CREATE if isinstance(action, CreatePod) else Stage.OTHER
+        return STAGES.get(type(action), Stage.OTHER)
 
     def _act(self, job: dict[str, Any], spec: s.TrainJobSpec, action: Action) -> None:
         if isinstance(action, CreatePod):
