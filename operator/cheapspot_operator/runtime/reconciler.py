@@ -93,6 +93,16 @@ def refused(exc: ApiError) -> bool:
     return 400 <= exc.status < 500 and exc.status != 429
 
 
+def apply_order(action: A, stage: Callable[[A], Stage]) -> Stage:
+    """When ``action`` is applied: the shared actions' stages, the kind's ``stage`` for its
+    own."""
+    if isinstance(action, DeletePod):
+        return Stage.DELETE
+    if isinstance(action, EmitEvent):
+        return Stage.EVENT
+    return stage(action)
+
+
 def count_event(event: EmitEvent) -> None:
     if event.reason == "Preempted":
         metrics.PREEMPTIONS.labels(signal=event.cause or "Unknown").inc()
@@ -147,11 +157,9 @@ class ObjectReconciler(ABC, Generic[A]):
         return f"{base}/{name}" if name else base
 
     def watch(self, nodes: bool = True) -> None:
-        """kopf's watches feed the objects, their pods and (unless another reconciler's
-        watch already feeds this one's node list) the nodes from now on
-        (:meth:`observe_object`, :meth:`observe_pod`, :meth:`SharedNodeList.observe`): a
-        reconcile then reads them without a request, and the API server hears from this
-        operator only when something is to be done."""
+        """kopf's watches feed the objects, their pods and (``nodes``: unless another
+        reconciler's watch feeds the same node list) the nodes from now on: a reconcile reads
+        them without a request; the API server hears from us only when there is work."""
         self.objects = WatchCache()
         if nodes:
             self.nodes.watch()
@@ -226,21 +234,14 @@ class ObjectReconciler(ABC, Generic[A]):
         the kind's other actions through ``act``. A status write refused by its precondition
         ends the pass (nothing is done from an outdated picture)."""
 
-        def order(action: A) -> Stage:
-            if isinstance(action, DeletePod):
-                return Stage.DELETE
-            if isinstance(action, EmitEvent):
-                return Stage.EVENT
-            return self.stage(action)
-
         meta = obj["metadata"]
-        for action in sorted(actions, key=order):
+        for action in sorted(actions, key=lambda a: apply_order(a, self.stage)):
             if isinstance(action, DeletePod):
                 self.api.delete(pods_path(meta["namespace"], action.name), action.grace_seconds)
             elif isinstance(action, EmitEvent):
                 count_event(action)
                 self.post_event(obj, action)
-            elif order(action) is Stage.STATUS:
+            elif self.stage(action) is Stage.STATUS:
                 if not self.write_status(obj, cast(UpdatesStatus, action).status):
                     return
             else:
@@ -307,12 +308,14 @@ class ObjectReconciler(ABC, Generic[A]):
         return out
 
     def post_event(self, obj: Mapping[str, Any], event: EmitEvent) -> None:
-        involved = events.reference(f"{common.GROUP}/{common.VERSION}", self.KIND, obj)
-        events.post(
-            self.api,
-            involved,
-            type_=event.type,
-            reason=event.reason,
-            message=event.message,
-            now=self.clock(),
-        )
+        post_event(self.api, self.KIND, obj, event, self.clock())
+
+
+def post_event(
+    api: KubeApi, kind: str, obj: Mapping[str, Any], event: EmitEvent, now: datetime
+) -> None:
+    """Post ``event`` about ``obj``, an object of ``kind`` in the operator's API group."""
+    involved = events.reference(f"{common.GROUP}/{common.VERSION}", kind, obj)
+    events.post(
+        api, involved, type_=event.type, reason=event.reason, message=event.message, now=now
+    )
