@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cheapspot.contract import Layout, Phase, Progress, Role
+from cheapspot.store import Store
+from cheapspot_localcluster.nodepool import expand
+from cheapspot_localcluster.reclaim import is_ready
 from cheapspot_localcluster.stack import OperatorProcess
 from cheapspot_localcluster.waiting import wait_for
 from cheapspot_operator.api.common import GROUP, VERSION
@@ -205,8 +208,6 @@ class Harness:
     # -- the worker's progress ----------------------------------------------------------------
 
     def write_progress(self, job: str, index: int, **fields: Any) -> None:
-        from cheapspot.store import Store
-
         role = Role.ANCHOR if index < 0 else Role.TRAIN
         record = Progress(
             role=role,
@@ -240,9 +241,6 @@ class Harness:
 
 def restore_nodes(api: KubeApi, cluster: Any) -> None:
     """Give back what a test took away: every pool node exists, is Ready, and spot is on."""
-    from cheapspot_localcluster.nodepool import expand
-    from cheapspot_localcluster.reclaim import is_ready
-
     for node in api.list("/api/v1/nodes"):
         if not is_ready(node) or node["spec"].get("taints"):
             api.delete(f"/api/v1/nodes/{node['metadata']['name']}", 0)

@@ -27,6 +27,8 @@ from operator_harness import (
 )
 
 from cheapspot.contract import ANNOTATION_DRAINING
+from cheapspot_localcluster import build
+from cheapspot_operator.app import costview
 
 
 @pytest.fixture
@@ -50,8 +52,6 @@ def running(h: Harness, pool: str, n: int) -> list[dict[str, Any]] | None:
 
 
 def kubectl_run(h: Harness, *args: str) -> subprocess.CompletedProcess[str]:
-    from cheapspot_localcluster import build
-
     binary = build.bin_dir() / "kubectl"
     return subprocess.run(
         [str(binary), "--kubeconfig", str(h.cluster.kubeconfig_path), "-n", h.namespace, *args],
@@ -286,8 +286,6 @@ def test_a_budget_keeps_only_the_anchor_and_raising_it_brings_the_replicas_back(
     assert "BudgetExceeded" in pool_events(h, "bud")
     wait_for("costs accrued", lambda: pool_status(h, "bud")["cost"]["dollars"] > 0, timeout_s=60)
     assert "table" in pool_status(h, "bud")["cost"]["sources"]
-    from cheapspot_operator.app import costview
-
     kubeconfig = str(h.cluster.kubeconfig_path)
     monkeypatch.setenv("COLUMNS", "250")  # rich fits its table to the terminal
     assert costview.main(["--kubeconfig", kubeconfig, "-n", h.namespace]) == 0
@@ -302,3 +300,32 @@ def test_a_budget_keeps_only_the_anchor_and_raising_it_brings_the_replicas_back(
         "2",
     ]
     wait_for("within budget", lambda: (budget_condition() or ("",))[0] == "True", 30)
+
+
+def test_a_replica_a_quota_refuses_is_reported_and_created_once_the_quota_allows(
+    h: Harness,
+) -> None:
+    quotas = f"/api/v1/namespaces/{h.namespace}/resourcequotas"
+    h.api.create(
+        quotas, {"metadata": {"name": "gpus"}, "spec": {"hard": {"requests.nvidia.com/gpu": "1"}}}
+    )
+    # Until the quota controller has counted the namespace, admission refuses every pod.
+    wait_for(
+        "the quota counted",
+        lambda: ((h.api.get(f"{quotas}/gpus") or {}).get("status") or {}).get("used"),
+        timeout_s=30,
+    )
+    apply_pool(h, "rq", replicas=2)
+
+    def refused() -> dict[str, Any] | None:
+        c = _condition(h, "rq", "Degraded")
+        return c if c and c["reason"] == "CreateRefused" else None
+
+    cond = wait_for("the refusal on the Degraded condition", refused, timeout_s=30)
+    assert cond["status"] == "True" and "exceeded quota: gpus" in cond["message"]
+    # The event follows the status write by a few milliseconds.
+    wait_for("a PodNotStarting event", lambda: "PodNotStarting" in pool_events(h, "rq"), 10)
+    wait_for("one replica running", lambda: running(h, "rq", 1), timeout_s=60)
+    h.api.merge_patch(f"{quotas}/gpus", {"spec": {"hard": {"requests.nvidia.com/gpu": "2"}}})
+    wait_for("2 replicas running", lambda: running(h, "rq", 2), timeout_s=60)
+    wait_for("the refusal cleared", lambda: refused() is None, timeout_s=30)

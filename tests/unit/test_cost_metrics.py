@@ -28,7 +28,7 @@ def test_a_status_update_sets_the_job_cost_and_budget_gauges() -> None:
         ),
         budget=BudgetStatus(limit_usd=10, spent_usd=1.5, remaining_usd=8.5),
     )
-    r._count_status("ml", "metrics-job", TrainJobStatus(), new)
+    r.count_status("ml", "metrics-job", TrainJobStatus(), new)
 
     def sample(name: str, **labels: str) -> float | None:
         value: float | None = REGISTRY.get_sample_value(name, labels)
@@ -53,7 +53,7 @@ def test_a_pool_status_update_sets_the_pool_cost_and_budget_gauges() -> None:
         ),
         budget=BudgetStatus(limit_usd=5, spent_usd=2.0, remaining_usd=3.0),
     )
-    r._gauge("web", "qa-serve", status)
+    r.count_status("web", "qa-serve", status)
     pool = {"namespace": "web", "pool": "qa-serve"}
     get = REGISTRY.get_sample_value
     assert get("cheapspot_pool_cost_dollars", {**pool, "capacity_type": "spot"}) == 0.75

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import copy
+import threading
+import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cheapspot.contract import Progress
+from prometheus_client import REGISTRY
+
+from cheapspot.contract import Layout, Phase, Progress, Role
+from cheapspot.store import Store
+from cheapspot_operator.inferencepool.controller import PoolReconciler
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import ApiError
+from cheapspot_operator.runtime.loops import Loops
+from cheapspot_operator.testing.pool import pool_dict
 from cheapspot_operator.testing.train import spec_dict
 from cheapspot_operator.testing.world import EPOCH, FakeClock
 from cheapspot_operator.trainjob.controller import Reconciler
+from cheapspot_operator.trainjob.observed import ANCHOR_INDEX, GENERATOR_BASE
+from cheapspot_operator.trainjob.progress import (
+    ProgressCache,
+    StoreProgressReader,
+    store_output_claims,
+)
 
 JOB = "/apis/cheapspot.dev/v1alpha1/namespaces/ns/cheaptrainjobs/qa-lora"
 PODS = "/api/v1/namespaces/ns/pods"
@@ -30,6 +46,7 @@ class FakeApi:
         self.refuse: dict[str, ApiError] = {}
         """Pod name -> the error its creation gets."""
         self.gets: list[str] = []
+        self.events: list[dict[str, Any]] = []
 
     def get(self, path: str) -> dict[str, Any] | None:
         self.gets.append(path)
@@ -61,6 +78,7 @@ class FakeApi:
     def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         self.calls.append(("create", body["metadata"].get("name", "event")))
         if path.endswith("/events"):
+            self.events.append(copy.deepcopy(dict(body)))
             return copy.deepcopy(dict(body))
         key = f"{path}/{body['metadata']['name']}"
         if body["metadata"]["name"] in self.refuse:
@@ -199,7 +217,6 @@ def test_a_sequences_job_with_logits_fields_fails_naming_them() -> None:
 
 
 def test_a_preemption_is_counted_in_the_metrics_by_signal() -> None:
-    from prometheus_client import REGISTRY
 
     def count() -> float:
         value = REGISTRY.get_sample_value(
@@ -282,10 +299,6 @@ def test_a_finished_job_is_left_alone() -> None:
 
 
 def test_the_loop_of_a_finished_job_ends() -> None:
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
-    from cheapspot_operator.trainjob.controller import _Loops
 
     class Finishes:
         calls = 0
@@ -300,7 +313,7 @@ def test_the_loop_of_a_finished_job_ends() -> None:
     async def run() -> int:
         fake = Finishes()
         one = ThreadPoolExecutor(max_workers=1)
-        loops = _Loops(fake, 0.01, one, one)  # type: ignore[arg-type]
+        loops = Loops(fake, 0.01, one, one)  # type: ignore[arg-type]
         loops.ensure(("ns", "job"))
         await asyncio.sleep(0.5)
         assert loops.tasks == {}
@@ -322,16 +335,12 @@ def _bound(name: str, node: str) -> dict[str, Any]:
 
 
 def test_a_node_change_wakes_only_the_jobs_with_pods_on_it() -> None:
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
-    from cheapspot_operator.trainjob.controller import _Loops
 
     notice = "cheapspot.dev/interruption"
 
     async def run() -> None:
         one = ThreadPoolExecutor(max_workers=1)
-        loops = _Loops(None, 60, one, one)  # type: ignore[arg-type]
+        loops = Loops(None, 60, one, one)  # type: ignore[arg-type]
         a, b, c = ("ns", "a"), ("ns", "b"), ("ns", "c")
         for key in (a, b, c):
             loops.pokes[key] = asyncio.Event()
@@ -364,11 +373,6 @@ def test_a_node_change_wakes_only_the_jobs_with_pods_on_it() -> None:
 
 
 def test_a_woken_loop_never_waits_behind_the_timer_ticks() -> None:
-    import asyncio
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from cheapspot_operator.trainjob.controller import _Loops
 
     class Records:
         def __init__(self) -> None:
@@ -385,7 +389,7 @@ def test_a_woken_loop_never_waits_behind_the_timer_ticks() -> None:
         fake = Records()
         ticks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tick")
         woken = ThreadPoolExecutor(max_workers=1, thread_name_prefix="woken")
-        loops = _Loops(fake, 0.05, ticks, woken)  # type: ignore[arg-type]
+        loops = Loops(fake, 0.05, ticks, woken)  # type: ignore[arg-type]
         loops.ensure(("ns", "job"))
         for _ in range(200):  # the first pass (woken), then timer ticks
             await asyncio.sleep(0.01)
@@ -408,15 +412,12 @@ def test_a_woken_loop_never_waits_behind_the_timer_ticks() -> None:
 
 
 def test_a_slow_store_does_not_hold_up_a_reconciliation() -> None:
-    import time
-
-    from cheapspot_operator.trainjob.controller import _ProgressCache
 
     def slow(uri: str, shards: int, anchor: int) -> Mapping[int, Progress]:
         time.sleep(2.0)
         return {}
 
-    cache = _ProgressCache(slow, ttl=1.0, first_wait=0.2)
+    cache = ProgressCache(slow, ttl=1.0, first_wait=0.2)
     started = time.monotonic()
     assert cache.get("uid", "s3://b/p/", 1) is None
     assert time.monotonic() - started < 1.0
@@ -427,7 +428,6 @@ def test_a_slow_store_does_not_hold_up_a_reconciliation() -> None:
 
 
 def test_one_store_client_per_output_prefix(tmp_path: Any) -> None:
-    from cheapspot_operator.trainjob.controller import StoreProgressReader
 
     reader = StoreProgressReader()
     uri = f"file://{tmp_path}/job/"
@@ -438,10 +438,6 @@ def test_one_store_client_per_output_prefix(tmp_path: Any) -> None:
 
 
 def test_generation_shards_progress_is_read_at_their_slots_when_asked_for(tmp_path: Any) -> None:
-    from cheapspot.contract import Layout, Phase, Progress, Role
-    from cheapspot.store import Store
-    from cheapspot_operator.trainjob.controller import StoreProgressReader
-    from cheapspot_operator.trainjob.observed import ANCHOR_INDEX, GENERATOR_BASE
 
     uri = f"file://{tmp_path}/job/"
     store, layout = Store(uri), Layout(uri)
@@ -457,7 +453,6 @@ def test_generation_shards_progress_is_read_at_their_slots_when_asked_for(tmp_pa
 
 
 def test_an_output_prefix_is_claimed_by_one_job_and_refused_to_another(tmp_path: Any) -> None:
-    from cheapspot_operator.trainjob.controller import StoreProgressReader, store_output_claims
 
     claim = store_output_claims(StoreProgressReader())
     uri = f"file://{tmp_path}/out/"
@@ -471,8 +466,6 @@ def test_an_output_prefix_is_claimed_by_one_job_and_refused_to_another(tmp_path:
 
 
 def test_a_prefix_holding_a_finished_adapter_is_refused_unless_resumed(tmp_path: Any) -> None:
-    from cheapspot.store import Store
-    from cheapspot_operator.trainjob.controller import StoreProgressReader, store_output_claims
 
     uri = f"file://{tmp_path}/old/"
     Store(uri).publish("final/", {"adapter_model.safetensors": b"old"})
@@ -499,7 +492,7 @@ def _watched(**spec: Any) -> tuple[FakeApi, Reconciler]:
     """A reconciler whose job, pods and nodes come from watch events, as under kopf."""
     api, r = _world(**spec)
     r.watch()
-    r.observe_job(None, copy.deepcopy(api.objects[JOB]))
+    r.observe_object(None, copy.deepcopy(api.objects[JOB]))
     r.nodes.observe(None, copy.deepcopy(api.objects["/api/v1/nodes/spot-1"]))
     return api, r
 
@@ -563,3 +556,119 @@ def test_a_stale_cached_job_loses_its_status_write_and_does_nothing_else() -> No
     r.reconcile("ns", "qa-lora")
     assert [c[0] for c in api.calls] == ["patch"]
     assert api.list(PODS) == []
+
+
+# --- inference pools ------------------------------------------------------------------------
+
+POOL = "/apis/cheapspot.dev/v1alpha1/namespaces/ns/cheapinferencepools/qa"
+
+
+def _pool_world(**spec: Any) -> tuple[FakeApi, PoolReconciler]:
+    api = FakeApi()
+    api.objects[POOL] = {
+        "metadata": {
+            "name": "qa",
+            "namespace": "ns",
+            "uid": "pool-uid",
+            "generation": 1,
+            "resourceVersion": "1",
+        },
+        "spec": pool_dict(**spec),
+    }
+    for name, capacity in (("spot-1", "spot"), ("od-1", "on-demand")):
+        api.objects[f"/api/v1/nodes/{name}"] = {
+            "metadata": {"name": name, "labels": {"cheapspot.dev/capacity-type": capacity}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        }
+    reconciler = PoolReconciler(api, OperatorConfig(), clock=FakeClock(EPOCH))  # type: ignore[arg-type]
+    return api, reconciler
+
+
+def _watched_pool(**spec: Any) -> tuple[FakeApi, PoolReconciler]:
+    """A pool reconciler fed by watch events, as under kopf."""
+    api, r = _pool_world(**spec)
+    r.watch()
+    r.observe_object(None, copy.deepcopy(api.objects[POOL]))
+    for name in ("spot-1", "od-1"):
+        r.nodes.observe(None, copy.deepcopy(api.objects[f"/api/v1/nodes/{name}"]))
+    return api, r
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_refused_replica_creation_reaches_the_pool_status_and_is_no_error() -> None:
+    api, r = _pool_world(replicas=2)
+    api.refuse["qa-replica-1-0"] = ApiError(
+        403,
+        '{"kind":"Status","message":"pods \\"qa-replica-1-0\\" is forbidden: '
+        'exceeded quota: gpu-quota"}',
+    )
+    errors = _sample("cheapspot_reconcile_errors_total")
+    r.reconcile("ns", "qa")
+    assert f"{PODS}/qa-replica-0-0" in api.objects  # the rest went ahead
+    r.reconcile("ns", "qa")
+    r.reconcile("ns", "qa")
+    assert _sample("cheapspot_reconcile_errors_total") == errors
+    (degraded,) = [c for c in api.objects[POOL]["status"]["conditions"] if c["type"] == "Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "CreateRefused")
+    assert "replica 1" in degraded["message"] and "exceeded quota: gpu-quota" in degraded["message"]
+    (event,) = [e for e in api.events if e["reason"] == "PodNotStarting"]  # once, not per pass
+    assert event["type"] == "Warning" and "exceeded quota: gpu-quota" in event["message"]
+    assert event["involvedObject"]["kind"] == "CheapInferencePool"
+    del api.refuse["qa-replica-1-0"]
+    r.reconcile("ns", "qa")
+    assert f"{PODS}/qa-replica-1-0" in api.objects
+    r.reconcile("ns", "qa")
+    (degraded,) = [c for c in api.objects[POOL]["status"]["conditions"] if c["type"] == "Degraded"]
+    assert degraded["reason"] != "CreateRefused"
+
+
+def test_a_replica_create_failing_on_the_server_is_still_an_error() -> None:
+    api, r = _pool_world(replicas=2)
+    api.refuse["qa-replica-1-0"] = ApiError(503, "unavailable")
+    errors = _sample("cheapspot_reconcile_errors_total")
+    try:
+        r.reconcile("ns", "qa")
+    except ApiError as exc:
+        assert exc.status == 503
+    else:
+        raise AssertionError("a 503 on create was swallowed")
+    assert _sample("cheapspot_reconcile_errors_total") == errors + 1
+
+
+def test_a_watched_pool_reads_its_pods_from_the_pod_watch() -> None:
+    api, r = _watched_pool(replicas=2)
+    r.reconcile("ns", "qa")  # primes the namespace's pods (one LIST), creates the replicas
+    for path, obj in list(api.objects.items()):  # the pod watch reports what was created
+        if path.startswith(PODS + "/"):
+            r.observe_pod("ADDED", obj)
+    r.reconcile("ns", "qa")
+    api.gets.clear()
+    api.lists.clear()
+    for _ in range(3):
+        r.reconcile("ns", "qa")
+    assert PODS not in api.lists
+    assert POOL not in api.gets
+
+
+def test_a_replica_deleted_by_the_cluster_is_replaced_from_the_watch_event() -> None:
+    api, r = _watched_pool(replicas=2)
+    r.reconcile("ns", "qa")
+    for name in ("qa-replica-0-0", "qa-replica-1-0"):
+        pod = api.objects[f"{PODS}/{name}"]
+        pod["spec"]["nodeName"] = "od-1" if name.startswith("qa-replica-0") else "spot-1"
+        pod["status"] = {"phase": "Running"}
+        api.version += 1
+        pod["metadata"]["resourceVersion"] = str(api.version)
+        r.observe_pod("MODIFIED", pod)
+    r.reconcile("ns", "qa")
+    gone = api.objects.pop(f"{PODS}/qa-replica-1-0")
+    api.version += 1
+    gone["metadata"]["resourceVersion"] = str(api.version)
+    r.observe_pod("DELETED", gone)
+    api.lists.clear()
+    r.reconcile("ns", "qa")
+    assert f"{PODS}/qa-replica-1-1" in api.objects
+    assert PODS not in api.lists

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from cheapspot.contract import ADMIN_PORT
-from cheapspot_operator.inferencepool.controller import AdminClient
+from cheapspot_operator.inferencepool.admin import AdminClient
 from cheapspot_operator.testing.pool import make_replica
 
 IP = "127.0.9.9"  # a loopback address of its own: nothing else listens there

@@ -15,7 +15,16 @@ import logging
 import threading
 from collections.abc import Sequence
 
+import kopf
+from prometheus_client import start_http_server
+
+from cheapspot_operator.app.registry import make_registry
+from cheapspot_operator.inferencepool.controller import PoolReconciler
 from cheapspot_operator.runtime.config import OperatorConfig, load_config
+from cheapspot_operator.runtime.kubeapi import KubeApi
+from cheapspot_operator.runtime.nodelist import SharedNodeList
+from cheapspot_operator.runtime.pricebook import start_price_book
+from cheapspot_operator.trainjob.controller import Reconciler
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,20 +51,15 @@ async def run_operator(
     ready_flag: asyncio.Event | threading.Event | None = None,
 ) -> None:
     """Run until ``stop_flag`` is set (or forever). Tests run this in a thread."""
-    import kopf
-
-    from cheapspot_operator.runtime.kubeapi import KubeApi
-    from cheapspot_operator.runtime.nodelist import SharedNodeList
-    from cheapspot_operator.runtime.pricebook import start_price_book
-    from cheapspot_operator.trainjob.controller import Reconciler, make_registry
-
     api = KubeApi.from_config(kubeconfig)
     book, refresher = start_price_book(
         api, config.pricing, config.placement_profile(), config.price_table()
     )
     # One node LIST a second at most for every job and pool, dropped on any node change.
-    reconciler = Reconciler(api, config, quotes=book.snapshot, nodes=SharedNodeList(api, ttl=1.0))
-    registry = make_registry(reconciler, config)
+    nodes = SharedNodeList(api, ttl=1.0)
+    jobs = Reconciler(api, config, quotes=book.snapshot, nodes=nodes)
+    pools = PoolReconciler(api, config, quotes=book.snapshot, nodes=nodes)
+    registry = make_registry(jobs, pools, config)
     watched = list(namespaces) or list(config.namespaces)
     health = f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None
     try:
@@ -85,8 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     config = load_config(args.config)
     if config.metrics_port:
-        from prometheus_client import start_http_server
-
         start_http_server(config.metrics_port)
     logging.getLogger("cheapspot.operator").info(
         "cheapspot operator: profile %s, worker image %s", config.profile, config.worker.image
