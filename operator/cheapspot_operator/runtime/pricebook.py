@@ -92,7 +92,7 @@ def sources_for(settings: PricingSettings) -> list[Source]:
     if settings.provider == "alibaba":
         # Lazy: Alibaba Cloud's SDK takes about 2 s to import; only operators set up for
         # its prices pay that.
-        from cheapspot_operator.pricing.alibaba import SOURCE, AlibabaPrices
+        from cheapspot_operator.pricing.alibaba import SOURCE, AlibabaPrices  # noqa: PLC0415
 
         if not settings.region:
             raise ValueError("pricing.provider alibaba needs pricing.region (e.g. cn-hangzhou)")
