@@ -483,7 +483,11 @@ def test_a_stream_cut_at_any_byte_resumes_byte_identical(
 ) -> None:
     """The replica's connection reset at byte after byte of its response (headers, mid-event,
     between events, in the last chunk): every answer, completions and chat, equals the
-    undisturbed one, byte for byte, and ends with finish_reason "length"."""
+    undisturbed one, byte for byte, and ends with finish_reason "length".
+
+    Also with a stop string that never matches: vLLM then holds back the text of the last
+    (longest stop - 1) characters of every chunk whose token ids it already sent, so the
+    client has less text than tokens all through the stream."""
     replica = replicas[1]
     proxy = CutProxy(replica.port)
     direct = Replica("direct", "127.0.0.1", replica.port, ready=True)
@@ -491,10 +495,14 @@ def test_a_stream_cut_at_any_byte_resumes_byte_identical(
     tokens = 24
     messages = [{"role": "user", "content": PROMPTS[0]}]
 
-    def ask(url: str, chat: bool) -> tuple[str, str | None]:
+    stop = "}}}}}}}}"
+
+    def ask(url: str, chat: bool, stops: bool) -> tuple[str, str | None]:
         c = _client(url).with_options(timeout=60)
         settings: dict[str, Any] = {"max_tokens": tokens, "temperature": 0, "stream": True}
         settings["extra_body"] = {"ignore_eos": True}
+        if stops:
+            settings["stop"] = [stop, "{{{{"]
         stream: Any = (
             c.chat.completions.create(model="sums", messages=messages, **settings)
             if chat
@@ -510,24 +518,30 @@ def test_a_stream_cut_at_any_byte_resumes_byte_identical(
         return "".join(parts), finish
 
     try:
-        for chat in (False, True):
-            full, _ = ask(replica.url, chat)
+        for chat, stops in ((False, False), (True, False), (False, True), (True, True)):
+            full, _ = ask(replica.url, chat, stops)
+            assert stop not in full
             rt = router_for([through])
-            ask(rt.url, chat)
+            ask(rt.url, chat, stops)
             length = proxy.passed
             bad = []
             # 30 points over the response, and every third byte of its last 60: a cut after
-            # the finish_reason, with only [DONE] lost, must not add a token
-            cuts = {*range(1, length, max(1, length // 30)), *range(length - 60, length, 3)}
+            # the finish_reason, with only [DONE] lost, must not add a token. With stop
+            # strings, 20 points: the end of a stream is the same with them or without.
+            cuts = (
+                set(range(1, length, max(1, length // 20)))
+                if stops
+                else {*range(1, length, max(1, length // 30)), *range(length - 60, length, 3)}
+            )
             for cut in sorted(cuts):
                 rt = router_for([through])
                 proxy.cut_after = cut
                 proxy.before_cut = functools.partial(rt.set_replicas, [through, direct])
-                got, finish = ask(rt.url, chat)
+                got, finish = ask(rt.url, chat, stops)
                 proxy.cut_after = None
                 if got.encode() != full.encode() or finish != "length":
                     bad.append((cut, got, finish))
-            assert not bad, (full, bad)
+            assert not bad, (chat, stops, full, bad)
     finally:
         proxy.close()
 

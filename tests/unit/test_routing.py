@@ -180,6 +180,38 @@ def test_a_merged_chunk_leaves_its_later_tokens_unsure() -> None:
     assert list(routing.commit_candidates(state)) == [3]
 
 
+def test_stop_strings_hold_back_text_and_a_resume_starts_before_it() -> None:
+    assert routing.hold_back({"stop": "end"}) == 2
+    assert routing.hold_back({"stop": ["a", "four"]}) == 3
+    assert routing.hold_back({"stop": ["four"], "include_stop_str_in_output": True}) == 0
+    assert routing.hold_back({}) == routing.hold_back({"stop": None}) == 0
+    body = {"stream": True, "max_tokens": 10, "stop": ["zzzz"]}  # 3 characters held back
+    state = StreamState(routing.COMPLETIONS, body)
+    # tokens "ab", "cd", "ef": the text lags the tokens by 3 characters
+    for ids, text in [([4], ""), ([5], "a"), ([6], "bc")]:
+        routing.relay_chunk(
+            state, _chunk(id="c", choices=[{"text": text, "token_ids": ids}]), resumed=False
+        )
+    # every token carries ids: none of their text is surely whole with the client
+    assert (state.committed, state.sure, state.text) == (3, 0, "abc")
+    assert list(routing.commit_candidates(state)) == [3, 2, 1, 0]
+    # what the replica's detokenizer says of each count (the prompt decodes to "P")
+    assert not routing.settles_at(state, 3, "P", "Pabcdef")
+    assert not routing.settles_at(state, 2, "P", "Pabc\ufffd")  # a character cut in two
+    assert routing.settles_at(state, 1, "P", "Pab")
+    assert (state.committed, state.sure, state.skip) == (1, 1, 1)
+    sent = routing.resume_point(state)
+    assert sent == [4]
+    assert routing.continuation_body(body, [1], sent)["max_tokens"] == 9
+    # the continuation generates "cdef..." again: the "c" the client has is dropped
+    out = routing.relay_chunk(
+        state, _chunk(id="d", choices=[{"text": "cd", "token_ids": [5]}]), resumed=True
+    )
+    assert out is not None
+    assert json.loads(out[len(b"data: ") :])["choices"][0]["text"] == "d"
+    assert (state.text, state.skip, state.sent_ids) == ("abcd", 0, [4, 5])
+
+
 def test_a_stream_cut_after_its_finish_reason_is_closed_without_another_token() -> None:
     body = {"stream": True, "max_tokens": 2, "stream_options": {"include_usage": True}}
     state = StreamState(routing.COMPLETIONS, body)

@@ -206,6 +206,18 @@ _CONTINUATION_KEYS = (
 )
 
 
+def hold_back(body: Mapping[str, Any]) -> int:
+    """How many characters of its text vLLM holds back while it streams: with stop strings
+    (not included in the output), the last (longest stop - 1) characters, which may turn out
+    to begin a stop string. Their tokens' ids are in the chunks already."""
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    lengths = [len(s) for s in stops if isinstance(s, str)]
+    if not lengths or body.get("include_stop_str_in_output"):
+        return 0
+    return max(0, max(lengths) - 1)
+
+
 def resume_point(state: StreamState) -> list[int]:
     """The tokens a continuation starts after: those whose text the client has. Tokens after
     them (text held back) are dropped, to be generated again."""
@@ -216,8 +228,25 @@ def resume_point(state: StreamState) -> list[int]:
 
 def commit_candidates(state: StreamState) -> range:
     """The counts of sent tokens the client may have the whole text of, most first: from
-    ``committed`` down to ``sure``. One count when no chunk merged tokens."""
+    ``committed`` down to ``sure``. One count when no chunk merged tokens and no text was
+    held back for stop strings."""
     return range(state.committed, state.sure - 1, -1)
+
+
+def settles_at(state: StreamState, count: int, base: str, decoded: str) -> bool:
+    """Whether a continuation may start after the first ``count`` tokens sent, given the
+    replica's decoding of the prompt alone (``base``) and of the prompt followed by those
+    tokens (``decoded``): their text must be whole (no character cut in two) and all of it
+    with the client. If so, ``state`` is set to resume there: ``skip`` is the text the client
+    has beyond those tokens, which the continuation generates again and the router drops."""
+    if not decoded.startswith(base):
+        return False
+    text = decoded[len(base) :]
+    if text.endswith("\ufffd") or not state.text.startswith(text):
+        return False
+    state.committed = state.sure = count
+    state.skip = len(state.text) - len(text)
+    return True
 
 
 def continuation_body(
@@ -259,6 +288,11 @@ class StreamState:
     detokenizer before it resumes (`Router._settle`)."""
     text: str = ""
     """Every character of the answer the client has been sent."""
+    skip: int = 0
+    """Characters at the start of the continuation's text that the client already has: it
+    starts after the last tokens whose text the client has whole, and the client may have
+    part of the text of the tokens after them (text vLLM held back for stop strings, text
+    cut inside a token)."""
     prompt_ids: list[int] | None = None
     first: dict[str, Any] | None = None
     """The first chunk sent (its id, created time, model, object: continuations reuse them)."""
@@ -353,11 +387,23 @@ def relay_chunk(state: StreamState, payload: bytes, *, resumed: bool) -> bytes |
         for c in chunk.get("choices") or []
     )
     if text:
-        state.text += text
         state.committed = len(state.sent_ids)
-        # Text at all means the chunk's first token is whole (a held-back token's text comes
-        # out with the token that completes it); its later ones may be held back.
-        state.sure = before + 1 if len(ids) > 1 else state.committed
+        if hold_back(state.body):
+            # The text lags the tokens by up to the hold-back: none is surely whole.
+            state.sure = 0
+        else:
+            # Text at all means the chunk's first token is whole (a held-back token's text
+            # comes out with the token that completes it); its later ones may be held back.
+            state.sure = before + 1 if len(ids) > 1 else state.committed
+    if resumed and state.skip:
+        # A continuation starts with text the client already has: drop it.
+        for choice in chunk.get("choices") or []:
+            got = choice.get("text") or ""
+            drop = min(state.skip, len(got))
+            choice["text"] = got[drop:]
+            state.skip -= drop
+        text = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
+    state.text += text
     usage = chunk.get("usage")
     if not resumed:
         if state.first is None:
