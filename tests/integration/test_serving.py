@@ -375,6 +375,13 @@ def test_router_errors_are_openai_errors(
     with pytest.raises(openai.NotFoundError) as unknown:
         client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
     assert "no-such-adapter" in str(unknown.value)
+    # an unknown model is the replica's to say (the router does not know the adapters)
+    code, doc = http_json(
+        "POST",
+        router_for([_replica(replicas[0])]).url + "/v1/chat/completions",
+        {"model": "no-such-adapter", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert code == 404 and doc["error"]["param"] == "model", doc
     with pytest.raises(openai.BadRequestError) as too_long:
         client.completions.create(model="qa", prompt="red " * 400, max_tokens=2)
     assert "context" in str(too_long.value).lower() or "length" in str(too_long.value).lower()
@@ -385,6 +392,111 @@ def test_router_errors_are_openai_errors(
         {"lora_name": "x", "lora_path": "/etc"},
     )
     assert code in (404, 405)
+
+
+class CountingReplica:
+    """A stand-in replica that counts the requests reaching it and answers each with an
+    empty completion."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[str] = []
+        seen = self.seen
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                seen.append(self.path)
+                data = json.dumps({"id": "x", "object": "text_completion", "choices": []})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _post_raw(url: str, raw: bytes) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=raw, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            status, kind, data = resp.status, resp.headers.get_content_type(), resp.read()
+    except urllib.error.HTTPError as exc:
+        status, kind, data = exc.code, exc.headers.get_content_type(), exc.read()
+    try:
+        return status, (kind, json.loads(data))
+    except ValueError:
+        return status, (kind, {"body": data.decode(errors="replace")})
+
+
+def test_malformed_requests_get_openai_errors_and_never_reach_a_replica(
+    router_for: Callable[..., RouterThread],
+) -> None:
+    """Malformed bodies through the real router: a 400 in OpenAI's error format naming the
+    field (none for a body that is no JSON object), and no request at the replica. A
+    well-formed one then does reach it. (Every check: tests/unit/test_routing.py.)"""
+    chat = routing.CHAT
+    ok = {"model": "qa", "prompt": "hi"}
+    ok_chat = {"model": "qa", "messages": [{"role": "user", "content": "hi"}]}
+    malformed: list[tuple[str, bytes | dict[str, Any], str | None]] = [
+        (routing.COMPLETIONS, b"\xff\xfe{}", None),
+        (routing.COMPLETIONS, b"{not json", None),
+        (routing.COMPLETIONS, b"[1, 2]", None),
+        (chat, b"", None),
+        ("/v1/embeddings", {"input": "hi"}, "model"),
+        (routing.COMPLETIONS, {**ok, "model": 7}, "model"),
+        (routing.COMPLETIONS, {**ok, "stream": "false"}, "stream"),
+        (chat, {**ok_chat, "stream": "true"}, "stream"),
+        (routing.COMPLETIONS, {**ok, "stream_options": {"include_usage": True}}, "stream_options"),
+        (routing.COMPLETIONS, {**ok, "n": "x"}, "n"),
+        (routing.COMPLETIONS, {**ok, "n": 10**6}, "n"),
+        (chat, {**ok_chat, "max_tokens": -1}, "max_tokens"),
+        (routing.COMPLETIONS, {**ok, "max_tokens": 10**30}, "max_tokens"),
+        (chat, {**ok_chat, "stop": ["a", 5]}, "stop"),
+        (routing.COMPLETIONS, {**ok, "prompt": ""}, "prompt"),
+        (routing.COMPLETIONS, {**ok, "prompt": [[]]}, "prompt"),
+        (chat, {**ok_chat, "messages": []}, "messages"),
+        (chat, {**ok_chat, "logprobs": "false"}, "logprobs"),
+    ]
+    stub = CountingReplica()
+    try:
+        rt = router_for([Replica("stub", "127.0.0.1", stub.port, ready=True)])
+        bad = []
+        for path, body, param in malformed:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            code, (kind, doc) = _post_raw(rt.url + path, raw)
+            error = doc.get("error") or {}
+            if (
+                code != 400
+                or kind != "application/json"
+                or set(error) != {"message", "type", "param", "code"}
+                or (error["type"], error["param"], error["code"])
+                != ("invalid_request_error", param, 400)
+            ):
+                bad.append((path, body, code, doc))
+        assert not bad, bad
+        assert stub.seen == []
+        assert rt.router.stats["refused"] == len(malformed) and rt.router.stats["requests"] == 0
+        code, _ = _post_raw(rt.url + routing.COMPLETIONS, b'{"model": "qa", "prompt": "hi"}')
+        assert code == 200 and stub.seen == [routing.COMPLETIONS]
+    finally:
+        stub.close()
 
 
 def test_router_retries_a_dead_replica_and_queues_when_busy(

@@ -62,7 +62,7 @@ class Relay:
     def __init__(self, replicas: ReplicaSet, *, max_queue_seconds: float = 30.0) -> None:
         self.replicas = replicas
         self.max_queue_seconds = max_queue_seconds
-        self.stats = {"requests": 0, "retries": 0, "resumes": 0, "failed": 0}
+        self.stats = {"requests": 0, "refused": 0, "retries": 0, "resumes": 0, "failed": 0}
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
