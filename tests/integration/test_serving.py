@@ -375,6 +375,13 @@ def test_router_errors_are_openai_errors(
     with pytest.raises(openai.NotFoundError) as unknown:
         client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
     assert "no-such-adapter" in str(unknown.value)
+    # an unknown model is the replica's to say (the router does not know the adapters)
+    code, doc = http_json(
+        "POST",
+        router_for([_replica(replicas[0])]).url + "/v1/chat/completions",
+        {"model": "no-such-adapter", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert code == 404 and doc["error"]["param"] == "model", doc
     with pytest.raises(openai.BadRequestError) as too_long:
         client.completions.create(model="qa", prompt="red " * 400, max_tokens=2)
     assert "context" in str(too_long.value).lower() or "length" in str(too_long.value).lower()
@@ -385,6 +392,111 @@ def test_router_errors_are_openai_errors(
         {"lora_name": "x", "lora_path": "/etc"},
     )
     assert code in (404, 405)
+
+
+class CountingReplica:
+    """A stand-in replica that counts the requests reaching it and answers each with an
+    empty completion."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[str] = []
+        seen = self.seen
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                seen.append(self.path)
+                data = json.dumps({"id": "x", "object": "text_completion", "choices": []})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _post_raw(url: str, raw: bytes) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=raw, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            status, kind, data = resp.status, resp.headers.get_content_type(), resp.read()
+    except urllib.error.HTTPError as exc:
+        status, kind, data = exc.code, exc.headers.get_content_type(), exc.read()
+    try:
+        return status, (kind, json.loads(data))
+    except ValueError:
+        return status, (kind, {"body": data.decode(errors="replace")})
+
+
+def test_malformed_requests_get_openai_errors_and_never_reach_a_replica(
+    router_for: Callable[..., RouterThread],
+) -> None:
+    """Malformed bodies through the real router: a 400 in OpenAI's error format naming the
+    field (none for a body that is no JSON object), and no request at the replica. A
+    well-formed one then does reach it. (Every check: tests/unit/test_routing.py.)"""
+    chat = routing.CHAT
+    ok = {"model": "qa", "prompt": "hi"}
+    ok_chat = {"model": "qa", "messages": [{"role": "user", "content": "hi"}]}
+    malformed: list[tuple[str, bytes | dict[str, Any], str | None]] = [
+        (routing.COMPLETIONS, b"\xff\xfe{}", None),
+        (routing.COMPLETIONS, b"{not json", None),
+        (routing.COMPLETIONS, b"[1, 2]", None),
+        (chat, b"", None),
+        ("/v1/embeddings", {"input": "hi"}, "model"),
+        (routing.COMPLETIONS, {**ok, "model": 7}, "model"),
+        (routing.COMPLETIONS, {**ok, "stream": "false"}, "stream"),
+        (chat, {**ok_chat, "stream": "true"}, "stream"),
+        (routing.COMPLETIONS, {**ok, "stream_options": {"include_usage": True}}, "stream_options"),
+        (routing.COMPLETIONS, {**ok, "n": "x"}, "n"),
+        (routing.COMPLETIONS, {**ok, "n": 10**6}, "n"),
+        (chat, {**ok_chat, "max_tokens": -1}, "max_tokens"),
+        (routing.COMPLETIONS, {**ok, "max_tokens": 10**30}, "max_tokens"),
+        (chat, {**ok_chat, "stop": ["a", 5]}, "stop"),
+        (routing.COMPLETIONS, {**ok, "prompt": ""}, "prompt"),
+        (routing.COMPLETIONS, {**ok, "prompt": [[]]}, "prompt"),
+        (chat, {**ok_chat, "messages": []}, "messages"),
+        (chat, {**ok_chat, "logprobs": "false"}, "logprobs"),
+    ]
+    stub = CountingReplica()
+    try:
+        rt = router_for([Replica("stub", "127.0.0.1", stub.port, ready=True)])
+        bad = []
+        for path, body, param in malformed:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            code, (kind, doc) = _post_raw(rt.url + path, raw)
+            error = doc.get("error") or {}
+            if (
+                code != 400
+                or kind != "application/json"
+                or set(error) != {"message", "type", "param", "code"}
+                or (error["type"], error["param"], error["code"])
+                != ("invalid_request_error", param, 400)
+            ):
+                bad.append((path, body, code, doc))
+        assert not bad, bad
+        assert stub.seen == []
+        assert rt.router.stats["refused"] == len(malformed) and rt.router.stats["requests"] == 0
+        code, _ = _post_raw(rt.url + routing.COMPLETIONS, b'{"model": "qa", "prompt": "hi"}')
+        assert code == 200 and stub.seen == [routing.COMPLETIONS]
+    finally:
+        stub.close()
 
 
 def test_router_retries_a_dead_replica_and_queues_when_busy(
@@ -483,7 +595,11 @@ def test_a_stream_cut_at_any_byte_resumes_byte_identical(
 ) -> None:
     """The replica's connection reset at byte after byte of its response (headers, mid-event,
     between events, in the last chunk): every answer, completions and chat, equals the
-    undisturbed one, byte for byte, and ends with finish_reason "length"."""
+    undisturbed one, byte for byte, and ends with finish_reason "length".
+
+    Also with a stop string that never matches: vLLM then holds back the text of the last
+    (longest stop - 1) characters of every chunk whose token ids it already sent, so the
+    client has less text than tokens all through the stream."""
     replica = replicas[1]
     proxy = CutProxy(replica.port)
     direct = Replica("direct", "127.0.0.1", replica.port, ready=True)
@@ -491,10 +607,14 @@ def test_a_stream_cut_at_any_byte_resumes_byte_identical(
     tokens = 24
     messages = [{"role": "user", "content": PROMPTS[0]}]
 
-    def ask(url: str, chat: bool) -> tuple[str, str | None]:
+    stop = "}}}}}}}}"
+
+    def ask(url: str, chat: bool, stops: bool) -> tuple[str, str | None]:
         c = _client(url).with_options(timeout=60)
         settings: dict[str, Any] = {"max_tokens": tokens, "temperature": 0, "stream": True}
         settings["extra_body"] = {"ignore_eos": True}
+        if stops:
+            settings["stop"] = [stop, "{{{{"]
         stream: Any = (
             c.chat.completions.create(model="sums", messages=messages, **settings)
             if chat
@@ -510,24 +630,30 @@ def test_a_stream_cut_at_any_byte_resumes_byte_identical(
         return "".join(parts), finish
 
     try:
-        for chat in (False, True):
-            full, _ = ask(replica.url, chat)
+        for chat, stops in ((False, False), (True, False), (False, True), (True, True)):
+            full, _ = ask(replica.url, chat, stops)
+            assert stop not in full
             rt = router_for([through])
-            ask(rt.url, chat)
+            ask(rt.url, chat, stops)
             length = proxy.passed
             bad = []
             # 30 points over the response, and every third byte of its last 60: a cut after
-            # the finish_reason, with only [DONE] lost, must not add a token
-            cuts = {*range(1, length, max(1, length // 30)), *range(length - 60, length, 3)}
+            # the finish_reason, with only [DONE] lost, must not add a token. With stop
+            # strings, 20 points: the end of a stream is the same with them or without.
+            cuts = (
+                set(range(1, length, max(1, length // 20)))
+                if stops
+                else {*range(1, length, max(1, length // 30)), *range(length - 60, length, 3)}
+            )
             for cut in sorted(cuts):
                 rt = router_for([through])
                 proxy.cut_after = cut
                 proxy.before_cut = functools.partial(rt.set_replicas, [through, direct])
-                got, finish = ask(rt.url, chat)
+                got, finish = ask(rt.url, chat, stops)
                 proxy.cut_after = None
                 if got.encode() != full.encode() or finish != "length":
                     bad.append((cut, got, finish))
-            assert not bad, (full, bad)
+            assert not bad, (chat, stops, full, bad)
     finally:
         proxy.close()
 

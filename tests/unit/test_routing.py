@@ -180,6 +180,38 @@ def test_a_merged_chunk_leaves_its_later_tokens_unsure() -> None:
     assert list(routing.commit_candidates(state)) == [3]
 
 
+def test_stop_strings_hold_back_text_and_a_resume_starts_before_it() -> None:
+    assert routing.hold_back({"stop": "end"}) == 2
+    assert routing.hold_back({"stop": ["a", "four"]}) == 3
+    assert routing.hold_back({"stop": ["four"], "include_stop_str_in_output": True}) == 0
+    assert routing.hold_back({}) == routing.hold_back({"stop": None}) == 0
+    body = {"stream": True, "max_tokens": 10, "stop": ["zzzz"]}  # 3 characters held back
+    state = StreamState(routing.COMPLETIONS, body)
+    # tokens "ab", "cd", "ef": the text lags the tokens by 3 characters
+    for ids, text in [([4], ""), ([5], "a"), ([6], "bc")]:
+        routing.relay_chunk(
+            state, _chunk(id="c", choices=[{"text": text, "token_ids": ids}]), resumed=False
+        )
+    # every token carries ids: none of their text is surely whole with the client
+    assert (state.committed, state.sure, state.text) == (3, 0, "abc")
+    assert list(routing.commit_candidates(state)) == [3, 2, 1, 0]
+    # what the replica's detokenizer says of each count (the prompt decodes to "P")
+    assert not routing.settles_at(state, 3, "P", "Pabcdef")
+    assert not routing.settles_at(state, 2, "P", "Pabc\ufffd")  # a character cut in two
+    assert routing.settles_at(state, 1, "P", "Pab")
+    assert (state.committed, state.sure, state.skip) == (1, 1, 1)
+    sent = routing.resume_point(state)
+    assert sent == [4]
+    assert routing.continuation_body(body, [1], sent)["max_tokens"] == 9
+    # the continuation generates "cdef..." again: the "c" the client has is dropped
+    out = routing.relay_chunk(
+        state, _chunk(id="d", choices=[{"text": "cd", "token_ids": [5]}]), resumed=True
+    )
+    assert out is not None
+    assert json.loads(out[len(b"data: ") :])["choices"][0]["text"] == "d"
+    assert (state.text, state.skip, state.sent_ids) == ("abcd", 0, [4, 5])
+
+
 def test_a_stream_cut_after_its_finish_reason_is_closed_without_another_token() -> None:
     body = {"stream": True, "max_tokens": 2, "stream_options": {"include_usage": True}}
     state = StreamState(routing.COMPLETIONS, body)
@@ -233,3 +265,111 @@ def test_the_router_is_ready_once_it_knows_the_replicas_and_not_while_it_drains(
     # 503 before the first list; 200 after; a drain waits for the stream until its limit and
     # says one was cut; not Ready from then on; with nothing in flight it ends at once.
     assert asyncio.run(scenario()) == [503, 200, 1, True, 503, 0]
+
+
+C, CHAT = routing.COMPLETIONS, routing.CHAT
+OK_PROMPT = {"model": "qa", "prompt": "hi"}
+OK_CHAT = {"model": "qa", "messages": [{"role": "user", "content": "hi"}]}
+MALFORMED: list[tuple[str, bytes | dict[str, Any], str | None]] = [
+    # not a JSON object at all
+    (C, b"\xff\xfe{}", None),
+    (C, b'{"model": "qa", "prompt": "caf\xe9"}', None),
+    (C, b"{not json", None),
+    (C, b"", None),
+    (C, b'{"model": "qa", "prompt": "hi", "max_tokens": NaN}', None),
+    (C, b"[1, 2]", None),
+    (C, b'"a string"', None),
+    (C, b"null", None),
+    # the model
+    (C, {"prompt": "hi"}, "model"),
+    (C, {**OK_PROMPT, "model": 7}, "model"),
+    (C, {**OK_PROMPT, "model": ""}, "model"),
+    (CHAT, {**OK_CHAT, "model": ["qa"]}, "model"),
+    ("/v1/embeddings", {"input": "hi"}, "model"),
+    # streaming switches: strict booleans (vLLM reads "false" as false, Python as true)
+    (C, {**OK_PROMPT, "stream": "false"}, "stream"),
+    (C, {**OK_PROMPT, "stream": 1}, "stream"),
+    (CHAT, {**OK_CHAT, "stream": "true"}, "stream"),
+    (C, {**OK_PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
+    (C, {**OK_PROMPT, "stream": True, "stream_options": "yes"}, "stream_options"),
+    (C, {**OK_PROMPT, "stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
+    # counts: integers in range
+    (C, {**OK_PROMPT, "n": "x"}, "n"),
+    (C, {**OK_PROMPT, "n": 0}, "n"),
+    (C, {**OK_PROMPT, "n": -1}, "n"),
+    (C, {**OK_PROMPT, "n": 1.5}, "n"),
+    (C, {**OK_PROMPT, "n": True}, "n"),
+    (C, {**OK_PROMPT, "n": 10**6}, "n"),
+    (C, {**OK_PROMPT, "max_tokens": "12"}, "max_tokens"),
+    (C, {**OK_PROMPT, "max_tokens": 0}, "max_tokens"),
+    (C, {**OK_PROMPT, "max_tokens": -5}, "max_tokens"),
+    (C, {**OK_PROMPT, "max_tokens": 10**30}, "max_tokens"),
+    (CHAT, {**OK_CHAT, "max_completion_tokens": 2.0}, "max_completion_tokens"),
+    (C, {**OK_PROMPT, "min_tokens": -1}, "min_tokens"),
+    (C, {**OK_PROMPT, "logprobs": "2"}, "logprobs"),
+    (CHAT, {**OK_CHAT, "logprobs": "false"}, "logprobs"),
+    (CHAT, {**OK_CHAT, "top_logprobs": -1}, "top_logprobs"),
+    # stop strings
+    (C, {**OK_PROMPT, "stop": 5}, "stop"),
+    (C, {**OK_PROMPT, "stop": ["a", 5]}, "stop"),
+    (C, {**OK_PROMPT, "stop": ""}, "stop"),
+    (C, {**OK_PROMPT, "stop": {"a": 1}}, "stop"),
+    (C, {**OK_PROMPT, "include_stop_str_in_output": "no"}, "include_stop_str_in_output"),
+    # switches that make a stream unresumable
+    (C, {**OK_PROMPT, "echo": "false"}, "echo"),
+    (CHAT, {**OK_CHAT, "tools": {}}, "tools"),
+    # the prompt
+    (C, {"model": "qa"}, "prompt"),
+    (C, {**OK_PROMPT, "prompt": ""}, "prompt"),
+    (C, {**OK_PROMPT, "prompt": []}, "prompt"),
+    (C, {**OK_PROMPT, "prompt": ["hi", ""]}, "prompt"),
+    (C, {**OK_PROMPT, "prompt": [[]]}, "prompt"),
+    (C, {**OK_PROMPT, "prompt": [1, -2]}, "prompt"),
+    (C, {**OK_PROMPT, "prompt": ["hi", 3]}, "prompt"),
+    (C, {**OK_PROMPT, "prompt": {"text": "hi"}}, "prompt"),
+    (C, {**OK_PROMPT, "prompt": 42}, "prompt"),
+    # the messages
+    (CHAT, {"model": "qa"}, "messages"),
+    (CHAT, {**OK_CHAT, "messages": []}, "messages"),
+    (CHAT, {**OK_CHAT, "messages": "hi"}, "messages"),
+    (CHAT, {**OK_CHAT, "messages": [{"content": "hi"}]}, "messages[0]"),
+    (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "a"}, "b"]}, "messages[1]"),
+    (CHAT, {**OK_CHAT, "add_generation_prompt": "yes"}, "add_generation_prompt"),
+]
+
+
+def _raw(body: bytes | dict[str, Any]) -> bytes:
+    return body if isinstance(body, bytes) else json.dumps(body).encode()
+
+
+def test_malformed_requests_are_refused_naming_the_field() -> None:
+    for path, body, param in MALFORMED:
+        got = routing.read_request(path, _raw(body))
+        assert isinstance(got, routing.Refusal), (path, body)
+        assert got.status == 400 and got.param == param, (path, body, got)
+        error = got.error()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == 400
+        assert error["param"] == param and error["message"], (path, body)
+        if param is not None:
+            assert f"'{param.split('[')[0]}" in error["message"], (body, error)
+
+
+def test_well_formed_requests_pass_as_they_are() -> None:
+    good: list[tuple[str, dict[str, Any]]] = [
+        (C, OK_PROMPT),
+        (C, {**OK_PROMPT, "prompt": [1, 2, 3], "stream": True, "n": 1, "max_tokens": 5}),
+        (C, {**OK_PROMPT, "prompt": ["a", "b"], "stop": "x", "logprobs": 2, "echo": False}),
+        (C, {**OK_PROMPT, "prompt": [[1], [2, 3]], "stream": False, "stream_options": None}),
+        (C, {**OK_PROMPT, "stream": True, "stream_options": {"include_usage": True}}),
+        (C, {**OK_PROMPT, "max_tokens": None, "n": None, "stop": None, "temperature": "0"}),
+        (CHAT, {**OK_CHAT, "stop": ["a", "b"], "logprobs": True, "top_logprobs": 2}),
+        (CHAT, {**OK_CHAT, "max_completion_tokens": 9, "tools": []}),
+        ("/v1/embeddings", {"model": "qa", "input": "hi"}),
+        ("/tokenize", {"prompt": "hi"}),
+        ("/detokenize", {"tokens": [1, 2]}),
+    ]
+    for path, body in good:
+        assert routing.read_request(path, json.dumps(body).encode()) == body, (path, body)
+    # a batch of prompts streams one choice per prompt: passed on, not resumed
+    assert not routing.resumable({**OK_PROMPT, "prompt": ["a", "b"], "stream": True})
+    assert routing.resumable({**OK_PROMPT, "prompt": [1, 2], "stream": True})

@@ -62,7 +62,7 @@ class Relay:
     def __init__(self, replicas: ReplicaSet, *, max_queue_seconds: float = 30.0) -> None:
         self.replicas = replicas
         self.max_queue_seconds = max_queue_seconds
-        self.stats = {"requests": 0, "retries": 0, "resumes": 0, "failed": 0}
+        self.stats = {"requests": 0, "refused": 0, "retries": 0, "resumes": 0, "failed": 0}
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -248,16 +248,16 @@ async def relay_events(
 
 
 async def settle(session: aiohttp.ClientSession, replica: Replica, state: StreamState) -> None:
-    """How many of the last chunk's tokens the client has the text of, when vLLM merged
-    several tokens into that chunk: the most whose text, decoded after the prompt, is
-    exactly the text sent. A continuation after a token whose text was held back would
-    start inside a character."""
+    """How many of the tokens sent the client has the whole text of, when the chunks do not
+    say (vLLM merged several tokens into the last chunk, or held text back for stop strings):
+    the most whose text, decoded after the prompt, is whole and no more than the text sent
+    (:func:`~cheapspot_operator.router.routing.settles_at`). A continuation after a token
+    whose text was held back would lose that text, or start inside a character."""
     prompt = state.prompt_ids or []
     base = await detokenize(session, replica, prompt)
     for count in routing.commit_candidates(state):
         decoded = await detokenize(session, replica, [*prompt, *state.sent_ids[:count]])
-        if decoded == base + state.text:
-            state.committed = state.sure = count
+        if routing.settles_at(state, count, base, decoded):
             return
     log.warning("no count of tokens decodes to the text sent; resuming after %d", state.committed)
 

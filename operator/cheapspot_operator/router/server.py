@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -46,7 +45,7 @@ from aiohttp import web
 
 from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
 from cheapspot_operator.router import routing
-from cheapspot_operator.router.relay import Relay, error
+from cheapspot_operator.router.relay import Relay
 from cheapspot_operator.router.replicas import ReplicaSet, fixed_replicas, watch_pods
 
 log = logging.getLogger("cheapspot.router")
@@ -142,15 +141,13 @@ class Router:
 
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        try:
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                raise ValueError("the body is not a JSON object")
-        except ValueError as exc:
-            return error(f"request body is not valid JSON: {exc}", 400)
+        body = routing.read_request(request.path, raw)
+        if isinstance(body, routing.Refusal):
+            self.stats["refused"] += 1
+            return web.json_response(body.error(), status=body.status)
         self.stats["requests"] += 1
         model = str(body.get("model") or "")
-        if body.get("stream") and routing.resumable(body):
+        if routing.resumable(body):
             return await self.relay.stream(request, body, model)
         return await self.relay.once(request, raw, body, model)
 
