@@ -11,6 +11,7 @@ from cheapspot.contract import ExitCode
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.inferencepool import InferencePoolStatus
 from cheapspot_operator.inferencepool.actions import EnsureRouter
+from cheapspot_operator.inferencepool.controller import STAGES
 from cheapspot_operator.inferencepool.observed import ReplicaReport
 from cheapspot_operator.inferencepool.plan import (
     DEADLINE_MARGIN,
@@ -19,6 +20,7 @@ from cheapspot_operator.inferencepool.plan import (
     replica_pod_name,
     replica_state,
 )
+from cheapspot_operator.runtime.reconciler import Stage, apply_order
 from cheapspot_operator.testing.pool import POOL_NAME, PoolWorld, make_pool, make_replica
 from cheapspot_operator.testing.world import EPOCH, make_node
 
@@ -63,7 +65,11 @@ def test_a_reclaim_notice_drains_the_replica_and_creates_its_replacement_in_the_
     assert victim.pod.node_name in create.avoid_nodes
     (mark,) = w.marks()
     assert mark.pod == victim.name
-    assert w.last.index(mark) < w.last.index(create), "the router must stop choosing it first"
+    # The runtime applies a pass's actions in one order for every kind (its stages).
+    applied = sorted(
+        w.last, key=lambda a: apply_order(a, lambda x: STAGES.get(type(x), Stage.OTHER))
+    )
+    assert applied.index(mark) < applied.index(create), "the router must stop choosing it first"
     assert mark.deadline == w.clock.now + timedelta(seconds=w.profile.notice_seconds)
     assert w.deletes() == []
     assert w.status.draining[0].pod == victim.name

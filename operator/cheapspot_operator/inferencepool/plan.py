@@ -212,9 +212,6 @@ def plan(spec: InferencePoolSpec, obs: PoolObserved, now: datetime) -> list[Pool
     others = [a for a in work.actions if not isinstance(a, UpdatePoolStatus)]
     if st == prev and not others:
         return []
-    # Drain marks go first: the router stops choosing a doomed replica before anything
-    # else (its replacement's creation included) takes time.
-    others.sort(key=lambda a: not isinstance(a, MarkDraining))
     return [UpdatePoolStatus(st), *others]
 
 
