@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL, LABEL_POOL_ROLE
-from cheapspot_operator.router import routing
+from cheapspot_operator.router import routing, validation
 from cheapspot_operator.router.routing import Load, Replica, StreamState
 from cheapspot_operator.router.server import Router
 
@@ -344,8 +344,8 @@ def _raw(body: bytes | dict[str, Any]) -> bytes:
 
 def test_malformed_requests_are_refused_naming_the_field() -> None:
     for path, body, param in MALFORMED:
-        got = routing.read_request(path, _raw(body))
-        assert isinstance(got, routing.Refusal), (path, body)
+        got = validation.read_request(path, _raw(body))
+        assert isinstance(got, validation.Refusal), (path, body)
         assert got.status == 400 and got.param == param, (path, body, got)
         error = got.error()["error"]
         assert error["type"] == "invalid_request_error" and error["code"] == 400
@@ -369,7 +369,7 @@ def test_well_formed_requests_pass_as_they_are() -> None:
         ("/detokenize", {"tokens": [1, 2]}),
     ]
     for path, body in good:
-        assert routing.read_request(path, json.dumps(body).encode()) == body, (path, body)
+        assert validation.read_request(path, json.dumps(body).encode()) == body, (path, body)
     # a batch of prompts streams one choice per prompt: passed on, not resumed
     assert not routing.resumable({**OK_PROMPT, "prompt": ["a", "b"], "stream": True})
     assert routing.resumable({**OK_PROMPT, "prompt": [1, 2], "stream": True})

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cheapspot_operator.router import routing
+from cheapspot_operator.router import routing, validation
 from cheapspot_operator.router.replicas import ReplicaSet
 from cheapspot_operator.router.routing import Replica, StreamState
 
@@ -55,7 +55,7 @@ def passed_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
 
 def error(message: str, status: int) -> web.Response:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return web.json_response(routing.openai_error(message, status, kind), status=status)
+    return web.json_response(validation.openai_error(message, status, kind), status=status)
 
 
 class Relay:
@@ -222,7 +222,9 @@ class Relay:
         if response is None:
             return error(last, 503)
         with contextlib.suppress(ConnectionResetError):
-            await response.write(routing.sse(json.dumps(routing.openai_error(last, 503)).encode()))
+            await response.write(
+                routing.sse(json.dumps(validation.openai_error(last, 503)).encode())
+            )
             await response.write_eof()
         return response
 

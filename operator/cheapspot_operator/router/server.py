@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
-from cheapspot_operator.router import routing
+from cheapspot_operator.router import routing, validation
 from cheapspot_operator.router.relay import Relay
 from cheapspot_operator.router.replicas import ReplicaSet, fixed_replicas, watch_pods
 
@@ -141,8 +141,8 @@ class Router:
 
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        body = routing.read_request(request.path, raw)
-        if isinstance(body, routing.Refusal):
+        body = validation.read_request(request.path, raw)
+        if isinstance(body, validation.Refusal):
             self.stats["refused"] += 1
             return web.json_response(body.error(), status=body.status)
         self.stats["requests"] += 1
