@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import urllib3
@@ -34,9 +34,6 @@ REPORT_WAIT_S = 0.25
 a busy replica never delays the reaction to a reclaim notice."""
 REPORT_MAX_AGE_S = 10.0
 """A report older than this is not used (the replica stopped answering)."""
-
-ReportReader = Callable[[Sequence[ReplicaPod]], Mapping[str, ReplicaReport]]
-AdapterPusher = Callable[[ReplicaPod, Sequence[Mapping[str, str]]], None]
 
 
 class AdminClient:

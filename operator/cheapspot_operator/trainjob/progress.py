@@ -109,10 +109,6 @@ def store_output_claims(reader: StoreProgressReader) -> OutputClaims:
     return claim
 
 
-def store_progress_reader(timeout_attempts: int = 2) -> ProgressReader:
-    return StoreProgressReader(timeout_attempts)
-
-
 @dataclass
 class ProgressCache:
     """Progress records per job, read in the background: at most every ``ttl`` seconds, and
