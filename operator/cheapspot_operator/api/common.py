@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
@@ -141,6 +141,11 @@ class CapacityType(enum.StrEnum):
 
 class StatusModel(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    def to_patch(self) -> dict[str, Any]:
+        """The status as a merge patch: the CRD's field names, unset fields left out."""
+        data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return data
 
 
 class Condition(StatusModel):

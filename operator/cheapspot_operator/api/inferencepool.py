@@ -264,10 +264,6 @@ class InferencePoolStatus(StatusModel):
     cost: CostStatus = CostStatus()
     budget: BudgetStatus | None = None
 
-    def to_patch(self) -> dict[str, Any]:
-        data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
-        return data
-
 
 def parse_spec(raw: dict[str, Any]) -> InferencePoolSpec:
     return InferencePoolSpec.model_validate(raw)

@@ -464,10 +464,6 @@ class TrainJobStatus(StatusModel):
     budget: BudgetStatus | None = None
     distillation: DistillationStatus | None = None
 
-    def to_patch(self) -> dict[str, Any]:
-        data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
-        return data
-
 
 def parse_spec(raw: dict[str, Any]) -> TrainJobSpec:
     return TrainJobSpec.model_validate(raw)

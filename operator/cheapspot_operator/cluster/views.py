@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+from cheapspot_operator.api.common import StatusModel
 
 LABEL_ROLE = "cheapspot.dev/role"
 LABEL_CAPACITY = "cheapspot.dev/capacity-type"
@@ -235,3 +237,25 @@ def node_view(node: Mapping[str, Any], requested: Mapping[str, float] | None = N
         },
         requested=dict(requested or {}),
     )
+
+
+S = TypeVar("S", bound=StatusModel)
+
+
+@dataclass(frozen=True)
+class ObjectView(Generic[S]):
+    """The custom resource a reconcile is about (a job, a pool): who it is, and its status."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    status: S
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any], status: S) -> ObjectView[S]:
+        """The view of ``obj`` (as the API server returns it) with its parsed ``status``."""
+        meta = obj["metadata"]
+        return cls(
+            meta["namespace"], meta["name"], meta["uid"], int(meta.get("generation", 1)), status
+        )

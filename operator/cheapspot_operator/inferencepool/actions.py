@@ -1,8 +1,7 @@
 """What the pool planner returns. Pure.
 
-The handlers apply the actions in order and stop at the first failure; :class:`UpdatePoolStatus`
-comes first (a slot's new attempt is recorded before its pod is created), then the drain marks
-(the router stops choosing a doomed replica before anything else takes time), then the rest.
+The status and create actions are every kind's (:mod:`cheapspot_operator.planning.actions`);
+the runtime applies them all in one order.
 """
 
 from __future__ import annotations
@@ -11,22 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cheapspot.contract import AdapterSource
-from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.inferencepool import InferencePoolStatus
-from cheapspot_operator.planning.actions import DeletePod, EmitEvent
-
-
-@dataclass(frozen=True)
-class UpdatePoolStatus:
-    status: InferencePoolStatus
-
-
-@dataclass(frozen=True)
-class CreateReplica:
-    index: int
-    attempt: int
-    capacity: CapacityType
-    avoid_nodes: tuple[str, ...] = ()
+from cheapspot_operator.planning.actions import CreatePod, DeletePod, EmitEvent, UpdateStatus
 
 
 @dataclass(frozen=True)
@@ -53,5 +38,10 @@ class EnsureRouter:
 
 
 PoolAction = (
-    UpdatePoolStatus | CreateReplica | MarkDraining | SyncAdapters | EnsureRouter | DeletePod
+    UpdateStatus[InferencePoolStatus]
+    | CreatePod
+    | MarkDraining
+    | SyncAdapters
+    | EnsureRouter
+    | DeletePod
 ) | EmitEvent

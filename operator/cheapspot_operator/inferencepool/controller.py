@@ -31,13 +31,12 @@ from cheapspot_operator.api import common
 from cheapspot_operator.api import inferencepool as ps
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.pods import Placement
+from cheapspot_operator.cluster.views import ObjectView
 from cheapspot_operator.inferencepool.actions import (
-    CreateReplica,
     EnsureRouter,
     MarkDraining,
     PoolAction,
     SyncAdapters,
-    UpdatePoolStatus,
 )
 from cheapspot_operator.inferencepool.admin import AdminClient
 from cheapspot_operator.inferencepool.manifests import (
@@ -50,12 +49,11 @@ from cheapspot_operator.inferencepool.manifests import (
 )
 from cheapspot_operator.inferencepool.observed import (
     PoolObserved,
-    PoolView,
     replica_pod_view,
     router_view,
 )
 from cheapspot_operator.inferencepool.plan import plan
-from cheapspot_operator.planning.actions import EmitEvent
+from cheapspot_operator.planning.actions import CreatePod, EmitEvent, UpdateStatus
 from cheapspot_operator.planning.conditions import set_condition
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.runtime import metrics
@@ -72,9 +70,9 @@ from cheapspot_operator.runtime.reconciler import (
 log = logging.getLogger("cheapspot.operator.pools")
 
 STAGES: Mapping[type, Stage] = {
-    UpdatePoolStatus: Stage.STATUS,
+    UpdateStatus: Stage.STATUS,
     MarkDraining: Stage.DRAIN,
-    CreateReplica: Stage.CREATE,
+    CreatePod: Stage.CREATE,
 }
 
 
@@ -127,7 +125,7 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
             f"/apis/apps/v1/namespaces/{namespace}/deployments/{router_name(name)}"
         )
         observed = PoolObserved(
-            pool=PoolView(namespace, name, meta["uid"], int(meta.get("generation", 1)), status),
+            pool=ObjectView.of(pool, status),
             replicas=replicas,
             nodes=self.nodes.views(usage),
             profile=self.profile,
@@ -139,14 +137,14 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
         )
         now = self.clock()
         actions = plan(spec, observed, now)
-        retried = [(a.index, a.attempt) for a in actions if isinstance(a, CreateReplica)]
+        retried = [(a.index, a.attempt) for a in actions if isinstance(a, CreatePod)]
         refused = self.refused_for(meta["uid"], retried)
         if refused:
             actions = report_refusals(actions, refused, status, now, observed.pool.generation)
         by_name = {rp.name: rp for rp in observed.replicas}
 
         def act(action: PoolAction) -> None:
-            if isinstance(action, CreateReplica):
+            if isinstance(action, CreatePod):
                 self._create_replica(pool, spec, action)
             elif isinstance(action, MarkDraining):
                 self._mark_draining(namespace, action)
@@ -186,7 +184,7 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
         return PoolInfo(meta["namespace"], meta["name"], meta["uid"], spec)
 
     def _create_replica(
-        self, pool: dict[str, Any], spec: ps.InferencePoolSpec, action: CreateReplica
+        self, pool: dict[str, Any], spec: ps.InferencePoolSpec, action: CreatePod
     ) -> None:
         pod = build_replica_pod(
             self._info(pool, spec),
@@ -271,7 +269,7 @@ def report_refusals(
     """``actions`` with the replica creates the API server refused last time (``refused``: its
     words by slot, for the creates tried again now) on the planned status: ``Degraded``
     (reason ``CreateRefused``), with an event when the refusal is new since ``before``."""
-    if not actions or not isinstance(actions[0], UpdatePoolStatus):
+    if not actions or not isinstance(actions[0], UpdateStatus):
         return actions
     planned = actions[0].status
     message = "; ".join(f"replica {i}: {refused[i]}" for i in sorted(refused))
@@ -292,7 +290,7 @@ def report_refusals(
     status = planned.model_copy(
         update={"conditions": set_condition(list(planned.conditions), condition)}
     )
-    out: list[PoolAction] = [UpdatePoolStatus(status), *actions[1:]]
+    out: list[PoolAction] = [UpdateStatus(status), *actions[1:]]
     if old is None or old.reason != "CreateRefused" or old.message != message:
         event = EmitEvent("Warning", "PodNotStarting", f"CreateRefused: {message}", "CreateRefused")
         out.append(event)
@@ -322,6 +320,6 @@ def invalid_actions(
         )
     update = {"conditions": conditions, "observed_generation": generation}
     return [
-        UpdatePoolStatus(status.model_copy(update=update)),
+        UpdateStatus(status.model_copy(update=update)),
         EmitEvent("Warning", "InvalidSpec", message),
     ]

@@ -18,7 +18,13 @@ from typing import Any
 from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL_ROLE, LABEL_REPLICA
 from cheapspot_operator.api.inferencepool import InferencePoolStatus
 from cheapspot_operator.cluster.placement import PlacementProfile
-from cheapspot_operator.cluster.views import NodeView, PodView, parse_time, slot_pod_view
+from cheapspot_operator.cluster.views import (
+    NodeView,
+    ObjectView,
+    PodView,
+    parse_time,
+    slot_pod_view,
+)
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.pricing.table import PriceTable
 
@@ -97,19 +103,10 @@ class RouterView:
 
 
 @dataclass(frozen=True)
-class PoolView:
-    namespace: str
-    name: str
-    uid: str
-    generation: int
-    status: InferencePoolStatus
-
-
-@dataclass(frozen=True)
 class PoolObserved:
     """Everything one reconciliation of one pool looks at."""
 
-    pool: PoolView
+    pool: ObjectView[InferencePoolStatus]
     replicas: tuple[ReplicaPod, ...]
     nodes: Mapping[str, NodeView]
     profile: PlacementProfile

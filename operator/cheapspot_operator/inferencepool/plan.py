@@ -65,16 +65,14 @@ from cheapspot_operator.api.inferencepool import (
     ReplicaSlot,
 )
 from cheapspot_operator.inferencepool.actions import (
-    CreateReplica,
     EnsureRouter,
     MarkDraining,
     PoolAction,
     SyncAdapters,
-    UpdatePoolStatus,
 )
 from cheapspot_operator.inferencepool.observed import REPLICA_ROLE, PoolObserved, ReplicaPod
 from cheapspot_operator.planning import budget, costing, slots
-from cheapspot_operator.planning.actions import DeletePod, EmitEvent
+from cheapspot_operator.planning.actions import CreatePod, DeletePod, EmitEvent, UpdateStatus
 from cheapspot_operator.planning.conditions import ConditionWriter
 from cheapspot_operator.planning.preemption import (
     Outcome,
@@ -164,7 +162,7 @@ class _Plan:
 
     def create(self, slot: ReplicaSlot) -> ReplicaSlot:
         name = replica_pod_name(self.obs.pool.name, slot.index, slot.attempt)
-        self.actions.append(CreateReplica(slot.index, slot.attempt, slot.capacity_type, self.avoid))
+        self.actions.append(CreatePod(slot.index, slot.attempt, slot.capacity_type, self.avoid))
         return slot.model_copy(update={"pod": name})
 
 
@@ -172,7 +170,7 @@ class _Plan:
 
 
 def plan(spec: InferencePoolSpec, obs: PoolObserved, now: datetime) -> list[PoolAction]:
-    """What to do for one pool now. The first action, if any, is :class:`UpdatePoolStatus`."""
+    """What to do for one pool now. The first action, if any, is :class:`UpdateStatus`."""
     prev = obs.pool.status
     st = prev.model_copy(deep=True)
     work = _Plan(
@@ -209,10 +207,10 @@ def plan(spec: InferencePoolSpec, obs: PoolObserved, now: datetime) -> list[Pool
 
     _summarise(work)
     _accrue_cost(st, prev, obs, now)
-    others = [a for a in work.actions if not isinstance(a, UpdatePoolStatus)]
+    others = [a for a in work.actions if not isinstance(a, UpdateStatus)]
     if st == prev and not others:
         return []
-    return [UpdatePoolStatus(st), *others]
+    return [UpdateStatus(st), *others]
 
 
 def _scale(work: _Plan) -> None:

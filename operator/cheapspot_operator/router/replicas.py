@@ -18,11 +18,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kubernetes import client, config, watch
+from kubernetes import client, watch
 
 from cheapspot.contract import SERVE_PORT
 from cheapspot_operator.router import routing
 from cheapspot_operator.router.routing import Load, Replica
+from cheapspot_operator.runtime.kubeapi import api_client
 
 log = logging.getLogger("cheapspot.router")
 
@@ -111,17 +112,6 @@ def fixed_replicas(urls: Sequence[str]) -> list[Replica]:
         host, _, port = hostport.rpartition(":")
         out.append(Replica(f"replica-{i}", host, int(port), ready=True))
     return out
-
-
-def api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """In-cluster configuration when running in a pod, else the kubeconfig."""
-    try:
-        if kubeconfig:
-            raise config.ConfigException("kubeconfig given")
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    return client.ApiClient()
 
 
 def watch_pods(

@@ -19,6 +19,18 @@ REQUEST_TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds for every request: a hung API server must not hang a reconcile."""
 
 
+def api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """A client with the in-cluster configuration when running in a pod, else the
+    kubeconfig's (``kubeconfig``, or the default one)."""
+    try:
+        if kubeconfig:
+            raise config.ConfigException("kubeconfig given")
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
 class ApiError(Exception):
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body[:500]}")
@@ -49,13 +61,7 @@ class KubeApi:
     @classmethod
     def from_config(cls, kubeconfig: str | None = None) -> KubeApi:
         """In-cluster configuration when running in a pod, else the kubeconfig."""
-        try:
-            if kubeconfig:
-                raise config.ConfigException("kubeconfig given")
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        return cls(client.ApiClient())
+        return cls(api_client(kubeconfig))
 
     def request(
         self,

@@ -12,23 +12,21 @@ from datetime import datetime
 from typing import Any
 
 from cheapspot_operator.api.inferencepool import InferencePoolSpec, InferencePoolStatus
-from cheapspot_operator.cluster.views import PodView
+from cheapspot_operator.cluster.views import ObjectView, PodView
 from cheapspot_operator.inferencepool.actions import (
-    CreateReplica,
     EnsureRouter,
     MarkDraining,
     PoolAction,
     SyncAdapters,
-    UpdatePoolStatus,
 )
 from cheapspot_operator.inferencepool.observed import (
     PoolObserved,
-    PoolView,
     ReplicaPod,
     ReplicaReport,
     RouterView,
 )
 from cheapspot_operator.inferencepool.plan import plan, replica_pod_name
+from cheapspot_operator.planning.actions import CreatePod
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.testing.world import WorkloadWorld
 
@@ -103,7 +101,7 @@ class PoolWorld(WorkloadWorld[ReplicaPod, PoolAction, InferencePoolStatus]):
 
     def observed(self) -> PoolObserved:
         return PoolObserved(
-            pool=PoolView("default", POOL_NAME, "uid-1", self.generation, self.status),
+            pool=ObjectView("default", POOL_NAME, "uid-1", self.generation, self.status),
             replicas=tuple(self.pods.values()),
             nodes=self.observed_nodes(),
             profile=self.profile,
@@ -116,22 +114,22 @@ class PoolWorld(WorkloadWorld[ReplicaPod, PoolAction, InferencePoolStatus]):
     def plan(self) -> list[PoolAction]:
         return plan(self.spec, self.observed(), self.clock.now)
 
-    def apply(self, action: PoolAction, *, apply_pods: bool) -> None:
-        if isinstance(action, UpdatePoolStatus):
-            self.status = action.status
-        elif isinstance(action, CreateReplica) and apply_pods:
-            self.pods.setdefault(
-                replica_pod_name(POOL_NAME, action.index, action.attempt),
-                make_replica(
-                    action.index,
-                    action.attempt,
-                    capacity=action.capacity.value,
-                    node_name="",
-                    phase="Pending",
-                    ready=False,
-                ),
-            )
-        elif isinstance(action, MarkDraining) and action.pod in self.pods:
+    def store_status(self, status: InferencePoolStatus) -> None:
+        self.status = status
+
+    def pending_pod(self, action: CreatePod) -> tuple[str, ReplicaPod]:
+        pod = make_replica(
+            action.index,
+            action.attempt,
+            capacity=action.capacity.value,
+            node_name="",
+            phase="Pending",
+            ready=False,
+        )
+        return replica_pod_name(POOL_NAME, action.index, action.attempt), pod
+
+    def apply(self, action: PoolAction) -> None:
+        if isinstance(action, MarkDraining) and action.pod in self.pods:
             self.pods[action.pod] = replace(self.pods[action.pod], draining_until=action.deadline)
         elif isinstance(action, SyncAdapters) and action.pod in self.reports:
             names = frozenset(a.name for a in action.adapters)
@@ -170,8 +168,8 @@ class PoolWorld(WorkloadWorld[ReplicaPod, PoolAction, InferencePoolStatus]):
     def of_slot(self, index: int) -> list[ReplicaPod]:
         return sorted((p for p in self.pods.values() if p.index == index), key=lambda p: p.attempt)
 
-    def creates(self) -> list[CreateReplica]:
-        return [a for a in self.last if isinstance(a, CreateReplica)]
+    def creates(self) -> list[CreatePod]:
+        return [a for a in self.last if isinstance(a, CreatePod)]
 
     def marks(self) -> list[MarkDraining]:
         return [a for a in self.last if isinstance(a, MarkDraining)]

@@ -12,13 +12,13 @@ from typing import Any
 
 from cheapspot.contract import Phase, Progress, Role
 from cheapspot_operator.api.trainjob import TrainJobSpec, TrainJobStatus
-from cheapspot_operator.cluster.views import PodView
+from cheapspot_operator.cluster.views import ObjectView, PodView
+from cheapspot_operator.planning.actions import CreatePod
 from cheapspot_operator.testing.world import EPOCH, WorkloadWorld
-from cheapspot_operator.trainjob.actions import Action, CreatePod, UpdateStatus
+from cheapspot_operator.trainjob.actions import Action
 from cheapspot_operator.trainjob.observed import (
     ANCHOR_INDEX,
     GENERATOR_BASE,
-    JobView,
     Observed,
     is_generator,
 )
@@ -113,7 +113,7 @@ class World(WorkloadWorld[PodView, Action, TrainJobStatus]):
 
     def observed(self) -> Observed:
         return Observed(
-            job=JobView("default", JOB_NAME, "uid-1", self.generation, self.status),
+            job=ObjectView("default", JOB_NAME, "uid-1", self.generation, self.status),
             pods=tuple(self.pods.values()),
             nodes=self.observed_nodes(),
             progress=dict(self.progress),
@@ -126,20 +126,18 @@ class World(WorkloadWorld[PodView, Action, TrainJobStatus]):
     def plan(self) -> list[Action]:
         return plan(self.spec, self.observed(), self.clock.now)
 
-    def apply(self, action: Action, *, apply_pods: bool) -> None:
-        if isinstance(action, UpdateStatus):
-            self.status = action.status
-        elif isinstance(action, CreatePod) and apply_pods:
-            self.pods.setdefault(
-                pod_name(JOB_NAME, action.index, action.attempt),
-                make_pod(
-                    action.index,
-                    action.attempt,
-                    capacity=action.capacity.value,
-                    node_name="",
-                    phase="Pending",
-                ),
-            )
+    def store_status(self, status: TrainJobStatus) -> None:
+        self.status = status
+
+    def pending_pod(self, action: CreatePod) -> tuple[str, PodView]:
+        pod = make_pod(
+            action.index,
+            action.attempt,
+            capacity=action.capacity.value,
+            node_name="",
+            phase="Pending",
+        )
+        return pod_name(JOB_NAME, action.index, action.attempt), pod
 
     def run_all(self, nodes: Mapping[str, str] | None = None) -> None:
         """Schedule every pending pod on a node of its capacity and mark it Running."""

@@ -18,7 +18,7 @@ from typing import Generic, Protocol, TypeVar
 from cheapspot_operator.api.common import Condition
 from cheapspot_operator.cluster.placement import PROFILES, PlacementProfile
 from cheapspot_operator.cluster.views import NodeView, PodView
-from cheapspot_operator.planning.actions import DeletePod, EmitEvent
+from cheapspot_operator.planning.actions import CreatePod, DeletePod, EmitEvent, UpdateStatus
 from cheapspot_operator.pricing.table import PriceTable, default_prices
 
 EPOCH = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -130,8 +130,16 @@ class WorkloadWorld(ABC, Generic[P, A, S]):
         """The kind's planner on the world as it is now."""
 
     @abstractmethod
-    def apply(self, action: A, *, apply_pods: bool) -> None:
-        """The effect of one of the kind's own actions (anything but a deletion or an event)."""
+    def store_status(self, status: S) -> None:
+        """An :class:`UpdateStatus` as the API server stores it."""
+
+    @abstractmethod
+    def pending_pod(self, action: CreatePod) -> tuple[str, P]:
+        """The pod a :class:`CreatePod` makes: its name, and the pod, Pending on no node."""
+
+    def apply(self, action: A) -> None:
+        """The effect of one of the kind's own actions (none but the shared ones: the status,
+        creates, deletions, events)."""
 
     # -- stepping ------------------------------------------------------------------------
 
@@ -144,8 +152,14 @@ class WorkloadWorld(ABC, Generic[P, A, S]):
             if isinstance(action, DeletePod):
                 if apply_pods:
                     self.delete(action)
+            elif isinstance(action, UpdateStatus):
+                self.store_status(action.status)
+            elif isinstance(action, CreatePod):
+                if apply_pods:
+                    name, pod = self.pending_pod(action)
+                    self.pods.setdefault(name, pod)
             elif not isinstance(action, EmitEvent):
-                self.apply(action, apply_pods=apply_pods)
+                self.apply(action)
         self.last = actions
         return actions
 

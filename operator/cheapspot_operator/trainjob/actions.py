@@ -1,38 +1,17 @@
-"""What the train planner returns, and the pass that collects it. Pure.
-
-The handlers apply the actions in order and stop at the first failure; :class:`UpdateStatus`
-comes first, so a slot's new attempt is recorded before its pod is created.
-"""
+"""What the train planner returns, and the pass that collects it. Pure."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 
-from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.trainjob import ShardStatus, TrainJobSpec, TrainJobStatus
-from cheapspot_operator.planning.actions import DeletePod, EmitEvent
+from cheapspot_operator.planning.actions import CreatePod, DeletePod, EmitEvent, UpdateStatus
 from cheapspot_operator.trainjob.deadline import DeadlineView
 from cheapspot_operator.trainjob.observed import Observed
 from cheapspot_operator.trainjob.shards import pod_name
 
-
-@dataclass(frozen=True)
-class UpdateStatus:
-    status: TrainJobStatus
-
-
-@dataclass(frozen=True)
-class CreatePod:
-    index: int
-    """Slot index (see :mod:`cheapspot_operator.trainjob.observed`)."""
-    attempt: int
-    capacity: CapacityType
-    avoid_nodes: tuple[str, ...] = ()
-    """Nodes being reclaimed or lost: the pod must not land there."""
-
-
-Action = UpdateStatus | CreatePod | DeletePod | EmitEvent
+Action = UpdateStatus[TrainJobStatus] | CreatePod | DeletePod | EmitEvent
 
 
 @dataclass

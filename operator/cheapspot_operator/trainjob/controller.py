@@ -27,15 +27,15 @@ from cheapspot_operator.api import common
 from cheapspot_operator.api import trainjob as s
 from cheapspot_operator.api.phases import JobPhase
 from cheapspot_operator.cluster.pods import Placement
-from cheapspot_operator.cluster.views import LABEL_ROLE
-from cheapspot_operator.planning.actions import DeletePod, EmitEvent
+from cheapspot_operator.cluster.views import LABEL_ROLE, ObjectView
+from cheapspot_operator.planning.actions import CreatePod, DeletePod, EmitEvent, UpdateStatus
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.runtime import metrics
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import KubeApi
 from cheapspot_operator.runtime.nodelist import SharedNodeList
 from cheapspot_operator.runtime.reconciler import ObjectReconciler, Stage, validation_message
-from cheapspot_operator.trainjob.actions import Action, CreatePod, UpdateStatus
+from cheapspot_operator.trainjob.actions import Action
 from cheapspot_operator.trainjob.manifests import (
     JobInfo,
     build_anchor_pod,
@@ -46,7 +46,6 @@ from cheapspot_operator.trainjob.observed import (
     ANCHOR_INDEX,
     GENERATOR_BASE,
     LABEL_JOB,
-    JobView,
     Observed,
     is_generator,
     pod_view,
@@ -141,7 +140,7 @@ class Reconciler(ObjectReconciler[Action]):
         progress = self.progress.get(meta["uid"], spec.output.uri, spec.shards, gens)
         slots = [*([status.anchor] if status.anchor else []), *status.shards, *status.generators]
         observed = Observed(
-            job=JobView(namespace, name, meta["uid"], int(meta.get("generation", 1)), status),
+            job=ObjectView.of(job, status),
             pods=tuple(pods),
             nodes=nodes,
             progress=progress or {},

@@ -14,7 +14,13 @@ from typing import Any
 from cheapspot.contract import Progress
 from cheapspot_operator.api.trainjob import TrainJobStatus
 from cheapspot_operator.cluster.placement import PlacementProfile
-from cheapspot_operator.cluster.views import LABEL_ROLE, NodeView, PodView, slot_pod_view
+from cheapspot_operator.cluster.views import (
+    LABEL_ROLE,
+    NodeView,
+    ObjectView,
+    PodView,
+    slot_pod_view,
+)
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.pricing.table import PriceTable
 
@@ -55,19 +61,10 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
 
 
 @dataclass(frozen=True)
-class JobView:
-    namespace: str
-    name: str
-    uid: str
-    generation: int
-    status: TrainJobStatus
-
-
-@dataclass(frozen=True)
 class Observed:
     """Everything one reconciliation of one job looks at."""
 
-    job: JobView
+    job: ObjectView[TrainJobStatus]
     pods: tuple[PodView, ...]
     nodes: Mapping[str, NodeView]
     progress: Mapping[int, Progress]

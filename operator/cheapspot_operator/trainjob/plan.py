@@ -31,10 +31,10 @@ from cheapspot_operator.api.phases import JobPhase, transition
 from cheapspot_operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from cheapspot_operator.cluster.views import PodView
 from cheapspot_operator.planning import budget, costing, slots
-from cheapspot_operator.planning.actions import DeletePod, EmitEvent
+from cheapspot_operator.planning.actions import CreatePod, DeletePod, EmitEvent, UpdateStatus
 from cheapspot_operator.planning.preemption import doomed_nodes, spot_room
 from cheapspot_operator.trainjob import deadline as train_deadline
-from cheapspot_operator.trainjob.actions import Action, CreatePod, Pass, UpdateStatus
+from cheapspot_operator.trainjob.actions import Action, Pass
 from cheapspot_operator.trainjob.observed import Observed
 from cheapspot_operator.trainjob.reconcile import run_slot
 from cheapspot_operator.trainjob.shards import (
