@@ -11,7 +11,7 @@ from cheapspot.contract import ExitCode
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.inferencepool import InferencePoolStatus
 from cheapspot_operator.inferencepool.actions import EnsureRouter
-from cheapspot_operator.inferencepool.controller import STAGES
+from cheapspot_operator.inferencepool.controller import PoolReconciler
 from cheapspot_operator.inferencepool.observed import ReplicaReport
 from cheapspot_operator.inferencepool.plan import (
     DEADLINE_MARGIN,
@@ -20,7 +20,7 @@ from cheapspot_operator.inferencepool.plan import (
     replica_pod_name,
     replica_state,
 )
-from cheapspot_operator.runtime.reconciler import Stage, apply_order
+from cheapspot_operator.runtime.reconciler import apply_order
 from cheapspot_operator.testing.pool import POOL_NAME, PoolWorld, make_pool, make_replica
 from cheapspot_operator.testing.world import EPOCH, make_node
 
@@ -66,9 +66,7 @@ def test_a_reclaim_notice_drains_the_replica_and_creates_its_replacement_in_the_
     (mark,) = w.marks()
     assert mark.pod == victim.name
     # The runtime applies a pass's actions in one order for every kind (its stages).
-    applied = sorted(
-        w.last, key=lambda a: apply_order(a, lambda x: STAGES.get(type(x), Stage.OTHER))
-    )
+    applied = sorted(w.last, key=lambda a: apply_order(a, PoolReconciler.STAGES))
     assert applied.index(mark) < applied.index(create), "the router must stop choosing it first"
     assert mark.deadline == w.clock.now + timedelta(seconds=w.profile.notice_seconds)
     assert w.deletes() == []

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
@@ -69,12 +69,6 @@ from cheapspot_operator.runtime.reconciler import (
 
 log = logging.getLogger("cheapspot.operator.pools")
 
-STAGES: Mapping[type, Stage] = {
-    UpdateStatus: Stage.STATUS,
-    MarkDraining: Stage.DRAIN,
-    CreatePod: Stage.CREATE,
-}
-
 
 class PoolReconciler(ObjectReconciler[PoolAction]):
     """Observe, plan, act for one pool at a time. Synchronous: runs in a worker thread."""
@@ -82,6 +76,7 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
     KIND = ps.KIND
     PLURAL = ps.PLURAL
     POD_LABEL = LABEL_POOL
+    STAGES: ClassVar[Mapping[type, Stage]] = {MarkDraining: Stage.DRAIN}
 
     def __init__(
         self,
@@ -167,9 +162,6 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
         return actions
 
     # -- acting -------------------------------------------------------------------------------
-
-    def stage(self, action: PoolAction) -> Stage:
-        return STAGES.get(type(action), Stage.OTHER)
 
     def _placement(self, capacity: CapacityType, avoid: tuple[str, ...] = ()) -> Placement:
         return Placement(

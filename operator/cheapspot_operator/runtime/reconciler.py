@@ -27,12 +27,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import ValidationError
 
 from cheapspot_operator.api import common
-from cheapspot_operator.planning.actions import DeletePod, EmitEvent
+from cheapspot_operator.api.common import StatusModel
+from cheapspot_operator.planning.actions import CreatePod, DeletePod, EmitEvent, UpdateStatus
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.runtime import events, metrics
 from cheapspot_operator.runtime.config import OperatorConfig
@@ -64,15 +65,6 @@ class Stage(enum.IntEnum):
     """Last: a replacement never waits for the events about it."""
 
 
-class Patchable(Protocol):
-    def to_patch(self) -> dict[str, Any]: ...
-
-
-class UpdatesStatus(Protocol):
-    @property
-    def status(self) -> Patchable: ...
-
-
 def pods_path(namespace: str, name: str = "") -> str:
     base = f"/api/v1/namespaces/{namespace}/pods"
     return f"{base}/{name}" if name else base
@@ -93,14 +85,19 @@ def refused(exc: ApiError) -> bool:
     return 400 <= exc.status < 500 and exc.status != 429
 
 
-def apply_order(action: A, stage: Callable[[A], Stage]) -> Stage:
-    """When ``action`` is applied: the shared actions' stages, the kind's ``stage`` for its
-    own."""
-    if isinstance(action, DeletePod):
-        return Stage.DELETE
-    if isinstance(action, EmitEvent):
-        return Stage.EVENT
-    return stage(action)
+SHARED_STAGES: Mapping[type, Stage] = {
+    UpdateStatus: Stage.STATUS,
+    CreatePod: Stage.CREATE,
+    DeletePod: Stage.DELETE,
+    EmitEvent: Stage.EVENT,
+}
+
+
+def apply_order(action: object, own: Mapping[type, Stage]) -> Stage:
+    """When ``action`` is applied: the shared actions' stages, else the kind's (``own``),
+    else :attr:`Stage.OTHER`."""
+    shared = SHARED_STAGES.get(type(action))
+    return shared if shared is not None else own.get(type(action), Stage.OTHER)
 
 
 def count_event(event: EmitEvent) -> None:
@@ -116,13 +113,16 @@ def count_event(event: EmitEvent) -> None:
 
 class ObjectReconciler(ABC, Generic[A]):
     """Observe, plan, act for one object of a kind at a time. Synchronous: runs in a worker
-    thread (:mod:`loops`). A kind names its resource and implements :meth:`reconcile_once`,
-    :meth:`finished`, :meth:`stage` and :meth:`status_written`."""
+    thread (:mod:`loops`). A kind names its resource and the stages of its own actions
+    (:attr:`STAGES`), and implements :meth:`reconcile_once`, :meth:`finished` and
+    :meth:`status_written`."""
 
     KIND: ClassVar[str]
     PLURAL: ClassVar[str]
     POD_LABEL: ClassVar[str]
     """The label that carries the object's name on each of its pods."""
+    STAGES: ClassVar[Mapping[type, Stage]] = {}
+    """When the kind's own actions are applied (the shared ones' stages are known here)."""
 
     def __init__(
         self,
@@ -221,11 +221,6 @@ class ObjectReconciler(ABC, Generic[A]):
     # -- acting -------------------------------------------------------------------------------
 
     @abstractmethod
-    def stage(self, action: A) -> Stage:
-        """When the kind's own action is applied (:class:`DeletePod` and :class:`EmitEvent`
-        are known here)."""
-
-    @abstractmethod
     def status_written(self, obj: Mapping[str, Any], status: Any) -> None:
         """The kind's metrics for a status just written over ``obj``'s."""
 
@@ -235,19 +230,19 @@ class ObjectReconciler(ABC, Generic[A]):
         ends the pass (nothing is done from an outdated picture)."""
 
         meta = obj["metadata"]
-        for action in sorted(actions, key=lambda a: apply_order(a, self.stage)):
+        for action in sorted(actions, key=lambda a: apply_order(a, self.STAGES)):
             if isinstance(action, DeletePod):
                 self.api.delete(pods_path(meta["namespace"], action.name), action.grace_seconds)
             elif isinstance(action, EmitEvent):
                 count_event(action)
                 self.post_event(obj, action)
-            elif self.stage(action) is Stage.STATUS:
-                if not self.write_status(obj, cast(UpdatesStatus, action).status):
+            elif isinstance(action, UpdateStatus):
+                if not self.write_status(obj, action.status):
                     return
             else:
                 act(action)
 
-    def write_status(self, obj: Mapping[str, Any], status: Patchable) -> bool:
+    def write_status(self, obj: Mapping[str, Any], status: StatusModel) -> bool:
         """Write ``status`` over ``obj``'s, on the condition that ``obj`` is the newest
         version; False when it is not (someone wrote it meanwhile)."""
         meta = obj["metadata"]

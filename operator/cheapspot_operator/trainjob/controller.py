@@ -34,7 +34,7 @@ from cheapspot_operator.runtime import metrics
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import KubeApi
 from cheapspot_operator.runtime.nodelist import SharedNodeList
-from cheapspot_operator.runtime.reconciler import ObjectReconciler, Stage, validation_message
+from cheapspot_operator.runtime.reconciler import ObjectReconciler, validation_message
 from cheapspot_operator.trainjob.actions import Action
 from cheapspot_operator.trainjob.manifests import (
     JobInfo,
@@ -59,8 +59,6 @@ from cheapspot_operator.trainjob.progress import (
     store_output_claims,
 )
 from cheapspot_operator.trainjob.shards import generates, generating
-
-STAGES: Mapping[type, Stage] = {UpdateStatus: Stage.STATUS, CreatePod: Stage.CREATE}
 
 
 class Reconciler(ObjectReconciler[Action]):
@@ -183,9 +181,6 @@ class Reconciler(ObjectReconciler[Action]):
         return actions
 
     # -- acting -------------------------------------------------------------------------------
-
-    def stage(self, action: Action) -> Stage:
-        return STAGES.get(type(action), Stage.OTHER)
 
     def _act(self, job: dict[str, Any], spec: s.TrainJobSpec, action: Action) -> None:
         if isinstance(action, CreatePod):
