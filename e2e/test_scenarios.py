@@ -138,6 +138,18 @@ class Run:
         )
 
 
+def finish_through_a_reclaim(
+    world: World, run: Run, timeout_s: float = JOB_TIMEOUT_S
+) -> dict[str, Any]:
+    """The job's final status, shard 0's node reclaimed with notice while it runs. The
+    reclaim runs in the background, as in scenario a: it ends only once the node is gone."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        reclaim = pool.submit(world.backend.reclaim, run.node_of(0), NOTICE_SECONDS)
+        status = run.finish(timeout_s)
+        reclaim.result(timeout=300)
+    return status
+
+
 def succeeded(status: dict[str, Any]) -> None:
     assert status.get("phase") == "Succeeded", (
         f"job ended {status.get('phase')}: {status.get('reason')}: {status.get('message')}"
@@ -375,11 +387,7 @@ def test_j_an_nf4_base_survives_a_reclaim_bit_identically(world: World, tmp_path
 
     run = world.run(prefix="nf4", **nf4).apply()
     run.wait_step(0, 2)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # In the background, as in scenario a: the reclaim ends only once the node is gone.
-        reclaim = pool.submit(world.backend.reclaim, run.node_of(0), NOTICE_SECONDS)
-        status = run.finish()
-        reclaim.result(timeout=300)
+    status = finish_through_a_reclaim(world, run)
     succeeded(status)
     assert status["preemptions"] >= 1 and status["restarts"] == 0
     final = fetch_final(run.output_uri, tmp_path / "nf4")
@@ -414,11 +422,7 @@ def test_f_logits_distillation_survives_a_reclaim_bit_identically(
     run = world.run(prefix="distil", **distil).apply()
     run.wait_step(0, 2)
     assert run.status().get("distillation", {}).get("phase") == "training"
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # In the background, as in scenario a: the reclaim ends only once the node is gone.
-        reclaim = pool.submit(world.backend.reclaim, run.node_of(0), NOTICE_SECONDS)
-        status = run.finish()
-        reclaim.result(timeout=300)
+    status = finish_through_a_reclaim(world, run)
     succeeded(status)
     assert status["preemptions"] >= 1 and status["restarts"] == 0
     final = fetch_final(run.output_uri, tmp_path / "distilled")
@@ -492,10 +496,7 @@ def test_i_sequences_distillation_survives_a_reclaim_during_generation_bit_ident
     seen = run.status().get("distillation", {})
     assert seen.get("phase") == "generating", seen
     assert not any(s.get("pod") for s in run.status().get("shards", [])), "training started early"
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        reclaim = pool.submit(world.backend.reclaim, run.node_of(0), NOTICE_SECONDS)
-        status = run.finish(900)
-        reclaim.result(timeout=300)
+    status = finish_through_a_reclaim(world, run, 900)
     succeeded(status)
     assert status["preemptions"] >= 1 and status["restarts"] == 0
     # A generation shard resumed from its published chunks, and nothing was generated twice
