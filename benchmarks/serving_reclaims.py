@@ -14,7 +14,8 @@ node ``--reclaims`` times, every other one with ``--notice`` seconds of notice a
 without, each once the pool is whole again (the cloud gives the node back, as an autoscaler
 would).
 
-Per reclaim: the time from the reclaim's start (the interruption taint; without notice, the
+Each reclaim starts once the router has requests in flight on the victim (its count is
+recorded). Per reclaim: the time from the reclaim's start (the interruption taint; without notice, the
 machine vanishing) to the replacement replica Ready, and the requests that started while the
 pool was short of it. Then: failed or truncated requests (target 0), p50/p99 latency in the
 steady phase against the reclaim windows, as a table and as JSON.
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from cheapspot_localcluster.inference import (
         Load,
         Pools,
+        busiest,
         latency_ms,
         pool_from_example,
         publish_adapters,
@@ -99,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             name, node = victim["metadata"]["name"], victim["spec"]["nodeName"]
             slot = victim["metadata"]["labels"]["cheapspot.dev/replica"]
+            # The reclaim starts while the victim serves (fails the run otherwise): a reclaim
+            # of an idle replica measures nothing of what the router does with its work.
+            _, busy = busiest(url, [name], args.timeout)
             began = time.monotonic()
             reclaim = threading.Thread(target=backend.reclaim, args=(node, notice), daemon=True)
             reclaim.start()
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     "reclaim": i + 1,
                     "notice_s": notice,
                     "replica": name,
+                    "victim_in_flight": busy,
                     "to_replacement_ready_s": round(ready_after, 1),
                     "began": began,
                     "ended": time.monotonic(),
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             lost = len(load.failed) + len(load.truncated)
             print(
-                f"reclaim {i + 1}/{args.reclaims} ({notice:g}s notice): {name} replaced, "
+                f"reclaim {i + 1}/{args.reclaims} ({notice:g}s notice): {name} "
+                f"({busy} requests in flight) replaced, "
                 f"Ready after {ready_after:.1f}s; {len(load.outcomes)} requests, {lost} failed"
             )
         outcomes = load.stop()
@@ -158,9 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         "reclaim_p50_ms": r50,
         "reclaim_p99_ms": r99,
     }
-    print(f"{'reclaim':>7} {'notice':>6} {'to Ready':>9}")
+    print(f"{'reclaim':>7} {'notice':>6} {'in flight':>9} {'to Ready':>9}")
     for r in rows:
-        print(f"{r['reclaim']:>7} {r['notice_s']:>5g}s {r['to_replacement_ready_s']:>8.1f}s")
+        print(
+            f"{r['reclaim']:>7} {r['notice_s']:>5g}s {r['victim_in_flight']:>9} "
+            f"{r['to_replacement_ready_s']:>8.1f}s"
+        )
     for kind, pick in (("with_notice", True), ("without_notice", False)):
         secs = [r["to_replacement_ready_s"] for r in rows if (r["notice_s"] > 0) == pick]
         if secs:

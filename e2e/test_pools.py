@@ -26,9 +26,12 @@ from cheapspot_localcluster.inference import (
     Pools,
     arrivals,
     ask,
+    busiest,
     client,
+    in_flight,
     pool_from_example,
     publish_adapters,
+    router_view,
 )
 from cheapspot_localcluster.stack import Backend
 from cheapspot_localcluster.trainjobs import Materials
@@ -101,6 +104,15 @@ def _spot_replica(s: Served) -> dict[str, Any]:
         ),
         START_TIMEOUT_S,
     )
+
+
+def _hit(s: Served, names: list[str], what: str) -> tuple[str, int]:
+    """The busiest of ``names`` once the router has requests in flight on it, printed: the
+    replica a test then disturbs (``what``), right away, so that the disturbance hits work
+    rather than an idle replica."""
+    victim, busy = busiest(s.url, names)
+    print(f"{what}: {victim} had {busy} requests in flight")
+    return victim, busy
 
 
 def _uids(s: Served) -> dict[str, str]:
@@ -179,6 +191,9 @@ def test_a_reclaim_with_notice_under_load_loses_nothing(served: Served) -> None:
     reclaim: threading.Thread | None = None
     try:
         load.wait_requests(8)
+        # The notice lands while the victim serves: a reclaim of an idle replica loses
+        # nothing whatever the drain does.
+        _, busy = _hit(s, [name], "the reclaim notice")
         noticed = time.monotonic()
         # A longer notice than the other scenarios': on a busy machine the mark may take a few
         # seconds, and the replica must still be up a second after it to be sampled.
@@ -239,6 +254,7 @@ def test_a_reclaim_with_notice_under_load_loses_nothing(served: Served) -> None:
         f"{(last or 0) - first} requests reached the replica after it was marked draining"
     )
     assert s.pools.status(s.name)["preemptions"] >= 1
+    assert busy > 0
 
 
 def test_a_replica_sigkilled_mid_stream_resumes_byte_identical(served: Served) -> None:
@@ -278,7 +294,7 @@ def test_a_replica_sigkilled_mid_stream_resumes_byte_identical(served: Served) -
     def text() -> str:
         return "".join(chunks)
 
-    victim, cut_at = None, 0
+    victim, cut_at, busy = None, 0, 0
     for _ in range(5):
         t = threading.Thread(target=stream)
         t.start()
@@ -294,13 +310,18 @@ def test_a_replica_sigkilled_mid_stream_resumes_byte_identical(served: Served) -
             pid = _replica_pid(s, victim)
             os.killpg(pid, signal.SIGSTOP)
             cut_at = len(text())
-            if t.is_alive() and cut_at < len(undisturbed.text):
+            # Frozen, the replica ends nothing: what the router has in flight on it now is
+            # what the SIGKILL cuts.
+            busy = in_flight(s.url, victim)
+            if t.is_alive() and cut_at < len(undisturbed.text) and busy > 0:
+                print(f"the SIGKILL: {victim} had {busy} requests in flight")
                 os.killpg(pid, signal.SIGKILL)
                 break
             os.killpg(pid, signal.SIGCONT)
             victim = None
         t.join(300)
     assert victim is not None, "no stream was caught under way on a replica in five tries"
+    assert busy > 0, f"{victim} had no request in flight when it was SIGKILLed"
     t.join(300)
     assert errors == []
     assert 0 < cut_at < len(undisturbed.text), (cut_at, undisturbed.text)
@@ -311,7 +332,7 @@ def test_a_replica_sigkilled_mid_stream_resumes_byte_identical(served: Served) -
 
 def _busy_replica(s: Served) -> str | None:
     """The replica the router has a request in flight on (its /cheapspot/router status)."""
-    busy = [rep["name"] for rep in _router_view(s, timeout=2) if rep["in_flight"] > 0]
+    busy = [rep["name"] for rep in router_view(s.url, timeout=2) if rep["in_flight"] > 0]
     return busy[0] if len(busy) == 1 else None
 
 
@@ -340,6 +361,12 @@ def test_spot_off_falls_back_to_on_demand_and_spot_on_returns_under_load(served:
     load = Load(s.url, [s.base, *ADAPTERS], threads=3, pause_s=LOAD_PAUSE_S).start()
     try:
         load.wait_requests(6)
+        on_spot_now = [
+            p["metadata"]["name"]
+            for p in s.pools.ready_replicas(s.name)
+            if p["spec"].get("nodeName") in spot
+        ]
+        _, busy = _hit(s, on_spot_now, "spot off")
         s.backend.spot_off()  # every spot node gone at once, without notice
         cond = wait_for(
             "SpotUnavailable",
@@ -372,6 +399,7 @@ def test_spot_off_falls_back_to_on_demand_and_spot_on_returns_under_load(served:
     finally:
         load.stop()
     _assert_clean(load)
+    assert busy > 0
 
 
 def test_an_operator_killed_during_a_drain_under_load_loses_nothing(served: Served) -> None:
@@ -383,6 +411,7 @@ def test_an_operator_killed_during_a_drain_under_load_loses_nothing(served: Serv
     reclaim: threading.Thread | None = None
     try:
         load.wait_requests(6)
+        _, busy = _hit(s, [name], "the reclaim notice")
         reclaim = _drain(s, node, name)
         s.backend.kill_operator()
         time.sleep(1)
@@ -396,6 +425,7 @@ def test_an_operator_killed_during_a_drain_under_load_loses_nothing(served: Serv
             reclaim.join(180)
     _assert_clean(load)
     _assert_one_replacement(s, slot, name)
+    assert busy > 0
 
 
 def test_a_router_killed_during_a_drain_costs_only_its_own_outage(served: Served) -> None:
@@ -418,6 +448,7 @@ def test_a_router_killed_during_a_drain_costs_only_its_own_outage(served: Served
     reclaim: threading.Thread | None = None
     try:
         load.wait_requests(6)
+        _, busy = _hit(s, [name], "the reclaim notice")
         reclaim = _drain(s, node, name)
         killed = time.monotonic()
         _sigkill(s, router_name)
@@ -432,7 +463,7 @@ def test_a_router_killed_during_a_drain_costs_only_its_own_outage(served: Served
         again = wait_for("the router restarted and Ready", back, 120)
         returned = time.monotonic()
         assert (again["metadata"]["name"], again["status"]["podIP"]) == (router_name, router_ip)
-        seen = _router_view(s)
+        seen = router_view(s.url)
         assert all(r["draining"] for r in seen if r["name"] == name), seen
         reclaim.join(180)
         s.pools.wait_ready(s.name, 2, START_TIMEOUT_S)
@@ -448,18 +479,7 @@ def test_a_router_killed_during_a_drain_costs_only_its_own_outage(served: Served
     assert outside == [], [(o.model, o.error) for o in outside][:5]
     after = [o for o in load.outcomes if o.started > returned]
     assert len(after) >= 8 and all(o.ok for o in after)
-
-
-def _router_view(s: Served, timeout: float = 5) -> list[dict[str, Any]]:
-    """The replicas as the router sees them (its /cheapspot/router status)."""
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(
-        s.url.removesuffix("/v1") + "/cheapspot/router", timeout=timeout
-    ) as r:
-        replicas: list[dict[str, Any]] = json.loads(r.read())["replicas"]
-    return replicas
+    assert busy > 0
 
 
 def _drain(s: Served, node: str, name: str) -> threading.Thread:

@@ -394,6 +394,7 @@ def serve(backend: LocalBackend, model_uri: str, adapter_uri: str) -> dict[str, 
         SMALL_POOL,
         Load,
         Pools,
+        busiest,
         latency_ms,
         pool_from_example,
     )
@@ -419,19 +420,25 @@ def serve(backend: LocalBackend, model_uri: str, adapter_uri: str) -> dict[str, 
             load.wait_requests(12, SERVE_TIMEOUT_S)
         for notice in (NOTICE_S, 0):
             spot = backend.spot_nodes()
-            victim = next(
-                p for p in pools.ready_replicas(POOL) if p["spec"].get("nodeName") in spot
-            )
-            node = victim["spec"]["nodeName"]
+            on_spot = {
+                p["metadata"]["name"]: p["spec"]["nodeName"]
+                for p in pools.ready_replicas(POOL)
+                if p["spec"].get("nodeName") in spot
+            }
+            # The busiest spot replica, once it has work: a reclaim of an idle one shows
+            # nothing of what happens to requests under way.
+            name, busy = busiest(url, sorted(on_spot), SERVE_TIMEOUT_S)
+            node = on_spot[name]
             how = f"with {notice}s notice" if notice else "without notice"
-            with console.status(f"reclaiming {node} ({victim['metadata']['name']}) {how}"):
+            with console.status(f"reclaiming {node} ({name}, {busy} requests in flight) {how}"):
                 backend.reclaim(node, notice)
                 reclaims += 1
                 backend.cluster.create_nodes()
                 pools.wait_ready(POOL, 3, SERVE_TIMEOUT_S)
                 load.wait_requests(len(load.outcomes) + 8, SERVE_TIMEOUT_S)
             console.print(
-                f"reclaimed {node} {how}: replaced; {len(load.outcomes)} requests so far, "
+                f"reclaimed {node} {how} ({name} had {busy} requests in flight): replaced; "
+                f"{len(load.outcomes)} requests so far, "
                 f"{len(load.failed) + len(load.truncated)} failed"
             )
     finally:

@@ -210,6 +210,40 @@ def _answers(base_url: str) -> bool:
         return False
 
 
+def router_view(base_url: str, timeout: float = 5) -> list[dict[str, Any]]:
+    """The replicas as the pool's router sees them (its ``/cheapspot/router`` status): each
+    one's ``name`` (the pod's), ``url``, ``ready``, ``draining`` and ``in_flight``."""
+    import json
+    import urllib.request
+
+    root = base_url.removesuffix("/").removesuffix("/v1")
+    with urllib.request.urlopen(root + "/cheapspot/router", timeout=timeout) as r:
+        replicas: list[dict[str, Any]] = json.loads(r.read())["replicas"]
+    return replicas
+
+
+def in_flight(base_url: str, name: str) -> int:
+    """Requests the router has in flight on replica ``name`` now (0 if it does not know it)."""
+    return next((r["in_flight"] for r in router_view(base_url) if r["name"] == name), 0)
+
+
+def busiest(base_url: str, names: Sequence[str], timeout_s: float = 120) -> tuple[str, int]:
+    """The one of ``names`` (replica pods) with the most requests in flight through the router,
+    with that count, once one has any: what a test disturbs next, so that the disturbance
+    hits work. It polls the router's status page fast (requests under light load last a
+    fraction of a second), and the caller disturbs right after, so little can end between."""
+
+    def look() -> tuple[str, int] | None:
+        loads = [(r["in_flight"], r["name"]) for r in router_view(base_url) if r["name"] in names]
+        top = max(loads, default=(0, ""))
+        return (top[1], top[0]) if top[0] > 0 else None
+
+    found: tuple[str, int] = wait_for(
+        f"a request in flight on one of {', '.join(names)}", look, timeout_s, poll_s=0.02
+    )
+    return found
+
+
 def client(base_url: str, timeout: float = 300) -> Any:
     """The official client, retries off: every failure the pool lets through shows."""
     import openai

@@ -719,6 +719,13 @@ def test_a_resume_after_a_merged_chunk_starts_after_the_text_the_client_has(
     assert (state.text + rest).encode() == full.encode()
 
 
+def _in_flight(router_url: str) -> dict[str, int]:
+    """Requests in flight per replica, as the router reports them (``/cheapspot/router``)."""
+    code, doc = http_json("GET", router_url + "/cheapspot/router", timeout=5)
+    assert code == 200, doc
+    return {r["name"]: r["in_flight"] for r in doc["replicas"]}
+
+
 def _status_of(url: str) -> int:
     try:
         return http_json("GET", url, timeout=5)[0]
@@ -833,6 +840,10 @@ def test_a_router_sent_sigterm_finishes_its_streams_before_it_exits(
         with ThreadPoolExecutor(len(asks)) as pool:
             futures, got = _held_under_way(pool, streams, full, replica, deadline + 240)
             try:
+                # The replica is frozen: what the router has in flight now is what the
+                # SIGTERM finds.
+                busy = sum(_in_flight(url).values())
+                print(f"the router's SIGTERM: {busy} requests in flight")
                 proc.send_signal(signal.SIGTERM)
                 code, doc = http_json("GET", url + "/readyz", timeout=5)
                 time.sleep(linger + 1)
@@ -846,6 +857,7 @@ def test_a_router_sent_sigterm_finishes_its_streams_before_it_exits(
         assert exited is None, "the router exited with streams in flight:\n" + log_path.read_text()
         assert not any(ended), ended
         assert proc.wait(60) == 0, log_path.read_text()
+        assert busy == len(asks), f"{busy} requests in flight at the SIGTERM, not {len(asks)}"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -904,10 +916,15 @@ def test_a_stream_cut_by_a_sigkill_continues_byte_identical(
         streams = [functools.partial(s, client) for s in (text_stream, chat_stream)]
         futures, got = _held_under_way(pool, streams, full, victim, time.monotonic() + 300)
         cut_at = [len("".join(g)) for g in got]
+        # Frozen, the victim ends nothing: what the router has in flight on it is what the
+        # SIGKILL cuts.
+        busy = _in_flight(rt.url).get(victim.name, 0)
+        print(f"the SIGKILL: {victim.name} had {busy} requests in flight")
         rt.set_replicas([_replica(victim), _replica(survivor)])
         victim.kill()
         for f in futures:
             f.result(timeout=300)
+    assert busy == 2, f"{victim.name} had {busy} requests in flight when it was killed, not 2"
     assert all(0 < n < len(f) for n, f in zip(cut_at, full, strict=True)), (cut_at, full)
     assert rt.router.stats["resumes"] >= 2 and rt.router.stats["failed"] == 0
     assert ["".join(g).encode() for g in got] == [f.encode() for f in full]

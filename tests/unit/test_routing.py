@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from typing import Any
 
 from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL, LABEL_POOL_ROLE
 from cheapspot_operator.router import routing, validation
+from cheapspot_operator.router.replicas import ReplicaSet
 from cheapspot_operator.router.routing import Load, Replica, StreamState
 from cheapspot_operator.router.server import Router
 
@@ -53,14 +55,38 @@ def test_replica_from_pod_reads_readiness_draining_and_ip() -> None:
     assert deleting is not None and not deleting.usable
 
 
-def test_choose_prefers_adapter_then_fewest_in_flight() -> None:
+def test_choose_takes_the_fewest_in_flight_then_the_one_chosen_longest_ago() -> None:
     reps = [Replica(n, f"10.0.0.{i}", ready=True) for i, n in enumerate("abc")]
-    load = Load(in_flight={"a": 3, "b": 1, "c": 2}, served={"c": {"qa"}})
-    assert routing.choose(reps, "qa", load, capacity=8).name == "c"  # type: ignore[union-attr]
-    assert routing.choose(reps, "other", load, capacity=8).name == "b"  # type: ignore[union-attr]
-    # the adapter's replica is full: the next best
-    assert routing.choose(reps, "qa", load, capacity=2).name == "b"  # type: ignore[union-attr]
-    assert routing.choose(reps, "qa", load, capacity=8, exclude={"c", "b"}).name == "a"  # type: ignore[union-attr]
+    load = Load(in_flight={"a": 3, "b": 1, "c": 2})
+    load.answered("c", "qa", 200, 0.0)
+    # c holds qa, but so does every replica (they load the spec's adapters before ready)
+    assert routing.choose(reps, "qa", load, capacity=8).name == "b"  # type: ignore[union-attr]
+    assert routing.choose(reps, "qa", load, capacity=8, exclude={"b"}).name == "c"  # type: ignore[union-attr]
+    # equal load: the one chosen longest ago, not the first by name
+    even = Load()
+    for name in ("b", "a", "c"):
+        even.take(name)
+        even.in_flight[name] = 0
+    assert routing.choose(reps, "qa", even, capacity=8).name == "b"  # type: ignore[union-attr]
+
+
+def test_choose_prefers_the_adapters_holders_only_where_a_replica_lacks_it() -> None:
+    reps = [Replica(n, f"10.0.0.{i}", ready=True) for i, n in enumerate("abc")]
+    load = Load(in_flight={"a": 0, "b": 3, "c": 1})
+    load.answered("b", "new", 200, 0.0)
+    load.answered("a", "new", 404, 5.0)
+    lacking = load.lacking("new", since=0.0)
+    assert lacking == {"a"}
+    # an adapter still loading on a: b answered for it, c is unknown, a lacks it
+    assert routing.choose(reps, "new", load, capacity=8, lacking=lacking).name == "b"  # type: ignore[union-attr]
+    assert routing.choose(reps, "new", load, capacity=3, lacking=lacking).name == "c"  # type: ignore[union-attr]
+    assert routing.choose(reps, "new", load, capacity=3, exclude={"c"}, lacking=lacking).name == "a"  # type: ignore[union-attr]
+    # the 404 is old: no replica is known to lack it, load decides again
+    assert load.lacking("new", since=6.0) == set()
+    assert routing.choose(reps, "new", load, capacity=8).name == "a"  # type: ignore[union-attr]
+    # a success on a forgets its 404
+    load.answered("a", "new", 200, 7.0)
+    assert load.lacking("new", since=0.0) == set()
 
 
 def test_choose_never_picks_draining_or_unready_and_none_when_all_busy() -> None:
@@ -69,10 +95,120 @@ def test_choose_never_picks_draining_or_unready_and_none_when_all_busy() -> None
         Replica("b", "h", ready=False),
         Replica("c", "h", ready=True),
     ]
-    load = Load(in_flight={"c": 1}, served={"a": {"m"}, "b": {"m"}})
+    load = Load(in_flight={"c": 1})
+    load.answered("a", "m", 200, 0.0)
+    load.answered("b", "m", 200, 0.0)
     assert routing.choose(reps, "m", load, capacity=4).name == "c"  # type: ignore[union-attr]
     assert routing.choose(reps, "m", load, capacity=1) is None
     assert routing.choose(reps[:2], "m", Load(), capacity=4) is None
+
+
+POOL = [Replica(f"replica-0-{i}", f"10.0.0.{i}", ready=True) for i in range(3)]
+MODELS = ["base", "qa", "chat"]
+
+
+def test_a_pool_below_capacity_spreads_its_requests_over_every_replica() -> None:
+    """The sequence a pool sees: one request per model, then 6 concurrent streams for 600
+    requests, each answered 200, through the router's own bookkeeping (acquire, answer,
+    release). Ranking by 'has served this model' first sent all 600 to replica-0-0 until it
+    held --capacity (32) in flight; the other replicas sat idle."""
+
+    async def scenario() -> Counter[str]:
+        replicas = ReplicaSet(capacity=32)
+        await replicas.update(POOL)
+        for model in MODELS:
+            r = await replicas.acquire(model, set(), deadline=1e18)
+            assert r is not None
+            replicas.answered(r.name, model, 200)
+            await replicas.release(r.name)
+        counts: Counter[str] = Counter()
+
+        async def stream(worker: int) -> None:
+            for k in range(100):
+                model = MODELS[(worker + k) % len(MODELS)]
+                r = await replicas.acquire(model, set(), deadline=1e18)
+                assert r is not None
+                counts[r.name] += 1
+                replicas.answered(r.name, model, 200)
+                await asyncio.sleep(0)  # the stream runs while the others start theirs
+                await replicas.release(r.name)
+
+        await asyncio.gather(*(stream(w) for w in range(6)))
+        return counts
+
+    counts = asyncio.run(scenario())
+    assert sum(counts.values()) == 600
+    # a fair share: 200 each; the bound is loose on purpose (the order streams end in decides
+    # the exact split), what it rules out is a replica left idle or one taking most
+    assert all(150 <= counts[r.name] <= 250 for r in POOL), dict(counts)
+
+
+def test_a_404_is_not_remembered_as_holding_the_adapter_and_a_success_is() -> None:
+    """A replica chosen for a model it then answered 404 for (an adapter still loading there
+    during a rollout) was recorded as serving it at the choice, so every later request for
+    the model went back to it and got the same 404."""
+
+    async def scenario() -> list[str]:
+        replicas = ReplicaSet(capacity=32)
+        await replicas.update(POOL)
+        seen = []
+        for _ in range(4):
+            r = await replicas.acquire("new", set(), deadline=1e18)
+            assert r is not None
+            seen.append(r.name)
+            # only replica-0-2 has loaded the new adapter yet
+            replicas.answered(r.name, "new", 200 if r.name == "replica-0-2" else 404)
+            await replicas.release(r.name)
+        return seen
+
+    # each lacking replica is asked once, then the one holding it takes the model
+    assert asyncio.run(scenario()) == ["replica-0-0", "replica-0-1", "replica-0-2", "replica-0-2"]
+
+
+def test_a_404_forgets_a_success_and_failures_record_nothing() -> None:
+    load = Load()
+    load.answered("a", "qa", 200, 0.0)
+    assert "qa" in load.holds["a"]
+    load.answered("a", "qa", 404, 1.0)  # unloaded since (a rollout removed it)
+    assert "qa" not in load.holds["a"]
+    for status in (500, 503, 400, 0):  # a crash, a refusal, a bad prompt, no answer
+        load.answered("a", "other", status, 2.0)
+    assert "other" not in load.holds.get("a", {}) and "other" not in load.lacks.get("a", {})
+
+
+def test_random_model_names_do_not_grow_the_records_without_bound() -> None:
+    async def scenario() -> Load:
+        replicas = ReplicaSet(capacity=32)
+        await replicas.update(POOL)
+        for i in range(3000):
+            model = f"random-{i}"
+            r = await replicas.acquire(model, set(), deadline=1e18)
+            assert r is not None
+            replicas.answered(r.name, model, 404 if i % 2 else 200)
+            await replicas.release(r.name)
+        return replicas.load
+
+    load = asyncio.run(scenario())
+    for record in (load.holds, load.lacks):
+        assert record and all(len(v) <= routing.MODELS_REMEMBERED for v in record.values())
+    # least recently seen out: the latest names are the ones kept
+    assert any("random-2999" in v for v in load.lacks.values())
+    assert not any("random-1" in v for v in load.lacks.values())
+
+
+def test_replicas_gone_from_the_pool_are_forgotten() -> None:
+    async def scenario() -> Load:
+        replicas = ReplicaSet(capacity=32)
+        await replicas.update(POOL)
+        r = await replicas.acquire("qa", set(), deadline=1e18)
+        assert r is not None
+        replicas.answered(r.name, "qa", 200)
+        await replicas.update(POOL[1:])
+        return replicas.load
+
+    load = asyncio.run(scenario())
+    assert "replica-0-0" not in load.holds and "replica-0-0" not in load.chosen
+    assert load.in_flight["replica-0-0"] == 1  # released when its request ends
 
 
 def test_upstream_and_continuation_bodies() -> None:

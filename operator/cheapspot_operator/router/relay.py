@@ -119,6 +119,7 @@ class Relay:
                     data=raw,
                     headers={"Content-Type": "application/json"},
                 ) as resp:
+                    self.replicas.answered(replica.name, model, resp.status)
                     if resp.status >= 500:
                         raise Upstream(f"{replica.name} answered {resp.status}", resp.status)
                     if not body.get("stream"):
@@ -178,6 +179,7 @@ class Relay:
                 else:
                     path, doc = request.path, routing.upstream_body(body)
                 async with self.session.post(replica.url + path, json=doc) as resp:
+                    self.replicas.answered(replica.name, model, resp.status)
                     if resp.status >= 500:
                         raise Upstream(f"{replica.name} answered {resp.status}", resp.status)
                     if resp.status != 200:

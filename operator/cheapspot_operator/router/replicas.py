@@ -1,7 +1,7 @@
 """The replicas a router sends to: where they come from and which one takes the next request.
 
 :class:`ReplicaSet` is the router's live view of the pool's replicas and what it has sent to
-each (requests in flight, adapters served, replicas cooling down after a failure); a request
+each (requests in flight, the adapters each answered for or not, replicas cooling down after a failure); a request
 waits in :meth:`ReplicaSet.acquire` while every replica is busy or none is ready.
 :func:`watch_pods` keeps that view up to date from the pool's replica pods; ``--replica``
 URLs (:func:`fixed_replicas`) stand in for them where there is no Kubernetes.
@@ -28,6 +28,11 @@ from cheapspot_operator.runtime.kubeapi import api_client
 log = logging.getLogger("cheapspot.router")
 
 COOL_DOWN_SECONDS = 3.0
+LACKS_SECONDS = 30.0
+"""How long a replica's 404 for a model steers that model's requests to other replicas. The
+404 is remembered no longer because the replica is then rarely asked again: an adapter
+added at runtime loads within this (fetch, checks, vLLM's load), and a client asking a
+replica still loading it gets at most one 404 from it per period."""
 LIST_TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds for the pod list: a hung API server must not hang the watch."""
 
@@ -48,6 +53,7 @@ class ReplicaSet:
     async def update(self, replicas: Sequence[Replica]) -> None:
         async with self._changed:
             self.by_name = {r.name: r for r in replicas}
+            self.load.forget(self.by_name)
             self.listed = True
             self._changed.notify_all()
 
@@ -77,8 +83,7 @@ class ReplicaSet:
                         if chosen is not None:
                             break
                 if chosen is not None:
-                    self.load.in_flight[chosen.name] = self.load.in_flight.get(chosen.name, 0) + 1
-                    self.load.served.setdefault(chosen.name, set()).add(model)
+                    self.load.take(chosen.name)
                     return chosen
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -86,9 +91,20 @@ class ReplicaSet:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
 
+    def answered(self, name: str, model: str, status: int) -> None:
+        """Replica ``name`` answered a request for ``model`` with ``status`` (its headers):
+        what that says of the adapters it holds (:meth:`routing.Load.answered`)."""
+        self.load.answered(name, model, status, time.monotonic())
+
     def _choose(self, model: str, exclude: set[str]) -> Replica | None:
+        lacking = self.load.lacking(model, time.monotonic() - LACKS_SECONDS)
         return routing.choose(
-            self.by_name.values(), model, self.load, capacity=self.capacity, exclude=exclude
+            self.by_name.values(),
+            model,
+            self.load,
+            capacity=self.capacity,
+            exclude=exclude,
+            lacking=lacking,
         )
 
     def describe(self) -> list[dict[str, Any]]:

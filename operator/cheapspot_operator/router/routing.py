@@ -22,6 +22,7 @@ of the original stream (chat deltas, the first stream's id, created time and mod
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,13 +89,67 @@ def replica_from_pod(pod: Mapping[str, Any], port: int = SERVE_PORT) -> Replica 
     return Replica(str(meta.get("name", "")), str(ip), port, ready, draining)
 
 
+MODELS_REMEMBERED = 256
+"""Models remembered per replica, in each of :class:`Load`'s two records (least recently
+seen out): a few hundred adapters is more than a pool serves, and a client sending random
+model names must not grow the router's memory."""
+
+
 @dataclass
 class Load:
-    """What the router knows of each replica's work: requests in flight through it, and the
-    models (base or adapter names) each has served."""
+    """What the router knows of each replica's work and adapters.
+
+    ``holds``: per replica, the models (base or adapter names) it has answered a request for
+    (a 2xx: the adapter is loaded there). ``lacks``: per replica, the models it answered 404
+    for, with when (monotonic seconds); a later success there forgets the 404. Both learned
+    only from answers, never from the choice itself (a replica chosen and then failing holds
+    nothing), and both bounded (:data:`MODELS_REMEMBERED` per replica, least recently seen
+    out). ``chosen``: per replica, the turn it was last chosen on (``turns`` counts them),
+    so ties on load go to the replica chosen longest ago."""
 
     in_flight: dict[str, int] = field(default_factory=dict)
-    served: dict[str, set[str]] = field(default_factory=dict)
+    holds: dict[str, OrderedDict[str, None]] = field(default_factory=dict)
+    lacks: dict[str, OrderedDict[str, float]] = field(default_factory=dict)
+    chosen: dict[str, int] = field(default_factory=dict)
+    turns: int = 0
+
+    def take(self, name: str) -> None:
+        """A request sent to ``name``: one more in flight, and its turn noted."""
+        self.in_flight[name] = self.in_flight.get(name, 0) + 1
+        self.turns += 1
+        self.chosen[name] = self.turns
+
+    def answered(self, name: str, model: str, status: int, now: float) -> None:
+        """What replica ``name``'s answer to a request for ``model`` says of its adapters: a
+        2xx, that it holds the model; a 404 (vLLM's unknown model), that it does not.
+        Anything else (5xx, a cut connection, a 400 for the prompt) says nothing."""
+        if not model:
+            return
+        if 200 <= status < 300:
+            _remember(self.holds.setdefault(name, OrderedDict()), model, None)
+            self.lacks.get(name, OrderedDict()).pop(model, None)
+        elif status == 404:
+            self.holds.get(name, OrderedDict()).pop(model, None)
+            _remember(self.lacks.setdefault(name, OrderedDict()), model, now)
+
+    def lacking(self, model: str, since: float) -> set[str]:
+        """Replicas that answered 404 for ``model`` at or after ``since``."""
+        return {n for n, seen in self.lacks.items() if seen.get(model, -1.0) >= since}
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop what is known of replicas not in ``keep`` (their pods are gone; a new pod of
+        the same name is a new vLLM); their requests in flight still count until released."""
+        names = set(keep)
+        for record in (self.holds, self.lacks, self.chosen):
+            for gone in set(record) - names:
+                del record[gone]
+
+
+def _remember(record: OrderedDict[str, Any], model: str, value: Any) -> None:
+    record[model] = value
+    record.move_to_end(model)
+    while len(record) > MODELS_REMEMBERED:
+        record.popitem(last=False)
 
 
 def choose(
@@ -104,22 +159,38 @@ def choose(
     *,
     capacity: int,
     exclude: Iterable[str] = (),
+    lacking: Iterable[str] = (),
 ) -> Replica | None:
     """The replica for a request for ``model``: usable (ready, not draining), not in
     ``exclude`` (replicas this request already failed on) and below ``capacity`` requests in
-    flight; among those, one that has served ``model`` before (its adapter is loaded), then
-    the fewest in flight, then by name. None: every replica is busy or none is usable (the
+    flight. Among those: the fewest in flight, ties to the one chosen longest ago, so load
+    spreads over the pool however few requests are in flight.
+
+    Every replica loads every adapter of the pool spec before it is ready, so where it was
+    loaded is no reason to prefer a replica. Only where a usable replica is known to lack the
+    model (``lacking``: it answered 404 for it lately, e.g. an adapter added at runtime and
+    still loading there) does the adapter decide first: a replica that has answered for it,
+    then one not known either way, and a lacking one last (still better than queueing: the
+    adapter may have loaded since). None: every replica is busy or none is usable (the
     caller queues)."""
     skip = set(exclude)
-    best: tuple[int, int, str] | None = None
+    pool = [r for r in replicas if r.usable]
+    missing = set(lacking) & {r.name for r in pool}
+    best: tuple[int, int, int, str] | None = None
     chosen: Replica | None = None
-    for r in replicas:
-        if not r.usable or r.name in skip:
+    for r in pool:
+        if r.name in skip:
             continue
         busy = load.in_flight.get(r.name, 0)
         if busy >= capacity:
             continue
-        key = (0 if model in load.served.get(r.name, set()) else 1, busy, r.name)
+        if not missing:
+            tier = 0
+        elif r.name in missing:
+            tier = 2
+        else:
+            tier = 0 if model in load.holds.get(r.name, {}) else 1
+        key = (tier, busy, load.chosen.get(r.name, 0), r.name)
         if best is None or key < best:
             best, chosen = key, r
     return chosen

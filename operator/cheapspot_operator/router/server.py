@@ -7,8 +7,9 @@
 
 It watches the pool's replica pods (labels ``cheapspot.dev/pool=NAME``,
 ``cheapspot.dev/pool-role=replica``) and sends each request straight to a chosen replica's
-pod IP (:func:`cheapspot_operator.router.routing.choose`): ready, not draining, preferring one
-that has served the request's adapter, then the fewest requests in flight. When every
+pod IP (:func:`cheapspot_operator.router.routing.choose`): ready, not draining, the fewest
+requests in flight, ties to the one chosen longest ago (the adapter decides first only where
+a replica answered 404 for it lately, e.g. one still loading it). When every
 replica is at ``--capacity`` requests in flight, or none is ready, the request waits (up to
 ``--max-queue-seconds``) instead of failing. A request that fails before its first byte
 reaches the client is retried on another replica; a stream cut mid-way continues on another
