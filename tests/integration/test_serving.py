@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +35,7 @@ from cheapspot_operator.router import relay, routing
 from cheapspot_operator.router.routing import Replica, StreamState
 from cheapspot_operator.router.server import Router
 from cheapspot_worker.serve_testing import ServeReplica, free_port, http_json, publish_dir
-from cheapspot_worker.serving import serve_python
+from cheapspot_worker.serving import parse_metrics, serve_python
 
 pytestmark = [
     pytest.mark.integration,
@@ -699,7 +700,7 @@ def test_a_resume_after_a_merged_chunk_starts_after_the_text_the_client_has(
     merged["choices"][0]["token_ids"] += chunks[i]["choices"][0]["token_ids"]
     routing.relay_chunk(state, json.dumps(merged).encode(), resumed=False)
     assert state.sure < state.committed == i + 1
-    settle = relay.settle(rt.router.relay.session, _replica(replica), state)
+    settle = relay.settle(rt.router.relay, _replica(replica), state)
     asyncio.run_coroutine_threadsafe(settle, rt.loop).result(60)
     assert state.committed == i, (i, state.committed)
     assert state.prompt_ids is not None
@@ -863,6 +864,94 @@ def test_a_router_sent_sigterm_finishes_its_streams_before_it_exits(
             proc.kill()
     assert ["".join(g).encode() for g in got] == [f.encode() for f in full]
     assert "drained in" in log_path.read_text()
+
+
+def _served_count(replica: ServeReplica) -> float:
+    """Requests the replica's vLLM has finished (its /metrics)."""
+    with urllib.request.urlopen(replica.url + "/metrics", timeout=30) as resp:
+        return parse_metrics(resp.read().decode()).get("vllm:request_success_total", 0.0)
+
+
+def test_a_stalled_replica_is_left_within_the_bound_and_used_again_once_it_answers(
+    replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
+) -> None:
+    """Replica 1 frozen (SIGSTOP: a hung engine, a node gone silent) with two streams in
+    flight on it, far longer than the router's stall bound (3 s here): both streams resume on
+    replica 0 while it is still frozen and end byte-equal to the undisturbed answers; a new
+    request meanwhile goes to replica 0; once thawed, replica 1 takes requests again."""
+    long, bound = 120, 3.0
+    survivor, victim = replicas
+    rt = router_for([_replica(victim)], first_token_seconds=bound, stall_seconds=bound)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+
+    def text_stream(c: Any, into: list[str]) -> None:
+        for chunk in c.completions.create(
+            model="qa",
+            prompt=PROMPTS[2],
+            max_tokens=long,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ):
+            if chunk.choices:
+                into.append(chunk.choices[0].text)
+
+    def chat_stream(c: Any, into: list[str]) -> None:
+        for chunk in c.chat.completions.create(
+            model="sums",
+            messages=messages,
+            max_tokens=long,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ):
+            if chunk.choices:
+                into.append(chunk.choices[0].delta.content or "")
+
+    full: list[str] = []
+    for s in (text_stream, chat_stream):
+        out: list[str] = []
+        s(_client(survivor.url), out)
+        full.append("".join(out))
+
+    client = _client(rt.url)
+    with ThreadPoolExecutor(2) as pool:
+        streams = [functools.partial(s, client) for s in (text_stream, chat_stream)]
+        futures, got = _held_under_way(pool, streams, full, victim, time.monotonic() + 300)
+        try:
+            cut_at = [len("".join(g)) for g in got]
+            _, status = http_json("GET", rt.url + "/cheapspot/router", timeout=10)
+            in_flight = {r["name"]: r["in_flight"] for r in status["replicas"]}
+            rt.set_replicas([_replica(victim), _replica(survivor)])
+            frozen = time.monotonic()
+            # The streams end while the victim is still frozen: the bound is 3 s; 120 s is
+            # a generous margin for the continuation on a busy two-core machine (without the
+            # bound, they would wait for the thaw, which comes only after this).
+            for f in futures:
+                f.result(timeout=120)
+            waited = time.monotonic() - frozen
+            during = _complete(rt.url, "qa", PROMPTS[1], tokens=4)
+            _, status = http_json("GET", rt.url + "/cheapspot/router", timeout=10)
+            stalled = {r["name"]: r["stalled"] for r in status["replicas"]}
+        finally:
+            victim.thaw()
+    assert in_flight[victim.name] == 2, in_flight
+    assert all(0 < n < len(f) for n, f in zip(cut_at, full, strict=True)), (cut_at, full)
+    assert waited < 120
+    assert ["".join(g).encode() for g in got] == [f.encode() for f in full]
+    assert during["choices"][0]["text"]  # served while the victim was frozen: by replica 0
+    assert stalled == {victim.name: True, survivor.name: False}, stalled
+    assert rt.router.stats["stalls"] >= 1 and rt.router.stats["failed"] == 0
+
+    # Thawed: it answers its health check, and takes requests again.
+    deadline = time.monotonic() + 120
+    while rt.router.replicas.stalled:
+        assert time.monotonic() < deadline, "the thawed replica was never used again"
+        time.sleep(0.2)
+    before = _served_count(victim)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda p: _complete(rt.url, "qa", p, tokens=40), PROMPTS))
+    assert _served_count(victim) > before
 
 
 def test_a_stream_cut_by_a_sigkill_continues_byte_identical(

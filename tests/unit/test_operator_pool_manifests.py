@@ -20,6 +20,7 @@ from cheapspot_operator.inferencepool.manifests import (
     build_router_service,
 )
 from cheapspot_operator.inferencepool.observed import replica_pod_view
+from cheapspot_operator.router.server import parser as router_parser
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.testing.pool import make_pool
 
@@ -126,6 +127,26 @@ def test_the_router_is_probed_and_drains_within_its_grace_period() -> None:
     assert 45 < drain < pod["terminationGracePeriodSeconds"]
     # A rolling update never has fewer ready routers than asked for.
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_the_router_gets_the_pools_stall_bounds() -> None:
+    """The router's bounds on a silent replica come from the pool's router section, and its
+    command line parses them."""
+    for router, expect in (
+        ({}, ("60", "20")),
+        ({"firstTokenSeconds": 90, "stallSeconds": 7.5}, ("90", "7.5")),
+    ):
+        info = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(router=router))
+        dep = build_router_deployment(
+            info, 1, _placement(CapacityType.ON_DEMAND), CONFIG.worker, CONFIG.serving
+        )
+        command = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+        got = tuple(
+            command[command.index(f) + 1] for f in ("--first-token-seconds", "--stall-seconds")
+        )
+        assert got == expect
+        args = router_parser().parse_args(command[command.index("--pool") :])
+        assert (args.first_token_seconds, args.stall_seconds) == tuple(map(float, expect))
 
 
 def test_a_replica_pods_scratch_is_bounded_like_a_shards() -> None:

@@ -14,8 +14,8 @@ What it does, in order:
    * ``GET /cheapspot/status``: ``ready``, ``phase``, the served ``model`` names, the loaded
      ``adapters``, ``running`` / ``waiting`` requests (from vLLM's ``/metrics``) and the
      ``errors`` of adapters that could not be loaded;
-   * ``GET /cheapspot/ready``: 200 once vLLM answers and every adapter is loaded, else 503
-     (the readiness probe);
+   * ``GET /cheapspot/ready``: 200 while vLLM answers its health check (asked each time) and
+     every adapter is loaded, else 503 (the readiness probe);
    * ``PUT /cheapspot/adapters`` with ``{"adapters": [{"name", "uri"}, ...]}``: the desired
      list; new adapters are fetched, verified and loaded through vLLM's runtime LoRA API,
      removed ones unloaded; 200 with the status, or 422 naming each adapter that failed
@@ -75,6 +75,9 @@ VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for --max-lora-rank; the pool's limit is rounded up to one."""
 _LOG_TAIL = 40
+READY_CHECK_SECONDS = 1.0
+"""How long the readiness endpoint waits for vLLM's health answer: under the probe's own
+2 s timeout, so a silent vLLM reads as not ready rather than as a probe timing out."""
 
 
 # -- finding the serving environment ------------------------------------------------------
@@ -451,10 +454,23 @@ class Launcher:
 
         return web.json_response(await self._status_doc())
 
+    async def _answers(self) -> bool:
+        """vLLM answers its health check now, within READY_CHECK_SECONDS."""
+        import aiohttp
+
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            timeout = aiohttp.ClientTimeout(total=READY_CHECK_SECONDS)
+            async with self._http.get(self.vllm_url + "/health", timeout=timeout) as resp:
+                return bool(resp.status == 200)
+        return False
+
     async def _ready(self, request: Any) -> Any:
+        """Asks vLLM each time: a replica whose engine hung or whose process is frozen turns
+        not Ready (the pod leaves the routers' set) instead of staying Ready on a flag set at
+        its first healthy answer."""
         from aiohttp import web
 
-        ok = self.state.ready
+        ok = self.state.ready and await self._answers()
         return web.json_response(
             {"ready": ok, "phase": self.state.phase}, status=200 if ok else 503
         )

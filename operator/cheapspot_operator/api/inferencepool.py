@@ -82,6 +82,26 @@ class RouterSpec(SpecModel):
             "(HTTP 503).",
         ),
     ] = 30.0
+    first_token_seconds: Annotated[
+        float,
+        Field(
+            alias="firstTokenSeconds",
+            gt=0,
+            le=3600,
+            description="How long a replica may take to send a stream's first chunk before "
+            "the router counts it stalled and sends the request to another replica.",
+        ),
+    ] = 60.0
+    stall_seconds: Annotated[
+        float,
+        Field(
+            alias="stallSeconds",
+            gt=0,
+            le=3600,
+            description="How long a replica may go silent between two chunks of a stream "
+            "before the router counts it stalled and resumes the stream on another replica.",
+        ),
+    ] = 20.0
     cpu: Annotated[
         str, Field(pattern=QUANTITY_PATTERN, max_length=32, description="CPU request per router.")
     ] = "500m"

@@ -185,6 +185,10 @@ def build_router_deployment(
             str(ROUTER_PORT),
             "--max-queue-seconds",
             f"{router.max_queue_seconds:g}",
+            "--first-token-seconds",
+            f"{router.first_token_seconds:g}",
+            "--stall-seconds",
+            f"{router.stall_seconds:g}",
             # On SIGTERM: not Ready at once, then the requests in flight finish, within the
             # grace period less the time to exit.
             "--drain-seconds",

@@ -46,6 +46,9 @@ class ReplicaSet:
         self.cooling: dict[str, float] = {}
         """Replica -> until when no request is sent to it: it just refused a connection or
         failed a request before its first byte (until the pod watch says more)."""
+        self.stalled: set[str] = set()
+        """Replicas that went silent mid-request: no request until they answer their health
+        check again (the relay asks), however long that takes."""
         self.listed = False
         """The replica set is known (the first pod list, or fixed replicas)."""
         self._changed = asyncio.Condition()
@@ -60,6 +63,14 @@ class ReplicaSet:
     def cool(self, name: str) -> None:
         self.cooling[name] = time.monotonic() + COOL_DOWN_SECONDS
 
+    async def recovered(self, name: str) -> None:
+        """A stalled replica answers again: it takes requests at once (its cool-down was a
+        guess; the answer is news)."""
+        async with self._changed:
+            self.stalled.discard(name)
+            self.cooling.pop(name, None)
+            self._changed.notify_all()
+
     async def release(self, name: str) -> None:
         async with self._changed:
             self.load.in_flight[name] = max(0, self.load.in_flight.get(name, 0) - 1)
@@ -71,14 +82,16 @@ class ReplicaSet:
         async with self._changed:
             while True:
                 now = time.monotonic()
-                avoid = exclude | {n for n, t in self.cooling.items() if t > now}
+                avoid = exclude | self.stalled | {n for n, t in self.cooling.items() if t > now}
                 chosen = self._choose(model, avoid)
                 if chosen is None and not any(
                     r.usable and r.name not in avoid for r in self.by_name.values()
                 ):
                     # Every usable replica failed this request or just failed another one:
-                    # better to try one of those again than to wait for nothing.
-                    for fallback in (exclude, set()):
+                    # better to try one of those again than to wait for nothing. Not a
+                    # stalled one: it would hold the request a first-token bound for
+                    # nothing; waiting for it to answer again (or another) is better.
+                    for fallback in (exclude | self.stalled, self.stalled):
                         chosen = self._choose(model, fallback)
                         if chosen is not None:
                             break
@@ -115,6 +128,7 @@ class ReplicaSet:
                 "url": r.url,
                 "ready": r.ready,
                 "draining": r.draining,
+                "stalled": r.name in self.stalled,
                 "in_flight": self.load.in_flight.get(r.name, 0),
             }
             for r in sorted(self.by_name.values(), key=lambda r: r.name)

@@ -1,7 +1,7 @@
 """``cheapspot router``: the inference pool's one OpenAI-compatible endpoint.
 
     cheapspot router --pool NAME [--namespace NS] [--port 8080] [--max-queue-seconds 30]
-                     [--capacity 32] [--drain-seconds 30] [--drain-linger-seconds 3]
+                     [--first-token-seconds 60] [--stall-seconds 20] [--capacity 32] [--drain-seconds 30] [--drain-linger-seconds 3]
                      [--kubeconfig FILE]
     cheapspot router --replica http://HOST:PORT ...     (fixed replicas, no Kubernetes)
 
@@ -46,7 +46,7 @@ from aiohttp import web
 
 from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
 from cheapspot_operator.router import routing, validation
-from cheapspot_operator.router.relay import Relay
+from cheapspot_operator.router.relay import FIRST_TOKEN_SECONDS, STALL_SECONDS, Relay
 from cheapspot_operator.router.replicas import ReplicaSet, fixed_replicas, watch_pods
 
 log = logging.getLogger("cheapspot.router")
@@ -59,9 +59,21 @@ class Router:
     """The router's HTTP face: its endpoints, readiness and draining; each client request is
     handed to the :class:`Relay`, which sends it to one of the :class:`ReplicaSet`."""
 
-    def __init__(self, *, capacity: int = 32, max_queue_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        capacity: int = 32,
+        max_queue_seconds: float = 30.0,
+        first_token_seconds: float = FIRST_TOKEN_SECONDS,
+        stall_seconds: float = STALL_SECONDS,
+    ) -> None:
         self.replicas = ReplicaSet(capacity)
-        self.relay = Relay(self.replicas, max_queue_seconds=max_queue_seconds)
+        self.relay = Relay(
+            self.replicas,
+            max_queue_seconds=max_queue_seconds,
+            first_token_seconds=first_token_seconds,
+            stall_seconds=stall_seconds,
+        )
         self.stopping = False
         """SIGTERM came: not Ready, draining the requests in flight."""
         self.active = 0
@@ -156,7 +168,7 @@ class Router:
 # -- command line ------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cheapspot router", description=__doc__.split("\n")[0])
     p.add_argument("--pool", help="the CheapInferencePool whose replica pods to watch")
     p.add_argument("--namespace", default=None, help="the pool's namespace (default: the pod's)")
@@ -176,6 +188,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-port", type=int, default=SERVE_PORT)
     p.add_argument("--capacity", type=int, default=32, help="requests in flight per replica")
     p.add_argument("--max-queue-seconds", type=float, default=30.0)
+    p.add_argument(
+        "--first-token-seconds",
+        type=float,
+        default=FIRST_TOKEN_SECONDS,
+        help="a stream's replica must send its headers and first chunk within this, else it "
+        "counts as stalled: the request goes to another replica",
+    )
+    p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=STALL_SECONDS,
+        help="a stream's replica must send its next chunk within this, else it counts as "
+        "stalled: the stream resumes on another replica",
+    )
     p.add_argument(
         "--drain-seconds",
         type=float,
@@ -210,7 +236,12 @@ def listen_host(given: str | None) -> str:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> None:
-    router = Router(capacity=args.capacity, max_queue_seconds=args.max_queue_seconds)
+    router = Router(
+        capacity=args.capacity,
+        max_queue_seconds=args.max_queue_seconds,
+        first_token_seconds=args.first_token_seconds,
+        stall_seconds=args.stall_seconds,
+    )
     runner = web.AppRunner(router.app(), access_log=None)
     await runner.setup()
     host = listen_host(args.host)
@@ -247,9 +278,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(list(argv or []))
+    args = parser().parse_args(list(argv or []))
     if not args.replica and not args.pool:
-        _parser().error("give --pool (watch its pods) or --replica URL")
+        parser().error("give --pool (watch its pods) or --replica URL")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
