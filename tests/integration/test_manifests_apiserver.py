@@ -11,7 +11,7 @@ import pytest
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.placement import PROFILES
 from cheapspot_operator.cluster.pods import Placement
-from cheapspot_operator.inferencepool.manifests import PoolInfo, build_replica_pod
+from cheapspot_operator.inferencepool.manifests import PoolInfo, build_pdbs, build_replica_pod
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import ApiError, KubeApi
 from cheapspot_operator.testing.pool import make_pool
@@ -71,3 +71,21 @@ def test_training_and_serving_pods_are_valid_with_several_doomed_nodes(
             for term in terms:
                 avoided = {v for f in term["matchFields"] for v in f["values"]}
                 assert avoided == set(AVOID)
+
+
+def test_the_pools_disruption_budgets_are_valid(namespaced: tuple[KubeApi, str]) -> None:
+    api, namespace = namespaced
+    pool = PoolInfo(namespace, "qa-serve", "uid-2", make_pool(replicas=3, anchor={"replicas": 2}))
+    for pdb in build_pdbs(pool):
+        # The owner (uid-2) does not exist; a dry run does not check owners.
+        try:
+            accepted = api.request(
+                "POST",
+                f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
+                query={"dryRun": "All"},
+                body=pdb,
+            )
+        except ApiError as exc:
+            pytest.fail(f"the API server rejected {pdb['metadata']['name']}: {exc.message}")
+        assert accepted["spec"]["selector"] == pdb["spec"]["selector"]
+        assert accepted["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"

@@ -329,3 +329,31 @@ def test_a_replica_a_quota_refuses_is_reported_and_created_once_the_quota_allows
     h.api.merge_patch(f"{quotas}/gpus", {"spec": {"hard": {"requests.nvidia.com/gpu": "2"}}})
     wait_for("2 replicas running", lambda: running(h, "rq", 2), timeout_s=60)
     wait_for("the refusal cleared", lambda: refused() is None, timeout_s=30)
+
+
+def test_a_router_setting_change_rolls_out_and_the_pool_has_disruption_budgets(
+    h: Harness,
+) -> None:
+    apply_pool(h, "qa", replicas=1)
+    ns = h.namespace
+    path = f"/apis/apps/v1/namespaces/{ns}/deployments/qa-router"
+    deployment = wait_for("the router Deployment", lambda: h.api.get(path))
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace == 600 + 10, "the default router.drainSeconds and the margin to exit"
+    pdbs = f"/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets"
+    anchors = h.api.get(f"{pdbs}/qa-anchors")
+    router = h.api.get(f"{pdbs}/qa-router")
+    assert anchors is not None and anchors["spec"]["maxUnavailable"] == 0
+    assert router is not None and router["spec"]["minAvailable"] == 1
+    assert anchors["metadata"]["ownerReferences"][0]["kind"] == "CheapInferencePool"
+    # A router setting changes: the Deployment's pod template follows (a rolling update),
+    # not only its replica count.
+    h.api.merge_patch(pools_path(ns, "qa"), {"spec": {"router": {"drainSeconds": 900}}})
+    wait_for(
+        "the new grace period in the router's template",
+        lambda: (
+            (d := h.api.get(path))
+            and d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 910
+        ),
+        timeout_s=30,
+    )

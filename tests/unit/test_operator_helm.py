@@ -129,3 +129,34 @@ def test_the_worker_service_account_is_made_where_jobs_run() -> None:
     quickstart = yaml.safe_load((CHART.parents[1] / "crds/examples/quickstart.yaml").read_text())
     where = quickstart["metadata"].get("namespace", "default")
     assert where in _values()["worker"]["serviceAccount"]["namespaces"]
+
+
+def test_the_operator_may_create_every_object_a_pool_owns() -> None:
+    """Each kind the pool's builders make (router RBAC, Service, Deployment, the PDBs) is
+    granted to the operator in the namespaced rules, with the verbs its act layer uses."""
+    from cheapspot_operator.inferencepool.manifests import (
+        PoolInfo,
+        build_pdbs,
+        build_router_rbac,
+        build_router_service,
+    )
+    from cheapspot_operator.testing.pool import make_pool
+
+    rbac = (CHART / "templates" / "rbac.yaml").read_text()
+    namespaced = rbac.split('define "cheapspot.namespacedRules" }}', 1)[1].split("{{- end }}")[0]
+    rules = _rules(namespaced)
+
+    def granted(group: str, resource: str, verb: str) -> bool:
+        return any(
+            group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+            for r in rules
+        )
+
+    info = PoolInfo("default", "qa-serve", "uid-1", make_pool())
+    objects = [*build_router_rbac(info), build_router_service(info), *build_pdbs(info)]
+    assert {o["kind"] for o in objects} >= {"PodDisruptionBudget", "Service", "Role"}
+    for obj in objects:
+        group = obj["apiVersion"].rpartition("/")[0]
+        resource = obj["kind"].lower() + ("es" if obj["kind"].endswith("s") else "s")
+        assert granted(group, resource, "create"), (group, resource)
+    assert granted("apps", "deployments", "patch"), "a router's new template is patched in"

@@ -129,6 +129,7 @@ def test_the_default_install_runs_the_quickstart(helm: Helm) -> None:
     ]
     rules = find(rendered, "ClusterRole", binding["roleRef"]["name"])["rules"]
     assert grants(rules, "create", "pods") and grants(rules, "patch", "cheaptrainjobs/status")
+    assert grants(rules, "create", "poddisruptionbudgets")
     deployment = find(rendered, "Deployment", "cheapspot")
     assert (
         deployment["spec"]["template"]["spec"]["serviceAccountName"]

@@ -11,13 +11,15 @@ from cheapspot.contract import (
 )
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.placement import PROFILES
-from cheapspot_operator.cluster.pods import Placement
+from cheapspot_operator.cluster.pods import NO_VOLUNTARY_DISRUPTION, Placement
 from cheapspot_operator.inferencepool.manifests import (
     PoolInfo,
+    build_pdbs,
     build_replica_pod,
     build_router_deployment,
     build_router_rbac,
     build_router_service,
+    router_patch,
 )
 from cheapspot_operator.inferencepool.observed import replica_pod_view
 from cheapspot_operator.router.server import parser as router_parser
@@ -161,3 +163,84 @@ def test_a_replica_pods_scratch_is_bounded_like_a_shards() -> None:
         (mount,) = pod["spec"]["containers"][0]["volumeMounts"]
         assert (volume["name"], mount["mountPath"]) == (mount["name"], "/tmp")
         assert volume["emptyDir"] == {"sizeLimit": size}
+
+
+def test_the_router_lets_its_longest_stream_finish_by_default_and_as_configured() -> None:
+    for router, at_least in (({}, 600), ({"drainSeconds": 1800}, 1800), ({"drainSeconds": 0}, 30)):
+        info = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(router=router))
+        dep = build_router_deployment(
+            info, 1, _placement(CapacityType.ON_DEMAND), CONFIG.worker, CONFIG.serving
+        )
+        pod = dep["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        drain = float(c["command"][c["command"].index("--drain-seconds") + 1])
+        # The drain covers drainSeconds (or maxQueueSeconds, 30 s by default); the grace
+        # period the drain plus the time to exit.
+        assert at_least <= drain < pod["terminationGracePeriodSeconds"], router
+
+
+def test_replica_and_router_pods_are_not_disrupted_voluntarily() -> None:
+    pod = build_replica_pod(
+        INFO, 1, 0, _placement(CapacityType.SPOT), CONFIG.worker, serving=CONFIG.serving
+    )
+    dep = build_router_deployment(
+        INFO, 1, _placement(CapacityType.ON_DEMAND), CONFIG.worker, CONFIG.serving
+    )
+    for marks in (
+        pod["metadata"]["annotations"],
+        dep["spec"]["template"]["metadata"]["annotations"],
+    ):
+        assert marks["karpenter.sh/do-not-disrupt"] == "true"
+        assert marks["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+        assert NO_VOLUNTARY_DISRUPTION.items() <= marks.items()
+
+
+def test_the_anchors_and_the_router_have_disruption_budgets_owned_by_the_pool() -> None:
+    info = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(replicas=4, anchor={"replicas": 2}))
+    anchors, router = build_pdbs(info)
+    assert anchors["kind"] == router["kind"] == "PodDisruptionBudget"
+    assert anchors["spec"]["maxUnavailable"] == 0
+    sel = anchors["spec"]["selector"]
+    assert sel["matchLabels"] == {
+        "cheapspot.dev/pool": "qa-serve",
+        "cheapspot.dev/pool-role": "replica",
+    }
+    assert sel["matchExpressions"] == [
+        {"key": "cheapspot.dev/replica", "operator": "In", "values": ["0", "1"]}
+    ]
+    # The router's selector is its Deployment's: one router always stays.
+    dep = build_router_deployment(
+        info, 2, _placement(CapacityType.ON_DEMAND), CONFIG.worker, CONFIG.serving
+    )
+    assert router["spec"]["selector"] == dep["spec"]["selector"]
+    assert router["spec"]["minAvailable"] == 1
+    for pdb in (anchors, router):
+        assert pdb["metadata"]["ownerReferences"][0]["uid"] == "uid-7"
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # No anchors: only the router's.
+    none = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(replicas=2, anchor={"replicas": 0}))
+    assert [p["metadata"]["name"] for p in build_pdbs(none)] == ["qa-serve-router"]
+
+
+def test_a_changed_router_template_is_patched_in_an_unchanged_one_left_alone() -> None:
+    old = build_router_deployment(
+        INFO, 1, _placement(CapacityType.ON_DEMAND), CONFIG.worker, CONFIG.serving
+    )
+    # Same template, another count: only the count.
+    same = build_router_deployment(
+        INFO, 2, _placement(CapacityType.ON_DEMAND), CONFIG.worker, CONFIG.serving
+    )
+    assert router_patch(old, same) == {"spec": {"replicas": 2}}
+    # A new image: the template and its hash.
+    serving = CONFIG.serving.model_copy(update={"router_image": "example.org/router:2"})
+    new = build_router_deployment(
+        INFO, 1, _placement(CapacityType.ON_DEMAND), CONFIG.worker, serving
+    )
+    patch = router_patch(old, new)
+    assert patch["spec"]["template"]["spec"]["containers"][0]["image"] == "example.org/router:2"
+    key = "cheapspot.dev/template-hash"
+    assert patch["metadata"]["annotations"][key] == new["metadata"]["annotations"][key]
+    assert new["metadata"]["annotations"][key] != old["metadata"]["annotations"][key]
+    # A Deployment from before the hash existed gets the template too.
+    del old["metadata"]["annotations"]
+    assert "template" in router_patch(old, same)["spec"]

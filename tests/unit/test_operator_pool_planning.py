@@ -12,7 +12,7 @@ from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.inferencepool import InferencePoolStatus
 from cheapspot_operator.inferencepool.actions import EnsureRouter
 from cheapspot_operator.inferencepool.controller import PoolReconciler
-from cheapspot_operator.inferencepool.observed import ReplicaReport
+from cheapspot_operator.inferencepool.observed import ReplicaReport, RouterView
 from cheapspot_operator.inferencepool.plan import (
     DEADLINE_MARGIN,
     DRAIN_SETTLE,
@@ -299,3 +299,180 @@ def test_replica_states() -> None:
     gone = make_replica(1, phase="Failed")
     assert replica_state(gone, current=True) is ReplicaState.GONE
     assert ReplicaState.GONE.is_terminal() and not ReplicaState.DRAINING.is_terminal()
+
+
+# --- failures: transient, permanent, never a serving replica for a replacement not Ready ---
+
+
+def test_a_transient_exit_backs_off_and_retries_without_counting_as_a_failure() -> None:
+    w = PoolWorld(spec=make_pool(failurePolicy={"transientBackoffSeconds": 10})).started()
+    for attempt in range(5):
+        w.set_pod(
+            name(2, attempt),
+            phase="Failed",
+            exit_code=int(ExitCode.TRANSIENT),
+            termination_message="adapter s3://ckpt/qa/final/ not published yet",
+        )
+        w.step(1)
+        assert w.creates() == [], "a transient failure waits before the next pod"
+        (event,) = w.events("TransientFailure")
+        assert "not published yet" in event.message
+        slot = w.status.slots[2]
+        assert slot.failures == 0 and not slot.held
+        delay = min(10 * 2**attempt, 100)
+        w.step(delay - 1)
+        assert w.creates() == []
+        w.step(1)
+        assert [(c.index, c.attempt) for c in w.creates()] == [(2, attempt + 1)]
+        w.run_all()
+        w.set_pod(name(2, attempt + 1), ready=False)
+    assert w.events("ReplicaCrashLoop") == []
+    assert w.condition("Degraded") == ("False", "AsExpected")
+    # Ready again: the streak is over.
+    w.set_pod(name(2, 5), ready=True)
+    w.step(1)
+    assert w.status.slots[2].transient_failures == 0
+
+
+def test_transient_failures_past_the_retry_window_count_as_failures() -> None:
+    policy = {"transientBackoffSeconds": 10, "transientRetrySeconds": 30}
+    w = PoolWorld(spec=make_pool(failurePolicy=policy)).started()
+    attempt = 0
+    for _ in range(10):
+        w.set_pod(name(2, attempt), phase="Failed", exit_code=int(ExitCode.TRANSIENT))
+        w.step(1)
+        if w.status.slots[2].held:
+            break
+        w.step(200)
+        attempt = w.status.slots[2].attempt
+        w.run_all()
+        w.set_pod(name(2, attempt), ready=False)
+    assert w.status.slots[2].held
+    assert "transientRetrySeconds" in w.condition_message("Degraded")
+
+
+def test_a_held_slot_never_drains_its_predecessor_that_still_serves() -> None:
+    w = PoolWorld(spec=make_pool(replicas=2)).started()
+    old = w.of_slot(1)[0]
+    # The slot moves (a return to spot, say); its new pod crash-loops on the anchor's side.
+    w.status = w.status.model_copy(
+        update={
+            "slots": [
+                s.model_copy(update={"attempt": 1, "pod": "", "pod_phase": ""})
+                if s.index == 1
+                else s
+                for s in w.status.slots
+            ]
+        }
+    )
+    for attempt in range(1, 4):
+        w.step(1)
+        w.run_all()
+        w.set_pod(name(1, attempt), phase="Failed", exit_code=1, termination_message="boom")
+        w.set_pod(name(1, attempt), ready=False)
+    w.step(1)
+    w.step(1)
+    assert w.status.slots[1].held
+    assert old.name not in {m.pod for m in w.marks()}
+    assert old.name in w.live() and w.pods[old.name].draining_until is None
+    assert old.name not in {d.name for d in w.deletes()}
+
+
+def test_a_failed_return_to_spot_keeps_the_on_demand_replica_serving() -> None:
+    w = PoolWorld(spec=make_pool(replicas=2)).started()
+    w.nodes = {k: v for k, v in w.nodes.items() if not k.startswith("spot")}
+    w.step(1)
+    w.set_pod(w.of_slot(1)[-1].name, unschedulable_since=w.clock.now)
+    w.step(120)
+    w.run_all()
+    w.step(1)
+    on_demand = w.of_slot(1)[-1]
+    assert on_demand.pod.capacity == "on-demand" and w.pods[on_demand.name].ready
+    w.nodes["spot-3"] = make_node("spot-3")
+    w.step(5)
+    (back,) = w.creates()
+    assert back.capacity is CapacityType.SPOT
+    spot = name(1, back.attempt)
+    # The spot pod fails, again and again: the on-demand one is never drained for it.
+    w.run_all({spot: "spot-3"})
+    w.set_pod(spot, phase="Failed", exit_code=1, termination_message="CUDA error", ready=False)
+    w.step(1)
+    assert w.events("SpotReturnFailed")
+    (again,) = w.creates()
+    assert again.capacity is CapacityType.ON_DEMAND
+    assert on_demand.name not in {m.pod for m in w.marks()}
+    assert on_demand.name not in {d.name for d in w.deletes()}
+    assert w.status.slots[1].failures == 0
+    # No new return to spot for spot.fallbackAfterSeconds.
+    w.step(60)
+    assert w.creates() == [] and w.pods[on_demand.name].draining_until is None
+    # The new on-demand pod Ready: only now is the old one drained.
+    w.run_all()
+    w.step(1)
+    assert [m.pod for m in w.marks()] == [on_demand.name]
+
+
+# --- replicas that never start ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("waiting", "reason"),
+    [
+        ("ImagePullBackOff", "ImagePullBackOff"),
+        ("ErrImagePull", "ImagePullBackOff"),
+        ("CreateContainerConfigError", "CreateContainerConfigError"),
+    ],
+)
+def test_a_replica_that_cannot_start_is_reported_then_held_past_the_start_timeout(
+    waiting: str, reason: str
+) -> None:
+    w = PoolWorld(spec=make_pool(failurePolicy={"startTimeoutSeconds": 300})).started()
+    w.set_pod(
+        name(2),
+        phase="Pending",
+        ready=False,
+        waiting_reason=waiting,
+        waiting_message="secret hf-token not found",
+    )
+    w.step(1)
+    (event,) = w.events("PodNotStarting")
+    assert reason in event.message and "hf-token" in event.message
+    w.step(100)
+    assert w.events("PodNotStarting") == [] and not w.status.slots[2].held
+    w.step(200)
+    assert w.status.slots[2].held
+    assert w.condition("Degraded") == ("True", "ReplicaFailed")
+    assert "startTimeoutSeconds" in w.condition_message("Degraded")
+    assert name(2) in {d.name for d in w.deletes()}, "a pod that never starts holds no node"
+    w.step(10)
+    assert w.creates() == []
+
+
+def test_a_refused_create_is_reported_then_held_past_the_start_timeout() -> None:
+    w = PoolWorld(spec=make_pool(replicas=1, failurePolicy={"startTimeoutSeconds": 60}))
+    w.refused = {0: 'pods "qa-serve-replica-0-0" is forbidden: exceeded quota'}
+    w.step(apply_pods=False)
+    # (Its event comes from the act layer, in the API server's words: test_operator_handlers.)
+    assert w.status.slots[0].blocked_reason == "CreateRefused"
+    assert not w.status.slots[0].held
+    w.step(60, apply_pods=False)
+    assert w.status.slots[0].held
+    assert "CreateRefused" in w.condition_message("Degraded")
+
+
+def test_a_pending_pod_bound_to_a_node_is_costed() -> None:
+    w = PoolWorld(spec=make_pool(replicas=1)).started()
+    w.set_pod(name(0), phase="Pending", ready=False, waiting_reason="ImagePullBackOff")
+    before = w.status.cost.dollars
+    w.step(3600)
+    assert w.status.cost.dollars > before + 0.1, "its node's GPU is held and billed"
+
+
+def test_a_router_built_from_another_template_is_ensured_again() -> None:
+    w = PoolWorld().started()
+    w.router = RouterView(1, 1, template_hash="aaaa")
+    w.router_template_hash = "aaaa"
+    assert w.step(1) == []
+    w.router_template_hash = "bbbb"  # a new router image in the operator's settings
+    w.step(1)
+    assert EnsureRouter(1) in w.last

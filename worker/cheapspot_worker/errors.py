@@ -14,6 +14,15 @@ class PermanentError(Exception):
     """
 
 
+FAILED_EXIT = 1
+"""Exit code of a failure that is neither the user's (permanent) nor outside the worker
+(transient): the operator retries it a few times in a row, then holds it."""
+
+
+class EngineFailed(Exception):  # noqa: N818 (named for what happened)
+    """The engine (vLLM) died before serving: exits :data:`FAILED_EXIT` with its output."""
+
+
 class Interrupted(Exception):  # noqa: N818 (a signal, not an error)
     """SIGTERM arrived and what could be saved has been published."""
 

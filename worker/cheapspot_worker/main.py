@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from cheapspot.contract import TASK_ENV, ExitCode, Layout, Phase, Progress, Role, Task
 from cheapspot.store import PermissionStoreError, Store, StoreError, TransientStoreError
-from cheapspot_worker.errors import Interrupted, PermanentError
+from cheapspot_worker.errors import FAILED_EXIT, EngineFailed, Interrupted, PermanentError
 from cheapspot_worker.progress import configure_logging, event
 
 
@@ -209,6 +209,10 @@ def serve_main(path: Path | None, argv: list[str]) -> int:
     except Interrupted as exc:
         event("interrupted", reason=str(exc))
         return ExitCode.INTERRUPTED
+    except EngineFailed as exc:
+        event("failed", logging.ERROR, kind="failed", error=str(exc), pool=pool)
+        write_termination_message(str(exc))
+        return FAILED_EXIT
     except StoreError as exc:
         kind = "permanent" if isinstance(exc, PermissionStoreError) else "transient"
         event("failed", logging.ERROR, kind=kind, error=str(exc))

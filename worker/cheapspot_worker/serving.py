@@ -23,9 +23,11 @@ What it does, in order:
 4. pass SIGTERM on to vLLM, which finishes its requests within ``--shutdown-timeout``, and
    exit :attr:`~cheapspot.contract.ExitCode.INTERRUPTED`.
 
-A missing model or adapter, a corrupt adapter (manifest mismatch) or an adapter trained for
-another base model stops the replica with :attr:`~cheapspot.contract.ExitCode.PERMANENT`
-and a message naming it; so does vLLM refusing its settings before it is up.
+A missing model, a corrupt adapter (manifest mismatch) or an adapter trained for another
+base model stops the replica with :attr:`~cheapspot.contract.ExitCode.PERMANENT` and a message
+naming it. An adapter not published yet exits :attr:`~cheapspot.contract.ExitCode.TRANSIENT`
+(the pool backs off and retries); vLLM exiting before it is up exits
+:data:`~cheapspot_worker.errors.FAILED_EXIT` (a failure, retried a few times in a row).
 
 It runs in the serving environment (vLLM pins its own torch and transformers), next to
 vLLM, and imports neither torch nor vLLM itself: vLLM is a child process. Started from an
@@ -61,9 +63,10 @@ from cheapspot.store import (
     NotFoundError,
     PermissionStoreError,
     Store,
+    TransientStoreError,
 )
 from cheapspot_worker.adapters import AdapterError, check_adapter
-from cheapspot_worker.errors import Interrupted, PermanentError
+from cheapspot_worker.errors import EngineFailed, Interrupted, PermanentError
 from cheapspot_worker.loading import COMPLETE_MARKER, cache_dir, resolve_model_dir, staged
 from cheapspot_worker.progress import event
 
@@ -123,6 +126,12 @@ def _pretty(uri: str) -> str:
     return uri.rstrip("/") + "/"
 
 
+class AdapterNotPublished(AdapterError):  # noqa: N818 (a state, not a fault)
+    """Nothing is published at the adapter's URI yet: a training job still running, or a
+    wrong URI. The replica exits transient (75), so the pool retries with backoff for
+    ``failurePolicy.transientRetrySeconds`` before it counts as a failure."""
+
+
 def fetch_adapter(source: AdapterSource, base_config: dict[str, Any], max_rank: int) -> Path:
     """Download a published adapter prefix (manifest verified) and check it fits the base
     model. :class:`AdapterError` for anything the user must fix; store outages propagate."""
@@ -133,7 +142,7 @@ def fetch_adapter(source: AdapterSource, base_config: dict[str, Any], max_rank: 
             with staged(dest, prefix) as staging:
                 Store(prefix).fetch("", staging)
         except NotFoundError as exc:
-            raise AdapterError(
+            raise AdapterNotPublished(
                 f"adapter {source.name!r}: nothing is published at {prefix} (no MANIFEST.json; "
                 "a wrong URI, or a training job that has not finished)"
             ) from exc
@@ -299,6 +308,9 @@ class Launcher:
                 paths[source.name] = fetch_adapter(
                     source, self.base_config, self.task.engine.max_lora_rank
                 )
+            except AdapterNotPublished as exc:
+                # Maybe not yet: retried (exit 75), and only a wrong URI stays so for long.
+                raise TransientStoreError(str(exc)) from exc
             except AdapterError as exc:
                 raise PermanentError(str(exc)) from exc
             event("adapter_ready", adapter=source.name, uri=source.uri)
@@ -376,7 +388,11 @@ class Launcher:
             await asyncio.wait_for(pump, 5)
             tail = "\n".join(self.tail)
             if not was_ready:
-                raise PermanentError(
+                # Not permanent: a GPU that fails to initialise, memory another process
+                # holds, a node's driver trouble exit the same way as settings vLLM refuses.
+                # A plain failure: the pool retries it a few times in a row, then holds the
+                # slot with this output (settings the spec validates are refused before here).
+                raise EngineFailed(
                     f"vLLM exited ({rc}) before it was ready; its last output:\n{tail}"
                 )
             raise RuntimeError(f"vLLM exited ({rc}) while serving; its last output:\n{tail}")

@@ -31,6 +31,7 @@ from cheapspot_operator.api.common import (
     immutable,
     scheme_rule,
 )
+from cheapspot_operator.api.trainjob_policies import FailurePolicy
 
 KIND = "CheapInferencePool"
 PLURAL = "cheapinferencepools"
@@ -102,6 +103,18 @@ class RouterSpec(SpecModel):
             "before the router counts it stalled and resumes the stream on another replica.",
         ),
     ] = 20.0
+    drain_seconds: Annotated[
+        int,
+        Field(
+            alias="drainSeconds",
+            ge=0,
+            le=86400,
+            description="The longest stream the router lets finish when it stops (a rollout, "
+            "a node drain): its grace period covers this (and maxQueueSeconds, whichever is "
+            "longer) plus a margin to exit. A stream still running then is cut; the router's "
+            "own streams cannot be resumed by another router.",
+        ),
+    ] = 600
     cpu: Annotated[
         str, Field(pattern=QUANTITY_PATTERN, max_length=32, description="CPU request per router.")
     ] = "500m"
@@ -171,6 +184,16 @@ class InferencePoolSpec(SpecModel):
         PoolSpotPolicy()
     )
     router: Annotated[RouterSpec, Field(description="The pool's endpoint.")] = RouterSpec()
+    failure_policy: Annotated[
+        FailurePolicy,
+        Field(
+            alias="failurePolicy",
+            description="Replica failures: transient exits (75) are retried with backoff "
+            "without counting as failures for transientRetrySeconds; a replica that cannot "
+            "start (image pull, missing secret, create refused) holds its slot (condition "
+            "Degraded) after startTimeoutSeconds.",
+        ),
+    ] = FailurePolicy()
     budget: Annotated[
         BudgetSpec | None,
         Field(
@@ -244,6 +267,36 @@ class ReplicaSlot(StatusModel):
         ),
     ] = ""
     held_generation: Annotated[int, Field(alias="heldGeneration")] = 0
+    transient_failures: Annotated[
+        int,
+        Field(
+            alias="transientFailures",
+            description="Transient failures (exit 75) in a row; reset once Ready.",
+        ),
+    ] = 0
+    transient_since: Annotated[
+        datetime | None,
+        Field(alias="transientSince", description="The first transient failure in a row."),
+    ] = None
+    retry_after: Annotated[
+        datetime | None,
+        Field(
+            alias="retryAfter",
+            description="After a transient failure the next pod starts after this.",
+        ),
+    ] = None
+    blocked_reason: Annotated[
+        str,
+        Field(alias="blockedReason", description="Why the slot's pod cannot start, if it cannot."),
+    ] = ""
+    blocked_since: Annotated[datetime | None, Field(alias="blockedSince")] = None
+    spot_return_after: Annotated[
+        datetime | None,
+        Field(
+            alias="spotReturnAfter",
+            description="A return to spot that failed is not tried again before this.",
+        ),
+    ] = None
 
 
 class DrainingReplica(StatusModel):

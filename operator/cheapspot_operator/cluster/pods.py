@@ -20,6 +20,14 @@ from cheapspot_operator.api import common
 from cheapspot_operator.cluster.placement import PlacementProfile
 from cheapspot_operator.cluster.views import ANNOTATION_ATTEMPT, LABEL_CAPACITY
 
+NO_VOLUNTARY_DISRUPTION = {
+    "karpenter.sh/do-not-disrupt": "true",
+    "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+}
+"""Consolidation (Karpenter, the cluster autoscaler) must not take a node a workload pod runs
+on (training pods, serving replicas, routers): the cloud's reclaims are handled, but a
+voluntary scale-down only costs work (or cuts streams) for nothing."""
+
 SCRATCH_VOLUME = "tmp"
 SCRATCH_PATH = "/tmp"
 

@@ -41,13 +41,16 @@ from cheapspot_operator.inferencepool.actions import (
 from cheapspot_operator.inferencepool.admin import AdminClient
 from cheapspot_operator.inferencepool.manifests import (
     PoolInfo,
+    build_pdbs,
     build_replica_pod,
     build_router_deployment,
     build_router_rbac,
     build_router_service,
     router_name,
+    router_patch,
 )
 from cheapspot_operator.inferencepool.observed import (
+    ANNOTATION_TEMPLATE_HASH,
     PoolObserved,
     replica_pod_view,
     router_view,
@@ -129,6 +132,12 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
             router=router_view(deployment),
             quotes=self.quotes(),
             status_refresh_seconds=self.config.status_refresh_seconds,
+            router_template_hash=self._router_deployment(
+                self._info(pool, spec), spec.router.replicas
+            )["metadata"]["annotations"][ANNOTATION_TEMPLATE_HASH],
+            create_refused=self.refused_for(
+                meta["uid"], ((s.index, s.attempt) for s in status.slots)
+            ),
         )
         now = self.clock()
         actions = plan(spec, observed, now)
@@ -217,18 +226,23 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
             }[obj["kind"]]
             self.api.create(f"{group}/namespaces/{ns}/{plural}", obj)
         self.api.create(f"/api/v1/namespaces/{ns}/services", build_router_service(info))
+        for pdb in build_pdbs(info):
+            self.api.create(f"/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets", pdb)
         deployments = f"/apis/apps/v1/namespaces/{ns}/deployments"
-        body = build_router_deployment(
+        body = self._router_deployment(info, replicas)
+        if not self.api.create(deployments, body):
+            path = f"{deployments}/{router_name(info.name)}"
+            existing = self.api.get(path) or {}
+            self.api.merge_patch(path, router_patch(existing, body))
+
+    def _router_deployment(self, info: PoolInfo, replicas: int) -> dict[str, Any]:
+        return build_router_deployment(
             info,
             replicas,
             self._placement(CapacityType.ON_DEMAND),
             self.config.worker,
             self.config.serving,
         )
-        if not self.api.create(deployments, body):
-            self.api.merge_patch(
-                f"{deployments}/{router_name(info.name)}", {"spec": {"replicas": replicas}}
-            )
 
     # -- metrics ------------------------------------------------------------------------------
 

@@ -12,6 +12,9 @@ everything owned by the pool, so deleting the pool deletes them.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,7 @@ from cheapspot.contract import (
 )
 from cheapspot_operator.api import inferencepool as ps
 from cheapspot_operator.cluster.pods import (
+    NO_VOLUNTARY_DISRUPTION,
     SCRATCH_PATH,
     SCRATCH_VOLUME,
     Owner,
@@ -43,7 +47,11 @@ from cheapspot_operator.cluster.pods import (
     workload_pod,
 )
 from cheapspot_operator.cluster.views import LABEL_ROLE
-from cheapspot_operator.inferencepool.observed import REPLICA_ROLE, ROUTER_ROLE
+from cheapspot_operator.inferencepool.observed import (
+    ANNOTATION_TEMPLATE_HASH,
+    REPLICA_ROLE,
+    ROUTER_ROLE,
+)
 from cheapspot_operator.inferencepool.plan import ROUTER_SERVICE_PORT, replica_pod_name
 from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
 
@@ -125,6 +133,7 @@ def build_replica_pod(
             LABEL_ROLE: Role.SERVE.value,
             "app.kubernetes.io/name": "cheapspot-serve",
         },
+        annotations=NO_VOLUNTARY_DISRUPTION,
         container=container,
         placement=placement,
         instance_types=r.instance_types,
@@ -139,9 +148,31 @@ def build_replica_pod(
 
 
 def router_grace_seconds(spec: ps.InferencePoolSpec) -> int:
-    """A queued request may wait ``maxQueueSeconds`` for a replica: the router's drain covers
-    that, a margin to exit, and its linger while the Service drops it."""
-    return int(spec.router.max_queue_seconds) + 2 * DRAIN_MARGIN_SECONDS
+    """The router's drain covers the longest of a queued request's wait (``maxQueueSeconds``)
+    and a stream's length (``drainSeconds``), plus a margin to exit and its linger while the
+    Service drops it."""
+    router = spec.router
+    longest = max(int(router.max_queue_seconds), router.drain_seconds)
+    return longest + 2 * DRAIN_MARGIN_SECONDS
+
+
+def template_hash(template: Mapping[str, Any]) -> str:
+    """A short stable hash of a pod template (its JSON, keys sorted)."""
+    text = json.dumps(template, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def router_patch(existing: Mapping[str, Any], built: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that brings an existing router Deployment to ``built``: its replica
+    count, and its pod template when the built one's hash differs from the one recorded (a
+    new router image or setting rolls out, the Deployment's rolling update making way)."""
+    want = built["metadata"]["annotations"][ANNOTATION_TEMPLATE_HASH]
+    have = ((existing.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_TEMPLATE_HASH)
+    patch: dict[str, Any] = {"spec": {"replicas": built["spec"]["replicas"]}}
+    if have != want:
+        patch["metadata"] = {"annotations": {ANNOTATION_TEMPLATE_HASH: want}}
+        patch["spec"]["template"] = built["spec"]["template"]
+    return patch
 
 
 def router_name(pool_name: str) -> str:
@@ -226,6 +257,10 @@ def build_router_deployment(
         "containers": [container],
         "volumes": [scratch_volume(None)],
     }
+    template = {
+        "metadata": {"labels": labels, "annotations": dict(NO_VOLUNTARY_DISRUPTION)},
+        "spec": pod_spec,
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -233,6 +268,7 @@ def build_router_deployment(
             "name": router_name(pool.name),
             "namespace": pool.namespace,
             "labels": labels,
+            "annotations": {ANNOTATION_TEMPLATE_HASH: template_hash(template)},
             "ownerReferences": pool.owner.references(),
         },
         "spec": {
@@ -242,7 +278,7 @@ def build_router_deployment(
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
             },
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": template,
         },
     }
 
@@ -300,3 +336,54 @@ def build_router_rbac(pool: PoolInfo) -> list[dict[str, Any]]:
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": pool.namespace}],
         },
     ]
+
+
+def anchor_pdb_name(pool_name: str) -> str:
+    return f"{pool_name}-anchors"
+
+
+def build_pdbs(pool: PoolInfo) -> list[dict[str, Any]]:
+    """PodDisruptionBudgets: no anchor replica may be evicted voluntarily (a node drain or
+    consolidation waits; reclaims are not evictions), and one router always stays (with one
+    router, a drain waits for the user). A pod that is not Ready can always be evicted
+    (``unhealthyPodEvictionPolicy``), so a broken pod never blocks a node drain. None for
+    anchors when the pool has none."""
+    meta_labels = {**_router_labels(pool), "app.kubernetes.io/managed-by": "cheapspot"}
+    anchors = min(pool.spec.anchor.replicas, pool.spec.replicas)
+    out: list[dict[str, Any]] = []
+
+    def pdb(name: str, selector: dict[str, Any], budget: dict[str, int]) -> dict[str, Any]:
+        return {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {
+                "name": name,
+                "namespace": pool.namespace,
+                "labels": {
+                    **meta_labels,
+                    LABEL_POOL_ROLE: selector["matchLabels"][LABEL_POOL_ROLE],
+                },
+                "ownerReferences": pool.owner.references(),
+            },
+            "spec": {
+                **budget,
+                "selector": selector,
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            },
+        }
+
+    if anchors > 0:
+        selector: dict[str, Any] = {
+            "matchLabels": {LABEL_POOL: pool.name, LABEL_POOL_ROLE: REPLICA_ROLE},
+            "matchExpressions": [
+                {
+                    "key": LABEL_REPLICA,
+                    "operator": "In",
+                    "values": [str(i) for i in range(anchors)],
+                }
+            ],
+        }
+        out.append(pdb(anchor_pdb_name(pool.name), selector, {"maxUnavailable": 0}))
+    router = {"matchLabels": _router_labels(pool)}
+    out.append(pdb(router_name(pool.name), router, {"minAvailable": 1}))
+    return out

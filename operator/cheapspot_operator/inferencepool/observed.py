@@ -29,6 +29,9 @@ from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.pricing.table import PriceTable
 
 REPLICA_ROLE = "replica"
+ANNOTATION_TEMPLATE_HASH = "cheapspot.dev/template-hash"
+"""On the router Deployment: the hash of the pod template it was built with, so a changed
+image or setting is patched in (a rollout) and an unchanged one is left alone."""
 ROUTER_ROLE = "router"
 
 
@@ -100,6 +103,8 @@ class ReplicaPod:
 class RouterView:
     replicas: int
     ready_replicas: int = 0
+    template_hash: str = ""
+    """The pod template hash the Deployment was last built with (its annotation)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,12 @@ class PoolObserved:
     quotes: Mapping[PriceKey, Quote] = field(default_factory=dict)
     """Live and last known good prices (the price book); the table fills the gaps."""
     status_refresh_seconds: float = 15.0
+    router_template_hash: str = ""
+    """The hash of the router pod template the operator builds now; a Deployment recording
+    another one gets the new template (empty: not compared)."""
+    create_refused: Mapping[int, str] = field(default_factory=dict)
+    """Slots whose current pod the API server refused to create (quota, admission), with its
+    message (the runtime remembers it per slot)."""
     """Cost alone rewrites the status at most this often (``statusRefreshSeconds``)."""
 
 
@@ -157,7 +168,9 @@ def _replica_index(labels: Mapping[str, str]) -> int:
 def router_view(deployment: Mapping[str, Any] | None) -> RouterView | None:
     if deployment is None:
         return None
+    annotations = (deployment.get("metadata") or {}).get("annotations") or {}
     return RouterView(
         replicas=int((deployment.get("spec") or {}).get("replicas") or 0),
         ready_replicas=int((deployment.get("status") or {}).get("readyReplicas") or 0),
+        template_hash=str(annotations.get(ANNOTATION_TEMPLATE_HASH) or ""),
     )

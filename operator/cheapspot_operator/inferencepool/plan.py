@@ -40,9 +40,24 @@ Make-before-break everywhere. A replica pod goes through these states
 * adapters in the spec are pushed to every serving replica whose report differs
   (:class:`SyncAdapters`: the act layer's ``PUT /cheapspot/adapters``), no restart;
 * a replica that exits with the worker's permanent error holds its slot (no crash loop) with
-  condition ``Degraded`` and an event carrying the replica's message; other failures are
-  retried :data:`MAX_FAILURES` times in a row, then held the same way. A held slot is retried
-  when the spec changes (a new generation);
+  condition ``Degraded`` and an event carrying the replica's message; a transient exit (75:
+  the object store unreachable, an adapter not published yet) waits
+  ``failurePolicy.transientBackoffSeconds`` (doubling per failure in a row, up to 10 times)
+  and starts a new pod without counting as a failure, for ``transientRetrySeconds`` from the
+  first one in a row; other failures are retried :data:`MAX_FAILURES` times in a row, then
+  held the same way. A held slot is retried when the spec changes (a new generation). A held
+  or failing slot never drains its older pod while that one still serves: the predecessor
+  is drained only for a successor that is Ready;
+* a return to spot whose spot pod fails (not a reclaim) goes back to on-demand: a new
+  on-demand pod, the old one serving until it is Ready, and no return is tried again for
+  ``spot.fallbackAfterSeconds``;
+* a replica that cannot start (image pull failing, a missing secret or config map, its
+  creation refused) gets an event ``PodNotStarting`` naming the cause; after
+  ``failurePolicy.startTimeoutSeconds`` its slot is held (condition ``Degraded``) and the pod
+  deleted, so it holds no node. Until then a Pending pod bound to a node is costed like a
+  running one (it holds that node's GPUs);
+* the router: its Deployment is created, or patched when its replica count or its pod
+  template (hash annotation, :func:`router_outdated`) differs from what is built now;
 * budget (``spec.budget``): cost is each running replica's share of its node at the node's
   price (the anchors' included); at the limit, with the next 5 minutes projected, Suspend
   scales the pool to its anchors and Fail to nothing (condition ``WithinBudget``), until the
@@ -75,6 +90,7 @@ from cheapspot_operator.planning import budget, costing, slots
 from cheapspot_operator.planning.actions import CreatePod, DeletePod, EmitEvent, UpdateStatus
 from cheapspot_operator.planning.conditions import ConditionWriter
 from cheapspot_operator.planning.preemption import (
+    START_FAILURES,
     Outcome,
     Verdict,
     classify,
@@ -202,7 +218,7 @@ def plan(spec: InferencePoolSpec, obs: PoolObserved, now: datetime) -> list[Pool
     _return_to_spot(work)
     _retire(work)
     _sync_adapters(work)
-    if obs.router is None or obs.router.replicas != spec.router.replicas:
+    if router_outdated(spec, obs):
         work.actions.append(EnsureRouter(spec.router.replicas))
 
     _summarise(work)
@@ -211,6 +227,15 @@ def plan(spec: InferencePoolSpec, obs: PoolObserved, now: datetime) -> list[Pool
     if st == prev and not others:
         return []
     return [UpdateStatus(st), *others]
+
+
+def router_outdated(spec: InferencePoolSpec, obs: PoolObserved) -> bool:
+    """The router Deployment is missing, has another replica count, or was built from
+    another pod template (a new router image or setting: patched in, a rolling update)."""
+    router = obs.router
+    if router is None or router.replicas != spec.router.replicas:
+        return True
+    return bool(obs.router_template_hash) and router.template_hash != obs.router_template_hash
 
 
 def _scale(work: _Plan) -> None:
@@ -276,13 +301,19 @@ def _scale(work: _Plan) -> None:
 
 
 def _reconcile_slot(work: _Plan, slot: ReplicaSlot, pods: list[ReplicaPod]) -> ReplicaSlot:
-    st, obs = work.status, work.obs
+    st, obs, now = work.status, work.obs, work.now
     slot, current = slots.adopt_newest(slot, pods, pod_phase="")
     what = f"replica {slot.index}" + (" (anchor)" if slot.anchor else "")
     if slot.held:
         return slot
     if current is None:
         if not slot.pod_phase:
+            if slot.retry_after is not None and now < slot.retry_after:
+                return slot  # backing off after a transient failure
+            refused = obs.create_refused.get(slot.index, "")
+            slot = _track_start(work, slot, "CreateRefused" if refused else "", refused)
+            if slot.held:
+                return slot
             return work.create(slot)
         verdict = Verdict(Outcome.PREEMPTED, "PodGone", f"pod {slot.pod} disappeared")
     elif current.draining_until is not None:
@@ -303,8 +334,24 @@ def _reconcile_slot(work: _Plan, slot: ReplicaSlot, pods: list[ReplicaPod]) -> R
     if verdict.outcome is Outcome.HEALTHY:
         assert current is not None
         if current.ready:
-            slot = slot.model_copy(update={"failures": 0})
+            slot = slot.model_copy(update=_STREAKS_CLEARED)
+        stuck = current.pod.phase == "Pending" and current.pod.waiting_reason in START_FAILURES
+        slot = _track_start(
+            work,
+            slot,
+            current.pod.waiting_reason if stuck else "",
+            f"pod {current.name}: {current.pod.waiting_message}" if stuck else "",
+        )
+        if slot.held:
+            # Deleted, so a pod that will never start holds no node (and costs nothing).
+            work.actions.append(DeletePod(current.name, reason=slot.blocked_reason))
+            return slot
         return _maybe_fall_back(work, slot, current)
+    slot = _track_start(work, slot, "", "")
+    if verdict.outcome is not Outcome.PREEMPTED:
+        back = _spot_return_failed(work, slot, verdict)
+        if back is not None:
+            return back
     if verdict.outcome is Outcome.PERMANENT:
         message = f"{what}: {verdict.message}"
         work.event("Warning", "ReplicaFailed", message, "PermanentError")
@@ -316,6 +363,17 @@ def _reconcile_slot(work: _Plan, slot: ReplicaSlot, pods: list[ReplicaPod]) -> R
         slot, announced = slots.preempted(slot, what, verdict)
         work.actions.append(announced)
         return work.create(_next_attempt(slot, slot.capacity_type, slot.fallback_reason))
+    if verdict.outcome is Outcome.TRANSIENT:
+        policy = work.spec.failure_policy
+        since = slot.transient_since or now
+        if now - since < timedelta(seconds=policy.transient_retry_seconds):
+            return _back_off(work, slot, what, verdict, since)
+        verdict = Verdict(
+            Outcome.FAILED,
+            verdict.reason,
+            f"{verdict.message} (transient failures for more than "
+            f"failurePolicy.transientRetrySeconds={policy.transient_retry_seconds})",
+        )
     # Failed (or exited): retried a few times in a row, then held.
     failures = slot.failures + 1
     slot = slot.model_copy(update={"failures": failures, "ready": False})
@@ -326,6 +384,106 @@ def _reconcile_slot(work: _Plan, slot: ReplicaSlot, pods: list[ReplicaPod]) -> R
     detail = verdict.message or verdict.reason
     work.event("Warning", "ReplicaFailed", f"{what}: {detail}; restarting", "Failed")
     return work.create(_next_attempt(slot, slot.capacity_type, slot.fallback_reason))
+
+
+_STREAKS_CLEARED: dict[str, object] = {
+    "failures": 0,
+    "transient_failures": 0,
+    "transient_since": None,
+    "retry_after": None,
+}
+"""What a slot forgets once its pod is Ready: it got past whatever failed before."""
+
+
+def _back_off(
+    work: _Plan, slot: ReplicaSlot, what: str, verdict: Verdict, since: datetime
+) -> ReplicaSlot:
+    """A transient failure within the retry window: a new attempt after a backoff (doubling
+    per failure in a row, at most 10 times the base), not counted as a failure."""
+    policy = work.spec.failure_policy
+    count = slot.transient_failures + 1
+    base = policy.transient_backoff_seconds
+    delay = min(base * 2 ** min(count - 1, 10), base * 10)
+    work.event(
+        "Warning",
+        "TransientFailure",
+        f"{what}: {verdict.message}; retrying in {delay}s (transient failure {count} in a row; "
+        f"not counted as a failure for failurePolicy.transientRetrySeconds="
+        f"{policy.transient_retry_seconds})",
+        verdict.reason,
+    )
+    slot = _next_attempt(slot, slot.capacity_type, slot.fallback_reason)
+    return slot.model_copy(
+        update={
+            "ready": False,
+            "transient_failures": count,
+            "transient_since": since,
+            "retry_after": work.now + timedelta(seconds=delay),
+        }
+    )
+
+
+def _spot_return_failed(work: _Plan, slot: ReplicaSlot, verdict: Verdict) -> ReplicaSlot | None:
+    """A spot pod of a return to spot that failed while the slot's on-demand pod still serves:
+    back to on-demand (a new pod there, the serving one kept until it is Ready), and no return
+    for ``spot.fallbackAfterSeconds``. None when the slot is no such return."""
+    if slot.anchor or slot.capacity_type is not CapacityType.SPOT:
+        return None
+    serving = [
+        rp
+        for rp in work.obs.replicas
+        if rp.index == slot.index
+        and rp.attempt < slot.attempt
+        and rp.live
+        and rp.ready
+        and rp.draining_until is None
+        and rp.pod.capacity == CapacityType.ON_DEMAND.value
+    ]
+    if not serving:
+        return None
+    wait = work.spec.spot.fallback_after_seconds
+    work.event(
+        "Warning",
+        "SpotReturnFailed",
+        f"replica {slot.index}: its spot pod {slot.pod} failed "
+        f"({verdict.message or verdict.reason}); staying on on-demand ({serving[-1].name} "
+        f"serves until its successor is Ready), next return in {wait}s or later",
+        verdict.reason,
+    )
+    moved = _next_attempt(slot, CapacityType.ON_DEMAND, slots.SPOT_UNAVAILABLE)
+    moved = moved.model_copy(
+        update={"ready": False, "spot_return_after": work.now + timedelta(seconds=wait)}
+    )
+    return work.create(moved)
+
+
+def _track_start(work: _Plan, slot: ReplicaSlot, reason: str, message: str) -> ReplicaSlot:
+    """Record (or clear) why the slot's pod cannot start; hold the slot past the start
+    timeout (as a job fails past it), with an event when the cause first shows."""
+    if not reason:
+        if slot.blocked_since is None and not slot.blocked_reason:
+            return slot
+        return slot.model_copy(update={"blocked_reason": "", "blocked_since": None})
+    now, policy = work.now, work.spec.failure_policy
+    what = f"replica {slot.index}" + (" (anchor)" if slot.anchor else "")
+    reason = START_FAILURES.get(reason, reason)
+    since = slot.blocked_since or now
+    # A refused create is announced by the act layer, in the API server's words, as it
+    # happens (controller.report_refusals); the rest here, once per cause.
+    if reason not in (slot.blocked_reason, "CreateRefused"):
+        work.event("Warning", "PodNotStarting", f"{what}: {reason}: {message}", reason)
+    slot = slot.model_copy(update={"blocked_reason": reason, "blocked_since": since})
+    timeout = policy.start_timeout_seconds
+    if now - since < timedelta(seconds=timeout):
+        return slot
+    held = (
+        f"{what}: its pod could not start for {timeout}s (failurePolicy.startTimeoutSeconds): "
+        f"{reason}: {message}"
+    )
+    work.event("Warning", "ReplicaFailed", held, reason)
+    return slot.model_copy(
+        update={"held": held, "held_generation": work.obs.pool.generation, "ready": False}
+    )
 
 
 def _maybe_fall_back(work: _Plan, slot: ReplicaSlot, current: ReplicaPod) -> ReplicaSlot:
@@ -357,7 +515,10 @@ def _return_to_spot(work: _Plan) -> None:
     fallback = [
         s
         for s in st.slots
-        if not s.anchor and not s.held and s.capacity_type is CapacityType.ON_DEMAND
+        if not s.anchor
+        and not s.held
+        and s.capacity_type is CapacityType.ON_DEMAND
+        and (s.spot_return_after is None or work.now >= s.spot_return_after)
     ]
     r = work.spec.resources
     if moving or not fallback or spot_room(work.obs, r.gpu_resource, r.gpu, work.avoid) < 1:
@@ -458,8 +619,10 @@ def _drain_reason(work: _Plan, rp: ReplicaPod, slot: ReplicaSlot | None) -> str:
         return "Reclaimed"
     if slot is None:
         return "ScaledDown"
-    if slot.held:
+    if slot.held and not rp.ready:
         return "Replaced"
+    # A held slot, or one whose new pod is still starting (or failing), keeps its older pod
+    # serving: it is drained only for a successor that is Ready.
     successor = work.current.get(rp.index)
     if successor is not None and successor.ready and successor.draining_until is None:
         return "Replaced"

@@ -85,10 +85,13 @@ class PricedCluster(Protocol):
 
 
 def running_usage(pods: Iterable[PodView], cluster: PricedCluster) -> Iterator[Usage]:
-    """What each running pod (not being deleted, on a node still there) costs per hour; lazy,
-    so a caller that turns out not to need it prices nothing."""
+    """What each pod holding a node (running, or Pending but bound: pulling its image, or
+    stuck on a missing secret, while its node's GPUs are reserved for it and billed) costs per
+    hour, while not being deleted and on a node still there; lazy, so a caller that turns out
+    not to need it prices nothing."""
     for pod in pods:
-        if pod.phase != "Running" or pod.deleting:
+        held = pod.phase == "Running" or (pod.phase == "Pending" and bool(pod.node_name))
+        if not held or pod.deleting:
             continue
         node = cluster.nodes.get(pod.node_name)
         if node is not None:

@@ -81,6 +81,10 @@ class PoolWorld(WorkloadWorld[ReplicaPod, PoolAction, InferencePoolStatus]):
     router: RouterView | None = None
     quotes: dict[PriceKey, Quote] = field(default_factory=dict)
     """Live prices (the price book's snapshot); the table fills the gaps."""
+    router_template_hash: str = ""
+    """The router template hash the operator builds now (empty: not compared)."""
+    refused: dict[int, str] = field(default_factory=dict)
+    """Slots whose pod the API server refused, with its message (the runtime's memory)."""
 
     @property
     def current_status(self) -> InferencePoolStatus:
@@ -109,6 +113,8 @@ class PoolWorld(WorkloadWorld[ReplicaPod, PoolAction, InferencePoolStatus]):
             reports=dict(self.reports),
             router=self.router,
             quotes=dict(self.quotes),
+            create_refused=dict(self.refused),
+            router_template_hash=self.router_template_hash,
         )
 
     def plan(self) -> list[PoolAction]:
@@ -135,7 +141,7 @@ class PoolWorld(WorkloadWorld[ReplicaPod, PoolAction, InferencePoolStatus]):
             names = frozenset(a.name for a in action.adapters)
             self.reports[action.pod] = replace(self.reports[action.pod], adapters=names)
         elif isinstance(action, EnsureRouter):
-            self.router = RouterView(action.replicas, action.replicas)
+            self.router = RouterView(action.replicas, action.replicas, self.router_template_hash)
 
     def run_all(self, node: dict[str, str] | None = None) -> None:
         """Schedule pending replicas on a node of their capacity, Running and Ready, each

@@ -12,6 +12,7 @@ from typing import Any
 from cheapspot.contract import JobRef, Role, Task
 from cheapspot_operator.api import trainjob as s
 from cheapspot_operator.cluster.pods import (
+    NO_VOLUNTARY_DISRUPTION,
     Owner,
     Placement,
     resource_requirements,
@@ -28,13 +29,6 @@ from cheapspot_operator.trainjob.observed import (
     is_generator,
 )
 from cheapspot_operator.trainjob.shards import pod_name
-
-NO_VOLUNTARY_DISRUPTION = {
-    "karpenter.sh/do-not-disrupt": "true",
-    "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
-}
-"""Consolidation (Karpenter, the cluster autoscaler) must not take a node a training pod runs
-on: the cloud's reclaims are handled, but a voluntary scale-down only costs work for nothing."""
 
 SIGTERM_MARGIN_SECONDS = 5
 """Kept back from the notice when telling the worker how long its SIGTERM checkpoint may take."""
