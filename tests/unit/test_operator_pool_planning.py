@@ -12,14 +12,9 @@ from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.api.inferencepool import InferencePoolStatus
 from cheapspot_operator.inferencepool.actions import EnsureRouter
 from cheapspot_operator.inferencepool.controller import PoolReconciler
+from cheapspot_operator.inferencepool.draining import DEADLINE_MARGIN, DRAIN_SETTLE
 from cheapspot_operator.inferencepool.observed import ReplicaReport, RouterView
-from cheapspot_operator.inferencepool.plan import (
-    DEADLINE_MARGIN,
-    DRAIN_SETTLE,
-    ReplicaState,
-    replica_pod_name,
-    replica_state,
-)
+from cheapspot_operator.inferencepool.replicas import ReplicaState, replica_pod_name, replica_state
 from cheapspot_operator.runtime.reconciler import apply_order
 from cheapspot_operator.testing.pool import POOL_NAME, PoolWorld, make_pool, make_replica
 from cheapspot_operator.testing.world import EPOCH, make_node

@@ -52,7 +52,7 @@ from cheapspot_operator.inferencepool.observed import (
     REPLICA_ROLE,
     ROUTER_ROLE,
 )
-from cheapspot_operator.inferencepool.plan import ROUTER_SERVICE_PORT, replica_pod_name
+from cheapspot_operator.inferencepool.replicas import ROUTER_SERVICE_PORT, replica_pod_name
 from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
 
 DRAIN_MARGIN_SECONDS = 5

@@ -25,7 +25,8 @@ from cheapspot_operator.inferencepool.observed import (
     ReplicaReport,
     RouterView,
 )
-from cheapspot_operator.inferencepool.plan import plan, replica_pod_name
+from cheapspot_operator.inferencepool.plan import plan
+from cheapspot_operator.inferencepool.replicas import replica_pod_name
 from cheapspot_operator.planning.actions import CreatePod
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.testing.world import WorkloadWorld
