@@ -31,7 +31,7 @@ import pytest
 
 from cheapspot.contract import ExitCode, ServeTask
 from cheapspot_localcluster.s3 import S3Endpoint
-from cheapspot_operator.router import relay, routing
+from cheapspot_operator.router import routing, streams
 from cheapspot_operator.router.routing import Replica, StreamState
 from cheapspot_operator.router.server import Router
 from cheapspot_worker.serve_testing import ServeReplica, free_port, http_json, publish_dir
@@ -700,7 +700,7 @@ def test_a_resume_after_a_merged_chunk_starts_after_the_text_the_client_has(
     merged["choices"][0]["token_ids"] += chunks[i]["choices"][0]["token_ids"]
     routing.relay_chunk(state, json.dumps(merged).encode(), resumed=False)
     assert state.sure < state.committed == i + 1
-    settle = relay.settle(rt.router.relay, _replica(replica), state)
+    settle = streams.settle(rt.router.relay.client, _replica(replica), state)
     asyncio.run_coroutine_threadsafe(settle, rt.loop).result(60)
     assert state.committed == i, (i, state.committed)
     assert state.prompt_ids is not None

@@ -2,9 +2,9 @@
 gets a request, and how a stream cut mid-way is resumed.
 
 The rest of the router owns the I/O: :mod:`~cheapspot_operator.router.replicas` watches the
-pool's pods and counts requests in flight, :mod:`~cheapspot_operator.router.relay` proxies
-HTTP, :mod:`~cheapspot_operator.router.server` serves; everything it decides is here, so it
-is tested without sockets.
+pool's pods and counts requests in flight, :mod:`~cheapspot_operator.router.relay` and
+:mod:`~cheapspot_operator.router.streams` proxy HTTP, :mod:`~cheapspot_operator.router.server`
+serves; everything it decides is here, so it is tested without sockets.
 
 Resuming a stream: the router asks vLLM for the token ids of each streamed chunk
 (``return_token_ids``, removed again before the chunk reaches the client). When a replica

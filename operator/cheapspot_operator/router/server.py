@@ -23,7 +23,8 @@ or its node drained, cuts no answer.
 
 Here: the endpoints, readiness, draining and the command line. Which replica takes a request
 and where the replicas come from: :mod:`cheapspot_operator.router.replicas`; sending the
-request, retrying and resuming: :mod:`cheapspot_operator.router.relay`.
+request and retrying: :mod:`cheapspot_operator.router.relay`; resuming a stream:
+:mod:`cheapspot_operator.router.streams`.
 
 HTTP is aiohttp, server and client: the operator already depends on it (kopf is built on
 it), it streams both ways without buffering, and one event loop carries thousands of open
@@ -46,8 +47,9 @@ from aiohttp import web
 
 from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
 from cheapspot_operator.router import routing, validation
-from cheapspot_operator.router.relay import FIRST_TOKEN_SECONDS, STALL_SECONDS, Relay
+from cheapspot_operator.router.relay import Relay
 from cheapspot_operator.router.replicas import ReplicaSet, fixed_replicas, watch_pods
+from cheapspot_operator.router.upstream import FIRST_TOKEN_SECONDS, STALL_SECONDS
 
 log = logging.getLogger("cheapspot.router")
 
