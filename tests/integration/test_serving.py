@@ -225,23 +225,32 @@ def test_adapters_added_and_removed_at_runtime(
 # -- bad input ---------------------------------------------------------------------------------
 
 
-def _fails_permanently(served: Served, task: ServeTask, tmp_path: Path) -> str:
+def _fails(
+    served: Served, task: ServeTask, tmp_path: Path, code: ExitCode = ExitCode.PERMANENT
+) -> str:
+    """The replica's log once it has exited with ``code`` (permanent: the user must fix
+    something; transient: the pool backs off and retries)."""
     replica = ServeReplica("bad", task, tmp_path, served.env)
     rc = replica.wait(timeout=300)
     log = replica.log_tail(200)
-    assert rc == ExitCode.PERMANENT, log
+    assert rc == code, log
     return log
 
 
 def test_a_missing_model_is_a_permanent_error(served: Served, tmp_path: Path) -> None:
     uri = served.store_root + "models/nope/"  # type: ignore[attr-defined]
-    log = _fails_permanently(served, _task(uri, {}), tmp_path)
+    log = _fails(served, _task(uri, {}), tmp_path)
     assert "models/nope" in log
 
 
-def test_a_missing_adapter_is_a_permanent_error(served: Served, tmp_path: Path) -> None:
+def test_an_adapter_not_published_yet_is_a_transient_failure(
+    served: Served, tmp_path: Path
+) -> None:
+    """Nothing published at the URI yet (a training job still running, or a wrong URI): the
+    replica exits transient, so the pool backs off and retries for
+    ``failurePolicy.transientRetrySeconds`` before it counts the exits as failures."""
     uri = served.store_root + "adapters/nope/"  # type: ignore[attr-defined]
-    log = _fails_permanently(served, _task(served.model_uri, {"nope": uri}), tmp_path)
+    log = _fails(served, _task(served.model_uri, {"nope": uri}), tmp_path, ExitCode.TRANSIENT)
     assert "adapter 'nope'" in log and "nothing is published" in log
 
 
@@ -254,7 +263,7 @@ def test_a_corrupt_adapter_is_a_permanent_error(served: Served, tmp_path: Path) 
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    log = _fails_permanently(served, _task(served.model_uri, {"bad": uri}), tmp_path)
+    log = _fails(served, _task(served.model_uri, {"bad": uri}), tmp_path)
     assert "corrupt" in log and "does not match its manifest" in log
 
 
@@ -267,7 +276,7 @@ def test_an_adapter_for_another_base_model_is_a_permanent_error(
     adapter = build_adapter(tmp_path / "wider-adapter", other)
     uri = f"file://{tmp_path}/published/"
     publish_dir(uri, "", adapter)
-    log = _fails_permanently(served, _task(served.model_uri, {"wider": uri}), tmp_path)
+    log = _fails(served, _task(served.model_uri, {"wider": uri}), tmp_path)
     assert "trained for a different base model" in log
 
 
