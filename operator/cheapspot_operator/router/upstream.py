@@ -121,6 +121,7 @@ class ReplicaClient:
             "resumes": 0,
             "stalls": 0,
             "failed": 0,
+            "overloaded": 0,
         }
         self._session: aiohttp.ClientSession | None = None
         self._probes: dict[str, asyncio.Task[None]] = {}
