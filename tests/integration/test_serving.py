@@ -540,10 +540,10 @@ def test_the_routers_bounds_answer_like_openai_and_a_stream_lets_go_of_its_reque
     replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
 ) -> None:
     """The router's memory bounds with a real replica and OpenAI's client. A chat stream
-    under way holds no request body (vLLM's first chunk brought the prompt's token ids, the
-    messages are dropped) and still ends as the replica's own answer; while it runs, the
-    router is at maxConcurrentRequests 1: a second request is a RateLimitError with
-    Retry-After, and a body over maxRequestBytes is a 413 naming the setting."""
+    held part-way (its replica frozen) holds no request body (vLLM's first chunk brought the
+    prompt's token ids, the messages are dropped); the router is at maxConcurrentRequests 1,
+    so a second request is a RateLimitError with Retry-After; thawed, the stream ends as the
+    replica's own answer. A body over maxRequestBytes is a 413 naming the setting."""
     import openai
 
     replica = replicas[0]
@@ -552,27 +552,33 @@ def test_the_routers_bounds_answer_like_openai_and_a_stream_lets_go_of_its_reque
         bounds=limits.Limits(max_request_bytes=16 * 1024, max_concurrent_requests=1),
     )
     client = _client(rt.url)
-    messages = [{"role": "user", "content": PROMPTS[0] + " " + "and the sea " * 60}]
     ask: dict[str, Any] = {
         "model": "qa",
-        "messages": messages,
-        "max_tokens": 40,
+        "messages": [{"role": "user", "content": PROMPTS[0] + " " + "and the sea " * 30}],
+        "max_tokens": 60,
         "temperature": 0,
         "extra_body": {"ignore_eos": True},
     }
     direct = _client(replica.url).chat.completions.create(**ask).choices[0].message.content
-    parts: list[str] = []
-    status: dict[str, Any] = {}
-    for chunk in client.chat.completions.create(stream=True, **ask):
-        parts.extend(c.delta.content or "" for c in chunk.choices)
-        if not status and "".join(parts):
+
+    def chat_stream(into: list[str]) -> None:
+        for chunk in client.chat.completions.create(stream=True, **ask):
+            into.extend(c.delta.content or "" for c in chunk.choices)
+
+    with ThreadPoolExecutor(1) as pool:
+        deadline = time.monotonic() + 300
+        futures, got = _held_under_way(pool, [chat_stream], [direct or ""], replica, deadline)
+        try:
             _, status = http_json("GET", rt.url + "/cheapspot/router")
             with pytest.raises(openai.RateLimitError) as busy:
                 client.completions.create(model="qa", prompt="x", max_tokens=2)
+        finally:
+            replica.thaw()
+        futures[0].result(timeout=300)
     assert (status["active"], status["buffered_bytes"]) == (1, 0), status
     assert busy.value.response.headers["retry-after"] == str(limits.RETRY_AFTER_SECONDS)
     assert "router.maxConcurrentRequests" in busy.value.message
-    assert "".join(parts) == direct
+    assert "".join(got[0]) == direct
     with pytest.raises(openai.APIStatusError) as large:
         client.completions.create(model="qa", prompt="sky " * 5000, max_tokens=2)
     assert large.value.status_code == 413 and "router.maxRequestBytes" in large.value.message

@@ -387,7 +387,7 @@ def test_past_its_most_requests_the_router_answers_429_with_retry_after() -> Non
 
 def test_a_full_queue_gets_a_503_with_retry_after_and_the_queued_request_is_served() -> None:
     """Capacity 1, maxQueuedRequests 1: one stream on the replica, one request waiting; a
-    third gets a 503 with Retry-After at once; the first two end whole."""
+    third (a POST, a GET) gets a 503 with Retry-After at once; the first two end whole."""
 
     async def scenario(fakes: list[FakeReplica]) -> None:
         (a,) = fakes
@@ -404,6 +404,8 @@ def test_a_full_queue_gets_a_503_with_retry_after_and_the_queued_request_is_serv
             status, headers, doc = await answer(session, url, long_stream())
             assert status == 503 and headers["Retry-After"] == str(limits.RETRY_AFTER_SECONDS)
             assert "router.maxQueuedRequests" in openai_error(doc, 503)["message"]
+            async with session.get(url + "/v1/models") as resp:  # a GET waits in the queue too
+                assert resp.status == 503 and "Retry-After" in resp.headers
             release.set()
             for got in (await first, await queued):
                 assert (text_of(got), got[-1]) == (WHOLE, "[DONE]")

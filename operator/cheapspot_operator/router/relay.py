@@ -18,7 +18,7 @@ from aiohttp import web
 
 from cheapspot_operator.router import routing, streams
 from cheapspot_operator.router.limits import Hold
-from cheapspot_operator.router.replicas import ReplicaSet
+from cheapspot_operator.router.replicas import QueueFull, ReplicaSet
 from cheapspot_operator.router.routing import StreamState
 from cheapspot_operator.router.upstream import (
     FIRST_TOKEN_SECONDS,
@@ -32,6 +32,7 @@ from cheapspot_operator.router.upstream import (
     error_event,
     passed_headers,
     pieces,
+    refused,
     write,
 )
 
@@ -72,7 +73,11 @@ class Relay:
         deadline = time.monotonic() + self.client.max_queue_seconds
         tried: set[str] = set()
         for attempt in range(RETRIES):
-            replica = await self.replicas.acquire("", tried, deadline, queue=attempt == 0)
+            try:
+                replica = await self.replicas.acquire("", tried, deadline, queue=attempt == 0)
+            except QueueFull as full:
+                self.client.stats["overloaded"] += 1
+                return refused(full.refusal)
             if replica is None:
                 break
             try:

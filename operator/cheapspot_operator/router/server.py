@@ -58,7 +58,7 @@ from cheapspot_operator.router import limits, routing, validation
 from cheapspot_operator.router.relay import Relay
 from cheapspot_operator.router.replicas import QueueFull, ReplicaSet, fixed_replicas, watch_pods
 from cheapspot_operator.router.routing import StreamState
-from cheapspot_operator.router.upstream import FIRST_TOKEN_SECONDS, STALL_SECONDS
+from cheapspot_operator.router.upstream import FIRST_TOKEN_SECONDS, STALL_SECONDS, refused
 
 log = logging.getLogger("cheapspot.router")
 
@@ -133,13 +133,8 @@ class Router:
     def refuse(self, refusal: validation.Refusal) -> web.Response:
         """A request refused by the router itself (OpenAI's error format); a refusal for
         load says when to try again."""
-        if isinstance(refusal, limits.Overload):
-            self.stats["overloaded"] += 1
-            return web.json_response(
-                refusal.error(), status=refusal.status, headers=refusal.headers()
-            )
-        self.stats["refused"] += 1
-        return web.json_response(refusal.error(), status=refusal.status)
+        self.stats["overloaded" if isinstance(refusal, limits.Overload) else "refused"] += 1
+        return refused(refusal)
 
     # -- HTTP ----------------------------------------------------------------------------
 
@@ -198,7 +193,8 @@ class Router:
         refusal = limits.too_large(self.limits, request.content_length or 0)
         if refusal is not None:
             return self.refuse(refusal)
-        hold = self.buffered.take(request.content_length or self.limits.max_request_bytes)
+        length = request.content_length
+        hold = self.buffered.take(self.limits.max_request_bytes if length is None else length)
         if isinstance(hold, limits.Overload):
             return self.refuse(hold)
         try:

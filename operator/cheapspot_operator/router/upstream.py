@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from cheapspot_operator.router import routing, validation
+from cheapspot_operator.router import limits, routing, validation
 from cheapspot_operator.router.replicas import ReplicaSet
 from cheapspot_operator.router.routing import Replica
 
@@ -91,6 +91,13 @@ async def pieces(
             return
         yield piece
         wait = between
+
+
+def refused(refusal: validation.Refusal) -> web.Response:
+    """A request the router refuses itself, in OpenAI's error format; one refused for load
+    says when to try again (``Retry-After``)."""
+    headers = refusal.headers() if isinstance(refusal, limits.Overload) else None
+    return web.json_response(refusal.error(), status=refusal.status, headers=headers)
 
 
 def error(message: str, status: int) -> web.Response:
