@@ -133,7 +133,7 @@ class RouterSpec(SpecModel):
             le=1_000_000,
             description="Client requests one router carries at once, streams until their last "
             "byte; more get a 429 with Retry-After. The default 1024 fits the default memory "
-            "(about 70 KiB a stream with its resume state).",
+            "(about 75 KiB a stream of an 8k context, with its resume state).",
         ),
     ] = 1024
     max_queued_requests: Annotated[

@@ -7,16 +7,16 @@ when the queue or the body budget is full (OpenAI's "engine overloaded"), the la
 ``Retry-After``.
 
 Why these defaults fit a router pod's 256Mi (its memory request and limit): the process idles
-at about 60 MiB (Python, aiohttp, the Kubernetes client); a stream in flight costs the router
-its two connections (client and replica, about 30 KiB with aiohttp's buffers) and its resume
-state, 4 bytes a token of prompt and answer (:class:`~cheapspot_operator.router.routing.StreamState`:
-token ids as ``array('i')``, the last :data:`~cheapspot_operator.router.routing.TEXT_KEPT`
-characters of the text, the request's sampling settings), under 40 KiB for an 8k context;
-so 1,024 streams take about 70 MiB. Request bodies held whole (while they wait for a replica,
-and for the whole of a request that is not a resumable stream, which may be retried) are
-bounded by :data:`MAX_BUFFERED_BYTES` (32 MiB; their parsed form about as much again while
-they are read): 60 + 70 + 64 = 194 MiB, with room for the allocator's slack. The figures:
-``benchmarks/serving_router_memory.py`` in docs/benchmarks.md.
+at 58 MiB RSS (Python, aiohttp, the Kubernetes client). A stream in flight costs about
+35 KiB once open (its two connections, client and replica, and its compacted request) and
+its resume state as it runs (:class:`~cheapspot_operator.router.routing.StreamState`): 4
+bytes a token of prompt and answer (``array('i')``) and at most 8 KiB of text; for an 8k
+context, about 75 KiB, so 1,024 streams take about 75 MiB. Request bodies held whole (while
+they wait for a replica, and for the whole of a request that is not a resumable stream,
+which may be retried) are bounded by :data:`MAX_BUFFERED_BYTES` (32 MiB; their parsed form
+about as much again while they are read): 58 + 75 + 64 = 197 MiB, with room for the
+allocator's slack. Measured: 1,000 streams of 4,096 tokens peak at 121 MiB
+(``benchmarks/serving_router_memory.py``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
