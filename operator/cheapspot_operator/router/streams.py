@@ -39,7 +39,8 @@ async def relay_stream(
 ) -> web.StreamResponse:
     """A resumable stream: token ids tracked, continued elsewhere when cut. ``state`` holds
     the only reference to the request's body, which ``hold`` counts until the stream has cut
-    it down (:meth:`StreamState.compact`). May raise :class:`~cheapspot_operator.router.replicas.QueueFull` before any byte."""
+    it down (:meth:`StreamState.compact`). May raise
+    :class:`~cheapspot_operator.router.replicas.QueueFull` before any byte."""
     deadline = time.monotonic() + client.max_queue_seconds
     tried: set[str] = set()
     response: web.StreamResponse | None = None
