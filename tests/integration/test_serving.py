@@ -31,7 +31,7 @@ import pytest
 
 from cheapspot.contract import ExitCode, ServeTask
 from cheapspot_localcluster.s3 import S3Endpoint
-from cheapspot_operator.router import routing, streams
+from cheapspot_operator.router import limits, routing, streams
 from cheapspot_operator.router.routing import Replica, StreamState
 from cheapspot_operator.router.server import Router
 from cheapspot_worker.serve_testing import ServeReplica, free_port, http_json, publish_dir
@@ -534,6 +534,55 @@ def test_router_retries_a_dead_replica_and_queues_when_busy(
     code, doc = http_json("POST", empty.url + "/v1/completions", {"model": "qa", "prompt": "x"})
     assert code == 503 and "maxQueueSeconds" in doc["error"]["message"]
     assert time.monotonic() - started < 10
+
+
+def test_the_routers_bounds_answer_like_openai_and_a_stream_lets_go_of_its_request(
+    replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
+) -> None:
+    """The router's memory bounds with a real replica and OpenAI's client. A chat stream
+    held part-way (its replica frozen) holds no request body (vLLM's first chunk brought the
+    prompt's token ids, the messages are dropped); the router is at maxConcurrentRequests 1,
+    so a second request is a RateLimitError with Retry-After; thawed, the stream ends as the
+    replica's own answer. A body over maxRequestBytes is a 413 naming the setting."""
+    import openai
+
+    replica = replicas[0]
+    rt = router_for(
+        [_replica(replica)],
+        bounds=limits.Limits(max_request_bytes=16 * 1024, max_concurrent_requests=1),
+    )
+    client = _client(rt.url)
+    ask: dict[str, Any] = {
+        "model": "qa",
+        "messages": [{"role": "user", "content": PROMPTS[0] + " " + "and the sea " * 30}],
+        "max_tokens": 60,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    direct = _client(replica.url).chat.completions.create(**ask).choices[0].message.content
+
+    def chat_stream(into: list[str]) -> None:
+        for chunk in client.chat.completions.create(stream=True, **ask):
+            into.extend(c.delta.content or "" for c in chunk.choices)
+
+    with ThreadPoolExecutor(1) as pool:
+        deadline = time.monotonic() + 300
+        futures, got = _held_under_way(pool, [chat_stream], [direct or ""], replica, deadline)
+        try:
+            _, status = http_json("GET", rt.url + "/cheapspot/router")
+            with pytest.raises(openai.RateLimitError) as busy:
+                client.completions.create(model="qa", prompt="x", max_tokens=2)
+        finally:
+            replica.thaw()
+        futures[0].result(timeout=300)
+    assert (status["active"], status["buffered_bytes"]) == (1, 0), status
+    assert busy.value.response.headers["retry-after"] == str(limits.RETRY_AFTER_SECONDS)
+    assert "router.maxConcurrentRequests" in busy.value.message
+    assert "".join(got[0]) == direct
+    with pytest.raises(openai.APIStatusError) as large:
+        client.completions.create(model="qa", prompt="sky " * 5000, max_tokens=2)
+    assert large.value.status_code == 413 and "router.maxRequestBytes" in large.value.message
+    assert rt.router.stats["overloaded"] == 1 and rt.router.buffered.held == 0
 
 
 class CutProxy:

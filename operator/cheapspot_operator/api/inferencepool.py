@@ -115,6 +115,50 @@ class RouterSpec(SpecModel):
             "own streams cannot be resumed by another router.",
         ),
     ] = 600
+    max_request_bytes: Annotated[
+        int,
+        Field(
+            alias="maxRequestBytes",
+            ge=1024,
+            le=2**30,
+            description="The largest request body a router takes (bytes); larger gets a 413. "
+            "The default 2 MiB holds a 128k-token prompt as text or token ids.",
+        ),
+    ] = 2 * 1024 * 1024
+    max_concurrent_requests: Annotated[
+        int,
+        Field(
+            alias="maxConcurrentRequests",
+            ge=1,
+            le=1_000_000,
+            description="Client requests one router carries at once, streams until their last "
+            "byte; more get a 429 with Retry-After. The default 1024 fits the default memory "
+            "(about 75 KiB a stream of an 8k context, with its resume state).",
+        ),
+    ] = 1024
+    max_queued_requests: Annotated[
+        int,
+        Field(
+            alias="maxQueuedRequests",
+            ge=0,
+            le=1_000_000,
+            description="Requests one router lets wait for a free replica (every replica at "
+            "its capacity, or none ready); a request that would wait behind more gets a 503 "
+            "with Retry-After. Retries and resumes of requests already under way always wait.",
+        ),
+    ] = 256
+    max_buffered_bytes: Annotated[
+        int,
+        Field(
+            alias="maxBufferedBytes",
+            ge=1024,
+            le=2**40,
+            description="Bytes of request bodies one router holds whole at once (a request's "
+            "while it waits, a non-streamed one's until it is answered, for a retry); a "
+            "request that would pass it gets a 503 with Retry-After. At least "
+            "maxRequestBytes. Raise it with memory.",
+        ),
+    ] = 32 * 1024 * 1024
     cpu: Annotated[
         str, Field(pattern=QUANTITY_PATTERN, max_length=32, description="CPU request per router.")
     ] = "500m"
@@ -122,6 +166,29 @@ class RouterSpec(SpecModel):
         str,
         Field(pattern=QUANTITY_PATTERN, max_length=32, description="Memory request per router."),
     ] = "256Mi"
+
+    @model_validator(mode="after")
+    def _body_fits_buffer(self) -> RouterSpec:
+        # The CRD's CEL rule says the same.
+        if self.max_buffered_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"router.maxBufferedBytes ({self.max_buffered_bytes}) must be at least "
+                f"router.maxRequestBytes ({self.max_request_bytes})"
+            )
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.maxBufferedBytes) || !has(self.maxRequestBytes) "
+                    "|| self.maxBufferedBytes >= self.maxRequestBytes",
+                    "maxBufferedBytes must be at least maxRequestBytes",
+                    field_path=".maxBufferedBytes",
+                ),
+            ]
+        }
+    )
 
 
 class InferencePoolSpec(SpecModel):

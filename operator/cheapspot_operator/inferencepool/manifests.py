@@ -220,6 +220,14 @@ def build_router_deployment(
             f"{router.first_token_seconds:g}",
             "--stall-seconds",
             f"{router.stall_seconds:g}",
+            "--max-request-bytes",
+            str(router.max_request_bytes),
+            "--max-concurrent-requests",
+            str(router.max_concurrent_requests),
+            "--max-queued-requests",
+            str(router.max_queued_requests),
+            "--max-buffered-bytes",
+            str(router.max_buffered_bytes),
             # On SIGTERM: not Ready at once, then the requests in flight finish, within the
             # grace period less the time to exit.
             "--drain-seconds",

@@ -21,7 +21,7 @@ from typing import Any
 from kubernetes import client, watch
 
 from cheapspot.contract import SERVE_PORT
-from cheapspot_operator.router import routing
+from cheapspot_operator.router import limits, routing
 from cheapspot_operator.router.routing import Load, Replica
 from cheapspot_operator.runtime.kubeapi import api_client
 
@@ -37,10 +37,21 @@ LIST_TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds for the pod list: a hung API server must not hang the watch."""
 
 
+class QueueFull(Exception):  # noqa: N818 (a refusal, answered to the client)
+    """A new request found every replica busy and the queue full."""
+
+    def __init__(self, refusal: limits.Overload) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
 class ReplicaSet:
-    def __init__(self, capacity: int = 32) -> None:
+    def __init__(self, capacity: int = 32, bounds: limits.Limits | None = None) -> None:
         self.capacity = capacity
         """Requests in flight one replica takes before another request waits."""
+        self.limits = bounds or limits.Limits()
+        self.waiting = 0
+        """Requests waiting in :meth:`acquire` for a replica."""
         self.by_name: dict[str, Replica] = {}
         self.load = Load()
         self.cooling: dict[str, float] = {}
@@ -76,33 +87,52 @@ class ReplicaSet:
             self.load.in_flight[name] = max(0, self.load.in_flight.get(name, 0) - 1)
             self._changed.notify_all()
 
-    async def acquire(self, model: str, exclude: set[str], deadline: float) -> Replica | None:
+    async def acquire(
+        self, model: str, exclude: set[str], deadline: float, *, queue: bool = False
+    ) -> Replica | None:
         """A replica for the request, counted in flight; waits while all are busy or none
-        is ready, until ``deadline``."""
-        async with self._changed:
-            while True:
-                now = time.monotonic()
-                avoid = exclude | self.stalled | {n for n, t in self.cooling.items() if t > now}
-                chosen = self._choose(model, avoid)
-                if chosen is None and not any(
-                    r.usable and r.name not in avoid for r in self.by_name.values()
-                ):
-                    # Every usable replica failed this request or just failed another one:
-                    # better to try one of those again than to wait for nothing. Not a
-                    # stalled one: it would hold the request a first-token bound for
-                    # nothing; waiting for it to answer again (or another) is better.
-                    for fallback in (exclude | self.stalled, self.stalled):
-                        chosen = self._choose(model, fallback)
-                        if chosen is not None:
-                            break
+        is ready, until ``deadline``. ``queue``: a new request, which raises
+        :class:`QueueFull` rather than wait behind ``maxQueuedRequests`` others; a retry or
+        a resume (a request the router has taken on) always waits its turn."""
+        waiting = False
+        try:
+            async with self._changed:
+                while True:
+                    chosen = self._pick(model, exclude)
+                    if chosen is not None:
+                        self.load.take(chosen.name)
+                        return chosen
+                    if not waiting:
+                        full = limits.queue_full(self.limits, self.waiting) if queue else None
+                        if full is not None:
+                            raise QueueFull(full)
+                        waiting = True
+                        self.waiting += 1
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+        finally:
+            if waiting:
+                self.waiting -= 1
+
+    def _pick(self, model: str, exclude: set[str]) -> Replica | None:
+        now = time.monotonic()
+        avoid = exclude | self.stalled | {n for n, t in self.cooling.items() if t > now}
+        chosen = self._choose(model, avoid)
+        if chosen is None and not any(
+            r.usable and r.name not in avoid for r in self.by_name.values()
+        ):
+            # Every usable replica failed this request or just failed another one: better
+            # to try one of those again than to wait for nothing. Not a stalled one: it
+            # would hold the request a first-token bound for nothing; waiting for it to
+            # answer again (or another) is better.
+            for fallback in (exclude | self.stalled, self.stalled):
+                chosen = self._choose(model, fallback)
                 if chosen is not None:
-                    self.load.take(chosen.name)
-                    return chosen
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+                    break
+        return chosen
 
     def answered(self, name: str, model: str, status: int) -> None:
         """Replica ``name`` answered a request for ``model`` with ``status`` (its headers):

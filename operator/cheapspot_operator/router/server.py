@@ -2,6 +2,8 @@
 
     cheapspot router --pool NAME [--namespace NS] [--port 8080] [--max-queue-seconds 30]
                      [--first-token-seconds 60] [--stall-seconds 20] [--capacity 32] [--drain-seconds 30] [--drain-linger-seconds 3]
+                     [--max-request-bytes 2097152] [--max-concurrent-requests 1024]
+                     [--max-queued-requests 256] [--max-buffered-bytes 33554432]
                      [--kubeconfig FILE]
     cheapspot router --replica http://HOST:PORT ...     (fixed replicas, no Kubernetes)
 
@@ -11,7 +13,8 @@ pod IP (:func:`cheapspot_operator.router.routing.choose`): ready, not draining, 
 requests in flight, ties to the one chosen longest ago (the adapter decides first only where
 a replica answered 404 for it lately, e.g. one still loading it). When every
 replica is at ``--capacity`` requests in flight, or none is ready, the request waits (up to
-``--max-queue-seconds``) instead of failing. A request that fails before its first byte
+``--max-queue-seconds``) instead of failing, unless ``--max-queued-requests`` others wait
+already. A request that fails before its first byte
 reaches the client is retried on another replica; a stream cut mid-way continues on another
 replica from the tokens already sent (:mod:`cheapspot_operator.router.routing`).
 
@@ -20,6 +23,11 @@ not Ready at once, so the Service stops sending it requests, keeps serving for
 ``--drain-linger-seconds`` (endpoints take a moment to drop it) and until the requests in
 flight have finished, at most ``--drain-seconds``, then exits: a rolling update of the router,
 or its node drained, cuts no answer.
+
+Its memory is bounded (:mod:`cheapspot_operator.router.limits`): a body over
+``--max-request-bytes`` gets a 413, a request past ``--max-concurrent-requests`` a 429, one
+that would wait behind ``--max-queued-requests`` others or hold more than
+``--max-buffered-bytes`` of bodies a 503, the last two with ``Retry-After``.
 
 Here: the endpoints, readiness, draining and the command line. Which replica takes a request
 and where the replicas come from: :mod:`cheapspot_operator.router.replicas`; sending the
@@ -46,10 +54,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
-from cheapspot_operator.router import routing, validation
+from cheapspot_operator.router import limits, routing, validation
 from cheapspot_operator.router.relay import Relay
-from cheapspot_operator.router.replicas import ReplicaSet, fixed_replicas, watch_pods
-from cheapspot_operator.router.upstream import FIRST_TOKEN_SECONDS, STALL_SECONDS
+from cheapspot_operator.router.replicas import QueueFull, ReplicaSet, fixed_replicas, watch_pods
+from cheapspot_operator.router.routing import StreamState
+from cheapspot_operator.router.upstream import FIRST_TOKEN_SECONDS, STALL_SECONDS, refused
 
 log = logging.getLogger("cheapspot.router")
 
@@ -68,8 +77,11 @@ class Router:
         max_queue_seconds: float = 30.0,
         first_token_seconds: float = FIRST_TOKEN_SECONDS,
         stall_seconds: float = STALL_SECONDS,
+        bounds: limits.Limits | None = None,
     ) -> None:
-        self.replicas = ReplicaSet(capacity)
+        self.limits = bounds or limits.Limits()
+        self.buffered = limits.Buffered(self.limits)
+        self.replicas = ReplicaSet(capacity, self.limits)
         self.relay = Relay(
             self.replicas,
             max_queue_seconds=max_queue_seconds,
@@ -111,14 +123,25 @@ class Router:
             return await handler(request)
         self.active += 1
         try:
+            busy = limits.busy(self.limits, self.active)
+            if busy is not None:
+                return self.refuse(busy)
             return await handler(request)
         finally:
             self.active -= 1
 
+    def refuse(self, refusal: validation.Refusal) -> web.Response:
+        """A request refused by the router itself (OpenAI's error format); a refusal for
+        load says when to try again."""
+        self.stats["overloaded" if isinstance(refusal, limits.Overload) else "refused"] += 1
+        return refused(refusal)
+
     # -- HTTP ----------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._count])
+        app = web.Application(
+            client_max_size=self.limits.max_request_bytes, middlewares=[self._count]
+        )
         for path in routing.FORWARDED_POSTS:
             app.router.add_post(path, self.handle_post)
         for path in routing.FORWARDED_GETS:
@@ -152,19 +175,64 @@ class Router:
         return web.json_response({"ready": True, "replicas": len(self.replicas.by_name)})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response({"replicas": self.replicas.describe(), **self.stats})
+        return web.json_response(
+            {
+                "replicas": self.replicas.describe(),
+                **self.stats,
+                "active": self.active,
+                "waiting": self.replicas.waiting,
+                "buffered_bytes": self.buffered.held,
+            }
+        )
 
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        body = validation.read_request(request.path, raw)
-        if isinstance(body, validation.Refusal):
-            self.stats["refused"] += 1
-            return web.json_response(body.error(), status=body.status)
-        self.stats["requests"] += 1
-        model = str(body.get("model") or "")
-        if routing.resumable(body):
-            return await self.relay.stream(request, body, model)
-        return await self.relay.once(request, raw, body, model)
+        """A client's POST: its body read within the bounds, checked, and relayed. The body
+        is held whole (and counted in :attr:`buffered`) only as long as it is needed: a
+        resumable stream keeps what a continuation needs once its replica has sent the
+        prompt's token ids; another request keeps the bytes it may be sent again with."""
+        refusal = limits.too_large(self.limits, request.content_length or 0)
+        if refusal is not None:
+            return self.refuse(refusal)
+        length = request.content_length
+        hold = self.buffered.take(self.limits.max_request_bytes if length is None else length)
+        if isinstance(hold, limits.Overload):
+            return self.refuse(hold)
+        try:
+            raw = await read_body(request, self.limits.max_request_bytes)
+            if raw is None:
+                return self.refuse(limits.body_too_large(self.limits))
+            hold.resize(len(raw))
+            body = validation.read_request(request.path, raw)
+            if isinstance(body, validation.Refusal):
+                return self.refuse(body)
+            self.stats["requests"] += 1
+            model = str(body.get("model") or "")
+            if routing.resumable(body):
+                # The stream's state holds the only reference to the body from here on.
+                state = StreamState(request.path, body, prompt_ids=routing.prompt_ids(body))
+                del raw, body
+                return await self.relay.stream(request, state, model, hold)
+            streamed = bool(body.get("stream"))
+            del body
+            return await self.relay.once(request, raw, model, streamed=streamed)
+        except QueueFull as full:
+            return self.refuse(full.refusal)
+        finally:
+            hold.release()
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """The request's body, or None once it is over ``limit`` bytes (the rest unread).
+    Read here rather than by ``request.read()``, which keeps a copy on the request for as
+    long as it lives (a stream's whole length)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -217,8 +285,43 @@ def parser() -> argparse.ArgumentParser:
         help="on SIGTERM: keep accepting requests at least this long, while the Service's "
         "endpoints drop this pod",
     )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=limits.MAX_REQUEST_BYTES,
+        help="a request body's limit in bytes: larger gets a 413",
+    )
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=limits.MAX_CONCURRENT_REQUESTS,
+        help="client requests this router carries at once (streams until their last byte): "
+        "more get a 429 with Retry-After",
+    )
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=limits.MAX_QUEUED_REQUESTS,
+        help="requests that may wait for a free replica: more get a 503 with Retry-After",
+    )
+    p.add_argument(
+        "--max-buffered-bytes",
+        type=int,
+        default=limits.MAX_BUFFERED_BYTES,
+        help="bytes of request bodies this router holds whole at once (while they wait, or "
+        "for a retry): a request that would pass it gets a 503 with Retry-After",
+    )
     p.add_argument("--kubeconfig", default=None)
     return p
+
+
+def bounds_from(args: argparse.Namespace) -> limits.Limits:
+    return limits.Limits(
+        max_request_bytes=args.max_request_bytes,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_queued_requests=args.max_queued_requests,
+        max_buffered_bytes=args.max_buffered_bytes,
+    )
 
 
 def _namespace(given: str | None) -> str:
@@ -243,6 +346,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         max_queue_seconds=args.max_queue_seconds,
         first_token_seconds=args.first_token_seconds,
         stall_seconds=args.stall_seconds,
+        bounds=bounds_from(args),
     )
     runner = web.AppRunner(router.app(), access_log=None)
     await runner.setup()
@@ -283,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(list(argv or []))
     if not args.replica and not args.pool:
         parser().error("give --pool (watch its pods) or --replica URL")
+    try:
+        bounds_from(args)
+    except ValueError as exc:
+        parser().error(str(exc))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
