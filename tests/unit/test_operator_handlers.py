@@ -417,7 +417,7 @@ def test_a_slow_store_does_not_hold_up_a_reconciliation() -> None:
         time.sleep(2.0)
         return {}
 
-    cache = ProgressCache(slow, ttl=1.0, first_wait=0.2)
+    cache = ProgressCache(slow, min_gap=1.0, first_wait=0.2)
     started = time.monotonic()
     assert cache.get("uid", "s3://b/p/", 1) is None
     assert time.monotonic() - started < 1.0
