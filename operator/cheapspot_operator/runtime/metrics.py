@@ -71,6 +71,10 @@ STORE_REQUESTS = Counter(
     "S3 operation.",
     ["operation"],
 )
+PROGRESS_READS = Counter(
+    "cheapspot_progress_reads_total",
+    "Reads of one job's progress records (one GET per slot: anchor, shards, generators).",
+)
 RECONCILE_ERRORS = Counter("cheapspot_reconcile_errors_total", "Reconciliations that raised.")
 JOBS = Gauge("cheapspot_jobs", "CheapTrainJobs known to this operator, by phase.", ["phase"])
 JOB_COST = Gauge(

@@ -182,6 +182,7 @@ class ProgressCache:
             self.reads.pop(uid, None)
 
     def _refresh(self, uid: str, output_uri: str, shards: int, generators: int) -> None:
+        metrics.PROGRESS_READS.inc()
         try:
             records = self.reader(output_uri, shards, generators)
         except Exception as exc:  # the store being down must not stop pod handling
