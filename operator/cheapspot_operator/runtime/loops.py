@@ -28,6 +28,8 @@ log = logging.getLogger("cheapspot.operator")
 
 POD_RESYNC_SECONDS = 300.0
 """How often the watched pods of a namespace are LISTed again (see :mod:`watchcache`)."""
+POD_SETTLE_SECONDS = 0.5
+"""A pod event wakes its job this long after it (:meth:`Loops.poke_soon`)."""
 
 
 class Reconciles(Protocol):
@@ -71,6 +73,8 @@ class Loops:
     """Each watched pod's node."""
     on_node: dict[str, dict[Key, Key]] = field(default_factory=dict)
     """node -> {pod: the object (job or pool) it belongs to}."""
+    soon: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)
+    """Pokes due in a moment (:meth:`poke_soon`)."""
     poked_at: dict[Key, float] = field(default_factory=dict)
     """When each object's pending wake-up came first (monotonic): its pass's queued time."""
 
@@ -87,6 +91,19 @@ class Loops:
             if not event.is_set():
                 self.poked_at[key] = time.monotonic()
             event.set()
+
+    def poke_soon(self, key: Key, delay: float = POD_SETTLE_SECONDS) -> None:
+        """Poke ``key`` in ``delay`` seconds, once however many times this is called
+        meanwhile: the events of one pod's start (created, bound, running) or end make one
+        pass, not three (each a status write)."""
+        if key in self.soon:
+            return
+        loop = asyncio.get_running_loop()
+        self.soon[key] = loop.call_later(delay, self._poke_now, key)
+
+    def _poke_now(self, key: Key) -> None:
+        self.soon.pop(key, None)
+        self.poke(key)
 
     def place(self, event_type: str | None, pod: Mapping[str, Any], owner: Key) -> None:
         """A pod watch event: remember the node the pod is bound to (none once deleted)."""
@@ -134,6 +151,9 @@ class Loops:
         task = self.tasks.pop(key, None)
         self.pokes.pop(key, None)
         self.poked_at.pop(key, None)
+        handle = self.soon.pop(key, None)
+        if handle is not None:
+            handle.cancel()
         if task is not None:
             task.cancel()
 

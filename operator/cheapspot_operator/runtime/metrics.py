@@ -71,6 +71,18 @@ STORE_REQUESTS = Counter(
     "S3 operation.",
     ["operation"],
 )
+KUBE_REQUESTS = Counter(
+    "cheapspot_kube_requests_total",
+    "Requests the operator's reconcilers sent to the API server (kopf's watches aside), by "
+    "verb (LIST for a collection GET) and resource, as apiserver_request_total names them.",
+    ["verb", "resource"],
+)
+
+
+def count_kube_request(verb: str, resource: str) -> None:
+    KUBE_REQUESTS.labels(verb=verb, resource=resource).inc()
+
+
 PROGRESS_READS = Counter(
     "cheapspot_progress_reads_total",
     "Reads of one job's progress records (one GET per slot: anchor, shards, generators).",

@@ -167,13 +167,17 @@ class ObjectReconciler(ABC, Generic[A]):
         if nodes:
             self.nodes.watch()
 
-    def observe_object(self, event_type: str | None, obj: Mapping[str, Any]) -> None:
+    def observe_object(self, event_type: str | None, obj: Mapping[str, Any]) -> bool:
+        """A watch event of the kind; whether it is news (not our own write coming back)."""
         if self.objects is not None:
-            self.objects.observe(event_type, obj)
+            return self.objects.observe(event_type, obj)
+        return True
 
-    def observe_pod(self, event_type: str | None, pod: Mapping[str, Any]) -> None:
+    def observe_pod(self, event_type: str | None, pod: Mapping[str, Any]) -> bool:
+        """A watch event of one of the kind's pods; whether it is news."""
         if self.objects is not None:
-            self.pods.observe(event_type, pod)
+            return self.pods.observe(event_type, pod)
+        return True
 
     def get_object(self, namespace: str, name: str) -> dict[str, Any] | None:
         if self.objects is not None:
