@@ -417,7 +417,7 @@ def test_a_slow_store_does_not_hold_up_a_reconciliation() -> None:
         time.sleep(2.0)
         return {}
 
-    cache = ProgressCache(slow, ttl=1.0, first_wait=0.2)
+    cache = ProgressCache(slow, min_gap=1.0, first_wait=0.2)
     started = time.monotonic()
     assert cache.get("uid", "s3://b/p/", 1) is None
     assert time.monotonic() - started < 1.0
@@ -672,3 +672,14 @@ def test_a_replica_deleted_by_the_cluster_is_replaced_from_the_watch_event() -> 
     r.reconcile("ns", "qa")
     assert f"{PODS}/qa-replica-1-1" in api.objects
     assert PODS not in api.lists
+
+
+def test_planning_is_timed_on_every_pass_and_writing_only_when_a_pass_writes() -> None:
+    _api, r = _world(shards=2)
+    stage = "cheapspot_reconcile_stage_seconds_count"
+    for _ in range(4):
+        planning, writing = _sample(stage, stage="planning"), _sample(stage, stage="writing")
+        actions = r.reconcile("ns", "qa-lora")
+        assert _sample(stage, stage="planning") == planning + 1
+        assert _sample(stage, stage="writing") == writing + (1 if actions else 0)
+    assert not actions  # the last passes had nothing to write

@@ -4,7 +4,9 @@
 What only training needs, beyond the shared observe-plan-act pass:
 
 * **Progress**: the workers' progress records, read from the object store in the background
-  (:class:`trainjob.progress.ProgressCache`): a slow store never delays a reclaim.
+  (:class:`trainjob.progress.ProgressCache`): a slow store never delays a reclaim. Read again
+  when the job's pods change or its checkpoint interval passes (:mod:`trainjob.freshness`),
+  not on every pass.
 * **The output prefix** is claimed for the job once per operator process
   (:func:`trainjob.progress.store_output_claims`).
 * **Errors**: an invalid spec (which the CRD's schema normally stops), a ``file://`` URI in a
@@ -36,6 +38,11 @@ from cheapspot_operator.runtime.kubeapi import KubeApi
 from cheapspot_operator.runtime.nodelist import SharedNodeList
 from cheapspot_operator.runtime.reconciler import ObjectReconciler, validation_message
 from cheapspot_operator.trainjob.actions import Action
+from cheapspot_operator.trainjob.freshness import (
+    MIN_GAP_SECONDS,
+    pods_fingerprint,
+    read_interval,
+)
 from cheapspot_operator.trainjob.manifests import (
     JobInfo,
     build_anchor_pod,
@@ -74,7 +81,7 @@ class Reconciler(ObjectReconciler[Action]):
         config: OperatorConfig,
         progress_reader: ProgressReader | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        progress_ttl_seconds: float = 1.0,
+        progress_min_gap_seconds: float = MIN_GAP_SECONDS,
         *,
         output_claims: OutputClaims | None = None,
         quotes: Callable[[], Mapping[PriceKey, Quote]] = dict,
@@ -82,7 +89,7 @@ class Reconciler(ObjectReconciler[Action]):
     ) -> None:
         super().__init__(api, config, clock=clock, quotes=quotes, nodes=nodes)
         stores = StoreProgressReader()
-        self.progress = ProgressCache(progress_reader or stores, progress_ttl_seconds)
+        self.progress = ProgressCache(progress_reader or stores, progress_min_gap_seconds)
         self.claims = output_claims or store_output_claims(stores)
         self.claimed: set[str] = set()
         """UIDs of jobs whose output prefix is theirs (checked once per operator process)."""
@@ -135,7 +142,14 @@ class Reconciler(ObjectReconciler[Action]):
         gens = (
             spec.shards if generates(spec) and (generating(status) or not status.generators) else 0
         )
-        progress = self.progress.get(meta["uid"], spec.output.uri, spec.shards, gens)
+        progress = self.progress.get(
+            meta["uid"],
+            spec.output.uri,
+            spec.shards,
+            gens,
+            pods=pods_fingerprint(pods),
+            interval=read_interval(spec, status),
+        )
         slots = [*([status.anchor] if status.anchor else []), *status.shards, *status.generators]
         observed = Observed(
             job=ObjectView.of(job, status),
