@@ -2,7 +2,7 @@
 
     cheapspot router --pool NAME [--namespace NS] [--port 8080] [--max-queue-seconds 30]
                      [--first-token-seconds 60] [--stall-seconds 20] [--capacity 32] [--drain-seconds 30] [--drain-linger-seconds 3]
-                     [--kubeconfig FILE]
+                     [--api-keys FILE] [--kubeconfig FILE]
     cheapspot router --replica http://HOST:PORT ...     (fixed replicas, no Kubernetes)
 
 It watches the pool's replica pods (labels ``cheapspot.dev/pool=NAME``,
@@ -14,6 +14,11 @@ replica is at ``--capacity`` requests in flight, or none is ready, the request w
 ``--max-queue-seconds``) instead of failing. A request that fails before its first byte
 reaches the client is retried on another replica; a stream cut mid-way continues on another
 replica from the tokens already sent (:mod:`cheapspot_operator.router.routing`).
+
+With ``--api-keys`` every client request needs one of the pool's keys
+(``Authorization: Bearer``): 401 without or with an unknown one, 403 for a model its key may
+not use, both in OpenAI's error shape (:mod:`cheapspot_operator.router.keys`); the file is
+read again when it changes. vLLM's runtime adapter endpoints are never forwarded.
 
 It is Ready (``/readyz``) once it has listed the pool's replica pods. On SIGTERM it turns
 not Ready at once, so the Service stops sending it requests, keeps serving for
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -46,7 +52,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
-from cheapspot_operator.router import routing, validation
+from cheapspot_operator.router import keys, routing, validation
 from cheapspot_operator.router.relay import Relay
 from cheapspot_operator.router.replicas import ReplicaSet, fixed_replicas, watch_pods
 from cheapspot_operator.router.upstream import FIRST_TOKEN_SECONDS, STALL_SECONDS
@@ -54,7 +60,47 @@ from cheapspot_operator.router.upstream import FIRST_TOKEN_SECONDS, STALL_SECOND
 log = logging.getLogger("cheapspot.router")
 
 OWN_PATHS = frozenset({"/healthz", ROUTER_READY_PATH, "/cheapspot/router"})
-"""The router's own endpoints: not client requests, not waited for when draining."""
+"""The router's own endpoints: not client requests, not waited for when draining, never
+asked for a key."""
+API_KEYS_ENV = "CHEAPSPOT_API_KEYS_FILE"
+KEYS_CHECK_SECONDS = 2.0
+"""How often the keys file is looked at for changes (a Secret edit reaches a mounted file
+within the kubelet's sync period, about a minute; the router follows within this)."""
+
+
+class KeyFile:
+    """The pool's API keys from a file, read again when it changes (its inode, size or
+    modification time: kubelet swaps a mounted Secret's files atomically). A change that does
+    not parse keeps the keys before it, and says why in the log."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen = self._stamp()
+        self.ring = keys.parse_keys(self._read(), path)
+        self.checked = time.monotonic()
+
+    def _stamp(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _read(self) -> str:
+        with open(self.path, encoding="utf-8") as f:
+            return f.read()
+
+    def current(self) -> keys.KeyRing:
+        now = time.monotonic()
+        if now - self.checked < KEYS_CHECK_SECONDS:
+            return self.ring
+        self.checked = now
+        try:
+            stamp = self._stamp()
+            if stamp != self.seen:
+                self.ring = keys.parse_keys(self._read(), self.path)
+                self.seen = stamp
+                log.info("API keys reloaded from %s: %d keys", self.path, len(self.ring))
+        except (OSError, ValueError) as exc:
+            log.error("API keys not reloaded, the %d before stay: %s", len(self.ring), exc)
+        return self.ring
 
 
 class Router:
@@ -68,7 +114,10 @@ class Router:
         max_queue_seconds: float = 30.0,
         first_token_seconds: float = FIRST_TOKEN_SECONDS,
         stall_seconds: float = STALL_SECONDS,
+        api_keys: KeyFile | None = None,
     ) -> None:
+        self.api_keys = api_keys
+        """Client authentication; None: every request is taken."""
         self.replicas = ReplicaSet(capacity)
         self.relay = Relay(
             self.replicas,
@@ -109,6 +158,18 @@ class Router:
     ) -> web.StreamResponse:
         if request.path in OWN_PATHS:
             return await handler(request)
+        if self.api_keys is not None:
+            key = keys.authenticate(
+                self.api_keys.current(), request.headers.get("Authorization", "")
+            )
+            if isinstance(key, keys.Denied):
+                self.stats["refused"] += 1
+                return web.json_response(
+                    key.error(),
+                    status=key.status,
+                    headers={"WWW-Authenticate": 'Bearer realm="cheapspot"'},
+                )
+            request["api_key"] = key
         self.active += 1
         try:
             return await handler(request)
@@ -122,7 +183,7 @@ class Router:
         for path in routing.FORWARDED_POSTS:
             app.router.add_post(path, self.handle_post)
         for path in routing.FORWARDED_GETS:
-            app.router.add_get(path, self.relay.get)
+            app.router.add_get(path, self.handle_get)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get(ROUTER_READY_PATH, self.readyz)
         app.router.add_get("/cheapspot/router", self.status)
@@ -154,14 +215,30 @@ class Router:
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response({"replicas": self.replicas.describe(), **self.stats})
 
+    async def handle_get(self, request: web.Request) -> web.Response:
+        """A GET for a replica; the model list shows only what the client's key may use."""
+        response = await self.relay.get(request)
+        key: keys.ApiKey | None = request.get("api_key")
+        if key is None or key.models is None or response.status != 200 or response.body is None:
+            return response
+        with contextlib.suppress(ValueError, TypeError):
+            doc = keys.visible_models(json.loads(bytes(response.body)), key)  # type: ignore[arg-type]
+            return web.json_response(doc, status=200)
+        return response
+
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         body = validation.read_request(request.path, raw)
         if isinstance(body, validation.Refusal):
             self.stats["refused"] += 1
             return web.json_response(body.error(), status=body.status)
-        self.stats["requests"] += 1
         model = str(body.get("model") or "")
+        key: keys.ApiKey | None = request.get("api_key")
+        denied = keys.authorize(key, model) if key is not None else None
+        if denied is not None:
+            self.stats["refused"] += 1
+            return web.json_response(denied.error(), status=denied.status)
+        self.stats["requests"] += 1
         if routing.resumable(body):
             return await self.relay.stream(request, body, model)
         return await self.relay.once(request, raw, body, model)
@@ -217,6 +294,12 @@ def parser() -> argparse.ArgumentParser:
         help="on SIGTERM: keep accepting requests at least this long, while the Service's "
         "endpoints drop this pod",
     )
+    p.add_argument(
+        "--api-keys",
+        default=os.environ.get(API_KEYS_ENV) or None,
+        help="a YAML file of client API keys (keys: [{name, key, models}]), read again when "
+        f"it changes; default ${API_KEYS_ENV}; none: every request is taken",
+    )
     p.add_argument("--kubeconfig", default=None)
     return p
 
@@ -243,6 +326,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         max_queue_seconds=args.max_queue_seconds,
         first_token_seconds=args.first_token_seconds,
         stall_seconds=args.stall_seconds,
+        api_keys=KeyFile(args.api_keys) if args.api_keys else None,
     )
     runner = web.AppRunner(router.app(), access_log=None)
     await runner.setup()
@@ -283,6 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(list(argv or []))
     if not args.replica and not args.pool:
         parser().error("give --pool (watch its pods) or --replica URL")
+    if args.api_keys:
+        try:
+            KeyFile(args.api_keys)
+        except (OSError, ValueError) as exc:
+            parser().error(f"--api-keys: {exc}")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
