@@ -3,6 +3,8 @@ router's API keys, the replicas' admin token and NetworkPolicy."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cheapspot.contract import ADMIN_PORT, ADMIN_TOKEN_ENV, SERVE_PORT
@@ -19,7 +21,7 @@ from cheapspot_operator.inferencepool.manifests import (
 )
 from cheapspot_operator.inferencepool.tokens import derive_token
 from cheapspot_operator.planning.uris import refused_uris, under
-from cheapspot_operator.router import keys
+from cheapspot_operator.router import keys, server
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.testing.pool import make_pool
 
@@ -231,3 +233,29 @@ def test_the_router_mounts_the_pools_api_keys_only_when_it_has_them() -> None:
     assert env[API_KEYS_ENV] == mount["mountPath"] + "/keys.yaml" and mount["readOnly"]
     # naming another Secret rolls the routers out (the template's hash changes)
     assert built["metadata"]["annotations"] != router(POOL)["metadata"]["annotations"]  # type: ignore[index]
+
+
+def test_the_keys_file_is_read_again_when_it_changes_and_a_bad_edit_keeps_the_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "KEYS_CHECK_SECONDS", 0.0)
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys: [{name: a, key: sk-a-0123456789abcdef}]\n")
+    keyfile = server.KeyFile(str(path))
+    assert isinstance(
+        keys.authenticate(keyfile.current(), "Bearer sk-a-0123456789abcdef"), keys.ApiKey
+    )
+    # a different size too: a coarse file clock cannot hide the change
+    path.write_text("keys: [{name: bb, key: sk-b-0123456789abcdef}]\n")
+    ring = keyfile.current()
+    assert isinstance(keys.authenticate(ring, "Bearer sk-b-0123456789abcdef"), keys.ApiKey)
+    assert isinstance(keys.authenticate(ring, "Bearer sk-a-0123456789abcdef"), keys.Denied)
+    path.write_text("keys: [{name: c, key: short}]\n")  # refused: b's key stays
+    assert isinstance(
+        keys.authenticate(keyfile.current(), "Bearer sk-b-0123456789abcdef"), keys.ApiKey
+    )
+    path.unlink()  # a Secret's file swapped out: the keys before stay
+    assert len(keyfile.current()) == 1
+    path.write_text("keys: [{name: c, key: short}]\n")
+    with pytest.raises(ValueError, match=r"keys\.0\.key"):
+        server.KeyFile(str(path))  # at start a bad file is an error, not an open router
