@@ -545,6 +545,11 @@ SERVE_PORT = 8000
 ADMIN_PORT = 8001
 """The replica launcher's admin port (operator and router only, never clients):
 ``GET /cheapspot/status`` and ``PUT /cheapspot/adapters`` with the desired adapter list."""
+ADMIN_TOKEN_ENV = "CHEAPSPOT_ADMIN_TOKEN"
+"""The replica's admin token: every request to the admin port but a GET must carry
+``Authorization: Bearer <token>``. The operator generates it per pool (a Secret it owns,
+``<pool>-admin``, key ``token``) and the replica pod reads it from there; unset, the admin port
+takes any request (a replica run by hand)."""
 ROUTER_PORT = 8080
 """The router's client-facing port (the pool's Service targets it)."""
 ROUTER_READY_PATH = "/readyz"

@@ -404,6 +404,50 @@ def test_router_errors_are_openai_errors(
     assert code in (404, 405)
 
 
+def test_a_keyed_router_answers_only_its_keys_and_only_for_their_models(
+    replicas: list[ServeReplica],
+    router_for: Callable[..., RouterThread],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import openai
+
+    from cheapspot_operator.router import keyfile
+
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys: [{name: qa-only, key: sk-qa-0123456789abcdef, models: [qa]}]\n")
+    monkeypatch.setattr(keyfile, "KEYS_CHECK_SECONDS", 0.0)
+    rt = router_for([_replica(r) for r in replicas], api_keys=keyfile.KeyFile(str(path)))
+    url = rt.url + "/v1/completions"
+    ask = {"model": "qa", "prompt": PROMPTS[0], "max_tokens": 2}
+    code, doc = http_json("POST", url, ask)
+    assert code == 401 and doc["error"]["code"] == "missing_api_key", doc
+    keyed = _keyed_client(rt.url, "sk-qa-0123456789abcdef")
+    with pytest.raises(openai.AuthenticationError):
+        _keyed_client(rt.url, "sk-wrong-0123456789abcdef").completions.create(**ask)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        keyed.completions.create(**{**ask, "model": "sums"})
+    assert "sums" in str(denied.value)
+    answer = keyed.completions.create(**ask, temperature=0)
+    assert answer.choices[0].text  # the replica answered
+    assert {m.id for m in keyed.models.list().data} == {"qa"}
+    # a new key in the file works without a restart; the old one stops
+    path.write_text("keys: [{name: all, key: sk-all-0123456789abcdef}]\n")
+    assert (
+        _keyed_client(rt.url, "sk-all-0123456789abcdef")
+        .completions.create(**{**ask, "model": "sums"})
+        .choices
+    )
+    with pytest.raises(openai.AuthenticationError):
+        keyed.completions.create(**ask)
+
+
+def _keyed_client(url: str, key: str) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
+
+
 class CountingReplica:
     """A stand-in replica that counts the requests reaching it and answers each with an
     empty completion."""

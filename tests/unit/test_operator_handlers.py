@@ -15,7 +15,10 @@ from prometheus_client import REGISTRY
 
 from cheapspot.contract import Layout, Phase, Progress, Role
 from cheapspot.store import Store
+from cheapspot_operator.api.inferencepool import parse_spec as parse_pool_spec
 from cheapspot_operator.inferencepool.controller import PoolReconciler
+from cheapspot_operator.inferencepool.manifests import PoolInfo
+from cheapspot_operator.inferencepool.tokens import AdminTokens, PoolGuard
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import ApiError
 from cheapspot_operator.runtime.loops import Loops
@@ -683,3 +686,63 @@ def test_planning_is_timed_on_every_pass_and_writing_only_when_a_pass_writes() -
         assert _sample(stage, stage="planning") == planning + 1
         assert _sample(stage, stage="writing") == writing + (1 if actions else 0)
     assert not actions  # the last passes had nothing to write
+
+
+# -- who may use a pool ----------------------------------------------------------------------
+
+SECRETS = "/api/v1/namespaces/ns/secrets"
+POLICIES = "/apis/networking.k8s.io/v1/namespaces/ns/networkpolicies"
+
+
+def test_a_pool_gets_its_admin_token_and_network_policy_before_its_replicas() -> None:
+    api, r = _pool_world(replicas=2)
+    serving = OperatorConfig.model_validate({"serving": {"operatorNamespace": "cheapspot"}})
+    r.guard = PoolGuard(api, serving.serving)  # type: ignore[arg-type]
+    r.reconcile("ns", "qa")
+    key = api.objects["/api/v1/namespaces/cheapspot/secrets/cheapspot-admin-key"]
+    assert len(key["stringData"]["key"]) >= 32
+    secret = api.objects[f"{SECRETS}/qa-admin"]
+    token = secret["stringData"]["token"]
+    assert len(token) == 64 and secret["metadata"]["ownerReferences"][0]["uid"] == "pool-uid"
+    policy = api.objects[f"{POLICIES}/qa-replicas"]
+    assert policy["spec"]["ingress"][0]["from"][1]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "cheapspot"
+    }
+    names = [name for verb, name in api.calls if verb == "create"]
+    assert names.index("qa-admin") < names.index("qa-replica-0-0")
+    assert names.index("qa-replicas") < names.index("qa-replica-0-0")
+    # the pool's pods never read a Secret back: a restarted operator derives the same token
+    pool = api.objects[POOL]
+    info = PoolInfo("ns", "qa", "pool-uid", parse_pool_spec(pool["spec"]))
+    assert AdminTokens(api, "cheapspot").ensure(info) == token  # type: ignore[arg-type]
+    assert not [p for p in api.gets if p.startswith(SECRETS)]
+
+
+def test_a_pool_naming_another_namespaces_adapter_is_refused_naming_the_field() -> None:
+    other = [{"name": "qa", "uri": "s3://ckpt/other-team/qa/final/"}]
+    api, r = _pool_world(replicas=2, adapters=other)
+    r.config = OperatorConfig.model_validate(
+        {"allowedUriPrefixes": {"*": ["s3://models/", "s3://ckpt/{namespace}/"]}}
+    )
+    r.reconcile("ns", "qa")
+    conditions = {c["type"]: c for c in api.objects[POOL]["status"]["conditions"]}
+    degraded = conditions["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "URINotAllowed")
+    assert degraded["message"].startswith("spec.adapters[qa].uri s3://ckpt/other-team/qa/final/")
+    assert "s3://models/, s3://ckpt/ns/" in degraded["message"]
+    assert conditions["Ready"]["status"] == "False"
+    assert not [p for p in api.objects if p.startswith(PODS + "/")]
+    assert not [p for p in api.objects if p.startswith(SECRETS + "/")]
+    (event,) = [e for e in api.events if e["reason"] == "URINotAllowed"]
+    assert "allowedUriPrefixes" in event["message"]
+
+
+def test_a_job_naming_a_uri_outside_its_namespaces_prefixes_fails_naming_the_field() -> None:
+    api, r = _world(shards=2)
+    r.config = OperatorConfig.model_validate({"allowedUriPrefixes": {"other": ["s3://"]}})
+    r.reconcile("ns", "qa-lora")
+    status = api.objects[JOB]["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "URINotAllowed"
+    assert "spec.model.uri" in status["message"] and "spec.dataset.uri" in status["message"]
+    assert "namespace ns may use no storage URI" in status["message"]
+    assert api.list(PODS) == []

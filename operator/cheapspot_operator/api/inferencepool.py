@@ -69,7 +69,48 @@ class PoolSpotPolicy(SpecModel):
     ] = 120
 
 
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+
+
+class ApiKeysSpec(SpecModel):
+    """Where the pool's API keys are: a Secret in the pool's namespace, one of whose keys
+    holds a YAML list of keys, each with the models it may use."""
+
+    secret_name: Annotated[
+        str,
+        Field(
+            alias="secretName",
+            min_length=1,
+            max_length=253,
+            pattern=SECRET_NAME_PATTERN,
+            description="The Secret (in the pool's namespace). Its key holds "
+            "`keys: [{name, key, models}]`: `key` the bearer token clients send "
+            "(Authorization: Bearer), `name` for logs, `models` the base model and adapter "
+            "names it may use (absent: all). Edits reach the routers within seconds.",
+        ),
+    ]
+    key: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=253,
+            pattern=SECRET_KEY_PATTERN,
+            description="The Secret's key that holds the list.",
+        ),
+    ] = "keys.yaml"
+
+
 class RouterSpec(SpecModel):
+    api_keys: Annotated[
+        ApiKeysSpec | None,
+        Field(
+            alias="apiKeys",
+            description="Client authentication: every request needs one of these keys "
+            "(401 without, 403 for a model its key may not use). Absent: the endpoint "
+            "takes every request from inside the cluster.",
+        ),
+    ] = None
     replicas: Annotated[
         int, Field(ge=1, le=16, description="Router pods (on on-demand capacity).")
     ] = 1

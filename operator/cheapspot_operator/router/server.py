@@ -4,7 +4,7 @@
                      [--first-token-seconds 60] [--stall-seconds 20] [--capacity 32] [--drain-seconds 30] [--drain-linger-seconds 3]
                      [--max-request-bytes 2097152] [--max-concurrent-requests 1024]
                      [--max-queued-requests 256] [--max-buffered-bytes 33554432]
-                     [--kubeconfig FILE]
+                     [--api-keys FILE] [--kubeconfig FILE]
     cheapspot router --replica http://HOST:PORT ...     (fixed replicas, no Kubernetes)
 
 It watches the pool's replica pods (labels ``cheapspot.dev/pool=NAME``,
@@ -17,6 +17,11 @@ replica is at ``--capacity`` requests in flight, or none is ready, the request w
 already. A request that fails before its first byte
 reaches the client is retried on another replica; a stream cut mid-way continues on another
 replica from the tokens already sent (:mod:`cheapspot_operator.router.routing`).
+
+With ``--api-keys`` every client request needs one of the pool's keys
+(``Authorization: Bearer``): 401 without or with an unknown one, 403 for a model its key may
+not use, both in OpenAI's error shape (:mod:`cheapspot_operator.router.keys`); the file is
+read again when it changes. vLLM's runtime adapter endpoints are never forwarded.
 
 It is Ready (``/readyz``) once it has listed the pool's replica pods. On SIGTERM it turns
 not Ready at once, so the Service stops sending it requests, keeps serving for
@@ -44,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -54,7 +60,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
-from cheapspot_operator.router import limits, routing, validation
+from cheapspot_operator.router import keys, limits, routing, validation
+from cheapspot_operator.router.keyfile import API_KEYS_ENV, KeyFile
 from cheapspot_operator.router.relay import Relay
 from cheapspot_operator.router.replicas import QueueFull, ReplicaSet, fixed_replicas, watch_pods
 from cheapspot_operator.router.routing import StreamState
@@ -63,7 +70,8 @@ from cheapspot_operator.router.upstream import FIRST_TOKEN_SECONDS, STALL_SECOND
 log = logging.getLogger("cheapspot.router")
 
 OWN_PATHS = frozenset({"/healthz", ROUTER_READY_PATH, "/cheapspot/router"})
-"""The router's own endpoints: not client requests, not waited for when draining."""
+"""The router's own endpoints: not client requests, not waited for when draining, never
+asked for a key."""
 
 
 class Router:
@@ -78,7 +86,10 @@ class Router:
         first_token_seconds: float = FIRST_TOKEN_SECONDS,
         stall_seconds: float = STALL_SECONDS,
         bounds: limits.Limits | None = None,
+        api_keys: KeyFile | None = None,
     ) -> None:
+        self.api_keys = api_keys
+        """Client authentication; None: every request is taken."""
         self.limits = bounds or limits.Limits()
         self.buffered = limits.Buffered(self.limits)
         self.replicas = ReplicaSet(capacity, self.limits)
@@ -121,6 +132,18 @@ class Router:
     ) -> web.StreamResponse:
         if request.path in OWN_PATHS:
             return await handler(request)
+        if self.api_keys is not None:
+            key = keys.authenticate(
+                self.api_keys.current(), request.headers.get("Authorization", "")
+            )
+            if isinstance(key, keys.Denied):
+                self.stats["refused"] += 1
+                return web.json_response(
+                    key.error(),
+                    status=key.status,
+                    headers={"WWW-Authenticate": 'Bearer realm="cheapspot"'},
+                )
+            request["api_key"] = key
         self.active += 1
         try:
             busy = limits.busy(self.limits, self.active)
@@ -145,7 +168,7 @@ class Router:
         for path in routing.FORWARDED_POSTS:
             app.router.add_post(path, self.handle_post)
         for path in routing.FORWARDED_GETS:
-            app.router.add_get(path, self.relay.get)
+            app.router.add_get(path, self.handle_get)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get(ROUTER_READY_PATH, self.readyz)
         app.router.add_get("/cheapspot/router", self.status)
@@ -185,6 +208,17 @@ class Router:
             }
         )
 
+    async def handle_get(self, request: web.Request) -> web.Response:
+        """A GET for a replica; the model list shows only what the client's key may use."""
+        response = await self.relay.get(request)
+        key: keys.ApiKey | None = request.get("api_key")
+        if key is None or key.models is None or response.status != 200 or response.body is None:
+            return response
+        with contextlib.suppress(ValueError, TypeError):
+            doc = keys.visible_models(json.loads(bytes(response.body)), key)  # type: ignore[arg-type]
+            return web.json_response(doc, status=200)
+        return response
+
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
         """A client's POST: its body read within the bounds, checked, and relayed. The body
         is held whole (and counted in :attr:`buffered`) only as long as it is needed: a
@@ -205,8 +239,13 @@ class Router:
             body = validation.read_request(request.path, raw)
             if isinstance(body, validation.Refusal):
                 return self.refuse(body)
-            self.stats["requests"] += 1
             model = str(body.get("model") or "")
+            key: keys.ApiKey | None = request.get("api_key")
+            denied = keys.authorize(key, model) if key is not None else None
+            if denied is not None:
+                self.stats["refused"] += 1
+                return web.json_response(denied.error(), status=denied.status)
+            self.stats["requests"] += 1
             if routing.resumable(body):
                 # The stream's state holds the only reference to the body from here on.
                 state = StreamState(request.path, body, prompt_ids=routing.prompt_ids(body))
@@ -311,6 +350,12 @@ def parser() -> argparse.ArgumentParser:
         help="bytes of request bodies this router holds whole at once (while they wait, or "
         "for a retry): a request that would pass it gets a 503 with Retry-After",
     )
+    p.add_argument(
+        "--api-keys",
+        default=os.environ.get(API_KEYS_ENV) or None,
+        help="a YAML file of client API keys (keys: [{name, key, models}]), read again when "
+        f"it changes; default ${API_KEYS_ENV}; none: every request is taken",
+    )
     p.add_argument("--kubeconfig", default=None)
     return p
 
@@ -346,6 +391,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         max_queue_seconds=args.max_queue_seconds,
         first_token_seconds=args.first_token_seconds,
         stall_seconds=args.stall_seconds,
+        api_keys=KeyFile(args.api_keys) if args.api_keys else None,
         bounds=bounds_from(args),
     )
     runner = web.AppRunner(router.app(), access_log=None)
@@ -387,6 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(list(argv or []))
     if not args.replica and not args.pool:
         parser().error("give --pool (watch its pods) or --replica URL")
+    if args.api_keys:
+        try:
+            KeyFile(args.api_keys)
+        except (OSError, ValueError) as exc:
+            parser().error(f"--api-keys: {exc}")
     try:
         bounds_from(args)
     except ValueError as exc:

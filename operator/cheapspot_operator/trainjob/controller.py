@@ -31,6 +31,7 @@ from cheapspot_operator.api.phases import JobPhase
 from cheapspot_operator.cluster.pods import Placement
 from cheapspot_operator.cluster.views import LABEL_ROLE, ObjectView
 from cheapspot_operator.planning.actions import CreatePod, DeletePod, EmitEvent, UpdateStatus
+from cheapspot_operator.planning.uris import refused_uris
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.runtime import metrics
 from cheapspot_operator.runtime.config import OperatorConfig
@@ -124,6 +125,9 @@ class Reconciler(ObjectReconciler[Action]):
         unusable = unusable_uris(spec, self.config.file_uris)
         if unusable:
             return self._invalid(job, status, unusable, reason="UnsupportedURI")
+        outside = refused_uris(namespace, job_uris(spec), self.config.allowed_uri_prefixes)
+        if outside:
+            return self._invalid(job, status, outside, reason="URINotAllowed")
         if meta["uid"] not in self.claimed:
             resume = spec.output.if_exists is s.IfOutputExists.RESUME
             refused = self.claims(spec.output.uri, namespace, name, meta["uid"], resume)
@@ -256,11 +260,8 @@ class Reconciler(ObjectReconciler[Action]):
             )
 
 
-def unusable_uris(spec: s.TrainJobSpec, file_uris: bool) -> str:
-    """Why the job's URIs cannot work in this cluster (``file_uris``: whether it has one
-    filesystem shared by every pod), or ""."""
-    if file_uris:
-        return ""
+def job_uris(spec: s.TrainJobSpec) -> dict[str, str]:
+    """Every storage URI the job names, by spec field ("" where it names none)."""
     uris = {
         "spec.model.uri": spec.model.uri,
         "spec.dataset.uri": spec.dataset.uri,
@@ -270,6 +271,15 @@ def unusable_uris(spec: s.TrainJobSpec, file_uris: bool) -> str:
         teacher = spec.distillation.teacher
         uris["spec.distillation.teacher.uri"] = teacher.uri
         uris["spec.distillation.teacher.adapterUri"] = teacher.adapter_uri or ""
+    return uris
+
+
+def unusable_uris(spec: s.TrainJobSpec, file_uris: bool) -> str:
+    """Why the job's URIs cannot work in this cluster (``file_uris``: whether it has one
+    filesystem shared by every pod), or ""."""
+    if file_uris:
+        return ""
+    uris = job_uris(spec)
     local = [f"{k} {v}" for k, v in uris.items() if v.startswith("file://")]
     if not local:
         return ""
