@@ -46,7 +46,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
-from cheapspot_operator.router import routing, validation
+from cheapspot_operator.router import resumability, routing, validation
 from cheapspot_operator.router.relay import Relay
 from cheapspot_operator.router.replicas import ReplicaSet, fixed_replicas, watch_pods
 from cheapspot_operator.router.upstream import FIRST_TOKEN_SECONDS, STALL_SECONDS
@@ -162,9 +162,10 @@ class Router:
             return web.json_response(body.error(), status=body.status)
         self.stats["requests"] += 1
         model = str(body.get("model") or "")
-        if routing.resumable(body):
+        why = resumability.unresumable(body)
+        if why is None:
             return await self.relay.stream(request, body, model)
-        return await self.relay.once(request, raw, body, model)
+        return await self.relay.once(request, raw, body, model, unresumable=why)
 
 
 # -- command line ------------------------------------------------------------------------------
