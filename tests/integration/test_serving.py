@@ -47,6 +47,7 @@ pytestmark = [
 
 PROMPTS = ["what colour is the sky", "3 plus 4 is", "say hello", "the cat and the dog"]
 TOKENS = 12
+CHAT_PATH = "/v1/chat/completions"
 ENGINE = {"maxNumSeqs": 32, "maxLoras": 2, "maxLoraRank": 8, "args": ["--dtype", "float32"]}
 
 
@@ -820,6 +821,148 @@ def test_a_resume_after_a_merged_chunk_starts_after_the_text_the_client_has(
         if c.choices
     )
     assert (state.text + rest).encode() == full.encode()
+
+
+def _sse(url: str, body: dict[str, Any], path: str = "/v1/completions") -> list[Any]:
+    """A stream's events, read to its end: JSON chunks, then "[DONE]"."""
+    request = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        events, rest = routing.parse_sse(resp.read())
+    assert not rest.strip(), rest
+    return [e.decode() if e.strip() == b"[DONE]" else json.loads(e) for e in events]
+
+
+def _texts(events: list[Any]) -> dict[int, str]:
+    """Each choice's text, by index (chat deltas or completion text)."""
+    out: dict[int, str] = {}
+    for e in events:
+        for c in (e.get("choices") or []) if isinstance(e, dict) else []:
+            piece = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
+            out[c["index"]] = out.get(c["index"], "") + (piece or "")
+    return out
+
+
+def _cut_half_way(
+    replica: ServeReplica,
+    router_for: Callable[..., RouterThread],
+    body: dict[str, Any],
+    path: str = "/v1/completions",
+) -> tuple[list[Any], list[Any]]:
+    """``body``'s stream undisturbed, and through the router with the replica's connection
+    reset half-way through its response (by bytes), another replica then ready to continue."""
+    proxy = CutProxy(replica.port)
+    direct = Replica("direct", "127.0.0.1", replica.port, ready=True)
+    through = Replica("proxied", "127.0.0.1", proxy.port, ready=True)
+    try:
+        full = _sse(replica.url, body, path)
+        _sse(router_for([through]).url, body, path)
+        rt = router_for([through])
+        proxy.cut_after = proxy.passed // 2
+        proxy.before_cut = functools.partial(rt.set_replicas, [through, direct])
+        got = _sse(rt.url, body, path)
+        assert proxy.cuts == 1, "the stream was not cut: the case this test is about"
+        return full, got
+    finally:
+        proxy.close()
+
+
+ALLOWED = list(range(40, 140, 9))
+"""Few allowed tokens, far apart: the greedy answer among them is not what the model
+continues it with unconstrained."""
+GREEDY = {
+    "model": "qa",
+    "prompt": PROMPTS[2],
+    "max_tokens": 24,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+}
+
+
+@pytest.mark.parametrize(
+    ("param", "extra", "path"),
+    [
+        ("frequency_penalty", {"frequency_penalty": 1.5}, "/v1/completions"),
+        ("presence_penalty", {"presence_penalty": 1.5}, "/v1/completions"),
+        ("bad_words", {"bad_words": ["the cat"]}, "/v1/completions"),
+        ("seed", {"seed": 7, "temperature": 1.0}, "/v1/completions"),
+        ("prompt", {"prompt": [PROMPTS[0], PROMPTS[2]]}, "/v1/completions"),
+        ("response_format", {"response_format": {"type": "json_object"}}, CHAT_PATH),
+    ],
+)
+def test_a_cut_stream_the_continuation_cannot_honour_ends_with_an_error_event(
+    replicas: list[ServeReplica],
+    router_for: Callable[..., RouterThread],
+    param: str,
+    extra: dict[str, Any],
+    path: str,
+) -> None:
+    """Penalties counted over the generated tokens, multi-token bad words, a seeded sample, a
+    batch of prompts, guided decoding: a continuation would not give the undisturbed answer,
+    so a stream cut half-way is not resumed. The client has a part of the answer (each
+    choice's text a prefix of the undisturbed one, never a spliced one) and then an OpenAI
+    error event naming the parameter, then [DONE]: never a clean end."""
+    body = {**GREEDY, **extra}
+    if path == CHAT_PATH:
+        body.pop("prompt")
+        body["model"], body["messages"] = "sums", [{"role": "user", "content": PROMPTS[0]}]
+    full, got = _cut_half_way(replicas[1], router_for, body, path)
+    assert full[-1] == "[DONE]" and not any("error" in e for e in full if isinstance(e, dict))
+    assert got[-1] == "[DONE]" and "error" in got[-2], got[-3:]
+    message = got[-2]["error"]["message"]
+    assert f"the stream was not resumed: '{param}'" in message, message
+    whole, part = _texts(full), _texts(got[:-2])
+    assert sum(map(len, part.values())) > 0, got
+    assert all(whole[i].startswith(t) for i, t in part.items()), (whole, part)
+    assert sum(map(len, part.values())) < sum(map(len, whole.values())), (whole, part)
+
+
+def test_a_cut_stream_with_per_token_constraints_resumes_byte_identical(
+    replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
+) -> None:
+    """``logit_bias``, ``allowed_token_ids`` and ``repetition_penalty`` mean the same to a
+    continuation (vLLM applies the first two to each token whatever came before, the third
+    over prompt and output alike): each carried, a stream cut half-way gives the undisturbed
+    greedy answer, byte for byte. Each is chosen so it changes the answer (else dropping it
+    from the continuation would go unseen)."""
+    replica = replicas[1]
+    plain = _complete(replica.url, "qa", PROMPTS[2], 24)["choices"][0]
+    seen = sorted(set(plain["token_ids"]))
+    cases = {
+        "logit_bias": {"logit_bias": {str(t): -100 for t in seen}},
+        "allowed_token_ids": {"allowed_token_ids": ALLOWED},
+        "repetition_penalty": {"repetition_penalty": 3.0},
+    }
+    bad = []
+    for name, extra in cases.items():
+        _dropped_would_show(replica, name, extra)
+        full, got = _cut_half_way(replica, router_for, {**GREEDY, **extra})
+        if _texts(got) != _texts(full) or got[-1] != "[DONE]":
+            bad.append((name, _texts(full), got))
+    assert not bad, bad
+
+
+def _dropped_would_show(replica: ServeReplica, name: str, extra: dict[str, Any]) -> None:
+    """A continuation half-way through ``extra``'s greedy answer without ``extra`` gives
+    another rest of the answer: else a router that dropped it would pass unseen."""
+    doc = {k: v for k, v in GREEDY.items() if k != "stream"}
+    code, answer = http_json(
+        "POST", replica.url + "/v1/completions", {**doc, **extra, "return_token_ids": True}
+    )
+    assert code == 200, answer
+    ids, prompt = answer["choices"][0]["token_ids"], answer["choices"][0]["prompt_token_ids"]
+    half = len(ids) // 2
+    rest = {**doc, "prompt": prompt + ids[:half], "max_tokens": len(ids) - half}
+    code, free = http_json(
+        "POST", replica.url + "/v1/completions", {**rest, "return_token_ids": True}
+    )
+    assert code == 200, free
+    assert free["choices"][0]["token_ids"] != ids[half:], f"{name} does not matter after a cut"
 
 
 def _in_flight(router_url: str) -> dict[str, int]:

@@ -205,8 +205,8 @@ def test_a_resume_waits_for_a_full_replica_from_the_cut() -> None:
 
 def test_an_unresumable_stream_cut_part_way_ends_with_an_error_event() -> None:
     """n=2 and logprobs streams are passed through, not resumed: cut part-way, the client
-    gets an OpenAI error event (then [DONE], as vLLM ends a stream that failed), never an
-    end that looks like a whole answer."""
+    gets an OpenAI error event (then [DONE], as vLLM ends a stream that failed) that says
+    why the stream was not resumed, never an end that looks like a whole answer."""
 
     async def scenario(fakes: list[FakeReplica]) -> list[list[Any]]:
         (a,) = fakes
@@ -224,11 +224,14 @@ def test_an_unresumable_stream_cut_part_way_ends_with_an_error_event() -> None:
         await runner.cleanup()
         return out
 
-    for got in asyncio.run(with_fakes(["a"], scenario)):
+    got_both = asyncio.run(with_fakes(["a"], scenario))
+    for got, param in zip(got_both, ("'n'", "'logprobs'"), strict=True):
         assert len(text_of(got)) > 0, got
         assert got[-1] == "[DONE]", got
         error = got[-2]["error"]
         assert error["code"] == 503 and "replica a failed" in error["message"], got
+        # and why it was not resumed, naming the parameter
+        assert f"the stream was not resumed: {param}" in error["message"], got
 
 
 def test_a_stalled_replica_is_left_until_it_answers_again() -> None:

@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 from cheapspot.contract import ANNOTATION_DRAINING, LABEL_POOL, LABEL_POOL_ROLE
-from cheapspot_operator.router import routing, validation
+from cheapspot_operator.router import resumability, routing, validation
 from cheapspot_operator.router.replicas import ReplicaSet
 from cheapspot_operator.router.routing import Load, Replica, StreamState
 from cheapspot_operator.router.server import Router
@@ -222,8 +222,8 @@ def test_upstream_and_continuation_bodies() -> None:
     chat = {"model": "qa", "messages": [{"role": "user", "content": "x"}], "stream": True}
     assert routing.tokenize_body(routing.CHAT, chat)["add_generation_prompt"] is True  # type: ignore[index]
     assert routing.tokenize_body(routing.COMPLETIONS, {"prompt": [1, 2]}) is None
-    assert routing.resumable(chat) and not routing.resumable({**chat, "n": 2})
-    assert not routing.resumable({**chat, "logprobs": True})
+    assert resumability.resumable(chat) and not resumability.resumable({**chat, "n": 2})
+    assert not resumability.resumable({**chat, "logprobs": True})
 
 
 def test_parse_sse_keeps_unfinished_events() -> None:
@@ -508,5 +508,5 @@ def test_well_formed_requests_pass_as_they_are() -> None:
     for path, body in good:
         assert validation.read_request(path, json.dumps(body).encode()) == body, (path, body)
     # a batch of prompts streams one choice per prompt: passed on, not resumed
-    assert not routing.resumable({**OK_PROMPT, "prompt": ["a", "b"], "stream": True})
-    assert routing.resumable({**OK_PROMPT, "prompt": [1, 2], "stream": True})
+    assert not resumability.resumable({**OK_PROMPT, "prompt": ["a", "b"], "stream": True})
+    assert resumability.resumable({**OK_PROMPT, "prompt": [1, 2], "stream": True})

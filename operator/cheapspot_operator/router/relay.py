@@ -1,7 +1,7 @@
 """Relaying one client request to the pool's replicas.
 
 A request that fails before its first byte reaches the client is retried on another replica.
-A resumable stream (:func:`cheapspot_operator.router.routing.resumable`) cut mid-way is
+A resumable stream (:func:`cheapspot_operator.router.resumability.resumable`) cut mid-way is
 continued on another replica from the tokens already sent
 (:mod:`cheapspot_operator.router.streams`). The session, the bounds and the replicas' health
 are :class:`~cheapspot_operator.router.upstream.ReplicaClient`'s.
@@ -97,13 +97,21 @@ class Relay:
         return error("no replica of this pool is ready", 503)
 
     async def once(
-        self, request: web.Request, raw: bytes, model: str, *, streamed: bool
+        self,
+        request: web.Request,
+        raw: bytes,
+        model: str,
+        *,
+        streamed: bool,
+        unresumable: str = "",
     ) -> web.StreamResponse:
         """Non-resumable requests: retried on another replica while nothing has reached the
         client; a plain (non-streamed) answer reaches the client only when it is complete.
-        A stream cut part-way ends with an error event (:func:`error_event`). The body is
-        sent as the client sent it (``raw``), held until the answer is whole for a retry.
-        May raise :class:`~cheapspot_operator.router.replicas.QueueFull` before any byte."""
+        A stream cut part-way ends with an error event (:func:`error_event`) that says why
+        it was not resumed (``unresumable``,
+        :func:`~cheapspot_operator.router.resumability.unresumable`). The body is sent as the
+        client sent it (``raw``), held until the answer is whole for a retry. May raise
+        :class:`~cheapspot_operator.router.replicas.QueueFull` before any byte."""
         deadline = time.monotonic() + self.client.max_queue_seconds
         tried: set[str] = set()
         last = NO_REPLICA
@@ -153,6 +161,8 @@ class Relay:
                     # Bytes already went out and this stream cannot be resumed: the client
                     # is told it failed, not left with what looks like a whole answer.
                     self.client.stats["failed"] += 1
+                    if unresumable:
+                        last += f"; the stream was not resumed: {unresumable}"
                     log.warning("unresumable stream cut: %s", last)
                     with contextlib.suppress(ClientGone):
                         await write(response, error_event(last))

@@ -34,6 +34,7 @@ from cheapspot.contract import (
     LABEL_POOL_ROLE,
     SERVE_PORT,
 )
+from cheapspot_operator.router.resumability import CARRIED
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -209,24 +210,6 @@ def upstream_body(body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resumable(body: Mapping[str, Any]) -> bool:
-    """Streams the router can resume: one choice (one prompt, ``n`` 1), text output (no beam
-    search, no logprobs to rebuild, no echo of the prompt). ``body`` has passed
-    :func:`read_request`."""
-    prompt = body.get("prompt")
-    batch = isinstance(prompt, list) and not all(isinstance(t, int) for t in prompt)
-    return (
-        body.get("stream") is True
-        and not batch
-        and (body.get("n") or 1) == 1
-        and not body.get("logprobs")
-        and not body.get("top_logprobs")
-        and not body.get("echo")
-        and not body.get("use_beam_search")
-        and not body.get("tools")
-    )
-
-
 def tokenize_body(path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
     """vLLM's ``/tokenize`` request giving the prompt token ids the original request had;
     None if the prompt is already token ids (they are used as they are)."""
@@ -262,35 +245,12 @@ def token_ids(ids: Iterable[int]) -> array[int]:
     return array("i", ids)
 
 
-_CONTINUATION_KEYS = (
-    "model",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "skip_special_tokens",
-    "spaces_between_special_tokens",
-    "include_stop_str_in_output",
-    "min_tokens",
-    "user",
-)
-_KEPT_KEYS = (
-    *_CONTINUATION_KEYS,
-    "max_tokens",
-    "max_completion_tokens",
-    "stream",
-    "stream_options",
-)
+_KEPT_KEYS = (*CARRIED, "max_tokens", "max_completion_tokens", "stream", "stream_options")
 """What a stream keeps of its request once the prompt's token ids are known: what a
 continuation, the text held back (``stop``) and the usage chunk need. The prompt, the
-messages and the rest go, so a stream holds its prompt once, as token ids."""
+messages and the rest go (a resumed stream's other parameters are at their no-op values,
+:mod:`cheapspot_operator.router.resumability`), so a stream holds its prompt once, as token
+ids."""
 
 
 def kept_body(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -346,7 +306,7 @@ def continuation_body(
     """The completions request that continues an interrupted stream on another replica:
     the prompt's tokens and the tokens already sent, the remaining token budget, the same
     sampling settings. Streamed, with token ids (it may be cut again)."""
-    doc: dict[str, Any] = {k: body[k] for k in _CONTINUATION_KEYS if k in body}
+    doc: dict[str, Any] = {k: body[k] for k in CARRIED if k in body}
     doc["prompt"] = [*prompt, *sent]
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     if limit is not None:

@@ -60,7 +60,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from cheapspot.contract import ROUTER_PORT, ROUTER_READY_PATH, SERVE_PORT
-from cheapspot_operator.router import keys, limits, routing, validation
+from cheapspot_operator.router import keys, limits, resumability, routing, validation
 from cheapspot_operator.router.keyfile import API_KEYS_ENV, KeyFile
 from cheapspot_operator.router.relay import Relay
 from cheapspot_operator.router.replicas import QueueFull, ReplicaSet, fixed_replicas, watch_pods
@@ -246,14 +246,17 @@ class Router:
                 self.stats["refused"] += 1
                 return web.json_response(denied.error(), status=denied.status)
             self.stats["requests"] += 1
-            if routing.resumable(body):
+            why = resumability.unresumable(body)
+            if why is None:
                 # The stream's state holds the only reference to the body from here on.
                 state = StreamState(request.path, body, prompt_ids=routing.prompt_ids(body))
                 del raw, body
                 return await self.relay.stream(request, state, model, hold)
             streamed = bool(body.get("stream"))
             del body
-            return await self.relay.once(request, raw, model, streamed=streamed)
+            return await self.relay.once(
+                request, raw, model, streamed=streamed, unresumable=why
+            )
         except QueueFull as full:
             return self.refuse(full.refusal)
         finally:

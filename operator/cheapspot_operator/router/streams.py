@@ -1,4 +1,4 @@
-"""A resumable stream (:func:`cheapspot_operator.router.routing.resumable`) relayed to the
+"""A resumable stream (:func:`cheapspot_operator.router.resumability.resumable`) relayed to the
 client: token ids tracked, and the stream continued on another replica from the tokens
 already sent when it is cut or stalls. The decisions for that are in
 :mod:`cheapspot_operator.router.routing`, the calls to the replicas here.
