@@ -132,7 +132,13 @@ def test_the_default_install_runs_the_quickstart(helm: Helm) -> None:
     assert grants(rules, "create", "poddisruptionbudgets")
     # Each pool's NetworkPolicy and admin token Secret.
     assert grants(rules, "create", "networkpolicies") and grants(rules, "create", "secrets")
-    assert grants(rules, "get", "secrets") and not grants(rules, "list", "secrets")
+    # No Secret is readable cluster-wide; the one the operator reads (the key the tokens
+    # derive from) is named, in its own namespace.
+    assert not grants(rules, "get", "secrets") and not grants(rules, "list", "secrets")
+    own = find(rendered, "Role", "cheapspot-prices", RELEASE_NS)["rules"]
+    readable = [r for r in own if "secrets" in r["resources"] and "get" in r["verbs"]]
+    assert [r.get("resourceNames") for r in readable] == [["cheapspot-admin-key"]]
+    assert not grants(own, "list", "secrets")
     deployment = find(rendered, "Deployment", "cheapspot")
     # The pools' NetworkPolicies admit exactly the operator's pods, in its namespace.
     assert config.serving.network_policies is True

@@ -254,9 +254,7 @@ class Router:
                 return await self.relay.stream(request, state, model, hold)
             streamed = bool(body.get("stream"))
             del body
-            return await self.relay.once(
-                request, raw, model, streamed=streamed, unresumable=why
-            )
+            return await self.relay.once(request, raw, model, streamed=streamed, unresumable=why)
         except QueueFull as full:
             return self.refuse(full.refusal)
         finally:
