@@ -3,6 +3,7 @@ new desired list loads, unloads and swaps."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.numpy import save_file
 from cheapspot.contract import AdapterSource
 from cheapspot.store import Store
 from cheapspot_worker.adapter_versions import (
+    AdapterSync,
     AdapterVersion,
     SyncPlan,
     fetch_adapter,
@@ -86,3 +88,43 @@ def test_sync_plan_compares_name_uri_and_digest(
 ) -> None:
     assert sync_plan(loaded, desired) == plan
     assert plan.empty == (plan == SyncPlan())
+
+
+def test_a_new_version_is_announced_before_it_is_swapped_and_never_loaded_in_place(
+    tmp_path: Path,
+) -> None:
+    """The desired list (what routers poll) shows the new version for the settle before vLLM
+    changes; the swap is an unload and a load from the new version's own path."""
+    paths = {V1.uri: tmp_path / "v1", V2.uri: tmp_path / "v2", SUMS.uri: tmp_path / "sums"}
+    versions = {V1.uri: V1, V2.uri: V2, SUMS.uri: SUMS}
+    calls: list[tuple[str, dict[str, str], dict[str, AdapterVersion], float]] = []
+
+    async def post(path: str, doc: dict[str, str]) -> str:
+        calls.append((path, doc, dict(sync.desired), asyncio.get_running_loop().time()))
+        return ""
+
+    def fetch(source: AdapterSource) -> tuple[Path, AdapterVersion]:
+        return paths[source.uri], versions[source.uri]
+
+    sync = AdapterSync(post, fetch, settle_seconds=0.3)
+    sync.started({"qa": V1, "sums": SUMS})
+
+    async def change() -> tuple[dict[str, str], float]:
+        began = asyncio.get_running_loop().time()
+        errors = await sync.apply(
+            [AdapterSource(name="qa", uri=V2.uri), AdapterSource(name="sums", uri=SUMS.uri)], 3
+        )
+        return errors, began
+
+    errors, began = asyncio.run(change())
+    assert errors == {}
+    assert [(c[0], c[1]) for c in calls] == [
+        ("/v1/unload_lora_adapter", {"lora_name": "qa"}),
+        ("/v1/load_lora_adapter", {"lora_name": "qa", "lora_path": str(paths[V2.uri])}),
+    ]
+    assert all(c[2]["qa"] == V2 for c in calls)  # announced before vLLM was touched
+    assert calls[0][3] - began >= 0.3  # after the settle
+    assert sync.loaded == {"qa": V2, "sums": SUMS} and sync.generation == 3
+    doc = sync.to_json()
+    assert doc["adapters"][0] == {"name": "qa", "uri": V2.uri, "digest": V2.digest}
+    assert doc["desired"]["generation"] == 3

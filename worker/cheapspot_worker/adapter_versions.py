@@ -9,13 +9,15 @@ directory of their own (vLLM keys its prefix cache on the adapter's name *and pa
 new version must never reuse the old one's path) and reports ``{name, uri, digest}`` per
 adapter, which the operator and the routers compare.
 
-:func:`sync_plan` is the pure diff of the loaded versions against the desired ones.
+:func:`sync_plan` is the pure diff of the loaded versions against the desired ones;
+:class:`AdapterSync` applies a new desired list to vLLM.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from cheapspot.store import (
 )
 from cheapspot_worker.adapters import AdapterError, check_adapter
 from cheapspot_worker.loading import COMPLETE_MARKER, cache_dir, staged
+from cheapspot_worker.progress import event
 
 
 @dataclass(frozen=True)
@@ -131,3 +134,88 @@ def sync_plan(
         replace=tuple(sorted(replace)),
         load=tuple(sorted(n for n in desired if n not in loaded)),
     )
+
+
+class AdapterSync:
+    """A replica's adapters in vLLM, by version: loaded, desired (with the pool generation it
+    came with) and the errors of the last change. ``post`` calls vLLM's runtime LoRA API
+    (``''`` on success, else what went wrong); ``fetch`` is :func:`fetch_adapter` with the
+    replica's base model and rank limit."""
+
+    def __init__(
+        self,
+        post: Callable[[str, dict[str, str]], Awaitable[str]],
+        fetch: Callable[[AdapterSource], tuple[Path, AdapterVersion]],
+        settle_seconds: float,
+    ) -> None:
+        self.post, self.fetch, self.settle_seconds = post, fetch, settle_seconds
+        self.loaded: dict[str, AdapterVersion] = {}
+        """Adapter name -> the version loaded in vLLM under that name."""
+        self.desired: dict[str, AdapterVersion] = {}
+        """Adapter name -> the version asked for last (digest ``""`` where it could not be
+        read), announced before anything is swapped, so routers stop sending it here."""
+        self.generation = 0
+        """The pool generation the desired list came with (0: the task's own list)."""
+        self.errors: dict[str, str] = {}
+
+    def started(self, loaded: dict[str, AdapterVersion]) -> None:
+        """vLLM started with these versions (the task's list)."""
+        self.loaded, self.desired = dict(loaded), dict(loaded)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "adapters": [v.to_json(n) for n, v in sorted(self.loaded.items())],
+            "desired": {
+                "generation": self.generation,
+                "adapters": [v.to_json(n) for n, v in sorted(self.desired.items())],
+            },
+        }
+
+    async def apply(self, desired: list[AdapterSource], generation: int) -> dict[str, str]:
+        """Fetch every desired version, announce the list, then change vLLM (a name whose
+        version cannot be fetched keeps what it has: no router sends it here).
+
+        A new version of a loaded name is swapped ``settle_seconds`` after the announcement
+        (:data:`~cheapspot.contract.ADAPTER_SWAP_SETTLE_SECONDS`: the routers stop sending
+        the name here first), by an unload and a load from the version's own directory:
+        requests vLLM has admitted keep the old weights to their end (it pins an adapter per
+        request), new ones get the new version. Not vLLM's in-place reload: it replaces the
+        weights under the requests running with them."""
+        errors: dict[str, str] = {}
+        fetched: dict[str, tuple[Path, AdapterVersion]] = {}
+        for source in desired:
+            try:
+                fetched[source.name] = await asyncio.to_thread(self.fetch, source)
+            except AdapterError as exc:
+                errors[source.name] = str(exc)
+        self.generation = generation
+        self.desired = {
+            a.name: fetched[a.name][1] if a.name in fetched else AdapterVersion(pretty(a.uri), "")
+            for a in desired
+        }
+        plan = sync_plan(
+            {n: v for n, v in self.loaded.items() if n not in errors},
+            {n: version for n, (_, version) in fetched.items()},
+        )
+        if plan.replace:
+            event("adapter_swap_announced", adapters=list(plan.replace), generation=generation)
+            await asyncio.sleep(self.settle_seconds)
+        for name in plan.unload:
+            await self.post("/v1/unload_lora_adapter", {"lora_name": name})
+            del self.loaded[name]
+            event("adapter_unloaded", adapter=name)
+        for name in (*plan.replace, *plan.load):
+            path, version = fetched[name]
+            if name in self.loaded:
+                await self.post("/v1/unload_lora_adapter", {"lora_name": name})
+                del self.loaded[name]
+            problem = await self.post(
+                "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}
+            )
+            if problem:
+                errors[name] = f"adapter {name!r}: vLLM refused it: {problem}"
+                continue
+            self.loaded[name] = version
+            event("adapter_loaded", adapter=name, uri=version.uri, digest=version.digest)
+        self.errors = errors
+        return errors

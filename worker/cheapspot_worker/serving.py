@@ -57,7 +57,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,9 @@ from cheapspot.contract import (
 from cheapspot.store import TransientStoreError
 from cheapspot_worker.adapter_versions import (
     AdapterNotPublished,
+    AdapterSync,
     AdapterVersion,
     fetch_adapter,
-    pretty,
-    sync_plan,
 )
 from cheapspot_worker.adapters import AdapterError
 from cheapspot_worker.errors import EngineFailed, Interrupted, PermanentError
@@ -237,14 +236,6 @@ def parse_metrics(text: str) -> dict[str, float]:
 class State:
     phase: str = "fetching"
     ready: bool = False
-    loaded: dict[str, AdapterVersion] = field(default_factory=dict)
-    """Adapter name -> the version loaded in vLLM under that name."""
-    desired: dict[str, AdapterVersion] = field(default_factory=dict)
-    """Adapter name -> the version asked for last (digest ``""`` where it could not be read),
-    announced before anything is swapped, so routers stop sending a changing name here."""
-    generation: int = 0
-    """The pool generation the desired list came with (0: the task's own list)."""
-    errors: dict[str, str] = field(default_factory=dict)
 
 
 class Launcher:
@@ -260,8 +251,13 @@ class Launcher:
         self.tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
         self.stopping = asyncio.Event()
         self._lock = asyncio.Lock()
-        self.swap_settle_seconds = float(
-            os.environ.get("CHEAPSPOT_ADAPTER_SWAP_SETTLE_SECONDS") or ADAPTER_SWAP_SETTLE_SECONDS
+        self.adapters = AdapterSync(
+            self._vllm_post,
+            lambda source: fetch_adapter(source, self.base_config, self.task.engine.max_lora_rank),
+            float(
+                os.environ.get("CHEAPSPOT_ADAPTER_SWAP_SETTLE_SECONDS")
+                or ADAPTER_SWAP_SETTLE_SECONDS
+            ),
         )
         self._http: Any = None
 
@@ -326,8 +322,7 @@ class Launcher:
             fetched = await self._until_stopped(asyncio.to_thread(self.prepare))
             if fetched is None:
                 raise Interrupted("SIGTERM while fetching the model")
-            self.state.loaded = {name: version for name, (_, version) in fetched.items()}
-            self.state.desired = dict(self.state.loaded)
+            self.adapters.started({name: version for name, (_, version) in fetched.items()})
             await self._serve({name: path for name, (path, _) in fetched.items()})
         finally:
             await self._http.close()
@@ -426,7 +421,7 @@ class Launcher:
                     if resp.status == 200:
                         self.state.ready = True
                         self.state.phase = "ready"
-                        event("ready", url=self.vllm_url, adapters=sorted(self.state.loaded))
+                        event("ready", url=self.vllm_url, adapters=sorted(self.adapters.loaded))
                         return
             await asyncio.sleep(0.25)
 
@@ -448,26 +443,17 @@ class Launcher:
             "ready": self.state.ready,
             "phase": self.state.phase,
             "model": served_names(self.task),
-            **self._versions_doc(),
+            **self.adapters.to_json(),
             "running": running,
             "waiting": waiting,
-            "errors": dict(self.state.errors),
-        }
-
-    def _versions_doc(self) -> dict[str, Any]:
-        return {
-            "adapters": [v.to_json(n) for n, v in sorted(self.state.loaded.items())],
-            "desired": {
-                "generation": self.state.generation,
-                "adapters": [v.to_json(n) for n, v in sorted(self.state.desired.items())],
-            },
+            "errors": dict(self.adapters.errors),
         }
 
     async def _adapters(self, request: Any) -> Any:
         """The adapter versions alone, from memory: routers poll it often."""
         from aiohttp import web
 
-        return web.json_response({"ready": self.state.ready, **self._versions_doc()})
+        return web.json_response({"ready": self.state.ready, **self.adapters.to_json()})
 
     async def _status(self, request: Any) -> Any:
         from aiohttp import web
@@ -504,7 +490,7 @@ class Launcher:
             items = body.get("adapters") if isinstance(body, dict) else body
             desired = TypeAdapter(list[AdapterSource]).validate_python(items)
             generation = body.get("generation") if isinstance(body, dict) else None
-            generation = self.state.generation if generation is None else generation
+            generation = self.adapters.generation if generation is None else generation
             if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
                 raise ValueError(f"generation must be a whole number >= 0, not {generation!r}")
         except (ValueError, ValidationError) as exc:
@@ -524,68 +510,20 @@ class Launcher:
                 status=503,
             )
         async with self._lock:
-            if generation < self.state.generation:
+            if generation < self.adapters.generation:
                 return web.json_response(
                     {
                         "error": f"generation {generation} is older than the list applied "
-                        f"(generation {self.state.generation}): ignored",
+                        f"(generation {self.adapters.generation}): ignored",
                         **await self._status_doc(),
                     },
                     status=409,
                 )
-            errors = await self._apply(desired, generation)
+            errors = await self.adapters.apply(desired, generation)
         doc = await self._status_doc()
         if errors:
             return web.json_response({"error": "; ".join(errors.values()), **doc}, status=422)
         return web.json_response(doc)
-
-    async def _apply(self, desired: list[AdapterSource], generation: int) -> dict[str, str]:
-        """Fetch every desired version, announce the list, then change vLLM (a name whose
-        version cannot be fetched keeps what it has: no router sends it here). A new version
-        of a loaded name is swapped :data:`~cheapspot.contract.ADAPTER_SWAP_SETTLE_SECONDS`
-        after the announcement (routers stop sending the name here first), by an unload and
-        a load from the version's own directory: admitted requests keep the old weights to
-        their end (vLLM pins an adapter per request); not in place, under running requests."""
-        errors: dict[str, str] = {}
-        fetched: dict[str, tuple[Path, AdapterVersion]] = {}
-        for source in desired:
-            try:
-                fetched[source.name] = await asyncio.to_thread(
-                    fetch_adapter, source, self.base_config, self.task.engine.max_lora_rank
-                )
-            except AdapterError as exc:
-                errors[source.name] = str(exc)
-        self.state.generation = generation
-        self.state.desired = {
-            a.name: fetched[a.name][1] if a.name in fetched else AdapterVersion(pretty(a.uri), "")
-            for a in desired
-        }
-        plan = sync_plan(
-            {n: v for n, v in self.state.loaded.items() if n not in errors},
-            {n: version for n, (_, version) in fetched.items()},
-        )
-        if plan.replace:
-            event("adapter_swap_announced", adapters=list(plan.replace), generation=generation)
-            await asyncio.sleep(self.swap_settle_seconds)
-        for name in plan.unload:
-            await self._vllm_post("/v1/unload_lora_adapter", {"lora_name": name})
-            del self.state.loaded[name]
-            event("adapter_unloaded", adapter=name)
-        for name in (*plan.replace, *plan.load):
-            path, version = fetched[name]
-            if name in self.state.loaded:
-                await self._vllm_post("/v1/unload_lora_adapter", {"lora_name": name})
-                del self.state.loaded[name]
-            problem = await self._vllm_post(
-                "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}
-            )
-            if problem:
-                errors[name] = f"adapter {name!r}: vLLM refused it: {problem}"
-                continue
-            self.state.loaded[name] = version
-            event("adapter_loaded", adapter=name, uri=version.uri, digest=version.digest)
-        self.state.errors = errors
-        return errors
 
     async def _vllm_post(self, path: str, doc: dict[str, str]) -> str:
         """POST to vLLM; '' on success, else what went wrong."""
