@@ -494,17 +494,79 @@ def test_a_new_version_of_an_adapter_rolls_out_under_load_and_no_answer_mixes(
         v2 = _complete(replicas[1].url, "qa", prompt, tokens)["choices"][0]
         assert v2["text"] != v1
         assert v2["token_ids"] == _peft_greedy(served.model_dir, v2_dir, prompt, tokens)[1]
+        print(
+            f"{len(answers)} answers: {sum(a[2] == v1 for a in answers)} v1, "
+            f"{sum(a[2] == v2['text'] for a in answers)} v2; the rollout took "
+            f"{rolled_out - changing:.1f} s"
+        )
         wrong = [a for a in answers if a[2] not in (v1, v2["text"])]
         assert not wrong, (v1, v2["text"], wrong)
         late = [a for a in answers if a[0] > rolled_out]
         assert all(a[2] == v2["text"] for a in late), late
         during = [a for a in answers if a[0] < rolled_out and a[1] > changing]
         assert {a[2] for a in during} == {v1, v2["text"]}, during
+
+        # A stream that started on v1 and is cut once the other replica has moved to v2
+        # resumes on v1 (the replica still on it), never spliced onto v2.
+        with ThreadPoolExecutor(2) as pool:
+            back = list(pool.map(lambda r: push(r, served.adapter_uris["qa"], 2), replicas))
+        assert all(code == 200 for code, _ in back), back
+        _resume_stays_on_its_version(replicas, router_for, v2_uri, push)
     finally:
         stop.set()
         for r in replicas:
-            code, doc = push(r, served.adapter_uris["qa"], 2)
+            code, doc = push(r, served.adapter_uris["qa"], 4)
             assert code == 200, doc
+
+
+def _resume_stays_on_its_version(
+    replicas: list[ServeReplica],
+    router_for: Callable[..., RouterThread],
+    v2_uri: str,
+    push: Callable[[ServeReplica, str, int], tuple[int, Any]],
+) -> None:
+    old, new = replicas
+    proxy = CutProxy(old.port)
+    through = Replica("proxied", "127.0.0.1", proxy.port, ready=True, admin_port=old.admin_port)
+    direct = Replica("z-direct", "127.0.0.1", old.port, ready=True, admin_port=old.admin_port)
+    # named to come first among equals: where versions are not minded, the resume goes there
+    moved = Replica("a-moved", "127.0.0.1", new.port, ready=True, admin_port=new.admin_port)
+
+    def text_of(url: str) -> str:
+        c = _client(url).with_options(timeout=120)
+        chunks = c.completions.create(
+            model="qa",
+            prompt=PROMPTS[0],
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+    moves: list[int] = []
+
+    def move_then_cut() -> None:
+        code, _ = push(new, v2_uri, 3)
+        moves.append(code)
+        rt.set_replicas([through, moved, direct])
+        time.sleep(1.5)  # the router's first reports of the replicas added
+
+    try:
+        v1_long = text_of(old.url)
+        measure = router_for([through])
+        assert text_of(measure.url) == v1_long
+        length = proxy.passed
+        rt = router_for([through], stall_seconds=60, first_token_seconds=60)
+        time.sleep(1.5)  # the router's first report of the replica: the version a stream pins
+        proxy.cut_after, proxy.before_cut = length // 2, move_then_cut
+        got = text_of(rt.url)
+        proxy.cut_after = None
+    finally:
+        proxy.close()
+    assert moves == [200] and proxy.cuts == 1
+    assert rt.router.stats["resumes"] >= 1 and rt.router.stats["failed"] == 0
+    assert got.encode() == v1_long.encode(), (got, v1_long)
 
 
 class CountingReplica:

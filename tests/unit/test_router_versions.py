@@ -67,10 +67,13 @@ def test_a_name_goes_only_to_replicas_holding_its_wanted_version() -> None:
 
 def test_a_resume_goes_only_to_a_replica_holding_the_version_it_started_on() -> None:
     names = ["r0", "r1"]
-    reports = {"r0": report(V2, V2, 2), "r1": report(V1, V2, 2)}
-    # started on v1: r1 still holds it (it is not the wanted one any more: no matter)
+    reports = {"r0": report(V2, V2, 2), "r1": report(V1, V1, 1)}
+    # started on v1: r1 still keeps it (it is not the wanted one any more: no matter)
     assert versions.allowed(names, reports, "qa", NOW, Pin(V1)) == {"r1"}
     assert versions.allowed(names, reports, "qa", NOW, Pin(V2)) == {"r0"}
+    # r1 still holds v1 but has announced v2: it may swap any moment, no resume there
+    reports["r1"] = report(V1, V2, 2)
+    assert versions.allowed(names, reports, "qa", NOW, Pin(V1)) == set()
     reports["r1"] = report(V2, V2, 2)
     assert versions.allowed(names, reports, "qa", NOW, Pin(V1)) == set()
     # the base model: no version either side

@@ -116,6 +116,18 @@ def version_of(report: VersionReport | None, model: str) -> Version | None:
     return None if report is None else report.loaded.get(model)
 
 
+def keeps(report: VersionReport | None, model: str, version: Version | None) -> bool:
+    """The replica holds ``version`` of ``model`` and has not announced a change of it: a
+    report that shows it still loaded, but another version desired, may be a few moments
+    from the swap."""
+    if version_of(report, model) != version:
+        return False
+    if report is None or version is None:
+        return True
+    desired = report.desired.get(model)
+    return desired is not None and version.matches(desired)
+
+
 def allowed(
     replicas: Iterable[str],
     reports: Mapping[str, VersionReport],
@@ -125,12 +137,13 @@ def allowed(
 ) -> set[str] | None:
     """Which of ``replicas`` may take a request for ``model``; None: any of them.
 
-    A resumed stream (``pin``): those holding its version now, by a fresh report. Anything
+    A resumed stream (``pin``): those keeping its version (:func:`keeps`), by a fresh
+    report. Anything
     else: those whose fresh report holds the wanted version of ``model``; any replica where
     no version of ``model`` is wanted."""
     current = fresh(reports, now)
     if pin is not None:
-        return {n for n in replicas if version_of(current.get(n), model) == pin.version}
+        return {n for n in replicas if keeps(current.get(n), model, pin.version)}
     want = wanted(current.values()).get(model)
     if want is None:
         return None
