@@ -20,6 +20,12 @@ the operator's. Prints the operator's resident memory every minute of the rest.
 notice (the interruption taint, then the node goes), and measures for every shard on them the
 time from its node's notice to its replacement pod being created (seen on a pod watch started
 before the burst), p50 / p99 / max, and the requests the operator made in the minute after.
+
+With a burst it ends with the operator's own cost per replacement against the issue's
+targets (``operator_cost.py``): its CPU (``/proc``), its API writes (the API server's
+counters, less what the same time at rest costs), its reconcile stages (queued, planning,
+writing: its own histograms), its object-store requests and progress reads, and every
+component's CPU over the burst's minute.
 """
 
 from __future__ import annotations
@@ -38,9 +44,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.console import Console
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import operator_cost as cost  # noqa: E402 (beside this script)
+
+PRODUCTION_CHECKPOINT = {"everySteps": 20, "everySeconds": cost.REST_CHECKPOINT_SECONDS}
 
 KWOK_HEARTBEATS = {"leases", "nodes/status"}
 """kwok renewing its nodes' leases and status: the simulated kubelets, not the operator."""
@@ -290,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     from cheapspot_localcluster import build
     from cheapspot_localcluster.cluster import LocalCluster
     from cheapspot_localcluster.components import KUBELET_TIMING, PodLifecycle, Ports
+    from cheapspot_localcluster.dashboard import free_port
     from cheapspot_localcluster.s3 import start_s3
     from cheapspot_localcluster.waiting import wait_for
 
@@ -313,14 +326,22 @@ def main(argv: list[str] | None = None) -> int:
         # A thousand kwok nodes take minutes to report Ready on 2 cores.
         cluster.start(progress=lambda m: print(f"  {m}", flush=True), timeout_s=900)
         # The production settings (the tests' harness writes cost every 15 s).
+        metrics_port = free_port()
         harnesses = make_harness(
-            cluster, s3, root, reconcileIntervalSeconds=2, statusRefreshSeconds=120
+            cluster,
+            s3,
+            root,
+            reconcileIntervalSeconds=2,
+            statusRefreshSeconds=120,
+            metricsPort=metrics_port,
         )
         h: Harness = next(harnesses)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         try:
             started = time.monotonic()
             for i in range(args.jobs):
-                h.apply(f"j{i}", shards=args.shards)
+                # The default checkpoint interval (the tests' harness reads every 2 s).
+                h.apply(f"j{i}", shards=args.shards, checkpoint=PRODUCTION_CHECKPOINT)
             pods = args.jobs * (args.shards + 1)
 
             def all_running() -> bool:
@@ -338,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
             assert h.operator.proc is not None
             pid = h.operator.proc.pid
             samples = [rss_mb(pid)]
+            pids = {"operator": pid, **cluster.running(), "benchmark and moto S3": os.getpid()}
+
+            def snapshot() -> cost.Snapshot:
+                return cost.take(
+                    time.monotonic(), pids, metrics_url, kubectl, cluster.kubeconfig_path
+                )
+
+            rest_from = snapshot()
             before = requests(kubectl, cluster.kubeconfig_path)
             rest_started = time.monotonic()
             while (left := args.seconds - (time.monotonic() - rest_started)) > 0:
@@ -347,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"  at rest {time.monotonic() - rest_started:5.0f} s: RSS {samples[-1]:.0f} MB"
                 )
             after = requests(kubectl, cluster.kubeconfig_path)
+            rest = cost.Window.between(rest_from, snapshot())
             print_rates(
                 after - before,
                 args.seconds,
@@ -359,12 +389,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"min {min(samples):.0f}, max {max(samples):.0f}, end {samples[-1]:.0f} MB"
             )
             if args.burst:
+                burst_from = snapshot()
                 before = requests(kubectl, cluster.kubeconfig_path)
                 burst_started = time.monotonic()
                 latencies = burst(h, cluster, args.burst)
                 time.sleep(max(0.0, 60 - (time.monotonic() - burst_started)))
                 window = time.monotonic() - burst_started
                 after = requests(kubectl, cluster.kubeconfig_path)
+                burst_window = cost.Window.between(burst_from, snapshot())
                 print_rates(
                     after - before, window, args.jobs, f"the {window:.0f} s from the burst on"
                 )
@@ -376,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                         f" s, max {max(latencies):.2f} s"
                     )
                 print(f"operator RSS after the burst: {rss_mb(pid):.0f} MB")
+                print(f"load average after the burst: {os.getloadavg()}")
+                cost.report(rest, burst_window, len(latencies), args.jobs, Console(width=120))
             if args.baseline:
                 # The same counters with the operator frozen: what the rest of the cluster
                 # (kube-apiserver's own loopback, controller-manager, scheduler) asks for.

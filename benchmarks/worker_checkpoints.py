@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import signal
 import statistics
 import tempfile
@@ -50,41 +51,52 @@ def _tasks(root: Path, model: Path, data: Path, every_steps: int, steps: int) ->
     )
 
 
-def throughput(work: Path, model: Path, data: Path, steps: int, repeats: int) -> dict[str, Any]:
-    """Steps per second between the first and last step, checkpoints every 10 vs none.
+def throughput(
+    work: Path, model: Path, data: Path, steps: int, repeats: int, *, every_n: int = 10
+) -> dict[str, Any]:
+    """Steps per second between the first and last step, checkpoints every ``every_n`` vs none.
 
     Runs alternate (none, every 10, none, ...) so drifting machine load hits both alike;
     medians over the repeats. The time the training loop itself is held up per checkpoint
     (the snapshot; the upload overlaps the next steps) is reported separately: on a busy
-    shared CPU it is the steadier figure.
+    shared CPU it is the steadier figure. So is the process's CPU time per step (every
+    thread, the upload's too), which other processes on the machine barely move.
     """
     launcher = Launcher(work / "logs")
-    runs: dict[int, list[float]] = {0: [], 10: []}
+    runs: dict[int, list[float]] = {0: [], every_n: []}
+    cpu: dict[int, list[float]] = {0: [], every_n: []}
     snapshot_s: list[float] = []
     upload_s: list[float] = []
     for i in range(repeats):
-        for every in (0, 10):
+        for every in (0, every_n):
             tasks = _tasks(work / f"tp-{every}-{i}", model, data, every, steps)
             procs = {n: launcher.start(n, t) for n, t in tasks.items()}
             assert all(p.wait(600) == 0 for p in procs.values())
             events = procs["shard0"].events()
             times = [_ts(e) for e in events if e.get("event") == "step"]
             runs[every].append((len(times) - 1) / (times[-1] - times[0]))
+            cpu_s = [float(e["cpu_s"]) for e in events if e.get("event") == "step"]
+            cpu[every].append((cpu_s[-1] - cpu_s[0]) / (len(cpu_s) - 1))
             if every:
                 ckpts = [e for e in events if e.get("event") == "checkpoint"]
                 snapshot_s += [e["snapshot_seconds"] for e in ckpts]
                 upload_s += [e["seconds"] for e in ckpts]
-    base, with_ckpt = statistics.median(runs[0]), statistics.median(runs[10])
+    base, with_ckpt = statistics.median(runs[0]), statistics.median(runs[every_n])
+    cpu_base, cpu_ckpt = statistics.median(cpu[0]), statistics.median(cpu[every_n])
     snapshot = statistics.median(snapshot_s)
     return {
         "steps": steps,
         "repeats": repeats,
+        "checkpoint_every": every_n,
         "steps_per_s_no_checkpoints": base,
-        "steps_per_s_every_10": with_ckpt,
+        "steps_per_s_with_checkpoints": with_ckpt,
         "slowdown_percent": 100 * (base - with_ckpt) / base,
+        "cpu_s_per_step_no_checkpoints": cpu_base,
+        "cpu_s_per_step_with_checkpoints": cpu_ckpt,
+        "cpu_overhead_percent": 100 * (cpu_ckpt - cpu_base) / cpu_base,
         "checkpoint_snapshot_s_median": snapshot,
         "checkpoint_upload_s_median": statistics.median(upload_s),
-        "blocked_percent": 100 * snapshot / (10 / base),
+        "blocked_percent": 100 * snapshot / (every_n / base),
     }
 
 
@@ -121,8 +133,9 @@ def sigterm_latency(work: Path, model: Path, data: Path, repeats: int) -> dict[s
 
 
 def sizes(work: Path) -> dict[str, Any]:
-    final = work / "tp-10-0" / "final" / "adapter_model.safetensors"
-    ckpt_root = work / "tp-10-0" / "shards" / "0000" / "checkpoints"
+    run = next(p for p in work.glob("tp-*-0") if not p.name.startswith("tp-0-"))
+    final = run / "final" / "adapter_model.safetensors"
+    ckpt_root = run / "shards" / "0000" / "checkpoints"
     ckpt = sorted(ckpt_root.iterdir())[-1]
     return {
         "bench_adapter_bytes": final.stat().st_size,
@@ -175,6 +188,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--every", type=int, default=10, help="checkpoint every N steps")
+    parser.add_argument("--no-sigterm", action="store_true", help="throughput and sizes only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -182,9 +197,13 @@ def main() -> None:
         data = write_jsonl(work / "data.jsonl", learnable_records(256))
         result = {
             "model": f"llama hidden {args.hidden}, {args.layers} layers, LoRA r=4 all-linear, CPU 1 thread",
-            "throughput": throughput(work, model, data, args.steps, args.repeats),
-            "sigterm": sigterm_latency(work, model, data, 5),
+            "throughput": throughput(
+                work, model, data, args.steps, args.repeats, every_n=args.every
+            ),
+            "load_average": os.getloadavg(),
         }
+        if not args.no_sigterm:
+            result["sigterm"] = sigterm_latency(work, model, data, 5)
         result["sizes"] = sizes(work)
     result["real_shapes"] = real_shapes()
     print(json.dumps(result, indent=1))

@@ -551,6 +551,11 @@ ADAPTER_SWAP_SETTLE_SECONDS = 5.0
 before it swaps it in vLLM: longer than the routers' bound on the age of the reports they
 route by (``cheapspot_operator.router.versions.REPORT_MAX_AGE_SECONDS``), so no router still
 believes the replica holds the old version once it answers with the new one."""
+ADMIN_TOKEN_ENV = "CHEAPSPOT_ADMIN_TOKEN"
+"""The replica's admin token: every request to the admin port but a GET must carry
+``Authorization: Bearer <token>``. The operator generates it per pool (a Secret it owns,
+``<pool>-admin``, key ``token``) and the replica pod reads it from there; unset, the admin port
+takes any request (a replica run by hand)."""
 ROUTER_PORT = 8080
 """The router's client-facing port (the pool's Service targets it)."""
 ROUTER_READY_PATH = "/readyz"

@@ -233,6 +233,9 @@ class _Backend:
         """Map a backend exception that is not transient to a StoreError (or itself)."""
         return exc
 
+    def on_request(self, count: Callable[[str], None]) -> None:
+        """A filesystem sends no requests."""
+
 
 class _FileBackend(_Backend):
     def __init__(self, root: Path) -> None:
@@ -403,6 +406,16 @@ class _S3Backend(_Backend):
 
     def _key(self, key: str) -> str:
         return self.root + key
+
+    def on_request(self, count: Callable[[str], None]) -> None:
+        # ``before-send`` fires once per HTTP request (each part of a multipart upload, each
+        # try), named by its operation. The client is shared: one registration per counter.
+        def counted(event_name: str, **_: Any) -> None:
+            count(event_name.rsplit(".", 1)[-1])
+
+        self.client.meta.events.register(
+            "before-send.s3", counted, unique_id=f"cheapspot-count-{id(count)}"
+        )
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         if if_absent:
@@ -621,6 +634,13 @@ class Store:
                     ) from exc
                 log.warning("store %s failed (%s); retrying in %.1fs", what, exc, delay)
                 self._sleep(delay)
+
+    def on_request(self, count: Callable[[str], None]) -> None:
+        """Call ``count(operation)`` (``GetObject``, ``PutObject``, ...) for every request
+        sent to the object store by this store's client, which every store of the process
+        with the same S3 settings shares: register a counter once per process, not per
+        store (a second registration of the same ``count`` is ignored)."""
+        self._backend.on_request(count)
 
     # -- raw objects --------------------------------------------------------------
 

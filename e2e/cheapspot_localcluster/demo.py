@@ -66,6 +66,8 @@ JOB = "qa-lora"
 POOL = "qa-serve"
 NOTICE_S = 5
 SERVE_TIMEOUT_S = 900
+LOAD_CLIENTS = 3
+LOAD_PAUSE_S = 0.5
 
 
 @dataclass
@@ -387,9 +389,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 shutil.rmtree(cluster.layout.root / "podrunner", ignore_errors=True)
 
 
+def replacement_line(pods: Sequence[dict[str, Any]], load: Any, since: float) -> str:
+    """What the demo waits for while replacements start, in one line: each replica that is
+    not Ready yet (pod phase, how long it has been starting) and how serving is going
+    meanwhile."""
+    from cheapspot_localcluster.inference import Pools
+
+    waiting = [
+        f"{p['metadata']['name']} {(p.get('status') or {}).get('phase') or 'Pending'}"
+        for p in pods
+        if not Pools.is_ready(p)
+    ]
+    starting = ", ".join(waiting) or "the pool to report Ready"
+    return (
+        f"waiting {time.monotonic() - since:.0f}s for {starting} (vLLM starts in about a "
+        f"minute on an idle core); meanwhile {len(load.outcomes)} requests served, "
+        f"{len(load.failed) + len(load.truncated)} failed"
+    )
+
+
 def serve(backend: LocalBackend, model_uri: str, adapter_uri: str) -> dict[str, Any]:
-    """Serve the trained adapter from a pool under load; reclaim a spot replica with notice,
-    then another without; the serving part of the summary."""
+    """Serve the trained adapter from a pool under load; reclaim one spot replica with
+    notice and, right after, the other without, so both replacements start together while
+    the on-demand anchor carries the load; the serving part of the summary."""
     from cheapspot_localcluster.inference import (
         SMALL_POOL,
         Load,
@@ -413,10 +435,15 @@ def serve(backend: LocalBackend, model_uri: str, adapter_uri: str) -> dict[str, 
         pools.wait_ready(POOL, 3, SERVE_TIMEOUT_S)
         url = pools.router_url(POOL)
     base = model_uri.rstrip("/").rsplit("/", 1)[-1]
-    load = Load(url, [base, "qa"], threads=4).start()
+    # Clients that pause between requests, as people do: replicas serving back-to-back
+    # requests on 2 cores would starve the replacements' start (on a cluster each starts
+    # on a machine of its own).
+    load = Load(url, [base, "qa"], threads=LOAD_CLIENTS, pause_s=LOAD_PAUSE_S).start()
     reclaims = 0
     try:
-        with console.status("serving: 4 clients, streaming and not, base model and adapter"):
+        with console.status(
+            f"serving: {LOAD_CLIENTS} clients, streaming and not, base and adapter"
+        ):
             load.wait_requests(12, SERVE_TIMEOUT_S)
         for notice in (NOTICE_S, 0):
             spot = backend.spot_nodes()
@@ -433,14 +460,29 @@ def serve(backend: LocalBackend, model_uri: str, adapter_uri: str) -> dict[str, 
             with console.status(f"reclaiming {node} ({name}, {busy} requests in flight) {how}"):
                 backend.reclaim(node, notice)
                 reclaims += 1
-                backend.cluster.create_nodes()
+            console.print(f"reclaimed {node} {how}: {name} had {busy} requests in flight")
+        backend.cluster.create_nodes()
+        since = time.monotonic()
+        with console.status("replacing both spot replicas") as st:
+            poll = threading.Event()
+
+            def show() -> None:
+                while not poll.wait(1.0):
+                    with contextlib.suppress(Exception):
+                        st.update(replacement_line(pools.live_replicas(POOL), load, since))
+
+            shower = threading.Thread(target=show, name="replacements", daemon=True)
+            shower.start()
+            try:
                 pools.wait_ready(POOL, 3, SERVE_TIMEOUT_S)
-                load.wait_requests(len(load.outcomes) + 8, SERVE_TIMEOUT_S)
-            console.print(
-                f"reclaimed {node} {how} ({name} had {busy} requests in flight): replaced; "
-                f"{len(load.outcomes)} requests so far, "
-                f"{len(load.failed) + len(load.truncated)} failed"
-            )
+            finally:
+                poll.set()
+                shower.join(5)
+            load.wait_requests(len(load.outcomes) + 8, SERVE_TIMEOUT_S)
+        console.print(
+            f"both replaced in {time.monotonic() - since:.0f}s; {len(load.outcomes)} requests "
+            f"so far, {len(load.failed) + len(load.truncated)} failed"
+        )
     finally:
         load.stop()
     p50, p99 = latency_ms(load.outcomes)

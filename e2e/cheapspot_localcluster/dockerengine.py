@@ -22,13 +22,15 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cheapspot_localcluster.build import cache_root
 
-APT_PACKAGES = ("docker.io", "containerd", "runc", "jq")
+APT_PACKAGES = ("docker.io", "containerd", "runc", "jq", "debootstrap")
+"""Debian's packages the kind tier needs on the host: the engine and ``debootstrap`` for the
+nodes' root file system."""
 CAP_SYS_RESOURCE = 24
 RUNTIME_NAME = "cheapspot-runc"
 
@@ -137,14 +139,15 @@ def _dockerd_pid() -> int | None:
     return pid if Path(f"/proc/{pid}").exists() else None
 
 
-def _install(progress: Callable[[str], None]) -> None:
-    if shutil.which("apt-get") is None:
-        raise DockerError("no Docker engine and no apt-get to install Debian's docker.io")
-    progress(f"installing {' '.join(APT_PACKAGES)} with apt-get")
+def apt_install(packages: Sequence[str], progress: Callable[[str], None]) -> None:
+    """Install Debian packages the kind tier needs on the host (as root, with apt-get)."""
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise DockerError(f"{', '.join(packages)} missing, and no apt-get as root to install them")
+    progress(f"installing {' '.join(packages)} with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (
         ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES],
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
     ):
         done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -168,7 +171,7 @@ def ensure_engine(progress: Callable[[str], None] = print) -> HostQuirks:
             "a second dockerd is not started, it would take the first one's network over"
         )
     if shutil.which("dockerd") is None or shutil.which("jq") is None:
-        _install(progress)
+        apt_install(APT_PACKAGES, progress)
     directory = engine_dir()
     directory.mkdir(parents=True, exist_ok=True)
     wrapper = directory / "runc-without-sys-resource"

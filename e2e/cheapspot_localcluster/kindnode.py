@@ -33,6 +33,7 @@ from pathlib import Path
 
 from cheapspot_localcluster import build, versions
 from cheapspot_localcluster.build import BuildError, cache_root
+from cheapspot_localcluster.dockerengine import DockerError, apt_install
 
 Progress = Callable[[str], None]
 
@@ -365,7 +366,10 @@ def rootfs_image(progress: Progress = print) -> str:
     if image_exists(tag):
         return tag
     if shutil.which("debootstrap") is None:
-        raise NodeImageError("debootstrap is not installed (apt-get install debootstrap)")
+        try:
+            apt_install(["debootstrap"], progress)
+        except DockerError as exc:
+            raise NodeImageError(f"debootstrap is not installed: {exc}") from None
     kind_cache().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="rootfs-", dir=kind_cache()))
     try:

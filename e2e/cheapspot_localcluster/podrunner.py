@@ -24,6 +24,8 @@ leaves pods alone and this runner owns them, as a kubelet would:
   for it, as nothing would be on a real cloud: the control plane's own controllers deal with
   the pod object. A node that is merely NotReady (a missed lease renewal on a busy machine)
   keeps its processes, as a real kubelet cut off from the API server does;
+* ``secret`` volumes become directories of the pod's own holding the Secret's keys as files
+  (written at start; later edits of the Secret do not reach them);
 * ``emptyDir`` volumes become directories of the pod's own, and environment values under a
   volume's ``mountPath`` (``HOME=/tmp`` with an emptyDir at ``/tmp``) point into them: a
   local process cannot have a private ``/tmp``, so this keeps pods from sharing caches;
@@ -59,7 +61,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -459,7 +461,7 @@ class EnvResolver:
     def __init__(self, core: Any) -> None:
         self.core = core
 
-    def _secret(self, ns: str, name: str) -> dict[str, str]:
+    def secret(self, ns: str, name: str) -> dict[str, str]:
         import base64
 
         obj = self.core.read_namespaced_secret(name, ns)
@@ -476,7 +478,7 @@ class EnvResolver:
         for source in container.get("envFrom") or []:
             prefix = source.get("prefix", "")
             if "secretRef" in source:
-                data = self._secret(ns, source["secretRef"]["name"])
+                data = self.secret(ns, source["secretRef"]["name"])
             else:
                 data = self._config_map(ns, source["configMapRef"]["name"])
             env.update({prefix + k: v for k, v in data.items()})
@@ -489,9 +491,7 @@ class EnvResolver:
             if "fieldRef" in ref:
                 env[name] = field_value(pod, ref["fieldRef"]["fieldPath"], ip)
             elif "secretKeyRef" in ref:
-                env[name] = self._secret(ns, ref["secretKeyRef"]["name"])[
-                    ref["secretKeyRef"]["key"]
-                ]
+                env[name] = self.secret(ns, ref["secretKeyRef"]["name"])[ref["secretKeyRef"]["key"]]
             elif "configMapKeyRef" in ref:
                 r = ref["configMapKeyRef"]
                 env[name] = self._config_map(ns, r["name"])[r["key"]]
@@ -750,6 +750,14 @@ class PodRunner:
         argv = list(container.get("command") or []) + list(container.get("args") or [])
         try:
             volumes = volume_dirs(spec, container, workdir / "volumes")
+            volumes.update(
+                secret_volume_dirs(
+                    spec,
+                    container,
+                    workdir / "volumes",
+                    lambda name: self.env.secret(meta["namespace"], name),
+                )
+            )
             env = base_environment(os.environ, image_environment(container.get("image", "")))
             env.update(self._service_account_env(pod, workdir))
             env.update(with_volumes(self.env.resolve(pod, container, ip), volumes))
@@ -902,6 +910,31 @@ def volume_dirs(
             path = root / mount["name"]
             path.mkdir(parents=True, exist_ok=True)
             out[mount["mountPath"].rstrip("/") or "/"] = path
+    return out
+
+
+def secret_volume_dirs(
+    spec: Mapping[str, Any],
+    container: Mapping[str, Any],
+    root: Path,
+    read: Callable[[str], Mapping[str, str]],
+) -> dict[str, Path]:
+    """mountPath -> a directory of this pod's own holding a ``secret`` volume's keys as files
+    (``items`` picks and names them), as kubelet mounts them; written at start, not kept in
+    step with later edits of the Secret."""
+    sources = {v["name"]: v["secret"] for v in spec.get("volumes") or [] if "secret" in v}
+    out: dict[str, Path] = {}
+    for mount in container.get("volumeMounts") or []:
+        source = sources.get(mount.get("name"))
+        if source is None:
+            continue
+        data = read(source["secretName"])
+        items = source.get("items") or [{"key": k, "path": k} for k in data]
+        path = root / mount["name"]
+        path.mkdir(parents=True, exist_ok=True)
+        for item in items:
+            (path / item["path"]).write_text(data[item["key"]])
+        out[mount["mountPath"].rstrip("/") or "/"] = path
     return out
 
 

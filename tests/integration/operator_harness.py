@@ -67,6 +67,9 @@ def job_body(name: str, output_uri: str, **spec: Any) -> dict[str, Any]:
         "output": {"uri": output_uri},
         "training": {"steps": 300},
         "rounds": {"localSteps": 100},
+        # The tests write progress records whenever they like, as a worker that checkpoints
+        # every 2 s would: the operator reads them once per checkpoint interval.
+        "checkpoint": {"everySeconds": 2},
         "shards": 3,
         "resources": {"gpu": 1, "cpu": "1", "memory": "1Gi", "instanceTypes": ["g5.xlarge"]},
         "anchor": {"cpu": "500m", "memory": "512Mi"},

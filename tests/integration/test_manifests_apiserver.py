@@ -11,7 +11,14 @@ import pytest
 from cheapspot_operator.api.common import CapacityType
 from cheapspot_operator.cluster.placement import PROFILES
 from cheapspot_operator.cluster.pods import Placement
-from cheapspot_operator.inferencepool.manifests import PoolInfo, build_pdbs, build_replica_pod
+from cheapspot_operator.inferencepool.manifests import (
+    PoolInfo,
+    build_admin_secret,
+    build_network_policy,
+    build_pdbs,
+    build_replica_pod,
+    build_router_deployment,
+)
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import ApiError, KubeApi
 from cheapspot_operator.testing.pool import make_pool
@@ -89,3 +96,36 @@ def test_the_pools_disruption_budgets_are_valid(namespaced: tuple[KubeApi, str])
             pytest.fail(f"the API server rejected {pdb['metadata']['name']}: {exc.message}")
         assert accepted["spec"]["selector"] == pdb["spec"]["selector"]
         assert accepted["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def _dry_run_object(api: KubeApi, path: str, obj: dict[str, Any]) -> dict[str, Any]:
+    try:
+        accepted: dict[str, Any] = api.request("POST", path, query={"dryRun": "All"}, body=obj)
+    except ApiError as exc:
+        pytest.fail(
+            f"the API server rejected {obj['kind']} {obj['metadata']['name']}: {exc.message}"
+        )
+    return accepted
+
+
+def test_the_pools_admin_secret_network_policy_and_keyed_router_are_valid(
+    namespaced: tuple[KubeApi, str],
+) -> None:
+    api, namespace = namespaced
+    spec = make_pool(router={"apiKeys": {"secretName": "qa-keys"}})
+    pool = PoolInfo(namespace, "qa-serve", "uid-2", spec)
+    secret = _dry_run_object(
+        api, f"/api/v1/namespaces/{namespace}/secrets", build_admin_secret(pool, "t" * 64)
+    )
+    assert secret["type"] == "Opaque" and set(secret["data"]) == {"token"}
+    policy = build_network_policy(pool, "cheapspot", CONFIG.serving.operator_pod_labels)
+    accepted = _dry_run_object(
+        api, f"/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies", policy
+    )
+    assert accepted["spec"]["ingress"] == policy["spec"]["ingress"]
+    router = build_router_deployment(
+        pool, 1, Placement(PROFILES["local"], CapacityType.ON_DEMAND), CONFIG.worker, CONFIG.serving
+    )
+    accepted = _dry_run_object(api, f"/apis/apps/v1/namespaces/{namespace}/deployments", router)
+    volumes = {v["name"]: v for v in accepted["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "qa-keys"

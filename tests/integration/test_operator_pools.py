@@ -83,6 +83,19 @@ def test_a_pool_places_anchor_and_spot_replicas_and_creates_its_router(h: Harnes
     assert h.api.get(f"/api/v1/namespaces/{ns}/services/qa") is not None
     role = h.api.get(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/qa-router")
     assert role is not None and role["rules"][0]["resources"] == ["pods"]
+    # Strangers kept out: the replicas' admin token (which their pods read) and the
+    # NetworkPolicy in front of their ports, both the pool's.
+    secret = h.api.get(f"/api/v1/namespaces/{ns}/secrets/qa-admin")
+    assert secret is not None and secret["metadata"]["ownerReferences"][0]["kind"] == (
+        "CheapInferencePool"
+    )
+    env = {e["name"]: e for e in by_slot["0"]["spec"]["containers"][0]["env"]}
+    assert env["CHEAPSPOT_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "qa-admin"
+    policy = h.api.get(f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/qa-replicas")
+    assert policy is not None and policy["spec"]["podSelector"]["matchLabels"] == {
+        "cheapspot.dev/pool": "qa",
+        "cheapspot.dev/pool-role": "replica",
+    }
     wait_for(
         "a router pod on on-demand",
         lambda: [

@@ -31,7 +31,7 @@ import pytest
 
 from cheapspot.contract import ExitCode, ServeTask
 from cheapspot_localcluster.s3 import S3Endpoint
-from cheapspot_operator.router import routing, streams
+from cheapspot_operator.router import limits, routing, streams
 from cheapspot_operator.router.routing import Replica, StreamState
 from cheapspot_operator.router.server import Router
 from cheapspot_worker.serve_testing import ServeReplica, free_port, http_json, publish_dir
@@ -569,6 +569,50 @@ def _resume_stays_on_its_version(
     assert got.encode() == v1_long.encode(), (got, v1_long)
 
 
+def test_a_keyed_router_answers_only_its_keys_and_only_for_their_models(
+    replicas: list[ServeReplica],
+    router_for: Callable[..., RouterThread],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import openai
+
+    from cheapspot_operator.router import keyfile
+
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys: [{name: qa-only, key: sk-qa-0123456789abcdef, models: [qa]}]\n")
+    monkeypatch.setattr(keyfile, "KEYS_CHECK_SECONDS", 0.0)
+    rt = router_for([_replica(r) for r in replicas], api_keys=keyfile.KeyFile(str(path)))
+    url = rt.url + "/v1/completions"
+    ask = {"model": "qa", "prompt": PROMPTS[0], "max_tokens": 2}
+    code, doc = http_json("POST", url, ask)
+    assert code == 401 and doc["error"]["code"] == "missing_api_key", doc
+    keyed = _keyed_client(rt.url, "sk-qa-0123456789abcdef")
+    with pytest.raises(openai.AuthenticationError):
+        _keyed_client(rt.url, "sk-wrong-0123456789abcdef").completions.create(**ask)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        keyed.completions.create(**{**ask, "model": "sums"})
+    assert "sums" in str(denied.value)
+    answer = keyed.completions.create(**ask, temperature=0)
+    assert answer.choices[0].text  # the replica answered
+    assert {m.id for m in keyed.models.list().data} == {"qa"}
+    # a new key in the file works without a restart; the old one stops
+    path.write_text("keys: [{name: all, key: sk-all-0123456789abcdef}]\n")
+    assert (
+        _keyed_client(rt.url, "sk-all-0123456789abcdef")
+        .completions.create(**{**ask, "model": "sums"})
+        .choices
+    )
+    with pytest.raises(openai.AuthenticationError):
+        keyed.completions.create(**ask)
+
+
+def _keyed_client(url: str, key: str) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
+
+
 class CountingReplica:
     """A stand-in replica that counts the requests reaching it and answers each with an
     empty completion."""
@@ -699,6 +743,55 @@ def test_router_retries_a_dead_replica_and_queues_when_busy(
     code, doc = http_json("POST", empty.url + "/v1/completions", {"model": "qa", "prompt": "x"})
     assert code == 503 and "maxQueueSeconds" in doc["error"]["message"]
     assert time.monotonic() - started < 10
+
+
+def test_the_routers_bounds_answer_like_openai_and_a_stream_lets_go_of_its_request(
+    replicas: list[ServeReplica], router_for: Callable[..., RouterThread]
+) -> None:
+    """The router's memory bounds with a real replica and OpenAI's client. A chat stream
+    held part-way (its replica frozen) holds no request body (vLLM's first chunk brought the
+    prompt's token ids, the messages are dropped); the router is at maxConcurrentRequests 1,
+    so a second request is a RateLimitError with Retry-After; thawed, the stream ends as the
+    replica's own answer. A body over maxRequestBytes is a 413 naming the setting."""
+    import openai
+
+    replica = replicas[0]
+    rt = router_for(
+        [_replica(replica)],
+        bounds=limits.Limits(max_request_bytes=16 * 1024, max_concurrent_requests=1),
+    )
+    client = _client(rt.url)
+    ask: dict[str, Any] = {
+        "model": "qa",
+        "messages": [{"role": "user", "content": PROMPTS[0] + " " + "and the sea " * 30}],
+        "max_tokens": 60,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    direct = _client(replica.url).chat.completions.create(**ask).choices[0].message.content
+
+    def chat_stream(into: list[str]) -> None:
+        for chunk in client.chat.completions.create(stream=True, **ask):
+            into.extend(c.delta.content or "" for c in chunk.choices)
+
+    with ThreadPoolExecutor(1) as pool:
+        deadline = time.monotonic() + 300
+        futures, got = _held_under_way(pool, [chat_stream], [direct or ""], replica, deadline)
+        try:
+            _, status = http_json("GET", rt.url + "/cheapspot/router")
+            with pytest.raises(openai.RateLimitError) as busy:
+                client.completions.create(model="qa", prompt="x", max_tokens=2)
+        finally:
+            replica.thaw()
+        futures[0].result(timeout=300)
+    assert (status["active"], status["buffered_bytes"]) == (1, 0), status
+    assert busy.value.response.headers["retry-after"] == str(limits.RETRY_AFTER_SECONDS)
+    assert "router.maxConcurrentRequests" in busy.value.message
+    assert "".join(got[0]) == direct
+    with pytest.raises(openai.APIStatusError) as large:
+        client.completions.create(model="qa", prompt="sky " * 5000, max_tokens=2)
+    assert large.value.status_code == 413 and "router.maxRequestBytes" in large.value.message
+    assert rt.router.stats["overloaded"] == 1 and rt.router.buffered.held == 0
 
 
 class CutProxy:

@@ -70,3 +70,25 @@ def test_workers_get_the_store_endpoint_and_keys_only_through_a_secret() -> None
     assert worker["env"]["AWS_ENDPOINT_URL"] == "http://10.0.0.1:9000"
     assert not any("SECRET" in key or "KEY" in key for key in worker["env"])
     assert config["namespaces"] == ["ns"]
+
+
+def test_the_demo_says_which_replicas_it_waits_for_and_how_serving_goes_meanwhile() -> None:
+    from types import SimpleNamespace
+
+    from cheapspot_localcluster.demo import replacement_line
+
+    ready = {"type": "Ready", "status": "True"}
+    pods = [
+        {
+            "metadata": {"name": "qa-serve-od-0"},
+            "status": {"phase": "Running", "conditions": [ready]},
+        },
+        {"metadata": {"name": "qa-serve-spot-3"}, "status": {"phase": "Running"}},
+        {"metadata": {"name": "qa-serve-spot-4"}},
+    ]
+    ok = SimpleNamespace(ok=True, tokens=16)
+    load = SimpleNamespace(outcomes=[ok, ok, ok], failed=[], truncated=[ok])
+    line = replacement_line(pods, load, since=0.0)
+    assert "qa-serve-spot-3 Running, qa-serve-spot-4 Pending" in line
+    assert "qa-serve-od-0" not in line
+    assert "3 requests served, 1 failed" in line

@@ -15,7 +15,10 @@ from prometheus_client import REGISTRY
 
 from cheapspot.contract import Layout, Phase, Progress, Role
 from cheapspot.store import Store
+from cheapspot_operator.api.inferencepool import parse_spec as parse_pool_spec
 from cheapspot_operator.inferencepool.controller import PoolReconciler
+from cheapspot_operator.inferencepool.manifests import PoolInfo
+from cheapspot_operator.inferencepool.tokens import AdminTokens, PoolGuard
 from cheapspot_operator.runtime.config import OperatorConfig
 from cheapspot_operator.runtime.kubeapi import ApiError
 from cheapspot_operator.runtime.loops import Loops
@@ -417,7 +420,7 @@ def test_a_slow_store_does_not_hold_up_a_reconciliation() -> None:
         time.sleep(2.0)
         return {}
 
-    cache = ProgressCache(slow, ttl=1.0, first_wait=0.2)
+    cache = ProgressCache(slow, min_gap=1.0, first_wait=0.2)
     started = time.monotonic()
     assert cache.get("uid", "s3://b/p/", 1) is None
     assert time.monotonic() - started < 1.0
@@ -672,3 +675,74 @@ def test_a_replica_deleted_by_the_cluster_is_replaced_from_the_watch_event() -> 
     r.reconcile("ns", "qa")
     assert f"{PODS}/qa-replica-1-1" in api.objects
     assert PODS not in api.lists
+
+
+def test_planning_is_timed_on_every_pass_and_writing_only_when_a_pass_writes() -> None:
+    _api, r = _world(shards=2)
+    stage = "cheapspot_reconcile_stage_seconds_count"
+    for _ in range(4):
+        planning, writing = _sample(stage, stage="planning"), _sample(stage, stage="writing")
+        actions = r.reconcile("ns", "qa-lora")
+        assert _sample(stage, stage="planning") == planning + 1
+        assert _sample(stage, stage="writing") == writing + (1 if actions else 0)
+    assert not actions  # the last passes had nothing to write
+
+
+# -- who may use a pool ----------------------------------------------------------------------
+
+SECRETS = "/api/v1/namespaces/ns/secrets"
+POLICIES = "/apis/networking.k8s.io/v1/namespaces/ns/networkpolicies"
+
+
+def test_a_pool_gets_its_admin_token_and_network_policy_before_its_replicas() -> None:
+    api, r = _pool_world(replicas=2)
+    serving = OperatorConfig.model_validate({"serving": {"operatorNamespace": "cheapspot"}})
+    r.guard = PoolGuard(api, serving.serving)  # type: ignore[arg-type]
+    r.reconcile("ns", "qa")
+    key = api.objects["/api/v1/namespaces/cheapspot/secrets/cheapspot-admin-key"]
+    assert len(key["stringData"]["key"]) >= 32
+    secret = api.objects[f"{SECRETS}/qa-admin"]
+    token = secret["stringData"]["token"]
+    assert len(token) == 64 and secret["metadata"]["ownerReferences"][0]["uid"] == "pool-uid"
+    policy = api.objects[f"{POLICIES}/qa-replicas"]
+    assert policy["spec"]["ingress"][0]["from"][1]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "cheapspot"
+    }
+    names = [name for verb, name in api.calls if verb == "create"]
+    assert names.index("qa-admin") < names.index("qa-replica-0-0")
+    assert names.index("qa-replicas") < names.index("qa-replica-0-0")
+    # the pool's pods never read a Secret back: a restarted operator derives the same token
+    pool = api.objects[POOL]
+    info = PoolInfo("ns", "qa", "pool-uid", parse_pool_spec(pool["spec"]))
+    assert AdminTokens(api, "cheapspot").ensure(info) == token  # type: ignore[arg-type]
+    assert not [p for p in api.gets if p.startswith(SECRETS)]
+
+
+def test_a_pool_naming_another_namespaces_adapter_is_refused_naming_the_field() -> None:
+    other = [{"name": "qa", "uri": "s3://ckpt/other-team/qa/final/"}]
+    api, r = _pool_world(replicas=2, adapters=other)
+    r.config = OperatorConfig.model_validate(
+        {"allowedUriPrefixes": {"*": ["s3://models/", "s3://ckpt/{namespace}/"]}}
+    )
+    r.reconcile("ns", "qa")
+    conditions = {c["type"]: c for c in api.objects[POOL]["status"]["conditions"]}
+    degraded = conditions["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "URINotAllowed")
+    assert degraded["message"].startswith("spec.adapters[qa].uri s3://ckpt/other-team/qa/final/")
+    assert "s3://models/, s3://ckpt/ns/" in degraded["message"]
+    assert conditions["Ready"]["status"] == "False"
+    assert not [p for p in api.objects if p.startswith(PODS + "/")]
+    assert not [p for p in api.objects if p.startswith(SECRETS + "/")]
+    (event,) = [e for e in api.events if e["reason"] == "URINotAllowed"]
+    assert "allowedUriPrefixes" in event["message"]
+
+
+def test_a_job_naming_a_uri_outside_its_namespaces_prefixes_fails_naming_the_field() -> None:
+    api, r = _world(shards=2)
+    r.config = OperatorConfig.model_validate({"allowedUriPrefixes": {"other": ["s3://"]}})
+    r.reconcile("ns", "qa-lora")
+    status = api.objects[JOB]["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "URINotAllowed"
+    assert "spec.model.uri" in status["message"] and "spec.dataset.uri" in status["message"]
+    assert "namespace ns may use no storage URI" in status["message"]
+    assert api.list(PODS) == []

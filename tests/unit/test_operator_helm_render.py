@@ -130,7 +130,16 @@ def test_the_default_install_runs_the_quickstart(helm: Helm) -> None:
     rules = find(rendered, "ClusterRole", binding["roleRef"]["name"])["rules"]
     assert grants(rules, "create", "pods") and grants(rules, "patch", "cheaptrainjobs/status")
     assert grants(rules, "create", "poddisruptionbudgets")
+    # Each pool's NetworkPolicy and admin token Secret.
+    assert grants(rules, "create", "networkpolicies") and grants(rules, "create", "secrets")
+    assert grants(rules, "get", "secrets") and not grants(rules, "list", "secrets")
     deployment = find(rendered, "Deployment", "cheapspot")
+    # The pools' NetworkPolicies admit exactly the operator's pods, in its namespace.
+    assert config.serving.network_policies is True
+    assert config.serving.operator_namespace == RELEASE_NS
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert config.serving.operator_pod_labels.items() <= pod_labels.items()
+    assert config.allowed_uri_prefixes == {}
     assert (
         deployment["spec"]["template"]["spec"]["serviceAccountName"]
         == operator_sa["metadata"]["name"]
@@ -172,3 +181,18 @@ def test_the_readmes_s3_compatible_install_reaches_the_store(helm: Helm, tmp_pat
     binding = find(rendered, "RoleBinding", "cheapspot", job_namespace)
     assert binding["roleRef"]["name"] == "cheapspot"
     assert binding["subjects"][0]["namespace"] == RELEASE_NS
+
+
+def test_the_uri_allowlist_reaches_the_operator(helm: Helm) -> None:
+    rendered = helm.template(
+        "--set-json",
+        'allowedUriPrefixes={"*": ["s3://models/{namespace}/"], "research": ["s3://lab/"]}',
+        "--set",
+        "serving.networkPolicies=false",
+    )
+    config = operator_config(rendered)
+    assert config.allowed_uri_prefixes == {
+        "*": ["s3://models/{namespace}/"],
+        "research": ["s3://lab/"],
+    }
+    assert config.serving.network_policies is False

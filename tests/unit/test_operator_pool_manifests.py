@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cheapspot.contract import (
     ADMIN_PORT,
     ANNOTATION_DRAINING,
@@ -149,6 +151,36 @@ def test_the_router_gets_the_pools_stall_bounds() -> None:
         assert got == expect
         args = router_parser().parse_args(command[command.index("--pool") :])
         assert (args.first_token_seconds, args.stall_seconds) == tuple(map(float, expect))
+
+
+def test_the_router_gets_the_pools_memory_bounds_with_the_routers_own_defaults() -> None:
+    """The pool's router.max* settings reach the router's command line, which parses them
+    into its limits; left out, they are the router's own defaults (one set of numbers)."""
+    from cheapspot_operator.router import limits
+    from cheapspot_operator.router.server import bounds_from
+
+    for router, expect in (
+        ({}, limits.Limits()),
+        (
+            {
+                "maxRequestBytes": 65536,
+                "maxConcurrentRequests": 10,
+                "maxQueuedRequests": 0,
+                "maxBufferedBytes": 131072,
+            },
+            limits.Limits(65536, 10, 0, 131072),
+        ),
+    ):
+        info = PoolInfo("team-a", "qa-serve", "uid-7", make_pool(router=router))
+        dep = build_router_deployment(
+            info, 1, _placement(CapacityType.ON_DEMAND), CONFIG.worker, CONFIG.serving
+        )
+        command = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert bounds_from(router_parser().parse_args(command[command.index("--pool") :])) == (
+            expect
+        )
+    with pytest.raises(ValueError, match="maxBufferedBytes"):
+        make_pool(router={"maxRequestBytes": 65536, "maxBufferedBytes": 4096})
 
 
 def test_a_replica_pods_scratch_is_bounded_like_a_shards() -> None:

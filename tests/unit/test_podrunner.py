@@ -18,6 +18,7 @@ from cheapspot_localcluster.podrunner import (
     decide,
     field_value,
     machine_is_on,
+    secret_volume_dirs,
     terminated_status,
     termination_message,
     view,
@@ -293,3 +294,27 @@ def test_a_pods_tmp_has_a_short_path_for_unix_sockets(tmp_path: Path) -> None:
         assert link.resolve() == deep.resolve()
     finally:
         link.unlink()
+
+
+def test_a_secret_volume_becomes_the_secrets_keys_as_files_and_its_env_points_there(
+    tmp_path: Path,
+) -> None:
+    spec = {
+        "volumes": [
+            {
+                "name": "keys",
+                "secret": {
+                    "secretName": "qa-keys",
+                    "items": [{"key": "clients.yaml", "path": "keys.yaml"}],
+                },
+            }
+        ]
+    }
+    container = {"volumeMounts": [{"name": "keys", "mountPath": "/etc/cheapspot/api-keys"}]}
+    read = {"qa-keys": {"clients.yaml": "keys: []\n", "other": "x"}}.__getitem__
+    volumes = secret_volume_dirs(spec, container, tmp_path, read)
+    assert volumes == {"/etc/cheapspot/api-keys": tmp_path / "keys"}
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["keys.yaml"]
+    assert (tmp_path / "keys" / "keys.yaml").read_text() == "keys: []\n"
+    env = with_volumes({"CHEAPSPOT_API_KEYS_FILE": "/etc/cheapspot/api-keys/keys.yaml"}, volumes)
+    assert env["CHEAPSPOT_API_KEYS_FILE"] == str(tmp_path / "keys" / "keys.yaml")

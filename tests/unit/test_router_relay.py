@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from cheapspot_operator.router import limits
 from cheapspot_operator.router.routing import Replica
 from cheapspot_operator.router.server import Router
 
@@ -282,3 +283,168 @@ def test_a_stalled_replica_is_left_until_it_answers_again() -> None:
     assert seen["stalled"] == [True, False]
     assert seen["during"] == (0, 1) and seen["after"] == (1, 0)
     assert seen["stats"]["stalls"] == 1 and seen["stats"]["resumes"] == 1
+
+
+# -- the router's memory bounds, through its HTTP server (pure decisions: test_router_limits.py)
+
+
+async def answer(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any] | bytes
+) -> tuple[int, dict[str, str], Any]:
+    """Status, headers and body (JSON, or the raw text of a stream) of one POST."""
+    kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
+    async with session.post(url + "/v1/completions", **kwargs) as resp:
+        raw = await resp.read()
+        try:
+            doc: Any = json.loads(raw)
+        except ValueError:
+            doc = raw.decode()
+        return resp.status, dict(resp.headers), doc
+
+
+def openai_error(doc: Any, status: int) -> dict[str, Any]:
+    error: dict[str, Any] = doc["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status, doc
+    return error
+
+
+def held_until(release: asyncio.Event) -> Hook:
+    async def hook(i: int, body: dict[str, Any], request: web.Request) -> None:
+        if i == 1 or not body.get("stream"):
+            await release.wait()
+
+    return hook
+
+
+async def until(check: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the router never got there")
+
+
+def test_a_body_over_the_limit_gets_a_413_naming_it_and_never_reaches_a_replica() -> None:
+    """A body over maxRequestBytes is refused with OpenAI's error naming the limit, whether
+    its length is announced (Content-Length) or not (chunked); one at the limit is served."""
+    limit = 4096
+
+    async def scenario(fakes: list[FakeReplica]) -> None:
+        (a,) = fakes
+        runner, url, router = await router_on(
+            [a], bounds=limits.Limits(max_request_bytes=limit, max_buffered_bytes=4 * limit)
+        )
+
+        def body(size: int) -> bytes:
+            doc = json.dumps({"model": "m", "prompt": [1], "max_tokens": 2, "user": ""})
+            return doc.replace('"user": ""', '"user": "' + "u" * (size - len(doc)) + '"').encode()
+
+        async def chunked(data: bytes) -> Any:
+            yield data[:100]
+            yield data[100:]
+
+        async with aiohttp.ClientSession() as session:
+            for over in (body(limit + 1), chunked(body(limit + 1))):
+                async with session.post(url + "/v1/completions", data=over) as resp:
+                    status, doc = resp.status, await resp.json()
+                error = openai_error(doc, 413)
+                assert status == 413 and error["type"] == "invalid_request_error"
+                assert f"at most {limit} bytes" in error["message"]
+                assert "router.maxRequestBytes" in error["message"]
+            assert a.requests == 0 and router.buffered.held == 0
+            status, _, _ = await answer(session, url, body(limit))
+            assert status == 200 and a.requests == 1
+        await runner.cleanup()
+
+    asyncio.run(with_fakes(["a"], scenario))
+
+
+def test_past_its_most_requests_the_router_answers_429_with_retry_after() -> None:
+    """maxConcurrentRequests 2: with two streams held on the replica, a third request gets a
+    429 with Retry-After at once; the two streams end whole, and then requests are served."""
+
+    async def scenario(fakes: list[FakeReplica]) -> None:
+        (a,) = fakes
+        release = asyncio.Event()
+        a.hook = held_until(release)
+        runner, url, router = await router_on([a], bounds=limits.Limits(max_concurrent_requests=2))
+        async with aiohttp.ClientSession() as session:
+            held = [asyncio.ensure_future(events(session, url, long_stream())) for _ in range(2)]
+            await until(lambda: router.active == 2)
+            status, headers, doc = await answer(session, url, long_stream())
+            assert status == 429 and headers["Retry-After"] == str(limits.RETRY_AFTER_SECONDS)
+            assert "router.maxConcurrentRequests" in openai_error(doc, 429)["message"]
+            assert a.requests == 2  # the refused request reached no replica
+            release.set()
+            for got in await asyncio.gather(*held):
+                assert (text_of(got), got[-1]) == (WHOLE, "[DONE]")
+            assert text_of(await events(session, url, long_stream())) == WHOLE
+        await runner.cleanup()
+        assert router.stats["overloaded"] == 1
+
+    asyncio.run(with_fakes(["a"], scenario))
+
+
+def test_a_full_queue_gets_a_503_with_retry_after_and_the_queued_request_is_served() -> None:
+    """Capacity 1, maxQueuedRequests 1: one stream on the replica, one request waiting; a
+    third (a POST, a GET) gets a 503 with Retry-After at once; the first two end whole."""
+
+    async def scenario(fakes: list[FakeReplica]) -> None:
+        (a,) = fakes
+        release = asyncio.Event()
+        a.hook = held_until(release)
+        runner, url, router = await router_on(
+            [a], capacity=1, bounds=limits.Limits(max_queued_requests=1)
+        )
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.ensure_future(events(session, url, long_stream()))
+            await until(lambda: router.replicas.load.in_flight.get("a") == 1)
+            queued = asyncio.ensure_future(events(session, url, long_stream()))
+            await until(lambda: router.replicas.waiting == 1)
+            status, headers, doc = await answer(session, url, long_stream())
+            assert status == 503 and headers["Retry-After"] == str(limits.RETRY_AFTER_SECONDS)
+            assert "router.maxQueuedRequests" in openai_error(doc, 503)["message"]
+            async with session.get(url + "/v1/models") as resp:  # a GET waits in the queue too
+                assert resp.status == 503 and "Retry-After" in resp.headers
+            release.set()
+            for got in (await first, await queued):
+                assert (text_of(got), got[-1]) == (WHOLE, "[DONE]")
+            assert a.requests == 2 and router.replicas.waiting == 0
+        await runner.cleanup()
+
+    asyncio.run(with_fakes(["a"], scenario))
+
+
+def test_bodies_held_whole_are_bounded_and_a_stream_lets_go_of_its_body() -> None:
+    """maxBufferedBytes 8 KiB: a plain request with a 5 KiB body held on the replica keeps
+    its body (for a retry); a second such request gets a 503 with Retry-After. A stream's
+    body is let go once the replica has sent the prompt's token ids: with one held
+    mid-stream, the plain request's body fits."""
+    kib = 1024
+
+    async def scenario(fakes: list[FakeReplica]) -> None:
+        (a,) = fakes
+        release = asyncio.Event()
+        a.hook = held_until(release)
+        runner, url, router = await router_on(
+            [a], bounds=limits.Limits(max_request_bytes=6 * kib, max_buffered_bytes=8 * kib)
+        )
+        prompt = list(range(1000))  # about 5 KiB as JSON
+        plain = {"model": "m", "prompt": prompt, "max_tokens": 2}
+        async with aiohttp.ClientSession() as session:
+            stream = asyncio.ensure_future(events(session, url, long_stream(prompt=prompt)))
+            await until(lambda: a.requests == 1 and router.buffered.held == 0)
+            first = asyncio.ensure_future(answer(session, url, plain))
+            await until(lambda: a.requests == 2)
+            assert 4 * kib < router.buffered.held < 6 * kib
+            status, headers, doc = await answer(session, url, plain)
+            assert status == 503 and headers["Retry-After"] == str(limits.RETRY_AFTER_SECONDS)
+            assert "router.maxBufferedBytes" in openai_error(doc, 503)["message"]
+            release.set()
+            got = await stream
+            assert got[-1] == "[DONE]" and len(text_of(got)) == TOKENS
+            assert (await first)[0] == 200
+        await runner.cleanup()
+        assert router.buffered.held == 0
+
+    asyncio.run(with_fakes(["a"], scenario))

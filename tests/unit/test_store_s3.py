@@ -124,3 +124,17 @@ def test_a_store_rooted_at_a_published_prefix_reads_its_manifest(
     assert manifest is not None and "config.json" in manifest.files
     rooted.fetch("", tmp_path / "out")
     assert (tmp_path / "out" / "config.json").read_bytes() == b"{}"
+
+
+def test_every_request_to_the_store_is_counted_by_operation(store: Store) -> None:
+    counted: list[str] = []
+
+    def count(operation: str) -> None:
+        counted.append(operation)
+
+    store.on_request(count)
+    Store(store.root_uri).on_request(count)  # the same shared client: counted once
+    store.put_bytes("progress/shard-0000.json", b"{}")
+    assert store.get_bytes_or_none("progress/shard-0000.json") == b"{}"
+    assert store.get_bytes_or_none("progress/shard-0001.json") is None
+    assert counted == ["PutObject", "GetObject", "GetObject"]

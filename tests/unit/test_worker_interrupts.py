@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from cheapspot.contract import Task
+from cheapspot.contract import Progress, Role, Task
 from cheapspot.store import Store
 from cheapspot_worker import training
 from cheapspot_worker.anchor import ADAPTER_FILE
@@ -84,3 +84,35 @@ def test_a_non_finite_loss_fails_the_shard_naming_shard_and_step(
     assert "shard 0" in message and "step 1" in message and "nan" in message
     assert not store.has_manifest(task.layout.shard_result(0, 0))
     assert trainer.checkpoints.latest_good() is None
+
+
+def test_the_progress_record_names_a_checkpoint_once_published_not_one_later(
+    task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator reads the last checkpoint from the progress record: the upload thread
+    writes it after the manifest, so it does not lag a whole checkpoint interval behind."""
+    store = Store(task.output_uri)
+    one_round = task.model_copy(
+        update={
+            "training": task.training.model_copy(update={"steps": 6}),
+            "rounds": task.rounds.model_copy(update={"local_steps": 6}),
+            "checkpoint": task.checkpoint.model_copy(update={"every_steps": 2}),
+        }
+    )
+    trainer = training.ShardTrainer(one_round, store, training.Stop())
+    real_step = trainer.train_step
+    seen: list[int | None] = []
+
+    def train_step(step: int, log: training.RoundLog) -> bool:
+        if step == 3:  # the checkpoint at step 2 was taken one step ago
+            pending = trainer._pending
+            assert pending is not None, "the checkpoint of step 2 was not taken"
+            pending.join(30)
+            doc = store.get_json(one_round.layout.progress(Role.TRAIN, 0))
+            seen.append(None if doc is None else Progress.model_validate(doc).last_checkpoint_step)
+        return real_step(step, log)
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    trainer.run()
+    assert store.has_manifest(one_round.layout.shard_checkpoint(0, 2))
+    assert seen == [2]

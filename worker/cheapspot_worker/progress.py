@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -63,7 +64,12 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
 
 
 class Reporter:
-    """Keeps this role's Progress record current in the store."""
+    """Keeps this role's Progress record current in the store.
+
+    Thread-safe: a training shard's checkpoint-upload thread reports the checkpoint it
+    published while the training thread reports steps. Writes go out one at a time, and a
+    record older than one already written is dropped, so the store never goes back.
+    """
 
     def __init__(
         self,
@@ -77,6 +83,10 @@ class Reporter:
         self.key = layout.progress(role, shard_index)
         self.min_interval = min_interval
         self._last_put = 0.0
+        self._lock = threading.Lock()  # the record and the decision to write it
+        self._put_lock = threading.Lock()  # one write at a time, in order
+        self._version = 0
+        self._written = 0
         self.previous = self._read_previous()
         self.record = Progress(role=role, shard_index=shard_index, phase=Phase.STARTING)
         if self.previous is not None:
@@ -99,15 +109,25 @@ class Reporter:
             return None
 
     def update(self, *, force: bool = False, **fields: Any) -> None:
-        phase_changed = "phase" in fields and fields["phase"] != self.record.phase
-        self.record = self.record.model_copy(update={**fields, "updated_at": datetime.now(UTC)})
-        now = time.monotonic()
-        if force or phase_changed or now - self._last_put >= self.min_interval:
+        with self._lock:
+            phase_changed = "phase" in fields and fields["phase"] != self.record.phase
+            self.record = self.record.model_copy(update={**fields, "updated_at": datetime.now(UTC)})
+            self._version += 1
+            due = force or phase_changed or time.monotonic() - self._last_put >= self.min_interval
+            if due:
+                self._last_put = time.monotonic()
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        self.store.put_bytes(self.key, self.record.to_json())
-        self._last_put = time.monotonic()
+        with self._lock:
+            version, data = self._version, self.record.to_json()
+        with self._put_lock:
+            if version < self._written:
+                return  # a newer record went out meanwhile
+            self.store.put_bytes(self.key, data)
+            self._written = version
+            self._last_put = time.monotonic()
 
     def try_flush(self) -> None:
         """Best effort, for the way out after a failure (the store may be what failed)."""

@@ -9,7 +9,8 @@ What it does, in order:
 2. start ``python -m vllm.entrypoints.openai.api_server`` with the pool's engine settings
    on :data:`~cheapspot.contract.SERVE_PORT` (runtime LoRA updating on, so adapters come
    and go without a restart);
-3. serve the admin API on :data:`~cheapspot.contract.ADMIN_PORT` (operator and router only):
+3. serve the admin API on :data:`~cheapspot.contract.ADMIN_PORT` (operator and router only;
+   a PUT needs the pool's admin token, :mod:`cheapspot_worker.admin_auth`):
 
    * ``GET /cheapspot/status``: ``ready``, ``phase``, the served ``model`` names, the loaded
      ``adapters`` by version (``{name, uri, digest}``, :mod:`cheapspot_worker.adapter_versions`),
@@ -64,6 +65,7 @@ from typing import Any
 from cheapspot.contract import (
     ADAPTER_SWAP_SETTLE_SECONDS,
     ADMIN_PORT,
+    ADMIN_TOKEN_ENV,
     SERVE_PORT,
     AdapterSource,
     ServeTask,
@@ -76,6 +78,7 @@ from cheapspot_worker.adapter_versions import (
     fetch_adapter,
 )
 from cheapspot_worker.adapters import AdapterError
+from cheapspot_worker.admin_auth import admin_auth
 from cheapspot_worker.errors import EngineFailed, Interrupted, PermanentError
 from cheapspot_worker.loading import resolve_model_dir
 from cheapspot_worker.progress import event
@@ -301,6 +304,17 @@ class Launcher:
 
     # -- running -------------------------------------------------------------------------
 
+    def admin_app(self) -> Any:
+        """The admin API; changes need the pool's admin token (:mod:`.admin_auth`)."""
+        from aiohttp import web
+
+        app = web.Application(middlewares=[admin_auth(os.environ.get(ADMIN_TOKEN_ENV, ""))])
+        app.router.add_get("/cheapspot/status", self._status)
+        app.router.add_get("/cheapspot/ready", self._ready)
+        app.router.add_get("/cheapspot/adapters", self._adapters)
+        app.router.add_put("/cheapspot/adapters", self._put_adapters)
+        return app
+
     async def run(self) -> None:
         import aiohttp
         from aiohttp import web
@@ -308,12 +322,7 @@ class Launcher:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        app = web.Application()
-        app.router.add_get("/cheapspot/status", self._status)
-        app.router.add_get("/cheapspot/ready", self._ready)
-        app.router.add_get("/cheapspot/adapters", self._adapters)
-        app.router.add_put("/cheapspot/adapters", self._put_adapters)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(self.admin_app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.host, self.admin_port).start()
         event("admin_listening", host=self.host, port=self.admin_port)

@@ -220,7 +220,7 @@ class ShardTrainer:
             }
             self._lora_params = dict(sorted(params.items())) if set(params) == expected else {}
         if not self._lora_params:
-            return _detached_copy(adapter_state(self.model))  # type: ignore[no-any-return]
+            return detached_copy(adapter_state(self.model))  # type: ignore[no-any-return]
         return {
             k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self._lora_params.items()
         }
@@ -407,6 +407,9 @@ class ShardTrainer:
             loss=round(total_loss, 6),
             lr=self.scheduler.get_last_lr()[0],
             tokens=tokens,
+            # CPU seconds of the process so far (every thread): step costs that a busy
+            # machine's wall clock would blur.
+            cpu_s=round(time.process_time(), 4),
             **distill,
         )
         self.reporter.update(step=step + 1, loss=total_loss, tokens=self.tokens)
@@ -443,7 +446,8 @@ class ShardTrainer:
         """Snapshot the state now; publish it in the background (``wait``: before returning).
 
         Only the snapshot (a copy of adapter and optimizer tensors) holds up training; the
-        upload overlaps the next steps. One upload at a time: a new checkpoint first waits
+        upload (serialise, objects, manifest, pruning, the progress record naming the
+        checkpoint) overlaps the next steps. One upload at a time: a new checkpoint first waits
         for the previous one, and SIGTERM waits for it before publishing its own.
         """
         self.finish_pending()
@@ -453,7 +457,7 @@ class ShardTrainer:
         ckpt = Checkpoint(
             step=step,
             adapter=self.adapter_snapshot(),
-            trainer_state=_detached_copy(self.trainer_state(rng)),
+            trainer_state=detached_copy(self.trainer_state(rng)),
             meta={
                 "round": r,
                 "tokens": self.tokens,
@@ -482,6 +486,12 @@ class ShardTrainer:
             return
         upload = time.monotonic() - started
         self._published = (ckpt.step, snapshot_seconds + upload)
+        try:
+            # From here, not from the training thread: on S3 this is a round trip.
+            self.reporter.update(last_checkpoint_step=ckpt.step, force=True)
+        except BaseException as exc:
+            self._pending_error = exc
+            return
         event(
             "checkpoint",
             shard=self.shard,
@@ -500,9 +510,8 @@ class ShardTrainer:
             error, self._pending_error = self._pending_error, None
             raise error
         if self._published is not None:
-            step, self.checkpoint_seconds = self._published
+            _, self.checkpoint_seconds = self._published
             self._published = None
-            self.reporter.update(last_checkpoint_step=step, force=True)
 
     def publish_result(self, r: int, round_log: RoundLog) -> None:
         state = self.adapter_snapshot()
@@ -520,14 +529,14 @@ class ShardTrainer:
         event("round_result", shard=self.shard, round=r, published=published)
 
 
-def _detached_copy(obj: Any) -> Any:
+def detached_copy(obj: Any) -> Any:
     """A copy of ``obj`` whose tensors are on the CPU and share nothing with training."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _detached_copy(v) for k, v in obj.items()}
+        return {k: detached_copy(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(_detached_copy(v) for v in obj)
+        return type(obj)(detached_copy(v) for v in obj)
     return obj
 
 

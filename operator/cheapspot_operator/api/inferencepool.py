@@ -69,7 +69,48 @@ class PoolSpotPolicy(SpecModel):
     ] = 120
 
 
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+
+
+class ApiKeysSpec(SpecModel):
+    """Where the pool's API keys are: a Secret in the pool's namespace, one of whose keys
+    holds a YAML list of keys, each with the models it may use."""
+
+    secret_name: Annotated[
+        str,
+        Field(
+            alias="secretName",
+            min_length=1,
+            max_length=253,
+            pattern=SECRET_NAME_PATTERN,
+            description="The Secret (in the pool's namespace). Its key holds "
+            "`keys: [{name, key, models}]`: `key` the bearer token clients send "
+            "(Authorization: Bearer), `name` for logs, `models` the base model and adapter "
+            "names it may use (absent: all). Edits reach the routers within seconds.",
+        ),
+    ]
+    key: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=253,
+            pattern=SECRET_KEY_PATTERN,
+            description="The Secret's key that holds the list.",
+        ),
+    ] = "keys.yaml"
+
+
 class RouterSpec(SpecModel):
+    api_keys: Annotated[
+        ApiKeysSpec | None,
+        Field(
+            alias="apiKeys",
+            description="Client authentication: every request needs one of these keys "
+            "(401 without, 403 for a model its key may not use). Absent: the endpoint "
+            "takes every request from inside the cluster.",
+        ),
+    ] = None
     replicas: Annotated[
         int, Field(ge=1, le=16, description="Router pods (on on-demand capacity).")
     ] = 1
@@ -115,6 +156,50 @@ class RouterSpec(SpecModel):
             "own streams cannot be resumed by another router.",
         ),
     ] = 600
+    max_request_bytes: Annotated[
+        int,
+        Field(
+            alias="maxRequestBytes",
+            ge=1024,
+            le=2**30,
+            description="The largest request body a router takes (bytes); larger gets a 413. "
+            "The default 2 MiB holds a 128k-token prompt as text or token ids.",
+        ),
+    ] = 2 * 1024 * 1024
+    max_concurrent_requests: Annotated[
+        int,
+        Field(
+            alias="maxConcurrentRequests",
+            ge=1,
+            le=1_000_000,
+            description="Client requests one router carries at once, streams until their last "
+            "byte; more get a 429 with Retry-After. The default 1024 fits the default memory "
+            "(about 75 KiB a stream of an 8k context, with its resume state).",
+        ),
+    ] = 1024
+    max_queued_requests: Annotated[
+        int,
+        Field(
+            alias="maxQueuedRequests",
+            ge=0,
+            le=1_000_000,
+            description="Requests one router lets wait for a free replica (every replica at "
+            "its capacity, or none ready); a request that would wait behind more gets a 503 "
+            "with Retry-After. Retries and resumes of requests already under way always wait.",
+        ),
+    ] = 256
+    max_buffered_bytes: Annotated[
+        int,
+        Field(
+            alias="maxBufferedBytes",
+            ge=1024,
+            le=2**40,
+            description="Bytes of request bodies one router holds whole at once (a request's "
+            "while it waits, a non-streamed one's until it is answered, for a retry); a "
+            "request that would pass it gets a 503 with Retry-After. At least "
+            "maxRequestBytes. Raise it with memory.",
+        ),
+    ] = 32 * 1024 * 1024
     cpu: Annotated[
         str, Field(pattern=QUANTITY_PATTERN, max_length=32, description="CPU request per router.")
     ] = "500m"
@@ -122,6 +207,29 @@ class RouterSpec(SpecModel):
         str,
         Field(pattern=QUANTITY_PATTERN, max_length=32, description="Memory request per router."),
     ] = "256Mi"
+
+    @model_validator(mode="after")
+    def _body_fits_buffer(self) -> RouterSpec:
+        # The CRD's CEL rule says the same.
+        if self.max_buffered_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"router.maxBufferedBytes ({self.max_buffered_bytes}) must be at least "
+                f"router.maxRequestBytes ({self.max_request_bytes})"
+            )
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.maxBufferedBytes) || !has(self.maxRequestBytes) "
+                    "|| self.maxBufferedBytes >= self.maxRequestBytes",
+                    "maxBufferedBytes must be at least maxRequestBytes",
+                    field_path=".maxBufferedBytes",
+                ),
+            ]
+        }
+    )
 
 
 class InferencePoolSpec(SpecModel):

@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 
 from cheapspot_operator.app.registry import make_registry
 from cheapspot_operator.inferencepool.controller import PoolReconciler
+from cheapspot_operator.runtime import metrics
 from cheapspot_operator.runtime.config import OperatorConfig, load_config
 from cheapspot_operator.runtime.kubeapi import KubeApi
 from cheapspot_operator.runtime.nodelist import SharedNodeList
@@ -51,7 +52,7 @@ async def run_operator(
     ready_flag: asyncio.Event | threading.Event | None = None,
 ) -> None:
     """Run until ``stop_flag`` is set (or forever). Tests run this in a thread."""
-    api = KubeApi.from_config(kubeconfig)
+    api = KubeApi.from_config(kubeconfig, on_request=metrics.count_kube_request)
     book, refresher = start_price_book(
         api, config.pricing, config.placement_profile(), config.price_table()
     )

@@ -120,10 +120,12 @@ def make_registry(
         if not namespace or not name:
             return
         job = event.get("object") or {}
-        jobs.observe_object(event.get("type"), job)
+        news = jobs.observe_object(event.get("type"), job)
         if event.get("type") == "DELETED":
             job_loops.stop((namespace, name))
             return
+        if not news and (namespace, name) in job_loops.tasks:
+            return  # our own status write coming back: the pass that wrote it saw it all
         phase = str((job.get("status") or {}).get("phase") or "")
         version = str((job.get("metadata") or {}).get("resourceVersion") or "")
         if phase in TERMINAL_PHASES and job_loops.settled.get((namespace, name)) == version:
@@ -149,11 +151,14 @@ def make_registry(
         event: Mapping[str, Any], labels: Mapping[str, str], namespace: str | None, **_: Any
     ) -> None:
         pod = event.get("object") or {}
-        jobs.observe_pod(event.get("type"), pod)
+        news = jobs.observe_pod(event.get("type"), pod)
         if namespace:
             key = (namespace, labels[LABEL_JOB])
             job_loops.place(event.get("type"), pod, key)
-            job_loops.poke(key)
+            if news:
+                # A pod's changes within a moment (bound, running) are one pass; a reclaim
+                # notice comes from its node, at once.
+                job_loops.poke_soon(key)
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_POOL: kopf.PRESENT}, registry=registry)
     async def pool_pod_event(

@@ -7,6 +7,8 @@
   "uri"}, ...]}`` (N: the pool's generation) on
   the admin port, in the background (one at a time per replica; the replica answers once it
   fetched and loaded what is new); it loads and unloads through vLLM's runtime adapter API.
+  The push carries the pool's admin token (``Authorization: Bearer``): the replica takes
+  changes from nobody else.
 """
 
 from __future__ import annotations
@@ -99,26 +101,36 @@ class AdminClient:
                 self.latest[rp.name] = (time.monotonic(), report)
 
     def push_adapters(
-        self, rp: ReplicaPod, adapters: Sequence[Mapping[str, str]], generation: int = 0
+        self,
+        rp: ReplicaPod,
+        adapters: Sequence[Mapping[str, str]],
+        generation: int = 0,
+        token: str = "",
     ) -> None:
         """Start pushing the adapter list to ``rp`` in the background (the replica fetches
         and loads new adapters before it answers, which can take a while); a push already
         under way for the same pod is not repeated. Reconciliation never waits for it: the
-        replica's next report says whether it took."""
+        replica's next report says whether it took. ``token``: the pool's admin token, which
+        the replica asks of every change."""
         with self.lock:
             if rp.name in self.pushing:
                 return
             self.pushing.add(rp.name)
-        self.pushers.submit(self._push, rp, list(adapters), generation)
+        self.pushers.submit(self._push, rp, list(adapters), generation, token)
 
-    def _push(self, rp: ReplicaPod, adapters: list[Mapping[str, str]], generation: int) -> None:
+    def _push(
+        self, rp: ReplicaPod, adapters: list[Mapping[str, str]], generation: int, token: str
+    ) -> None:
         body = json.dumps({"generation": generation, "adapters": adapters}).encode()
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         try:
             response = self.http.request(
                 "PUT",
                 self._url(rp, "/cheapspot/adapters"),
                 body=body,
-                headers={"Content-Type": "application/json"},
+                headers=headers,
                 timeout=PUSH_TIMEOUT,
             )
             ok = response.status < 300

@@ -10,6 +10,10 @@ What only serving needs, beyond the shared observe-plan-act pass:
   annotation, which the router watches.
 * **The router**: ServiceAccount, Role, RoleBinding, Service and Deployment created if
   absent; only the Deployment's replicas are ever changed.
+* **Who may reach the replicas**: the pool's admin token Secret and its NetworkPolicy, before
+  any replica is created (:class:`.tokens.PoolGuard`); every adapter push carries the token.
+* **Allowed URIs**: a model or adapter URI outside the namespace's ``allowedUriPrefixes``
+  refuses the pool (``Degraded``, reason ``URINotAllowed``, naming the field and the prefixes).
 * **Free GPUs** for the return to spot are counted (node allocatable minus the requests of
   pods bound there) only while the pool has a replica on on-demand fallback.
 * **A refused replica create** (a quota, an admission webhook) is reported on the ``Degraded``
@@ -56,8 +60,10 @@ from cheapspot_operator.inferencepool.observed import (
     router_view,
 )
 from cheapspot_operator.inferencepool.plan import plan
+from cheapspot_operator.inferencepool.tokens import PoolGuard
 from cheapspot_operator.planning.actions import CreatePod, EmitEvent, UpdateStatus
 from cheapspot_operator.planning.conditions import set_condition
+from cheapspot_operator.planning.uris import refused_uris
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.runtime import metrics
 from cheapspot_operator.runtime.config import OperatorConfig
@@ -94,6 +100,7 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
         super().__init__(api, config, clock=clock, quotes=quotes, nodes=nodes)
         self.admin = admin or AdminClient()
         self.counts: dict[tuple[str, str], tuple[int, int]] = {}
+        self.guard = PoolGuard(api, config.serving)
 
     def finished(self, namespace: str, name: str) -> bool:
         """Never: a pool serves until it is deleted, and deletion stops its loop."""
@@ -110,6 +117,10 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
             spec = ps.parse_spec(pool.get("spec") or {})
         except ValidationError as exc:
             return self._invalid(pool, status, validation_message(exc))
+        outside = refused_uris(namespace, pool_uris(spec), self.config.allowed_uri_prefixes)
+        if outside:
+            return self._invalid(pool, status, outside, reason="URINotAllowed")
+        token = self.guard.secure(self._info(pool, spec))
         pods = self.object_pods(namespace, name, meta["uid"])
         replicas = tuple(v for p in pods if (v := replica_pod_view(p)) is not None)
         # What is free on the nodes matters only to a replica that fell back to on-demand.
@@ -154,7 +165,9 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
                 self._mark_draining(namespace, action)
             elif isinstance(action, SyncAdapters) and action.pod in by_name:
                 adapters = [a.model_dump(mode="json", by_alias=True) for a in action.adapters]
-                self.admin.push_adapters(by_name[action.pod], adapters, action.generation)
+                self.admin.push_adapters(
+                    by_name[action.pod], adapters, action.generation, token=token
+                )
             elif isinstance(action, EnsureRouter):
                 self._ensure_router(pool, spec, action.replicas)
 
@@ -162,10 +175,14 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
         return actions
 
     def _invalid(
-        self, pool: dict[str, Any], status: ps.InferencePoolStatus, message: str
+        self,
+        pool: dict[str, Any],
+        status: ps.InferencePoolStatus,
+        message: str,
+        reason: str = "InvalidSpec",
     ) -> list[PoolAction]:
         actions = invalid_actions(
-            status, message, int(pool["metadata"].get("generation", 1)), self.clock()
+            status, message, int(pool["metadata"].get("generation", 1)), self.clock(), reason
         )
         self.apply(pool, actions, lambda action: None)
         return actions
@@ -303,13 +320,24 @@ def report_refusals(
     return out
 
 
+def pool_uris(spec: ps.InferencePoolSpec) -> dict[str, str]:
+    """Every storage URI the pool names, by spec field."""
+    uris = {"spec.model.uri": spec.model.uri}
+    uris.update({f"spec.adapters[{a.name}].uri": a.uri for a in spec.adapters})
+    return uris
+
+
 def invalid_actions(
-    status: ps.InferencePoolStatus, message: str, generation: int, now: datetime
+    status: ps.InferencePoolStatus,
+    message: str,
+    generation: int,
+    now: datetime,
+    reason: str = "InvalidSpec",
 ) -> list[PoolAction]:
     """An invalid spec (which the CRD's schema normally stops): Degraded and not Ready, said
     once per generation; retrying cannot fix it, the next edit may."""
     old = next((c for c in status.conditions if c.type == "Degraded"), None)
-    if old is not None and old.reason == "InvalidSpec" and old.observed_generation == generation:
+    if old is not None and old.reason == reason and old.observed_generation == generation:
         return []
     conditions = status.conditions
     for type_, value in (("Degraded", "True"), ("Ready", "False")):
@@ -318,7 +346,7 @@ def invalid_actions(
             common.Condition(
                 type=type_,
                 status=value,
-                reason="InvalidSpec",
+                reason=reason,
                 message=message,
                 last_transition_time=now,
                 observed_generation=generation,
@@ -327,5 +355,5 @@ def invalid_actions(
     update = {"conditions": conditions, "observed_generation": generation}
     return [
         UpdateStatus(status.model_copy(update=update)),
-        EmitEvent("Warning", "InvalidSpec", message),
+        EmitEvent("Warning", reason, message),
     ]

@@ -5,7 +5,10 @@
   the admin port (``/cheapspot/ready``), a grace period that covers vLLM's drain, PSS restricted;
 * the router: a Deployment on on-demand capacity running ``cheapspot router --pool NAME``, a
   Service in front of it (the pool's endpoint), and the least RBAC it needs (read the pods of
-  its own namespace);
+  its own namespace), with the pool's API keys Secret mounted when the pool has one;
+* who may talk to the replicas: the pool's admin token Secret (``<pool>-admin``; the replicas
+  ask it of every change on their admin port) and a NetworkPolicy that lets only the pool's
+  routers and the operator reach the replicas' ports;
 
 everything owned by the pool, so deleting the pool deletes them.
 """
@@ -20,6 +23,7 @@ from typing import Any
 
 from cheapspot.contract import (
     ADMIN_PORT,
+    ADMIN_TOKEN_ENV,
     LABEL_POOL,
     LABEL_POOL_ROLE,
     LABEL_REPLICA,
@@ -57,6 +61,13 @@ from cheapspot_operator.runtime.config import ServingSettings, WorkerSettings
 
 DRAIN_MARGIN_SECONDS = 5
 """Added to vLLM's shutdown timeout in the grace period, for the launcher to exit."""
+API_KEYS_PATH = "/etc/cheapspot/api-keys"
+"""Where the router pods mount the pool's API keys Secret."""
+API_KEYS_ENV = "CHEAPSPOT_API_KEYS_FILE"
+"""The router's keys file (``--api-keys``'s default)."""
+API_KEYS_VOLUME = "api-keys"
+ADMIN_TOKEN_KEY = "token"
+"""The key of the admin Secret that holds the token."""
 READY_PATH = "/cheapspot/ready"
 """The launcher's readiness: 200 once vLLM answers and every adapter is loaded, else 503."""
 
@@ -109,8 +120,17 @@ def build_replica_pod(
         task=build_serve_task(pool, index, attempt).to_env(),
         resources=resource_requirements(r.cpu, r.memory, r.gpu, r.gpu_resource),
         settings=worker,
-        # The launcher binds vLLM and its admin API to the pod's IP.
-        extra_env=[{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        extra_env=[
+            # The launcher binds vLLM and its admin API to the pod's IP.
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            # Changes on the admin port need the pool's token (the operator's Secret).
+            {
+                "name": ADMIN_TOKEN_ENV,
+                "valueFrom": {
+                    "secretKeyRef": {"name": admin_secret_name(pool.name), "key": ADMIN_TOKEN_KEY}
+                },
+            },
+        ],
     )
     container["ports"] = [
         {"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"},
@@ -220,6 +240,14 @@ def build_router_deployment(
             f"{router.first_token_seconds:g}",
             "--stall-seconds",
             f"{router.stall_seconds:g}",
+            "--max-request-bytes",
+            str(router.max_request_bytes),
+            "--max-concurrent-requests",
+            str(router.max_concurrent_requests),
+            "--max-queued-requests",
+            str(router.max_queued_requests),
+            "--max-buffered-bytes",
+            str(router.max_buffered_bytes),
             # On SIGTERM: not Ready at once, then the requests in flight finish, within the
             # grace period less the time to exit.
             "--drain-seconds",
@@ -245,6 +273,23 @@ def build_router_deployment(
         "securityContext": restricted_container_security(),
         "volumeMounts": [{"name": SCRATCH_VOLUME, "mountPath": SCRATCH_PATH}],
     }
+    volumes = [scratch_volume(None)]
+    if router.api_keys is not None:
+        keys = router.api_keys
+        # A mounted Secret (not an env var) so that edits reach the router without a restart.
+        volumes.append(
+            {
+                "name": API_KEYS_VOLUME,
+                "secret": {
+                    "secretName": keys.secret_name,
+                    "items": [{"key": keys.key, "path": "keys.yaml"}],
+                },
+            }
+        )
+        container["volumeMounts"].append(
+            {"name": API_KEYS_VOLUME, "mountPath": API_KEYS_PATH, "readOnly": True}
+        )
+        container["env"].append({"name": API_KEYS_ENV, "value": f"{API_KEYS_PATH}/keys.yaml"})
     pod_spec: dict[str, Any] = {
         "serviceAccountName": router_name(pool.name),
         "automountServiceAccountToken": True,
@@ -255,7 +300,7 @@ def build_router_deployment(
         "affinity": {"nodeAffinity": node_affinity(placement, [])},
         "tolerations": tolerations(placement),
         "containers": [container],
-        "volumes": [scratch_volume(None)],
+        "volumes": volumes,
     }
     template = {
         "metadata": {"labels": labels, "annotations": dict(NO_VOLUNTARY_DISRUPTION)},
@@ -387,3 +432,75 @@ def build_pdbs(pool: PoolInfo) -> list[dict[str, Any]]:
     router = {"matchLabels": _router_labels(pool)}
     out.append(pdb(router_name(pool.name), router, {"minAvailable": 1}))
     return out
+
+
+# --- who may reach the replicas ------------------------------------------------------------
+
+
+def admin_secret_name(pool_name: str) -> str:
+    return f"{pool_name}-admin"
+
+
+def build_admin_secret(pool: PoolInfo, token: str) -> dict[str, Any]:
+    """The pool's admin token, which its replicas ask of every change on their admin port
+    (an adapter push). The token is derived from the operator's key (:mod:`.tokens`)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": admin_secret_name(pool.name),
+            "namespace": pool.namespace,
+            "labels": {LABEL_POOL: pool.name, "app.kubernetes.io/managed-by": "cheapspot"},
+            "ownerReferences": pool.owner.references(),
+        },
+        "stringData": {ADMIN_TOKEN_KEY: token},
+    }
+
+
+def network_policy_name(pool_name: str) -> str:
+    return f"{pool_name}-replicas"
+
+
+def build_network_policy(
+    pool: PoolInfo, operator_namespace: str, operator_labels: Mapping[str, str]
+) -> dict[str, Any]:
+    """The replicas' ports (vLLM's and the admin port) take connections only from the pool's
+    router pods and the operator's pods (in ``operator_namespace``; ``""``: any namespace).
+    Every other ingress to the replica pods is refused, where the network plugin enforces
+    NetworkPolicies; the kubelet's probes come from the node, which the common plugins
+    always admit."""
+    operator_ns: dict[str, Any] = (
+        {"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}}
+        if operator_namespace
+        else {}
+    )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": network_policy_name(pool.name),
+            "namespace": pool.namespace,
+            "labels": {LABEL_POOL: pool.name, "app.kubernetes.io/managed-by": "cheapspot"},
+            "ownerReferences": pool.owner.references(),
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_POOL: pool.name, LABEL_POOL_ROLE: REPLICA_ROLE}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {"podSelector": {"matchLabels": _router_labels(pool)}},
+                        {
+                            "namespaceSelector": operator_ns,
+                            "podSelector": {"matchLabels": dict(operator_labels)},
+                        },
+                    ],
+                    "ports": [
+                        {"protocol": "TCP", "port": SERVE_PORT},
+                        {"protocol": "TCP", "port": ADMIN_PORT},
+                    ],
+                }
+            ],
+        },
+    }

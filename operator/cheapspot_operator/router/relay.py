@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from cheapspot_operator.router import routing, streams
-from cheapspot_operator.router.replicas import ReplicaSet
+from cheapspot_operator.router.limits import Hold
+from cheapspot_operator.router.replicas import QueueFull, ReplicaSet
+from cheapspot_operator.router.routing import StreamState
 from cheapspot_operator.router.upstream import (
     FIRST_TOKEN_SECONDS,
     NO_REPLICA,
@@ -31,6 +32,7 @@ from cheapspot_operator.router.upstream import (
     error_event,
     passed_headers,
     pieces,
+    refused,
     write,
 )
 
@@ -70,8 +72,12 @@ class Relay:
     async def get(self, request: web.Request) -> web.Response:
         deadline = time.monotonic() + self.client.max_queue_seconds
         tried: set[str] = set()
-        for _ in range(RETRIES):
-            replica = await self.replicas.acquire("", tried, deadline)
+        for attempt in range(RETRIES):
+            try:
+                replica = await self.replicas.acquire("", tried, deadline, queue=attempt == 0)
+            except QueueFull as full:
+                self.client.stats["overloaded"] += 1
+                return refused(full.refusal)
             if replica is None:
                 break
             try:
@@ -91,17 +97,18 @@ class Relay:
         return error("no replica of this pool is ready", 503)
 
     async def once(
-        self, request: web.Request, raw: bytes, body: dict[str, Any], model: str
+        self, request: web.Request, raw: bytes, model: str, *, streamed: bool
     ) -> web.StreamResponse:
         """Non-resumable requests: retried on another replica while nothing has reached the
         client; a plain (non-streamed) answer reaches the client only when it is complete.
-        A stream cut part-way ends with an error event (:func:`error_event`)."""
+        A stream cut part-way ends with an error event (:func:`error_event`). The body is
+        sent as the client sent it (``raw``), held until the answer is whole for a retry.
+        May raise :class:`~cheapspot_operator.router.replicas.QueueFull` before any byte."""
         deadline = time.monotonic() + self.client.max_queue_seconds
-        streamed = bool(body.get("stream"))
         tried: set[str] = set()
         last = NO_REPLICA
         for attempt in range(RETRIES):
-            replica = await self.replicas.acquire(model, tried, deadline)
+            replica = await self.replicas.acquire(model, tried, deadline, queue=attempt == 0)
             if replica is None:
                 break
             response: web.StreamResponse | None = None
@@ -162,7 +169,7 @@ class Relay:
         return error(last, 503)
 
     async def stream(
-        self, request: web.Request, body: dict[str, Any], model: str
+        self, request: web.Request, state: StreamState, model: str, hold: Hold
     ) -> web.StreamResponse:
         """A resumable stream: :func:`cheapspot_operator.router.streams.relay_stream`."""
-        return await streams.relay_stream(self.client, request, body, model)
+        return await streams.relay_stream(self.client, request, state, model, hold)

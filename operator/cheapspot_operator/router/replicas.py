@@ -22,7 +22,7 @@ import aiohttp
 from kubernetes import client, watch
 
 from cheapspot.contract import ADMIN_PORT, SERVE_PORT
-from cheapspot_operator.router import routing, versions
+from cheapspot_operator.router import limits, routing, versions
 from cheapspot_operator.router.routing import Load, Replica
 from cheapspot_operator.router.versions import Pin, Version, VersionReport
 from cheapspot_operator.runtime.kubeapi import api_client
@@ -39,10 +39,21 @@ LIST_TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds for the pod list: a hung API server must not hang the watch."""
 
 
+class QueueFull(Exception):  # noqa: N818 (a refusal, answered to the client)
+    """A new request found every replica busy and the queue full."""
+
+    def __init__(self, refusal: limits.Overload) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
 class ReplicaSet:
-    def __init__(self, capacity: int = 32) -> None:
+    def __init__(self, capacity: int = 32, bounds: limits.Limits | None = None) -> None:
         self.capacity = capacity
         """Requests in flight one replica takes before another request waits."""
+        self.limits = bounds or limits.Limits()
+        self.waiting = 0
+        """Requests waiting in :meth:`acquire` for a replica."""
         self.by_name: dict[str, Replica] = {}
         self.load = Load()
         self.cooling: dict[str, float] = {}
@@ -83,39 +94,64 @@ class ReplicaSet:
             self._changed.notify_all()
 
     async def acquire(
-        self, model: str, exclude: set[str], deadline: float, pin: Pin | None = None
+        self,
+        model: str,
+        exclude: set[str],
+        deadline: float,
+        pin: Pin | None = None,
+        *,
+        queue: bool = False,
     ) -> Replica | None:
         """A replica for the request, counted in flight; waits while all are busy or none
         is ready (or none holds the wanted version yet), until ``deadline``. A resumed
-        stream (``pin``) gets None at once when no usable replica holds its version."""
-        async with self._changed:
-            while True:
-                now = time.monotonic()
-                only = versions.allowed(self.by_name, self.reports, model, now, pin)
-                if pin is not None and not self.holds(model, pin):
-                    return None
-                avoid = exclude | self.stalled | {n for n, t in self.cooling.items() if t > now}
-                chosen = self._choose(model, avoid, only)
-                if chosen is None and not any(
-                    r.usable and r.name not in avoid and (only is None or r.name in only)
-                    for r in self.by_name.values()
-                ):
-                    # Every usable replica failed this request or just failed another one:
-                    # better to try one of those again than to wait for nothing. Not a
-                    # stalled one: it would hold the request a first-token bound for
-                    # nothing; waiting for it to answer again (or another) is better.
-                    for fallback in (exclude | self.stalled, self.stalled):
-                        chosen = self._choose(model, fallback, only)
-                        if chosen is not None:
-                            break
+        stream (``pin``) gets None at once when no usable replica holds its version.
+        ``queue``: a new request, which raises :class:`QueueFull` rather than wait behind
+        ``maxQueuedRequests`` others; a retry or a resume (a request the router has taken
+        on) always waits its turn."""
+        waiting = False
+        try:
+            async with self._changed:
+                while True:
+                    now = time.monotonic()
+                    only = versions.allowed(self.by_name, self.reports, model, now, pin)
+                    if pin is not None and not self.holds(model, pin):
+                        return None
+                    chosen = self._pick(model, exclude, only)
+                    if chosen is not None:
+                        self.load.take(chosen.name)
+                        return chosen
+                    if not waiting:
+                        full = limits.queue_full(self.limits, self.waiting) if queue else None
+                        if full is not None:
+                            raise QueueFull(full)
+                        waiting = True
+                        self.waiting += 1
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+        finally:
+            if waiting:
+                self.waiting -= 1
+
+    def _pick(self, model: str, exclude: set[str], only: set[str] | None) -> Replica | None:
+        now = time.monotonic()
+        avoid = exclude | self.stalled | {n for n, t in self.cooling.items() if t > now}
+        chosen = self._choose(model, avoid, only)
+        if chosen is None and not any(
+            r.usable and r.name not in avoid and (only is None or r.name in only)
+            for r in self.by_name.values()
+        ):
+            # Every usable replica failed this request or just failed another one: better
+            # to try one of those again than to wait for nothing. Not a stalled one: it
+            # would hold the request a first-token bound for nothing; waiting for it to
+            # answer again (or another) is better.
+            for fallback in (exclude | self.stalled, self.stalled):
+                chosen = self._choose(model, fallback, only)
                 if chosen is not None:
-                    self.load.take(chosen.name)
-                    return chosen
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+                    break
+        return chosen
 
     def answered(self, name: str, model: str, status: int) -> None:
         """Replica ``name`` answered a request for ``model`` with ``status`` (its headers):

@@ -22,6 +22,7 @@ of the original stream (chat deltas, the first stream's id, created time and mod
 from __future__ import annotations
 
 import json
+from array import array
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,9 +54,7 @@ class Replica:
     port: int = SERVE_PORT
     ready: bool = False
     draining: bool = False
-    admin_port: int | None = None
-    """The replica launcher's admin port, where the router reads its adapter versions
-    (:mod:`~cheapspot_operator.router.versions`); None: not known (``--replica`` URLs)."""
+    admin_port: int | None = None  # the launcher's, for adapter versions; None: unknown
 
     @property
     def url(self) -> str:
@@ -170,7 +169,7 @@ def choose(
     capacity: int,
     exclude: Iterable[str] = (),
     lacking: Iterable[str] = (),
-    only: Collection[str] | None = None,
+    only: Collection[str] | None = None,  # those holding the wanted version (versions.py)
 ) -> Replica | None:
     """The replica for a request for ``model``: usable (ready, not draining), not in
     ``exclude`` (replicas this request already failed on) and below ``capacity`` requests in
@@ -183,8 +182,7 @@ def choose(
     still loading there) does the adapter decide first: a replica that has answered for it,
     then one not known either way, and a lacking one last (still better than queueing: the
     adapter may have loaded since). None: every replica is busy or none is usable (the
-    caller queues). ``only``: the replicas that hold the wanted version of the model
-    (:func:`~cheapspot_operator.router.versions.allowed`); None: any."""
+    caller queues)."""
     skip = set(exclude)
     pool = [r for r in replicas if r.usable and (only is None or r.name in only)]
     missing = set(lacking) & {r.name for r in pool}
@@ -261,11 +259,16 @@ def tokenize_body(path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def prompt_ids(body: Mapping[str, Any]) -> list[int] | None:
+def prompt_ids(body: Mapping[str, Any]) -> array[int] | None:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        return [int(t) for t in prompt]
+        return token_ids(prompt)
     return None
+
+
+def token_ids(ids: Iterable[int]) -> array[int]:
+    """Token ids as a stream keeps them: 4 bytes each (a list of ints takes 36)."""
+    return array("i", ids)
 
 
 _CONTINUATION_KEYS = (
@@ -287,6 +290,20 @@ _CONTINUATION_KEYS = (
     "min_tokens",
     "user",
 )
+_KEPT_KEYS = (
+    *_CONTINUATION_KEYS,
+    "max_tokens",
+    "max_completion_tokens",
+    "stream",
+    "stream_options",
+)
+"""What a stream keeps of its request once the prompt's token ids are known: what a
+continuation, the text held back (``stop``) and the usage chunk need. The prompt, the
+messages and the rest go, so a stream holds its prompt once, as token ids."""
+
+
+def kept_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: body[k] for k in _KEPT_KEYS if k in body}
 
 
 def hold_back(body: Mapping[str, Any]) -> int:
@@ -325,10 +342,10 @@ def settles_at(state: StreamState, count: int, base: str, decoded: str) -> bool:
     if not decoded.startswith(base):
         return False
     text = decoded[len(base) :]
-    if text.endswith("\ufffd") or not state.text.startswith(text):
+    if text.endswith("\ufffd") or not state.sent_text_starts_with(text):
         return False
     state.committed = state.sure = count
-    state.skip = len(state.text) - len(text)
+    state.skip = state.text_len - len(text)
     return True
 
 
@@ -351,13 +368,23 @@ def continuation_body(
     return doc
 
 
+TEXT_KEPT = 4096
+"""Characters of a stream's text the router keeps (beyond what stop strings hold back): a
+resume starts after the tokens whose text the client has whole, at most a few tokens and the
+held-back text before the end, so the router checks the replica's decoding of them against
+the text's end only, and a long answer costs no memory for its text."""
+
+
 @dataclass
 class StreamState:
-    """What has gone to the client of one streamed request so far."""
+    """What has gone to the client of one streamed request so far, kept small: one router
+    carries a thousand streams, so token ids are 4-byte arrays, only the end of the text is
+    kept, and the request is cut down to what a continuation needs once the prompt's token
+    ids are known (:meth:`compact`)."""
 
     path: str
     body: Mapping[str, Any]
-    sent_ids: list[int] = field(default_factory=list)
+    sent_ids: array[int] = field(default_factory=lambda: array("i"))
     committed: int = 0
     """How many of ``sent_ids`` the client has the text of. vLLM holds back the text of a
     token that ends inside a multi-byte character (its chunk's text is empty) until the next
@@ -370,13 +397,16 @@ class StreamState:
     then only an upper bound. The router settles on the true count with the replica's
     detokenizer before it resumes (`Router._settle`)."""
     text: str = ""
-    """Every character of the answer the client has been sent."""
+    """The end of the answer the client has been sent: its last :data:`TEXT_KEPT`
+    characters and those stop strings hold back, at least (up to twice as many)."""
+    text_len: int = 0
+    """How many characters of the answer the client has been sent, in all."""
     skip: int = 0
     """Characters at the start of the continuation's text that the client already has: it
     starts after the last tokens whose text the client has whole, and the client may have
     part of the text of the tokens after them (text vLLM held back for stop strings, text
     cut inside a token)."""
-    prompt_ids: list[int] | None = None
+    prompt_ids: array[int] | None = None
     first: dict[str, Any] | None = None
     """The first chunk sent (its id, created time, model, object: continuations reuse them)."""
     role_sent: bool = False
@@ -384,10 +414,40 @@ class StreamState:
     done: bool = False
     usage_sent: bool = False
 
+    compacted: bool = False
+    """The request is cut down to what a continuation needs (:meth:`compact`)."""
+
     @property
     def wants_usage(self) -> bool:
         opts = self.body.get("stream_options") or {}
         return bool(opts.get("include_usage"))
+
+    def compact(self) -> bool:
+        """Once the stream is under way (a retry before its first chunk sends the request
+        again) and the prompt's token ids are known: the request without its prompt or
+        messages (a continuation sends the token ids). Whether it is compact now."""
+        if not self.compacted and self.prompt_ids is not None and self.first is not None:
+            self.body = kept_body(self.body)
+            self.compacted = True
+        return self.compacted
+
+    def add_text(self, text: str) -> None:
+        """``text`` sent to the client: kept at the end of :attr:`text`, which is cut back
+        to its last characters when it has grown to twice what is kept."""
+        self.text_len += len(text)
+        self.text += text
+        keep = TEXT_KEPT + hold_back(self.body)
+        if len(self.text) > 2 * keep:
+            self.text = self.text[-keep:]
+
+    def sent_text_starts_with(self, text: str) -> bool:
+        """Whether the answer the client has been sent starts with ``text``, as far as the
+        kept end of it shows: a ``text`` that ends before the kept end begins is not
+        taken (nothing a resume needs; the caller tries a later point or gives up)."""
+        start = self.text_len - len(self.text)
+        if len(text) > self.text_len or len(text) < start:
+            return False
+        return self.text.startswith(text[start:])
 
 
 def parse_sse(buffer: bytes) -> tuple[list[bytes], bytes]:
@@ -458,10 +518,10 @@ def relay_chunk(state: StreamState, payload: bytes, *, resumed: bool) -> bytes |
     if "error" in chunk and "choices" not in chunk:
         return sse(payload)
     if state.prompt_ids is None and isinstance(chunk.get("prompt_token_ids"), list):
-        state.prompt_ids = [int(t) for t in chunk["prompt_token_ids"]]
+        state.prompt_ids = token_ids(chunk["prompt_token_ids"])
     for choice in chunk.get("choices") or []:
         if state.prompt_ids is None and isinstance(choice.get("prompt_token_ids"), list):
-            state.prompt_ids = [int(t) for t in choice["prompt_token_ids"]]
+            state.prompt_ids = token_ids(choice["prompt_token_ids"])
     before = len(state.sent_ids)
     ids = _strip_ids(chunk)
     state.sent_ids.extend(ids)
@@ -486,7 +546,7 @@ def relay_chunk(state: StreamState, payload: bytes, *, resumed: bool) -> bytes |
             choice["text"] = got[drop:]
             state.skip -= drop
         text = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
-    state.text += text
+    state.add_text(text)
     usage = chunk.get("usage")
     if not resumed:
         if state.first is None:

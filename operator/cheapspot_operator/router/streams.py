@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from cheapspot_operator.router import routing
+from cheapspot_operator.router.limits import Hold
 from cheapspot_operator.router.routing import Replica, StreamState
 from cheapspot_operator.router.upstream import (
     NO_REPLICA,
@@ -35,11 +36,13 @@ log = logging.getLogger("cheapspot.router")
 
 
 async def relay_stream(
-    client: ReplicaClient, request: web.Request, body: dict[str, Any], model: str
+    client: ReplicaClient, request: web.Request, state: StreamState, model: str, hold: Hold
 ) -> web.StreamResponse:
-    """A resumable stream: token ids tracked, continued elsewhere when cut."""
+    """A resumable stream: token ids tracked, continued elsewhere when cut. ``state`` holds
+    the only reference to the request's body, which ``hold`` counts until the stream has cut
+    it down (:meth:`StreamState.compact`). May raise
+    :class:`~cheapspot_operator.router.replicas.QueueFull` before any byte."""
     deadline = time.monotonic() + client.max_queue_seconds
-    state = StreamState(request.path, body, prompt_ids=routing.prompt_ids(body))
     tried: set[str] = set()
     response: web.StreamResponse | None = None
     last = NO_REPLICA
@@ -47,7 +50,9 @@ async def relay_stream(
     for attempt in range(RETRIES):
         resumed = state.first is not None
         # A resume continues on the version the stream started on, or not at all.
-        replica = await client.replicas.acquire(model, tried, deadline, pin if resumed else None)
+        replica = await client.replicas.acquire(
+            model, tried, deadline, pin if resumed else None, queue=attempt == 0
+        )
         if replica is None:
             if pin is not None and resumed and not client.replicas.holds(model, pin):
                 last = (
@@ -60,13 +65,19 @@ async def relay_stream(
         try:
             if resumed:
                 if state.prompt_ids is None:
-                    state.prompt_ids = await tokenize(client, replica, request.path, body)
+                    state.prompt_ids = routing.token_ids(
+                        await tokenize(client, replica, request.path, state.body)
+                    )
+                if state.compact():
+                    hold.release()
                 if state.sure < state.committed:
                     await settle(client, replica, state)
                 path = routing.COMPLETIONS
-                doc = routing.continuation_body(body, state.prompt_ids, routing.resume_point(state))
+                doc = routing.continuation_body(
+                    state.body, state.prompt_ids, routing.resume_point(state)
+                )
             else:
-                path, doc = request.path, routing.upstream_body(body)
+                path, doc = request.path, routing.upstream_body(state.body)
             async with client.session.post(
                 replica.url + path, json=doc, timeout=client.bounded
             ) as resp:
@@ -83,10 +94,12 @@ async def relay_stream(
                 if response is None:
                     response = web.StreamResponse(status=200, headers=passed_headers(resp))
                     await response.prepare(request)
+                del doc  # sent: a continuation is built anew from the state
                 await relay_events(
                     pieces(resp, client.first_token_seconds, client.stall_seconds),
                     response,
                     state,
+                    hold,
                     resumed=resumed,
                 )
             if state.done:
@@ -133,16 +146,20 @@ async def relay_events(
     body: AsyncIterator[bytes],
     response: web.StreamResponse,
     state: StreamState,
+    hold: Hold,
     *,
     resumed: bool,
 ) -> None:
     """A replica's server-sent events to the client, rewritten chunk by chunk, until the
-    stream is done or the replica's response ends."""
+    stream is done or the replica's response ends. Once the prompt's token ids are known
+    (vLLM sends them with the first chunk) the request's body is cut down and released."""
     buffer = b""
     async for piece in body:
         events, buffer = routing.parse_sse(buffer + piece)
         for payload in events:
             out = routing.relay_chunk(state, payload, resumed=resumed)
+            if state.compact():
+                hold.release()
             if out is not None:
                 await write(response, out)
             if state.done:
@@ -155,7 +172,7 @@ async def settle(client: ReplicaClient, replica: Replica, state: StreamState) ->
     the most whose text, decoded after the prompt, is whole and no more than the text sent
     (:func:`~cheapspot_operator.router.routing.settles_at`). A continuation after a token
     whose text was held back would lose that text, or start inside a character."""
-    prompt = state.prompt_ids or []
+    prompt = list(state.prompt_ids or [])
     base = await detokenize(client, replica, prompt)
     for count in routing.commit_candidates(state):
         decoded = await detokenize(client, replica, [*prompt, *state.sent_ids[:count]])
@@ -164,9 +181,9 @@ async def settle(client: ReplicaClient, replica: Replica, state: StreamState) ->
     log.warning("no count of tokens decodes to the text sent; resuming after %d", state.committed)
 
 
-async def detokenize(client: ReplicaClient, replica: Replica, ids: list[int]) -> str:
+async def detokenize(client: ReplicaClient, replica: Replica, ids: Sequence[int]) -> str:
     async with client.session.post(
-        replica.url + "/detokenize", json={"tokens": ids}, timeout=client.bounded
+        replica.url + "/detokenize", json={"tokens": list(ids)}, timeout=client.bounded
     ) as resp:
         if resp.status != 200:
             raise Upstream(f"{replica.name} could not detokenize: {resp.status}")
@@ -175,12 +192,12 @@ async def detokenize(client: ReplicaClient, replica: Replica, ids: list[int]) ->
 
 
 async def tokenize(
-    client: ReplicaClient, replica: Replica, path: str, body: dict[str, Any]
+    client: ReplicaClient, replica: Replica, path: str, body: Mapping[str, Any]
 ) -> list[int]:
     """The prompt's token ids, from the replica's tokenizer (with the chat template)."""
     doc = routing.tokenize_body(path, body)
     if doc is None:
-        return routing.prompt_ids(body) or []
+        return list(routing.prompt_ids(body) or [])
     async with client.session.post(
         replica.url + "/tokenize", json=doc, timeout=client.bounded
     ) as resp:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from cheapspot_operator.router import routing, validation
+from cheapspot_operator.router import limits, routing, validation
 from cheapspot_operator.router.replicas import ReplicaSet
 from cheapspot_operator.router.routing import Replica
 
@@ -93,6 +93,13 @@ async def pieces(
         wait = between
 
 
+def refused(refusal: validation.Refusal) -> web.Response:
+    """A request the router refuses itself, in OpenAI's error format; one refused for load
+    says when to try again (``Retry-After``)."""
+    headers = refusal.headers() if isinstance(refusal, limits.Overload) else None
+    return web.json_response(refusal.error(), status=refusal.status, headers=headers)
+
+
 def error(message: str, status: int) -> web.Response:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return web.json_response(validation.openai_error(message, status, kind), status=status)
@@ -121,6 +128,7 @@ class ReplicaClient:
             "resumes": 0,
             "stalls": 0,
             "failed": 0,
+            "overloaded": 0,
         }
         self._session: aiohttp.ClientSession | None = None
         self._probes: dict[str, asyncio.Task[None]] = {}

@@ -69,6 +69,33 @@ class ServingSettings(BaseModel):
         str, Field(alias="routerImage", description="The router image (the operator's).")
     ] = "ghcr.io/cheapspot/cheapspot-operator:0.1.0"
     router_command: Annotated[list[str], Field(alias="routerCommand")] = ["cheapspot", "router"]
+    network_policies: Annotated[
+        bool,
+        Field(
+            alias="networkPolicies",
+            description="Give each pool a NetworkPolicy: its replicas' ports take connections "
+            "only from the pool's routers and the operator. Enforced only where the "
+            "cluster's network plugin enforces NetworkPolicies.",
+        ),
+    ] = True
+    operator_namespace: Annotated[
+        str,
+        Field(
+            alias="operatorNamespace",
+            description="The operator's namespace, which the NetworkPolicy admits; default "
+            "$POD_NAMESPACE (the chart sets it). Neither: operator pods in any namespace.",
+        ),
+    ] = ""
+    operator_pod_labels: Annotated[
+        dict[str, str],
+        Field(
+            alias="operatorPodLabels",
+            description="Labels of the operator's pods, which the NetworkPolicy admits.",
+        ),
+    ] = {"app.kubernetes.io/name": "cheapspot"}
+
+    def operator_namespace_or_env(self) -> str:
+        return self.operator_namespace or os.environ.get("POD_NAMESPACE", "")
 
 
 class PricingSettings(BaseModel):
@@ -187,6 +214,18 @@ class OperatorConfig(BaseModel):
             "and the operator would read its own filesystem).",
         ),
     ] = False
+    allowed_uri_prefixes: Annotated[
+        dict[str, list[str]],
+        Field(
+            alias="allowedUriPrefixes",
+            description="Namespace -> the URI prefixes its jobs and pools may name (models, "
+            "datasets, outputs, adapters); `*` holds those of every namespace not listed, and "
+            "`{namespace}` in a prefix stands for the object's namespace "
+            "(`*: [s3://bucket/{namespace}/]`). A job or pool naming another URI is refused, "
+            "naming the field. Empty: no limit (one tenant; worker pods can read whatever "
+            "the worker role can).",
+        ),
+    ] = {}
     namespaces: Annotated[
         list[str], Field(description="Namespaces to watch; empty means all.")
     ] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes import client, config
@@ -49,9 +49,27 @@ class ApiError(Exception):
         return self.body[:500]
 
 
+def request_kind(method: str, path: str) -> tuple[str, str]:
+    """(verb, resource[/subresource]) of a request, as the API server counts it
+    (``apiserver_request_total``): a GET of a collection is a LIST."""
+    parts = [p for p in path.split("?", 1)[0].split("/") if p]
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        rest = rest[2:]
+    resource = rest[0] if rest else ""
+    if len(rest) > 2:
+        resource += "/" + rest[2]
+    verb = "LIST" if method == "GET" and len(rest) < 2 else method
+    return verb, resource
+
+
 class KubeApi:
-    def __init__(self, api_client: Any) -> None:
+    def __init__(
+        self, api_client: Any, on_request: Callable[[str, str], None] | None = None
+    ) -> None:
         self._client = api_client
+        self.on_request = on_request
+        """Told ``(verb, resource)`` (:func:`request_kind`) of every request sent."""
 
     @property
     def configuration(self) -> Any:
@@ -59,9 +77,11 @@ class KubeApi:
         return self._client.configuration
 
     @classmethod
-    def from_config(cls, kubeconfig: str | None = None) -> KubeApi:
+    def from_config(
+        cls, kubeconfig: str | None = None, on_request: Callable[[str, str], None] | None = None
+    ) -> KubeApi:
         """In-cluster configuration when running in a pod, else the kubeconfig."""
-        return cls(api_client(kubeconfig))
+        return cls(api_client(kubeconfig), on_request)
 
     def request(
         self,
@@ -81,6 +101,8 @@ class KubeApi:
             body=body,
             auth_settings=["BearerToken"],
         )
+        if self.on_request is not None:
+            self.on_request(*request_kind(method, path))
         response = self._client.call_api(
             method, url, header_params=headers, body=body, _request_timeout=REQUEST_TIMEOUT
         )

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cheapspot_operator.cluster.views import node_view
+from cheapspot_operator.runtime import metrics
 from cheapspot_operator.runtime.config import OperatorConfig
 
 log = logging.getLogger("cheapspot.operator")
 
 POD_RESYNC_SECONDS = 300.0
 """How often the watched pods of a namespace are LISTed again (see :mod:`watchcache`)."""
+POD_SETTLE_SECONDS = 0.5
+"""A pod event wakes its job this long after it (:meth:`Loops.poke_soon`)."""
 
 
 class Reconciles(Protocol):
@@ -69,6 +73,10 @@ class Loops:
     """Each watched pod's node."""
     on_node: dict[str, dict[Key, Key]] = field(default_factory=dict)
     """node -> {pod: the object (job or pool) it belongs to}."""
+    soon: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)
+    """Pokes due in a moment (:meth:`poke_soon`)."""
+    poked_at: dict[Key, float] = field(default_factory=dict)
+    """When each object's pending wake-up came first (monotonic): its pass's queued time."""
 
     def ensure(self, key: Key) -> None:
         task = self.tasks.get(key)
@@ -80,7 +88,22 @@ class Loops:
     def poke(self, key: Key) -> None:
         event = self.pokes.get(key)
         if event is not None:
+            if not event.is_set():
+                self.poked_at[key] = time.monotonic()
             event.set()
+
+    def poke_soon(self, key: Key, delay: float = POD_SETTLE_SECONDS) -> None:
+        """Poke ``key`` in ``delay`` seconds, once however many times this is called
+        meanwhile: the events of one pod's start (created, bound, running) or end make one
+        pass, not three (each a status write)."""
+        if key in self.soon:
+            return
+        loop = asyncio.get_running_loop()
+        self.soon[key] = loop.call_later(delay, self._poke_now, key)
+
+    def _poke_now(self, key: Key) -> None:
+        self.soon.pop(key, None)
+        self.poke(key)
 
     def place(self, event_type: str | None, pod: Mapping[str, Any], owner: Key) -> None:
         """A pod watch event: remember the node the pod is bound to (none once deleted)."""
@@ -127,6 +150,10 @@ class Loops:
         self.settled.pop(key, None)
         task = self.tasks.pop(key, None)
         self.pokes.pop(key, None)
+        self.poked_at.pop(key, None)
+        handle = self.soon.pop(key, None)
+        if handle is not None:
+            handle.cancel()
         if task is not None:
             task.cancel()
 
@@ -143,11 +170,13 @@ class Loops:
         loop = asyncio.get_running_loop()
         poke = self.pokes[key]
         woken = True
+        due = self.poked_at.pop(key, time.monotonic())
         while True:
             poke.clear()
             executor = self.urgent if woken else self.executor
+            trigger = "event" if woken else "timer"
             try:
-                await loop.run_in_executor(executor, self.reconciler.reconcile, *key)
+                await loop.run_in_executor(executor, self._reconcile, key, due, trigger)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -158,12 +187,20 @@ class Loops:
                     # event about the object (an edit, a stray pod) starts a new loop.
                     self.tasks.pop(key, None)
                     self.pokes.pop(key, None)
+                    self.poked_at.pop(key, None)
                     return
             try:
                 await asyncio.wait_for(poke.wait(), timeout=self.interval)
                 woken = True
+                due = self.poked_at.pop(key, time.monotonic())
             except TimeoutError:
                 woken = False
+                due = time.monotonic()
+
+    def _reconcile(self, key: Key, due: float, trigger: str) -> None:
+        """One pass, in a worker thread; its time queued counted from ``due``."""
+        metrics.RECONCILE_QUEUED_SECONDS.labels(trigger=trigger).observe(time.monotonic() - due)
+        self.reconciler.reconcile(*key)
 
 
 def loops_for(reconciler: Reconciles, config: OperatorConfig, name: str) -> Loops:

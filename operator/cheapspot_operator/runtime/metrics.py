@@ -33,6 +33,60 @@ RECONCILE_SECONDS = Histogram(
     "Time one job's reconciliation takes (observe, plan, act).",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+_STAGE_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+RECONCILE_QUEUED_SECONDS = Histogram(
+    "cheapspot_reconcile_queued_seconds",
+    "Time from what woke a reconciliation (an event about the object, or its timer) to the "
+    "reconciliation starting: waiting for the object's previous pass and for a thread. By "
+    "trigger (event, timer).",
+    ["trigger"],
+    buckets=_STAGE_BUCKETS,
+)
+RECONCILE_STAGE_SECONDS = Histogram(
+    "cheapspot_reconcile_stage_seconds",
+    "Time one reconciliation spends in a stage: planning (reading the watched state, "
+    "planning; every pass) and writing (applying the actions: status, pods, events, the API "
+    "server's latency included; only passes with actions).",
+    ["stage"],
+    buckets=_STAGE_BUCKETS,
+)
+STORE_REQUESTS = Counter(
+    "cheapspot_object_store_requests_total",
+    "Requests the operator sent to the object store (progress records, output claims), by "
+    "S3 operation.",
+    ["operation"],
+)
+KUBE_REQUESTS = Counter(
+    "cheapspot_kube_requests_total",
+    "Requests the operator's reconcilers sent to the API server (kopf's watches aside), by "
+    "verb (LIST for a collection GET) and resource, as apiserver_request_total names them.",
+    ["verb", "resource"],
+)
+
+
+def count_kube_request(verb: str, resource: str) -> None:
+    KUBE_REQUESTS.labels(verb=verb, resource=resource).inc()
+
+
+PROGRESS_READS = Counter(
+    "cheapspot_progress_reads_total",
+    "Reads of one job's progress records (one GET per slot: anchor, shards, generators).",
+)
 RECONCILE_ERRORS = Counter("cheapspot_reconcile_errors_total", "Reconciliations that raised.")
 JOBS = Gauge("cheapspot_jobs", "CheapTrainJobs known to this operator, by phase.", ["phase"])
 JOB_COST = Gauge(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -148,6 +149,8 @@ class ObjectReconciler(ABC, Generic[A]):
         """The objects' pods as the pod watch reported them, grouped by object (when watched)."""
         self.pods_primed = Primed(POD_RESYNC_SECONDS)
         self.refused: dict[tuple[str, int], tuple[int, str]] = {}
+        self._writing = threading.local()
+        """Seconds the current thread's pass spent applying actions (its ``seconds``)."""
         """(object uid, slot) -> (attempt, the API server's message) of the last refused create."""
 
     # -- reading ------------------------------------------------------------------------------
@@ -164,13 +167,17 @@ class ObjectReconciler(ABC, Generic[A]):
         if nodes:
             self.nodes.watch()
 
-    def observe_object(self, event_type: str | None, obj: Mapping[str, Any]) -> None:
+    def observe_object(self, event_type: str | None, obj: Mapping[str, Any]) -> bool:
+        """A watch event of the kind; whether it is news (not our own write coming back)."""
         if self.objects is not None:
-            self.objects.observe(event_type, obj)
+            return self.objects.observe(event_type, obj)
+        return True
 
-    def observe_pod(self, event_type: str | None, pod: Mapping[str, Any]) -> None:
+    def observe_pod(self, event_type: str | None, pod: Mapping[str, Any]) -> bool:
+        """A watch event of one of the kind's pods; whether it is news."""
         if self.objects is not None:
-            self.pods.observe(event_type, pod)
+            return self.pods.observe(event_type, pod)
+        return True
 
     def get_object(self, namespace: str, name: str) -> dict[str, Any] | None:
         if self.objects is not None:
@@ -202,13 +209,17 @@ class ObjectReconciler(ABC, Generic[A]):
 
     def reconcile(self, namespace: str, name: str) -> list[A]:
         started = time.monotonic()
+        self._writing.seconds = 0.0
         try:
             return self.reconcile_once(namespace, name)
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
             raise
         finally:
-            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            total = time.monotonic() - started
+            writing: float = self._writing.seconds
+            metrics.RECONCILE_SECONDS.observe(total)
+            metrics.RECONCILE_STAGE_SECONDS.labels(stage="planning").observe(total - writing)
 
     @abstractmethod
     def reconcile_once(self, namespace: str, name: str) -> list[A]:
@@ -229,6 +240,17 @@ class ObjectReconciler(ABC, Generic[A]):
         the kind's other actions through ``act``. A status write refused by its precondition
         ends the pass (nothing is done from an outdated picture)."""
 
+        if not actions:
+            return
+        started = time.monotonic()
+        try:
+            self._apply(obj, actions, act)
+        finally:
+            seconds = time.monotonic() - started
+            self._writing.seconds = getattr(self._writing, "seconds", 0.0) + seconds
+            metrics.RECONCILE_STAGE_SECONDS.labels(stage="writing").observe(seconds)
+
+    def _apply(self, obj: dict[str, Any], actions: Sequence[A], act: Callable[[A], None]) -> None:
         meta = obj["metadata"]
         for action in sorted(actions, key=lambda a: apply_order(a, self.STAGES)):
             if isinstance(action, DeletePod):

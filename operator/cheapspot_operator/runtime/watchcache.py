@@ -65,17 +65,24 @@ class WatchCache:
 
     # -- feeding ----------------------------------------------------------------------------
 
-    def observe(self, event_type: str | None, obj: Mapping[str, Any]) -> None:
+    def observe(self, event_type: str | None, obj: Mapping[str, Any]) -> bool:
         """A watch event (kopf's ``event["type"]``: None for the initial listing, ADDED,
-        MODIFIED, DELETED) and the object it carries."""
+        MODIFIED, DELETED) and the object it carries; whether it told the cache anything new
+        (not so for the event of a write of ours, whose result is already here)."""
         key = key_of(obj)
         if not key[1]:
-            return
+            return False
         with self._lock:
             if event_type == "DELETED":
                 self._delete(key, version(obj))
-            elif not self._older(key, version(obj)):
+                return True
+            held = self._objects.get(key)
+            if held is not None and version(held) is not None and version(held) == version(obj):
+                return False
+            if not self._older(key, version(obj)):
                 self._put(key, obj)
+                return True
+            return False
 
     def wrote(self, obj: Mapping[str, Any] | None) -> None:
         """The object an API write of ours returned (a create, a patch)."""

@@ -4,7 +4,9 @@
 What only training needs, beyond the shared observe-plan-act pass:
 
 * **Progress**: the workers' progress records, read from the object store in the background
-  (:class:`trainjob.progress.ProgressCache`): a slow store never delays a reclaim.
+  (:class:`trainjob.progress.ProgressCache`): a slow store never delays a reclaim. Read again
+  when the job's pods change or its checkpoint interval passes (:mod:`trainjob.freshness`),
+  not on every pass.
 * **The output prefix** is claimed for the job once per operator process
   (:func:`trainjob.progress.store_output_claims`).
 * **Errors**: an invalid spec (which the CRD's schema normally stops), a ``file://`` URI in a
@@ -29,6 +31,7 @@ from cheapspot_operator.api.phases import JobPhase
 from cheapspot_operator.cluster.pods import Placement
 from cheapspot_operator.cluster.views import LABEL_ROLE, ObjectView
 from cheapspot_operator.planning.actions import CreatePod, DeletePod, EmitEvent, UpdateStatus
+from cheapspot_operator.planning.uris import refused_uris
 from cheapspot_operator.pricing.quotes import PriceKey, Quote
 from cheapspot_operator.runtime import metrics
 from cheapspot_operator.runtime.config import OperatorConfig
@@ -36,6 +39,11 @@ from cheapspot_operator.runtime.kubeapi import KubeApi
 from cheapspot_operator.runtime.nodelist import SharedNodeList
 from cheapspot_operator.runtime.reconciler import ObjectReconciler, validation_message
 from cheapspot_operator.trainjob.actions import Action
+from cheapspot_operator.trainjob.freshness import (
+    MIN_GAP_SECONDS,
+    pods_fingerprint,
+    read_interval,
+)
 from cheapspot_operator.trainjob.manifests import (
     JobInfo,
     build_anchor_pod,
@@ -74,7 +82,7 @@ class Reconciler(ObjectReconciler[Action]):
         config: OperatorConfig,
         progress_reader: ProgressReader | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        progress_ttl_seconds: float = 1.0,
+        progress_min_gap_seconds: float = MIN_GAP_SECONDS,
         *,
         output_claims: OutputClaims | None = None,
         quotes: Callable[[], Mapping[PriceKey, Quote]] = dict,
@@ -82,7 +90,7 @@ class Reconciler(ObjectReconciler[Action]):
     ) -> None:
         super().__init__(api, config, clock=clock, quotes=quotes, nodes=nodes)
         stores = StoreProgressReader()
-        self.progress = ProgressCache(progress_reader or stores, progress_ttl_seconds)
+        self.progress = ProgressCache(progress_reader or stores, progress_min_gap_seconds)
         self.claims = output_claims or store_output_claims(stores)
         self.claimed: set[str] = set()
         """UIDs of jobs whose output prefix is theirs (checked once per operator process)."""
@@ -117,6 +125,9 @@ class Reconciler(ObjectReconciler[Action]):
         unusable = unusable_uris(spec, self.config.file_uris)
         if unusable:
             return self._invalid(job, status, unusable, reason="UnsupportedURI")
+        outside = refused_uris(namespace, job_uris(spec), self.config.allowed_uri_prefixes)
+        if outside:
+            return self._invalid(job, status, outside, reason="URINotAllowed")
         if meta["uid"] not in self.claimed:
             resume = spec.output.if_exists is s.IfOutputExists.RESUME
             refused = self.claims(spec.output.uri, namespace, name, meta["uid"], resume)
@@ -135,7 +146,14 @@ class Reconciler(ObjectReconciler[Action]):
         gens = (
             spec.shards if generates(spec) and (generating(status) or not status.generators) else 0
         )
-        progress = self.progress.get(meta["uid"], spec.output.uri, spec.shards, gens)
+        progress = self.progress.get(
+            meta["uid"],
+            spec.output.uri,
+            spec.shards,
+            gens,
+            pods=pods_fingerprint(pods),
+            interval=read_interval(spec, status),
+        )
         slots = [*([status.anchor] if status.anchor else []), *status.shards, *status.generators]
         observed = Observed(
             job=ObjectView.of(job, status),
@@ -242,11 +260,8 @@ class Reconciler(ObjectReconciler[Action]):
             )
 
 
-def unusable_uris(spec: s.TrainJobSpec, file_uris: bool) -> str:
-    """Why the job's URIs cannot work in this cluster (``file_uris``: whether it has one
-    filesystem shared by every pod), or ""."""
-    if file_uris:
-        return ""
+def job_uris(spec: s.TrainJobSpec) -> dict[str, str]:
+    """Every storage URI the job names, by spec field ("" where it names none)."""
     uris = {
         "spec.model.uri": spec.model.uri,
         "spec.dataset.uri": spec.dataset.uri,
@@ -256,6 +271,15 @@ def unusable_uris(spec: s.TrainJobSpec, file_uris: bool) -> str:
         teacher = spec.distillation.teacher
         uris["spec.distillation.teacher.uri"] = teacher.uri
         uris["spec.distillation.teacher.adapterUri"] = teacher.adapter_uri or ""
+    return uris
+
+
+def unusable_uris(spec: s.TrainJobSpec, file_uris: bool) -> str:
+    """Why the job's URIs cannot work in this cluster (``file_uris``: whether it has one
+    filesystem shared by every pod), or ""."""
+    if file_uris:
+        return ""
+    uris = job_uris(spec)
     local = [f"{k} {v}" for k, v in uris.items() if v.startswith("file://")]
     if not local:
         return ""

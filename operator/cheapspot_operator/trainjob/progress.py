@@ -1,5 +1,7 @@
 """What the workers of a job report through the object store: their progress records (read
-in the background, cached) and the claim on the job's output prefix."""
+in the background when :mod:`freshness` says there may be something new, cached) and the
+claim on the job's output prefix. Every request the operator's store clients send is counted
+(``cheapspot_object_store_requests_total``)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,14 @@ from pydantic import ValidationError
 
 from cheapspot.contract import Layout, Progress, Role
 from cheapspot.store import RetryPolicy, Store
+from cheapspot_operator.runtime import metrics
+from cheapspot_operator.trainjob.freshness import (
+    DEFAULT_REST_SECONDS,
+    MIN_GAP_SECONDS,
+    PodsFingerprint,
+    ProgressRead,
+    read_due,
+)
 from cheapspot_operator.trainjob.observed import ANCHOR_INDEX, GENERATOR_BASE
 
 log = logging.getLogger("cheapspot.operator")
@@ -48,6 +58,7 @@ class StoreProgressReader:
                 if len(self.stores) >= self.MAX_STORES:
                     self.stores.pop(next(iter(self.stores)))
                 store = Store(output_uri, retry=RetryPolicy(attempts=self.attempts, base_delay=0.2))
+                store.on_request(count_store_request)
                 self.stores[output_uri] = store
             return store
 
@@ -109,17 +120,28 @@ def store_output_claims(reader: StoreProgressReader) -> OutputClaims:
     return claim
 
 
+_FAILED = object()
+"""The pods fingerprint of a read that failed: any reconcile after the minimum gap retries."""
+
+
+def count_store_request(operation: str) -> None:
+    metrics.STORE_REQUESTS.labels(operation=operation).inc()
+
+
 @dataclass
 class ProgressCache:
-    """Progress records per job, read in the background: at most every ``ttl`` seconds, and
-    a reconciliation waits for the first read of a job at most ``first_wait`` seconds. So a
-    slow or dead object store never delays the reaction to a reclaim (progress only drives
-    round-boundary moves and the status)."""
+    """Progress records per job, read in the background when :func:`freshness.read_due` says
+    so (the job's pods changed, its checkpoint interval passed), and a reconciliation waits
+    for the first read of a job at most ``first_wait`` seconds. So a slow or dead object store
+    never delays the reaction to a reclaim (progress only drives round-boundary moves and the
+    status), and a job at rest costs the store one read per checkpoint interval."""
 
     reader: ProgressReader
-    ttl: float
+    min_gap: float = MIN_GAP_SECONDS
     first_wait: float = 1.0
-    entries: dict[str, tuple[float, Mapping[int, Progress]]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
+    entries: dict[str, Mapping[int, Progress]] = field(default_factory=dict)
+    reads: dict[str, ProgressRead] = field(default_factory=dict)
     refreshing: dict[str, Future[None]] = field(default_factory=dict)
     pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="progress")
@@ -127,14 +149,24 @@ class ProgressCache:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def get(
-        self, uid: str, output_uri: str, shards: int, generators: int = 0
+        self,
+        uid: str,
+        output_uri: str,
+        shards: int,
+        generators: int = 0,
+        *,
+        pods: PodsFingerprint = (),
+        interval: float = DEFAULT_REST_SECONDS,
     ) -> Mapping[int, Progress] | None:
-        """The job's records, or None while none has been read yet."""
+        """The job's records, or None while none has been read yet. ``pods``: what the job's
+        pods look like now (:func:`freshness.pods_fingerprint`); ``interval``: seconds between
+        reads while they do not change (:func:`freshness.read_interval`)."""
         with self.lock:
             cached = self.entries.get(uid)
-            stale = cached is None or time.monotonic() - cached[0] >= self.ttl
             running = self.refreshing.get(uid)
-            if stale and running is None:
+            now = self.clock()
+            if running is None and read_due(self.reads.get(uid), now, pods, interval, self.min_gap):
+                self.reads[uid] = ProgressRead(now, pods)
                 running = self.pool.submit(self._refresh, uid, output_uri, shards, generators)
                 self.refreshing[uid] = running
         if cached is None and running is not None:
@@ -142,13 +174,15 @@ class ProgressCache:
                 running.result(timeout=self.first_wait)
             with self.lock:
                 cached = self.entries.get(uid)
-        return cached[1] if cached else None
+        return cached
 
     def forget(self, uid: str) -> None:
         with self.lock:
             self.entries.pop(uid, None)
+            self.reads.pop(uid, None)
 
     def _refresh(self, uid: str, output_uri: str, shards: int, generators: int) -> None:
+        metrics.PROGRESS_READS.inc()
         try:
             records = self.reader(output_uri, shards, generators)
         except Exception as exc:  # the store being down must not stop pod handling
@@ -157,4 +191,6 @@ class ProgressCache:
         with self.lock:
             self.refreshing.pop(uid, None)
             if records is not None:
-                self.entries[uid] = (time.monotonic(), records)
+                self.entries[uid] = records
+            elif uid in self.reads:
+                self.reads[uid] = ProgressRead(self.reads[uid].at, _FAILED)
