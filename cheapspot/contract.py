@@ -544,7 +544,13 @@ SERVE_PORT = 8000
 """The replica's OpenAI API (vLLM) port: the router sends client requests here."""
 ADMIN_PORT = 8001
 """The replica launcher's admin port (operator and router only, never clients):
-``GET /cheapspot/status`` and ``PUT /cheapspot/adapters`` with the desired adapter list."""
+``GET /cheapspot/status``, ``GET /cheapspot/adapters`` (the adapter versions alone, which the
+routers poll) and ``PUT /cheapspot/adapters`` with the desired adapter list."""
+ADAPTER_SWAP_SETTLE_SECONDS = 5.0
+"""How long a replica announces a new version of an adapter it holds (its desired list)
+before it swaps it in vLLM: longer than the routers' bound on the age of the reports they
+route by (``cheapspot_operator.router.versions.REPORT_MAX_AGE_SECONDS``), so no router still
+believes the replica holds the old version once it answers with the new one."""
 ADMIN_TOKEN_ENV = "CHEAPSPOT_ADMIN_TOKEN"
 """The replica's admin token: every request to the admin port but a GET must carry
 ``Authorization: Bearer <token>``. The operator generates it per pool (a Secret it owns,

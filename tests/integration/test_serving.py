@@ -137,7 +137,9 @@ def _complete(url: str, model: str, prompt: str, tokens: int = TOKENS) -> dict[s
     return doc
 
 
-def _peft_greedy(model_dir: Path, adapter: Path | None, prompt: str) -> tuple[list[int], list[int]]:
+def _peft_greedy(
+    model_dir: Path, adapter: Path | None, prompt: str, tokens: int = TOKENS
+) -> tuple[list[int], list[int]]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -151,8 +153,8 @@ def _peft_greedy(model_dir: Path, adapter: Path | None, prompt: str) -> tuple[li
     with torch.no_grad():
         out = model.generate(
             ids,
-            max_new_tokens=TOKENS,
-            min_new_tokens=TOKENS,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
             do_sample=False,
             pad_token_id=0,
         )
@@ -187,10 +189,14 @@ def test_a_mixed_adapter_batch_equals_the_requests_one_by_one(replicas: list[Ser
     assert together == alone
 
 
-def test_status_reports_adapters_and_load(replicas: list[ServeReplica]) -> None:
+def test_status_reports_adapters_and_load(served: Served, replicas: list[ServeReplica]) -> None:
     status = replicas[0].status()
     assert status["ready"] is True and status["phase"] == "ready"
-    assert status["adapters"] == ["qa", "sums"]
+    assert [(a["name"], a["uri"]) for a in status["adapters"]] == [
+        ("qa", served.adapter_uris["qa"]),
+        ("sums", served.adapter_uris["sums"]),
+    ]
+    assert all(a["digest"].startswith("sha256:") for a in status["adapters"])
     assert status["model"] == ["tiny-qwen2", "pool"]
     assert status["running"] == 0 and status["waiting"] == 0
 
@@ -205,7 +211,7 @@ def test_adapters_added_and_removed_at_runtime(
         "PUT", r.admin_url + "/cheapspot/adapters", {"adapters": [*desired, extra]}
     )
     assert code == 200, doc
-    assert doc["adapters"] == ["qa", "qa-copy", "sums"]
+    assert [a["name"] for a in doc["adapters"]] == ["qa", "qa-copy", "sums"]
     copy = _complete(r.url, "qa-copy", PROMPTS[0])["choices"][0]["token_ids"]
     assert copy == _complete(r.url, "qa", PROMPTS[0])["choices"][0]["token_ids"]
     # a bad adapter is refused with its reason; the good ones stay
@@ -214,7 +220,7 @@ def test_adapters_added_and_removed_at_runtime(
         "PUT", r.admin_url + "/cheapspot/adapters", {"adapters": [*desired, missing]}
     )
     assert code == 422 and "nothing is published" in doc["error"] and "ghost" in doc["error"]
-    assert doc["adapters"] == ["qa", "sums"]
+    assert [a["name"] for a in doc["adapters"]] == ["qa", "sums"]
     code, err = http_json(
         "POST",
         r.url + "/v1/completions",
@@ -403,6 +409,165 @@ def test_router_errors_are_openai_errors(
         {"lora_name": "x", "lora_path": "/etc"},
     )
     assert code in (404, 405)
+
+
+def test_a_new_version_of_an_adapter_rolls_out_under_load_and_no_answer_mixes(
+    served: Served,
+    replicas: list[ServeReplica],
+    router_for: Callable[..., RouterThread],
+    s3_endpoint: S3Endpoint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``qa`` moves to a new URI (another random adapter: other greedy answers) on both
+    replicas, as the operator pushes it, while clients stream and ask through the router.
+    Every answer is v1's or v2's whole answer (none fails, none is spliced from both), every
+    request sent after the rollout gets v2's, which equals offline PEFT with v2; answers of
+    both versions were given while the change was under way."""
+    from cheapspot_worker.tiny import build_adapter
+
+    for k, v in s3_endpoint.env().items():
+        monkeypatch.setenv(k, v)
+    v2_dir = build_adapter(served.root / "qa-v2", served.model_dir, seed=3)
+    v2_uri = publish_dir(served.store_root, "adapters/qa-v2/", v2_dir)  # type: ignore[attr-defined]
+    prompt, tokens = PROMPTS[3], 24
+    v1 = _complete(replicas[0].url, "qa", prompt, tokens)["choices"][0]["text"]
+    rt = router_for(
+        [
+            Replica(r.name, "127.0.0.1", r.port, ready=True, admin_port=r.admin_port)
+            for r in replicas
+        ]
+    )
+    stop = threading.Event()
+    answers: list[tuple[float, float, str]] = []  # (sent, answered, text or the error)
+
+    def ask(stream: bool) -> None:
+        client = _client(rt.url).with_options(timeout=120)
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                got = client.completions.create(
+                    model="qa",
+                    prompt=prompt,
+                    max_tokens=tokens,
+                    temperature=0,
+                    stream=stream,
+                    extra_body={"ignore_eos": True},
+                )
+                if stream:
+                    text = "".join(c.choices[0].text for c in got if c.choices)  # type: ignore[union-attr]
+                else:
+                    text = got.choices[0].text  # type: ignore[union-attr]
+            except Exception as exc:  # any failure is a wrong answer here
+                text = f"failed: {exc!r}"
+            answers.append((sent, time.monotonic(), text))
+
+    def push(r: ServeReplica, uri: str, generation: int) -> tuple[int, Any]:
+        adapters = [
+            {"name": "qa", "uri": uri},
+            {"name": "sums", "uri": served.adapter_uris["sums"]},
+        ]
+        return http_json(
+            "PUT",
+            r.admin_url + "/cheapspot/adapters",
+            {"generation": generation, "adapters": adapters},
+            timeout=300,
+        )
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            load = [pool.submit(ask, stream) for stream in (True, True, False, True)]
+            deadline = time.monotonic() + 120
+            while len(answers) < 4:
+                assert time.monotonic() < deadline, "no answer before the change"
+                time.sleep(0.1)
+            changing = time.monotonic()
+            pushes = [pool.submit(push, r, v2_uri, 1) for r in replicas]
+            results = [p.result(timeout=300) for p in pushes]
+            rolled_out = time.monotonic()
+            deadline = rolled_out + 120
+            while sum(1 for a in answers if a[0] > rolled_out) < 8:
+                assert time.monotonic() < deadline, "no answer after the change"
+                time.sleep(0.1)
+            stop.set()
+            for f in load:
+                f.result(timeout=300)
+        assert all(code == 200 for code, _ in results), results
+        v2 = _complete(replicas[1].url, "qa", prompt, tokens)["choices"][0]
+        assert v2["text"] != v1
+        assert v2["token_ids"] == _peft_greedy(served.model_dir, v2_dir, prompt, tokens)[1]
+        print(
+            f"{len(answers)} answers: {sum(a[2] == v1 for a in answers)} v1, "
+            f"{sum(a[2] == v2['text'] for a in answers)} v2; the rollout took "
+            f"{rolled_out - changing:.1f} s"
+        )
+        wrong = [a for a in answers if a[2] not in (v1, v2["text"])]
+        assert not wrong, (v1, v2["text"], wrong)
+        late = [a for a in answers if a[0] > rolled_out]
+        assert all(a[2] == v2["text"] for a in late), late
+        during = [a for a in answers if a[0] < rolled_out and a[1] > changing]
+        assert {a[2] for a in during} == {v1, v2["text"]}, during
+
+        # A stream that started on v1 and is cut once the other replica has moved to v2
+        # resumes on v1 (the replica still on it), never spliced onto v2.
+        with ThreadPoolExecutor(2) as pool:
+            back = list(pool.map(lambda r: push(r, served.adapter_uris["qa"], 2), replicas))
+        assert all(code == 200 for code, _ in back), back
+        _resume_stays_on_its_version(replicas, router_for, v2_uri, push)
+    finally:
+        stop.set()
+        for r in replicas:
+            code, doc = push(r, served.adapter_uris["qa"], 4)
+            assert code == 200, doc
+
+
+def _resume_stays_on_its_version(
+    replicas: list[ServeReplica],
+    router_for: Callable[..., RouterThread],
+    v2_uri: str,
+    push: Callable[[ServeReplica, str, int], tuple[int, Any]],
+) -> None:
+    old, new = replicas
+    proxy = CutProxy(old.port)
+    through = Replica("proxied", "127.0.0.1", proxy.port, ready=True, admin_port=old.admin_port)
+    direct = Replica("z-direct", "127.0.0.1", old.port, ready=True, admin_port=old.admin_port)
+    # named to come first among equals: where versions are not minded, the resume goes there
+    moved = Replica("a-moved", "127.0.0.1", new.port, ready=True, admin_port=new.admin_port)
+
+    def text_of(url: str) -> str:
+        c = _client(url).with_options(timeout=120)
+        chunks = c.completions.create(
+            model="qa",
+            prompt=PROMPTS[0],
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+    moves: list[int] = []
+
+    def move_then_cut() -> None:
+        code, _ = push(new, v2_uri, 3)
+        moves.append(code)
+        rt.set_replicas([through, moved, direct])
+        time.sleep(1.5)  # the router's first reports of the replicas added
+
+    try:
+        v1_long = text_of(old.url)
+        measure = router_for([through])
+        assert text_of(measure.url) == v1_long
+        length = proxy.passed
+        rt = router_for([through], stall_seconds=60, first_token_seconds=60)
+        time.sleep(1.5)  # the router's first report of the replica: the version a stream pins
+        proxy.cut_after, proxy.before_cut = length // 2, move_then_cut
+        got = text_of(rt.url)
+        proxy.cut_after = None
+    finally:
+        proxy.close()
+    assert moves == [200] and proxy.cuts == 1
+    assert rt.router.stats["resumes"] >= 1 and rt.router.stats["failed"] == 0
+    assert got.encode() == v1_long.encode(), (got, v1_long)
 
 
 def test_a_keyed_router_answers_only_its_keys_and_only_for_their_models(

@@ -28,7 +28,8 @@ class FakeReplica(BaseHTTPRequestHandler):
         body = json.dumps(
             {
                 "ready": True,
-                "adapters": ["qa"],
+                "adapters": [{"name": "qa", "uri": "s3://a/qa/", "digest": "sha256:ab"}],
+                "desired": {"generation": 4, "adapters": []},
                 "running": 2,
                 "waiting": None,
                 "errors": {"sums": "MANIFEST.json not found"},
@@ -69,7 +70,7 @@ def test_reports_are_read_and_unknown_load_is_not_idle(replica: None) -> None:
     rp = make_replica(1)
     rp = type(rp)(pod=rp.pod, ready=True, ip=IP)
     (report,) = AdminClient().reports([rp], wait_s=5).values()
-    assert report.ready and report.adapters == frozenset({"qa"})
+    assert report.ready and report.adapters == {"qa": "s3://a/qa/"} and report.generation == 4
     assert report.in_flight is None  # waiting unknown: never taken for idle
     assert "MANIFEST.json not found" in report.message
 
@@ -80,13 +81,13 @@ def test_an_adapter_push_does_not_hold_up_reconciling_and_is_not_repeated(replic
     admin = AdminClient()
     adapters = [{"name": "qa", "uri": "s3://a/qa/"}]
     started = time.monotonic()
-    admin.push_adapters(rp, adapters)
-    admin.push_adapters(rp, adapters)  # the next pass, while the first push still loads
+    admin.push_adapters(rp, adapters, 7)
+    admin.push_adapters(rp, adapters, 7)  # the next pass, while the first push still loads
     assert time.monotonic() - started < 0.5
     deadline = time.monotonic() + 10
     while admin.pushing and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert FakeReplica.puts == [{"adapters": adapters}]
+    assert FakeReplica.puts == [{"generation": 7, "adapters": adapters}]
 
 
 def test_a_slow_replica_does_not_hold_up_a_pass_and_its_answer_counts_for_the_next(
@@ -101,7 +102,7 @@ def test_a_slow_replica_does_not_hold_up_a_pass_and_its_answer_counts_for_the_ne
     assert time.monotonic() - started < 0.5
     time.sleep(0.8)
     (report,) = admin.reports([rp], wait_s=0.1).values()
-    assert report.adapters == frozenset({"qa"})
+    assert report.adapters == {"qa": "s3://a/qa/"}
     # Stops answering (gone): its old report is not used.
     FakeReplica.get_delay = 0.0
     gone = type(rp)(pod=rp.pod, ready=True, ip="127.0.9.10")

@@ -52,7 +52,9 @@ def test_ready_replicas_make_the_pool_ready_and_a_quiet_world_plans_nothing() ->
 def test_a_reclaim_notice_drains_the_replica_and_creates_its_replacement_in_the_same_pass() -> None:
     w = PoolWorld().started()
     victim = w.of_slot(1)[0]
-    w.reports[victim.name] = ReplicaReport(ready=True, adapters=frozenset({"qa"}), running=2)
+    w.reports[victim.name] = ReplicaReport(
+        ready=True, adapters={"qa": "s3://ckpt/qa/final/"}, running=2
+    )
     w.taint(victim.pod.node_name)
     w.step(1)
     (create,) = w.creates()
@@ -84,7 +86,9 @@ def test_a_reclaim_notice_drains_the_replica_and_creates_its_replacement_in_the_
 def test_a_busy_draining_replica_is_deleted_near_its_deadline() -> None:
     w = PoolWorld().started()
     victim = w.of_slot(2)[0]
-    w.reports[victim.name] = ReplicaReport(ready=True, adapters=frozenset({"qa"}), waiting=5)
+    w.reports[victim.name] = ReplicaReport(
+        ready=True, adapters={"qa": "s3://ckpt/qa/final/"}, waiting=5
+    )
     w.taint(victim.pod.node_name)
     w.step()
     deadline = w.deadline_of(victim.name)
@@ -197,7 +201,9 @@ def test_scaling_down_removes_fallback_then_spot_replicas_never_the_anchor() -> 
 
 def test_scaling_up_does_not_reuse_the_index_of_a_pod_still_draining() -> None:
     w = PoolWorld(spec=make_pool(replicas=3)).started()
-    w.reports[name(2)] = ReplicaReport(ready=True, adapters=frozenset({"qa"}), running=1)
+    w.reports[name(2)] = ReplicaReport(
+        ready=True, adapters={"qa": "s3://ckpt/qa/final/"}, running=1
+    )
     w.spec = make_pool(replicas=2)
     w.step(1)
     assert [m.pod for m in w.marks()] == [name(2)]
@@ -224,6 +230,23 @@ def test_adapters_added_or_removed_are_pushed_to_serving_replicas_without_a_rest
     w.spec = make_pool(adapters=[])
     w.step(1)
     assert all(s.adapters == () for s in w.syncs()) and len(w.syncs()) == 3
+
+
+def test_a_new_uri_under_an_adapters_name_is_pushed_with_the_pools_generation() -> None:
+    """The sync compares names and URIs: ``qa`` moved to a new URI (a new version) reaches
+    the running replicas, with the generation that routers take as the newest list."""
+    w = PoolWorld().started()
+    w.spec = make_pool(adapters=[{"name": "qa", "uri": "s3://ckpt/qa-v2/final/"}])
+    w.generation += 1
+    w.step(1)
+    syncs = w.syncs()
+    assert sorted(s.pod for s in syncs) == sorted(w.live())
+    assert all(
+        [(a.name, a.uri) for a in s.adapters] == [("qa", "s3://ckpt/qa-v2/final/")]
+        and s.generation == w.generation
+        for s in syncs
+    )
+    assert w.step(1) == [] or w.syncs() == []  # the replicas report v2: nothing more
 
 
 def test_an_adapter_a_replica_cannot_load_shows_as_degraded_with_its_message() -> None:

@@ -42,8 +42,9 @@ def pod(
 
 def test_replica_from_pod_reads_readiness_draining_and_ip() -> None:
     r = routing.replica_from_pod(pod("a", "127.0.0.7"))
-    assert r == Replica("a", "127.0.0.7", 8000, ready=True, draining=False)
+    assert r == Replica("a", "127.0.0.7", 8000, ready=True, draining=False, admin_port=8001)
     assert r.url == "http://127.0.0.7:8000" and r.usable
+    assert r.admin_url == "http://127.0.0.7:8001"
     assert routing.replica_from_pod(pod("a", None)) is None
     assert routing.replica_from_pod(pod("a", role="router")) is None
     assert not routing.replica_from_pod(pod("a", ready=False)).usable  # type: ignore[union-attr]

@@ -18,6 +18,7 @@ import pytest
 from cheapspot.contract import ADMIN_PORT, ADMIN_TOKEN_ENV, AdapterSource, ServeTask
 from cheapspot_operator.inferencepool.admin import AdminClient
 from cheapspot_operator.testing.pool import make_replica
+from cheapspot_worker.adapter_versions import AdapterVersion
 from cheapspot_worker.serving import Launcher
 
 pytestmark = pytest.mark.unit
@@ -35,12 +36,13 @@ class Replica:
 
         self.applied: list[list[str]] = []
 
-        async def apply(desired: list[AdapterSource]) -> dict[str, str]:
+        async def apply(desired: list[AdapterSource], generation: int) -> dict[str, str]:
             self.applied.append([a.name for a in desired])
-            launcher.state.loaded = {a.name: a.uri for a in desired}
+            launcher.adapters.loaded = {a.name: AdapterVersion(a.uri, "") for a in desired}
+            launcher.adapters.generation = generation
             return {}
 
-        launcher._apply = apply  # type: ignore[method-assign]
+        launcher.adapters.apply = apply  # type: ignore[method-assign]
         launcher.state.ready, launcher.state.phase = True, "ready"
         self.loop = asyncio.new_event_loop()
         self.runner = web.AppRunner(launcher.admin_app())
@@ -69,7 +71,7 @@ def _launcher(monkeypatch: pytest.MonkeyPatch, token: str | None) -> Launcher:
     launcher.state.ready = False
 
     async def status_doc() -> dict[str, Any]:
-        return {"adapters": sorted(launcher.state.loaded)}
+        return {"adapters": sorted(launcher.adapters.loaded)}
 
     launcher._status_doc = status_doc  # type: ignore[method-assign]
     return launcher
@@ -109,16 +111,18 @@ def test_a_change_without_the_pools_token_is_refused_and_changes_nothing(
     assert _put(ADAPTERS, {"Authorization": "Bearer not-the-token"})[0] == 401
     assert _put(ADAPTERS, {"Authorization": TOKEN})[0] == 401  # no scheme
     assert guarded.applied == []
-    # reading stays open (the kubelet's probe cannot carry a secret)
-    with urllib.request.urlopen(f"http://{IP}:{ADMIN_PORT}/cheapspot/status", timeout=10) as r:
-        assert r.status == 200
+    # reading stays open (the kubelet's probe cannot carry a secret; the routers poll the
+    # adapter versions without one)
+    for path in ("/cheapspot/status", "/cheapspot/adapters"):
+        with urllib.request.urlopen(f"http://{IP}:{ADMIN_PORT}{path}", timeout=10) as r:
+            assert r.status == 200
 
 
 def test_the_operators_push_carries_the_token_and_is_applied(guarded: Replica) -> None:
     rp = make_replica(1)
     rp = type(rp)(pod=rp.pod, ready=True, ip=IP)
     admin = AdminClient()
-    admin.push_adapters(rp, [{"name": "qa", "uri": "s3://ckpt/qa/"}], TOKEN)
+    admin.push_adapters(rp, [{"name": "qa", "uri": "s3://ckpt/qa/"}], 1, token=TOKEN)
     deadline = time.monotonic() + 10
     while (admin.pushing or not guarded.applied) and time.monotonic() < deadline:
         time.sleep(0.05)

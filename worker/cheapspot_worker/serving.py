@@ -13,14 +13,19 @@ What it does, in order:
    a PUT needs the pool's admin token, :mod:`cheapspot_worker.admin_auth`):
 
    * ``GET /cheapspot/status``: ``ready``, ``phase``, the served ``model`` names, the loaded
-     ``adapters``, ``running`` / ``waiting`` requests (from vLLM's ``/metrics``) and the
-     ``errors`` of adapters that could not be loaded;
+     ``adapters`` by version (``{name, uri, digest}``, :mod:`cheapspot_worker.adapter_versions`),
+     the ``desired`` list with its ``generation``, ``running`` / ``waiting`` requests (from
+     vLLM's ``/metrics``) and the ``errors`` of adapters that could not be loaded;
+   * ``GET /cheapspot/adapters``: ``adapters`` and ``desired`` alone, from memory (routers
+     poll it to route each adapter name to replicas holding its wanted version);
    * ``GET /cheapspot/ready``: 200 while vLLM answers its health check (asked each time) and
      every adapter is loaded, else 503 (the readiness probe);
-   * ``PUT /cheapspot/adapters`` with ``{"adapters": [{"name", "uri"}, ...]}``: the desired
-     list; new adapters are fetched, verified and loaded through vLLM's runtime LoRA API,
-     removed ones unloaded; 200 with the status, or 422 naming each adapter that failed
-     (the others are applied);
+   * ``PUT /cheapspot/adapters`` with ``{"generation": N, "adapters": [{"name", "uri"}, ...]}``:
+     the desired list (a generation older than the one applied is refused, 409); every
+     version is fetched and verified, then the list is announced, then vLLM changed through
+     its runtime LoRA API: new adapters loaded, removed ones unloaded, a new version of a
+     loaded one swapped after a settle (:meth:`Launcher._apply`); 200 with the status, or
+     422 naming each adapter that failed (the others are applied);
 4. pass SIGTERM on to vLLM, which finishes its requests within ``--shutdown-timeout``, and
    exit :attr:`~cheapspot.contract.ExitCode.INTERRUPTED`.
 
@@ -46,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -54,22 +58,29 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cheapspot.contract import ADMIN_PORT, ADMIN_TOKEN_ENV, SERVE_PORT, AdapterSource, ServeTask
-from cheapspot.store import (
-    CorruptObjectError,
-    NotFoundError,
-    PermissionStoreError,
-    Store,
-    TransientStoreError,
+from cheapspot.contract import (
+    ADAPTER_SWAP_SETTLE_SECONDS,
+    ADMIN_PORT,
+    ADMIN_TOKEN_ENV,
+    SERVE_PORT,
+    AdapterSource,
+    ServeTask,
 )
-from cheapspot_worker.adapters import AdapterError, check_adapter
+from cheapspot.store import TransientStoreError
+from cheapspot_worker.adapter_versions import (
+    AdapterNotPublished,
+    AdapterSync,
+    AdapterVersion,
+    fetch_adapter,
+)
+from cheapspot_worker.adapters import AdapterError
 from cheapspot_worker.admin_auth import admin_auth
 from cheapspot_worker.errors import EngineFailed, Interrupted, PermanentError
-from cheapspot_worker.loading import COMPLETE_MARKER, cache_dir, resolve_model_dir, staged
+from cheapspot_worker.loading import resolve_model_dir
 from cheapspot_worker.progress import event
 
 log = logging.getLogger("cheapspot_worker.serving")
@@ -122,43 +133,6 @@ def reexec_in_serve_env(argv: list[str]) -> None:
 
 
 # -- fetching --------------------------------------------------------------------------------
-
-
-def _pretty(uri: str) -> str:
-    return uri.rstrip("/") + "/"
-
-
-class AdapterNotPublished(AdapterError):  # noqa: N818 (a state, not a fault)
-    """Nothing is published at the adapter's URI yet: a training job still running, or a
-    wrong URI. The replica exits transient (75), so the pool retries with backoff for
-    ``failurePolicy.transientRetrySeconds`` before it counts as a failure."""
-
-
-def fetch_adapter(source: AdapterSource, base_config: dict[str, Any], max_rank: int) -> Path:
-    """Download a published adapter prefix (manifest verified) and check it fits the base
-    model. :class:`AdapterError` for anything the user must fix; store outages propagate."""
-    prefix = _pretty(source.uri)
-    dest = cache_dir() / "adapters" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
-    if not (dest / COMPLETE_MARKER).is_file():
-        try:
-            with staged(dest, prefix) as staging:
-                Store(prefix).fetch("", staging)
-        except NotFoundError as exc:
-            raise AdapterNotPublished(
-                f"adapter {source.name!r}: nothing is published at {prefix} (no MANIFEST.json; "
-                "a wrong URI, or a training job that has not finished)"
-            ) from exc
-        except CorruptObjectError as exc:
-            raise AdapterError(
-                f"adapter {source.name!r} at {prefix} is corrupt, it does not match its "
-                f"manifest: {exc}"
-            ) from exc
-        except PermissionStoreError as exc:
-            raise AdapterError(
-                f"adapter {source.name!r} at {prefix} cannot be read: {exc}"
-            ) from exc
-    check_adapter(dest, base_config, max_rank=max_rank, name=source.name)
-    return dest
 
 
 def served_names(task: ServeTask) -> list[str]:
@@ -265,9 +239,6 @@ def parse_metrics(text: str) -> dict[str, float]:
 class State:
     phase: str = "fetching"
     ready: bool = False
-    loaded: dict[str, str] = field(default_factory=dict)
-    """Adapter name -> URI, as loaded in vLLM."""
-    errors: dict[str, str] = field(default_factory=dict)
 
 
 class Launcher:
@@ -283,6 +254,14 @@ class Launcher:
         self.tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
         self.stopping = asyncio.Event()
         self._lock = asyncio.Lock()
+        self.adapters = AdapterSync(
+            self._vllm_post,
+            lambda source: fetch_adapter(source, self.base_config, self.task.engine.max_lora_rank),
+            float(
+                os.environ.get("CHEAPSPOT_ADAPTER_SWAP_SETTLE_SECONDS")
+                or ADAPTER_SWAP_SETTLE_SECONDS
+            ),
+        )
         self._http: Any = None
 
     @property
@@ -292,7 +271,7 @@ class Launcher:
 
     # -- preparing -----------------------------------------------------------------------
 
-    def prepare(self) -> dict[str, Path]:
+    def prepare(self) -> dict[str, tuple[Path, AdapterVersion]]:
         """Model and adapters on local disk, all verified; PermanentError otherwise."""
         started = time.monotonic()
         self.model_dir = resolve_model_dir(self.task.model)
@@ -304,7 +283,7 @@ class Launcher:
                 f"model {self.task.model.uri}: unreadable config.json: {exc}"
             ) from exc
         event("model_ready", uri=self.task.model.uri, seconds=round(time.monotonic() - started, 2))
-        paths: dict[str, Path] = {}
+        paths: dict[str, tuple[Path, AdapterVersion]] = {}
         for source in self.task.adapters:
             try:
                 paths[source.name] = fetch_adapter(
@@ -315,7 +294,12 @@ class Launcher:
                 raise TransientStoreError(str(exc)) from exc
             except AdapterError as exc:
                 raise PermanentError(str(exc)) from exc
-            event("adapter_ready", adapter=source.name, uri=source.uri)
+            event(
+                "adapter_ready",
+                adapter=source.name,
+                uri=source.uri,
+                digest=paths[source.name][1].digest,
+            )
         return paths
 
     # -- running -------------------------------------------------------------------------
@@ -327,6 +311,7 @@ class Launcher:
         app = web.Application(middlewares=[admin_auth(os.environ.get(ADMIN_TOKEN_ENV, ""))])
         app.router.add_get("/cheapspot/status", self._status)
         app.router.add_get("/cheapspot/ready", self._ready)
+        app.router.add_get("/cheapspot/adapters", self._adapters)
         app.router.add_put("/cheapspot/adapters", self._put_adapters)
         return app
 
@@ -343,11 +328,11 @@ class Launcher:
         event("admin_listening", host=self.host, port=self.admin_port)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         try:
-            paths = await self._until_stopped(asyncio.to_thread(self.prepare))
-            if paths is None:
+            fetched = await self._until_stopped(asyncio.to_thread(self.prepare))
+            if fetched is None:
                 raise Interrupted("SIGTERM while fetching the model")
-            self.state.loaded = {a.name: _pretty(a.uri) for a in self.task.adapters}
-            await self._serve(paths)
+            self.adapters.started({name: version for name, (_, version) in fetched.items()})
+            await self._serve({name: path for name, (path, _) in fetched.items()})
         finally:
             await self._http.close()
             await runner.cleanup()
@@ -445,7 +430,7 @@ class Launcher:
                     if resp.status == 200:
                         self.state.ready = True
                         self.state.phase = "ready"
-                        event("ready", url=self.vllm_url, adapters=sorted(self.state.loaded))
+                        event("ready", url=self.vllm_url, adapters=sorted(self.adapters.loaded))
                         return
             await asyncio.sleep(0.25)
 
@@ -467,11 +452,17 @@ class Launcher:
             "ready": self.state.ready,
             "phase": self.state.phase,
             "model": served_names(self.task),
-            "adapters": sorted(self.state.loaded),
+            **self.adapters.to_json(),
             "running": running,
             "waiting": waiting,
-            "errors": dict(self.state.errors),
+            "errors": dict(self.adapters.errors),
         }
+
+    async def _adapters(self, request: Any) -> Any:
+        """The adapter versions alone, from memory: routers poll it often."""
+        from aiohttp import web
+
+        return web.json_response({"ready": self.state.ready, **self.adapters.to_json()})
 
     async def _status(self, request: Any) -> Any:
         from aiohttp import web
@@ -507,9 +498,17 @@ class Launcher:
             body = await request.json()
             items = body.get("adapters") if isinstance(body, dict) else body
             desired = TypeAdapter(list[AdapterSource]).validate_python(items)
+            generation = body.get("generation") if isinstance(body, dict) else None
+            generation = self.adapters.generation if generation is None else generation
+            if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+                raise ValueError(f"generation must be a whole number >= 0, not {generation!r}")
         except (ValueError, ValidationError) as exc:
             return web.json_response(
-                {"error": f'expected {{"adapters": [{{"name", "uri"}}, ...]}}: {exc}'}, status=400
+                {
+                    "error": 'expected {"generation": N, "adapters": [{"name", "uri"}, ...]}: '
+                    f"{exc}"
+                },
+                status=400,
             )
         names = [a.name for a in desired]
         if len(set(names)) != len(names):
@@ -520,43 +519,20 @@ class Launcher:
                 status=503,
             )
         async with self._lock:
-            errors = await self._apply(desired)
+            if generation < self.adapters.generation:
+                return web.json_response(
+                    {
+                        "error": f"generation {generation} is older than the list applied "
+                        f"(generation {self.adapters.generation}): ignored",
+                        **await self._status_doc(),
+                    },
+                    status=409,
+                )
+            errors = await self.adapters.apply(desired, generation)
         doc = await self._status_doc()
         if errors:
             return web.json_response({"error": "; ".join(errors.values()), **doc}, status=422)
         return web.json_response(doc)
-
-    async def _apply(self, desired: list[AdapterSource]) -> dict[str, str]:
-        want = {a.name: a for a in desired}
-        errors: dict[str, str] = {}
-        for name in [n for n in self.state.loaded if n not in want]:
-            await self._vllm_post("/v1/unload_lora_adapter", {"lora_name": name})
-            del self.state.loaded[name]
-            event("adapter_unloaded", adapter=name)
-        for name, source in want.items():
-            uri = _pretty(source.uri)
-            if self.state.loaded.get(name) == uri:
-                continue
-            try:
-                path = await asyncio.to_thread(
-                    fetch_adapter, source, self.base_config, self.task.engine.max_lora_rank
-                )
-            except AdapterError as exc:
-                errors[name] = str(exc)
-                continue
-            if name in self.state.loaded:
-                await self._vllm_post("/v1/unload_lora_adapter", {"lora_name": name})
-                del self.state.loaded[name]
-            problem = await self._vllm_post(
-                "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}
-            )
-            if problem:
-                errors[name] = f"adapter {name!r}: vLLM refused it: {problem}"
-                continue
-            self.state.loaded[name] = uri
-            event("adapter_loaded", adapter=name, uri=uri)
-        self.state.errors = errors
-        return errors
 
     async def _vllm_post(self, path: str, doc: dict[str, str]) -> str:
         """POST to vLLM; '' on success, else what went wrong."""

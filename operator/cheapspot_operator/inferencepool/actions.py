@@ -26,10 +26,13 @@ class MarkDraining:
 
 @dataclass(frozen=True)
 class SyncAdapters:
-    """Push the desired adapter list to a running replica (loaded/unloaded, no restart)."""
+    """Push the desired adapter list to a running replica (loaded/unloaded, no restart),
+    with the pool generation it comes from (replicas refuse an older one; routers take the
+    newest as the versions wanted)."""
 
     pod: str
     adapters: tuple[AdapterSource, ...]
+    generation: int = 0
 
 
 @dataclass(frozen=True)

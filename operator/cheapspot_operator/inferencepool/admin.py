@@ -3,7 +3,8 @@
 * **Replica reports**: every running replica's admin endpoint (``GET /cheapspot/status`` on
   :data:`ADMIN_PORT`, pod IP) is read in parallel with a short timeout; a replica that does
   not answer simply has no report (the planner then waits for its deadline).
-* **Adapters**: ``PUT /cheapspot/adapters`` with ``{"adapters": [{"name", "uri"}, ...]}`` on
+* **Adapters**: ``PUT /cheapspot/adapters`` with ``{"generation": N, "adapters": [{"name",
+  "uri"}, ...]}`` (N: the pool's generation) on
   the admin port, in the background (one at a time per replica; the replica answers once it
   fetched and loaded what is new); it loads and unloads through vLLM's runtime adapter API.
   The push carries the pool's admin token (``Authorization: Bearer``): the replica takes
@@ -100,7 +101,11 @@ class AdminClient:
                 self.latest[rp.name] = (time.monotonic(), report)
 
     def push_adapters(
-        self, rp: ReplicaPod, adapters: Sequence[Mapping[str, str]], token: str = ""
+        self,
+        rp: ReplicaPod,
+        adapters: Sequence[Mapping[str, str]],
+        generation: int = 0,
+        token: str = "",
     ) -> None:
         """Start pushing the adapter list to ``rp`` in the background (the replica fetches
         and loads new adapters before it answers, which can take a while); a push already
@@ -111,10 +116,12 @@ class AdminClient:
             if rp.name in self.pushing:
                 return
             self.pushing.add(rp.name)
-        self.pushers.submit(self._push, rp, list(adapters), token)
+        self.pushers.submit(self._push, rp, list(adapters), generation, token)
 
-    def _push(self, rp: ReplicaPod, adapters: list[Mapping[str, str]], token: str) -> None:
-        body = json.dumps({"adapters": adapters}).encode()
+    def _push(
+        self, rp: ReplicaPod, adapters: list[Mapping[str, str]], generation: int, token: str
+    ) -> None:
+        body = json.dumps({"generation": generation, "adapters": adapters}).encode()
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"

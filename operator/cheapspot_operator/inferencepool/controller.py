@@ -165,7 +165,9 @@ class PoolReconciler(ObjectReconciler[PoolAction]):
                 self._mark_draining(namespace, action)
             elif isinstance(action, SyncAdapters) and action.pod in by_name:
                 adapters = [a.model_dump(mode="json", by_alias=True) for a in action.adapters]
-                self.admin.push_adapters(by_name[action.pod], adapters, token)
+                self.admin.push_adapters(
+                    by_name[action.pod], adapters, action.generation, token=token
+                )
             elif isinstance(action, EnsureRouter):
                 self._ensure_router(pool, spec, action.replicas)
 

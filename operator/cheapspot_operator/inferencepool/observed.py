@@ -40,7 +40,11 @@ class ReplicaReport:
     """A replica launcher's answer to ``GET /cheapspot/status``."""
 
     ready: bool
-    adapters: frozenset[str] = frozenset()
+    adapters: Mapping[str, str] = field(default_factory=dict)
+    """Adapter name -> the URI of the version loaded (the replica also reports the
+    manifest digest, which the routers compare; the operator pushes by URI)."""
+    generation: int = 0
+    """The pool generation of the desired list the replica applied last."""
     running: int | None = 0
     waiting: int | None = 0
     """Requests vLLM runs and queues; None when the replica cannot tell (vLLM not up)."""
@@ -55,10 +59,13 @@ class ReplicaReport:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ReplicaReport:
-        adapters = data.get("adapters") or []
-        names = frozenset(
-            str(a.get("name")) if isinstance(a, Mapping) else str(a) for a in adapters
-        )
+        adapters = {
+            str(a["name"]): str(a.get("uri") or "")
+            for a in data.get("adapters") or []
+            if isinstance(a, Mapping) and a.get("name")
+        }
+        desired = data.get("desired")
+        generation = desired.get("generation") if isinstance(desired, Mapping) else 0
         errors = data.get("errors") or data.get("message") or ""
         if isinstance(errors, Mapping):
             errors = "; ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
@@ -66,7 +73,8 @@ class ReplicaReport:
             errors = "; ".join(str(e) for e in errors)
         return cls(
             ready=bool(data.get("ready")),
-            adapters=names,
+            adapters=adapters,
+            generation=generation if isinstance(generation, int) else 0,
             running=None if data.get("running") is None else int(data["running"]),
             waiting=None if data.get("waiting") is None else int(data["waiting"]),
             message=str(errors),

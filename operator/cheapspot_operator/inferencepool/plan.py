@@ -33,8 +33,10 @@ Draining, deleted):
   at a time returns to spot, its on-demand pod serving until the spot one is Ready;
 * scale: ``spec.replicas`` adds slots on spot; removing takes on-demand fallback slots first,
   then spot ones (those not ready first), never an anchor;
-* adapters in the spec are pushed to every serving replica whose report differs
-  (:class:`SyncAdapters`: the act layer's ``PUT /cheapspot/adapters``), no restart;
+* adapters in the spec are pushed to every serving replica whose report differs by name or
+  URI (:class:`SyncAdapters`: the act layer's ``PUT /cheapspot/adapters``, with the pool's
+  generation), no restart; the replica swaps a changed version after announcing it, and the
+  routers send a name only to replicas holding its wanted version (docs/serving-data-path.md);
 * a replica that exits with the worker's permanent error holds its slot (no crash loop) with
   condition ``Degraded`` and an event carrying the replica's message; a transient exit (75:
   the object store unreachable, an adapter not published yet) waits
@@ -209,13 +211,13 @@ def _scale(work: Pass) -> None:
 
 def _sync_adapters(work: Pass) -> None:
     desired = tuple(work.spec.adapters)
-    names = frozenset(a.name for a in desired)
+    uris = {a.name: a.uri for a in desired}
     for rp in work.obs.replicas:
         if not rp.live or not rp.ready or rp.draining_until is not None:
             continue
         report = work.obs.reports.get(rp.name)
-        if report is not None and report.ready and report.adapters != names:
-            work.actions.append(SyncAdapters(rp.name, desired))
+        if report is not None and report.ready and dict(report.adapters) != uris:
+            work.actions.append(SyncAdapters(rp.name, desired, work.obs.pool.generation))
 
 
 def _running(obs: PoolObserved) -> Iterator[costing.Usage]:

@@ -18,11 +18,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import aiohttp
 from kubernetes import client, watch
 
-from cheapspot.contract import SERVE_PORT
-from cheapspot_operator.router import limits, routing
+from cheapspot.contract import ADMIN_PORT, SERVE_PORT
+from cheapspot_operator.router import limits, routing, versions
 from cheapspot_operator.router.routing import Load, Replica
+from cheapspot_operator.router.versions import Pin, Version, VersionReport
 from cheapspot_operator.runtime.kubeapi import api_client
 
 log = logging.getLogger("cheapspot.router")
@@ -60,6 +62,8 @@ class ReplicaSet:
         self.stalled: set[str] = set()
         """Replicas that went silent mid-request: no request until they answer their health
         check again (the relay asks), however long that takes."""
+        self.reports: dict[str, VersionReport] = {}
+        """Each replica's last adapter-version report (:mod:`versions`), polled."""
         self.listed = False
         """The replica set is known (the first pod list, or fixed replicas)."""
         self._changed = asyncio.Condition()
@@ -68,6 +72,8 @@ class ReplicaSet:
         async with self._changed:
             self.by_name = {r.name: r for r in replicas}
             self.load.forget(self.by_name)
+            for gone in set(self.reports) - set(self.by_name):
+                del self.reports[gone]
             self.listed = True
             self._changed.notify_all()
 
@@ -88,17 +94,29 @@ class ReplicaSet:
             self._changed.notify_all()
 
     async def acquire(
-        self, model: str, exclude: set[str], deadline: float, *, queue: bool = False
+        self,
+        model: str,
+        exclude: set[str],
+        deadline: float,
+        pin: Pin | None = None,
+        *,
+        queue: bool = False,
     ) -> Replica | None:
         """A replica for the request, counted in flight; waits while all are busy or none
-        is ready, until ``deadline``. ``queue``: a new request, which raises
-        :class:`QueueFull` rather than wait behind ``maxQueuedRequests`` others; a retry or
-        a resume (a request the router has taken on) always waits its turn."""
+        is ready (or none holds the wanted version yet), until ``deadline``. A resumed
+        stream (``pin``) gets None at once when no usable replica holds its version.
+        ``queue``: a new request, which raises :class:`QueueFull` rather than wait behind
+        ``maxQueuedRequests`` others; a retry or a resume (a request the router has taken
+        on) always waits its turn."""
         waiting = False
         try:
             async with self._changed:
                 while True:
-                    chosen = self._pick(model, exclude)
+                    now = time.monotonic()
+                    only = versions.allowed(self.by_name, self.reports, model, now, pin)
+                    if pin is not None and not self.holds(model, pin):
+                        return None
+                    chosen = self._pick(model, exclude, only)
                     if chosen is not None:
                         self.load.take(chosen.name)
                         return chosen
@@ -117,19 +135,20 @@ class ReplicaSet:
             if waiting:
                 self.waiting -= 1
 
-    def _pick(self, model: str, exclude: set[str]) -> Replica | None:
+    def _pick(self, model: str, exclude: set[str], only: set[str] | None) -> Replica | None:
         now = time.monotonic()
         avoid = exclude | self.stalled | {n for n, t in self.cooling.items() if t > now}
-        chosen = self._choose(model, avoid)
+        chosen = self._choose(model, avoid, only)
         if chosen is None and not any(
-            r.usable and r.name not in avoid for r in self.by_name.values()
+            r.usable and r.name not in avoid and (only is None or r.name in only)
+            for r in self.by_name.values()
         ):
             # Every usable replica failed this request or just failed another one: better
             # to try one of those again than to wait for nothing. Not a stalled one: it
             # would hold the request a first-token bound for nothing; waiting for it to
             # answer again (or another) is better.
             for fallback in (exclude | self.stalled, self.stalled):
-                chosen = self._choose(model, fallback)
+                chosen = self._choose(model, fallback, only)
                 if chosen is not None:
                     break
         return chosen
@@ -139,7 +158,7 @@ class ReplicaSet:
         what that says of the adapters it holds (:meth:`routing.Load.answered`)."""
         self.load.answered(name, model, status, time.monotonic())
 
-    def _choose(self, model: str, exclude: set[str]) -> Replica | None:
+    def _choose(self, model: str, exclude: set[str], only: set[str] | None) -> Replica | None:
         lacking = self.load.lacking(model, time.monotonic() - LACKS_SECONDS)
         return routing.choose(
             self.by_name.values(),
@@ -148,7 +167,42 @@ class ReplicaSet:
             capacity=self.capacity,
             exclude=exclude,
             lacking=lacking,
+            only=only,
         )
+
+    def version_of(self, name: str, model: str) -> Version | None:
+        """The version of ``model`` replica ``name`` holds, by its fresh report."""
+        report = versions.fresh(self.reports, time.monotonic()).get(name)
+        return versions.version_of(report, model)
+
+    def holds(self, model: str, pin: Pin) -> bool:
+        """Some usable replica holds the pinned version of ``model``."""
+        only = versions.allowed(self.by_name, self.reports, model, time.monotonic(), pin)
+        return any(r.usable and (only is None or r.name in only) for r in self.by_name.values())
+
+    async def poll_versions(self, session: aiohttp.ClientSession) -> None:
+        """Ask every replica with a known admin port for its adapter versions, every
+        :data:`~versions.POLL_SECONDS`, until cancelled. A replica that does not answer
+        keeps its last report, which ages out of use (:data:`~versions.REPORT_MAX_AGE_SECONDS`)."""
+        timeout = aiohttp.ClientTimeout(total=1.0)
+
+        async def ask(replica: Replica, url: str) -> None:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                async with session.get(url + "/cheapspot/adapters", timeout=timeout) as resp:
+                    if resp.status == 200:
+                        report = versions.parse_report(await resp.json(), time.monotonic())
+                        if report is not None and replica.name in self.by_name:
+                            self.reports[replica.name] = report
+
+        while True:
+            asks = [
+                ask(r, url) for r in list(self.by_name.values()) if (url := r.admin_url) is not None
+            ]
+            if asks:
+                await asyncio.gather(*asks)
+                async with self._changed:
+                    self._changed.notify_all()
+            await asyncio.sleep(versions.POLL_SECONDS)
 
     def describe(self) -> list[dict[str, Any]]:
         """Each replica, by name, as the router's status page shows it."""
@@ -183,6 +237,7 @@ def watch_pods(
     *,
     kubeconfig: str | None = None,
     port: int = SERVE_PORT,
+    admin_port: int = ADMIN_PORT,
 ) -> None:
     """List and watch the pool's replica pods (in a thread), handing each new view of the
     replica set to the router's loop. Relists after a watch ends or fails."""
@@ -191,7 +246,11 @@ def watch_pods(
     pods: dict[str, dict[str, Any]] = {}
 
     def publish() -> None:
-        view = [r for p in pods.values() if (r := routing.replica_from_pod(p, port)) is not None]
+        view = [
+            r
+            for p in pods.values()
+            if (r := routing.replica_from_pod(p, port, admin_port)) is not None
+        ]
         asyncio.run_coroutine_threadsafe(replicas.update(view), loop)
 
     while not stop.is_set():

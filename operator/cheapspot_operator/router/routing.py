@@ -24,11 +24,12 @@ from __future__ import annotations
 import json
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cheapspot.contract import (
+    ADMIN_PORT,
     ANNOTATION_DRAINING,
     LABEL_POOL,
     LABEL_POOL_ROLE,
@@ -54,10 +55,15 @@ class Replica:
     port: int = SERVE_PORT
     ready: bool = False
     draining: bool = False
+    admin_port: int | None = None  # the launcher's, for adapter versions; None: unknown
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str | None:
+        return None if self.admin_port is None else f"http://{self.host}:{self.admin_port}"
 
     @property
     def usable(self) -> bool:
@@ -68,7 +74,9 @@ def pool_selector(pool: str) -> str:
     return f"{LABEL_POOL}={pool},{LABEL_POOL_ROLE}=replica"
 
 
-def replica_from_pod(pod: Mapping[str, Any], port: int = SERVE_PORT) -> Replica | None:
+def replica_from_pod(
+    pod: Mapping[str, Any], port: int = SERVE_PORT, admin_port: int | None = ADMIN_PORT
+) -> Replica | None:
     """The replica a pod is, or None if it is not a replica pod with an IP yet.
 
     Draining: the operator's annotation, or the pod being deleted (``deletionTimestamp``).
@@ -88,7 +96,7 @@ def replica_from_pod(pod: Mapping[str, Any], port: int = SERVE_PORT) -> Replica 
     draining = bool((meta.get("annotations") or {}).get(ANNOTATION_DRAINING)) or bool(
         meta.get("deletionTimestamp")
     )
-    return Replica(str(meta.get("name", "")), str(ip), port, ready, draining)
+    return Replica(str(meta.get("name", "")), str(ip), port, ready, draining, admin_port)
 
 
 MODELS_REMEMBERED = 256
@@ -162,6 +170,7 @@ def choose(
     capacity: int,
     exclude: Iterable[str] = (),
     lacking: Iterable[str] = (),
+    only: Collection[str] | None = None,  # those holding the wanted version (versions.py)
 ) -> Replica | None:
     """The replica for a request for ``model``: usable (ready, not draining), not in
     ``exclude`` (replicas this request already failed on) and below ``capacity`` requests in
@@ -176,7 +185,7 @@ def choose(
     adapter may have loaded since). None: every replica is busy or none is usable (the
     caller queues)."""
     skip = set(exclude)
-    pool = [r for r in replicas if r.usable]
+    pool = [r for r in replicas if r.usable and (only is None or r.name in only)]
     missing = set(lacking) & {r.name for r in pool}
     best: tuple[int, int, int, str] | None = None
     chosen: Replica | None = None

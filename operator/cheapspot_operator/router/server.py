@@ -11,7 +11,9 @@ It watches the pool's replica pods (labels ``cheapspot.dev/pool=NAME``,
 ``cheapspot.dev/pool-role=replica``) and sends each request straight to a chosen replica's
 pod IP (:func:`cheapspot_operator.router.routing.choose`): ready, not draining, the fewest
 requests in flight, ties to the one chosen longest ago (the adapter decides first only where
-a replica answered 404 for it lately, e.g. one still loading it). When every
+a replica answered 404 for it lately, e.g. one still loading it). An adapter name goes only
+to replicas holding its wanted version, and a cut stream resumes only on its own version
+(:mod:`cheapspot_operator.router.versions`). When every
 replica is at ``--capacity`` requests in flight, or none is ready, the request waits (up to
 ``--max-queue-seconds``) instead of failing, unless ``--max-queued-requests`` others wait
 already. A request that fails before its first byte

@@ -30,6 +30,7 @@ from cheapspot_operator.router.upstream import (
     pieces,
     write,
 )
+from cheapspot_operator.router.versions import Pin
 
 log = logging.getLogger("cheapspot.router")
 
@@ -45,11 +46,22 @@ async def relay_stream(
     tried: set[str] = set()
     response: web.StreamResponse | None = None
     last = NO_REPLICA
+    pin: Pin | None = None
     for attempt in range(RETRIES):
-        replica = await client.replicas.acquire(model, tried, deadline, queue=attempt == 0)
-        if replica is None:
-            break
         resumed = state.first is not None
+        # A resume continues on the version the stream started on, or not at all.
+        replica = await client.replicas.acquire(
+            model, tried, deadline, pin if resumed else None, queue=attempt == 0
+        )
+        if replica is None:
+            if pin is not None and resumed and not client.replicas.holds(model, pin):
+                last = (
+                    f"no replica serves the version of {model!r} this stream started on any "
+                    "more (the adapter changed): it cannot be resumed without mixing versions"
+                )
+            break
+        if not resumed:
+            pin = Pin(client.replicas.version_of(replica.name, model))
         try:
             if resumed:
                 if state.prompt_ids is None:

@@ -132,6 +132,7 @@ class ReplicaClient:
         }
         self._session: aiohttp.ClientSession | None = None
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -139,9 +140,10 @@ class ReplicaClient:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             auto_decompress=False,
         )
+        self._poller = asyncio.ensure_future(self.replicas.poll_versions(self._session))
 
     async def close(self) -> None:
-        for task in self._probes.values():
+        for task in [*self._probes.values(), *([self._poller] if self._poller else [])]:
             task.cancel()
         if self._session is not None:
             await self._session.close()

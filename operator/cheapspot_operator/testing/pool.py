@@ -139,8 +139,10 @@ class PoolWorld(WorkloadWorld[ReplicaPod, PoolAction, InferencePoolStatus]):
         if isinstance(action, MarkDraining) and action.pod in self.pods:
             self.pods[action.pod] = replace(self.pods[action.pod], draining_until=action.deadline)
         elif isinstance(action, SyncAdapters) and action.pod in self.reports:
-            names = frozenset(a.name for a in action.adapters)
-            self.reports[action.pod] = replace(self.reports[action.pod], adapters=names)
+            loaded = {a.name: a.uri for a in action.adapters}
+            self.reports[action.pod] = replace(
+                self.reports[action.pod], adapters=loaded, generation=action.generation
+            )
         elif isinstance(action, EnsureRouter):
             self.router = RouterView(action.replicas, action.replicas, self.router_template_hash)
 
@@ -154,7 +156,7 @@ class PoolWorld(WorkloadWorld[ReplicaPod, PoolAction, InferencePoolStatus]):
                     rp, pod=replace(rp.pod, phase="Running", node_name=where), ready=True
                 )
                 self.reports[name] = ReplicaReport(
-                    ready=True, adapters=frozenset(a.name for a in self.spec.adapters)
+                    ready=True, adapters={a.name: a.uri for a in self.spec.adapters}
                 )
 
     def started(self) -> PoolWorld:
