@@ -71,6 +71,9 @@ from cheapspot_operator.router.upstream import FIRST_TOKEN_SECONDS, STALL_SECOND
 
 log = logging.getLogger("cheapspot.router")
 
+API_KEY = web.RequestKey("api_key", keys.ApiKey)
+"""The client's key, on a request the key check let through."""
+
 OWN_PATHS = frozenset({"/healthz", ROUTER_READY_PATH, "/cheapspot/router"})
 """The router's own endpoints: not client requests, not waited for when draining, never
 asked for a key."""
@@ -145,7 +148,7 @@ class Router:
                     status=key.status,
                     headers={"WWW-Authenticate": 'Bearer realm="cheapspot"'},
                 )
-            request["api_key"] = key
+            request[API_KEY] = key
         self.active += 1
         try:
             busy = limits.busy(self.limits, self.active)
@@ -213,7 +216,7 @@ class Router:
     async def handle_get(self, request: web.Request) -> web.Response:
         """A GET for a replica; the model list shows only what the client's key may use."""
         response = await self.relay.get(request)
-        key: keys.ApiKey | None = request.get("api_key")
+        key = request.get(API_KEY)
         if key is None or key.models is None or response.status != 200 or response.body is None:
             return response
         with contextlib.suppress(ValueError, TypeError):
@@ -242,7 +245,7 @@ class Router:
             if isinstance(body, validation.Refusal):
                 return self.refuse(body)
             model = str(body.get("model") or "")
-            key: keys.ApiKey | None = request.get("api_key")
+            key = request.get(API_KEY)
             denied = keys.authorize(key, model) if key is not None else None
             if denied is not None:
                 self.stats["refused"] += 1
