@@ -66,15 +66,20 @@ def scrape_url(url: str) -> Samples:
         return scrape_text(response.read().decode())
 
 
-def scrape_apiserver(kubectl: Path, kubeconfig: Path) -> Samples:
-    """The API server's own metrics, only the families used here (the rest is large)."""
-    text = subprocess.run(
+def apiserver_metrics(kubectl: Path, kubeconfig: Path) -> str:
+    """The API server's ``/metrics`` text, through kubectl (the admin credentials)."""
+    return subprocess.run(
         [str(kubectl), "--kubeconfig", str(kubeconfig), "get", "--raw", "/metrics"],
         check=True,
         capture_output=True,
         text=True,
         timeout=60,
     ).stdout
+
+
+def scrape_apiserver(kubectl: Path, kubeconfig: Path) -> Samples:
+    """The API server's own metrics, only the families used here (the rest is large)."""
+    text = apiserver_metrics(kubectl, kubeconfig)
     wanted = re.compile(
         r"^(# (HELP|TYPE) )?(apiserver_request_total|apiserver_request_duration_seconds_(sum|count)"
         r"|etcd_request_duration_seconds_(sum|count))\b"

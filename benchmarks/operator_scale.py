@@ -35,7 +35,6 @@ import io
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -104,13 +103,7 @@ def pools(nodes: int, gpus: int = 1) -> dict[str, Any]:
 
 def requests(kubectl: Path, kubeconfig: Path) -> Counter[tuple[str, str]]:
     """The API server's request counters, summed by (verb, resource[/subresource])."""
-    text = subprocess.run(
-        [str(kubectl), "--kubeconfig", str(kubeconfig), "get", "--raw", "/metrics"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    text = cost.apiserver_metrics(kubectl, kubeconfig)
     out: Counter[tuple[str, str]] = Counter()
     for line in text.splitlines():
         m = COUNTER.match(line)

@@ -142,14 +142,9 @@ def _ts(event: dict[str, Any]) -> float:
 
 
 def _events(log: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+    from cheapspot_localcluster.trainjobs import worker_events
+
+    return worker_events(log.read_text(errors="replace"))
 
 
 def _mean_step(times: list[float], warmup: int) -> tuple[float, int]:
