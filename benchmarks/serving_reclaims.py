@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 keys = sorted(k for k in {key(o) for o in load.outcomes} if k[0] == ROLLED)
                 rolled, v2 = rollout(pools, adapters, v2_uri, keys, args.timeout)
             if i == args.reclaims:
+                if i == rollout_at and args.rollout:
+                    time.sleep(args.steady)  # answers after the rollout, with no reclaim after it
                 break
             notice = args.notice if i % 2 == 0 else 0.0
             spot = set(backend.spot_nodes())
