@@ -144,7 +144,8 @@ def stall(
 ) -> dict[str, Any]:
     """Freeze the spot replica while the router has requests in flight on it, for ``hold_s``;
     thaw it and wait until the router sends it requests again."""
-    from cheapspot_localcluster.inference import busiest, in_flight
+    from cheapspot_localcluster.inference import arrivals, busiest, in_flight, router_view
+    from cheapspot_localcluster.waiting import wait_for
 
     spot = set(backend.spot_nodes())
     name = next(
@@ -169,8 +170,19 @@ def stall(
     finally:
         os.killpg(pid, signal.SIGCONT)
     thawed = time.monotonic()
+    # Used again: the router no longer counts it stalled, and then its vLLM gets requests it
+    # did not have (the router's in-flight count right after the thaw still holds requests
+    # sent to it before the router gave up on it, so it proves nothing).
+    ip = next(p["status"]["podIP"] for p in pools.pods(POOL) if p["metadata"]["name"] == name)
     try:
-        busiest(url, [name], timeout_s)
+        wait_for(
+            f"{name} not stalled",
+            lambda: not any(r["name"] == name and r.get("stalled") for r in router_view(url)),
+            timeout_s,
+        )
+        time.sleep(2)  # what it had from before the thaw reaches its vLLM's counts
+        before = arrivals(ip) or 0
+        wait_for(f"{name} used again", lambda: (arrivals(ip) or 0) > before, timeout_s)
         again: float | None = round(time.monotonic() - thawed, 1)
     except TimeoutError:
         again = None
@@ -448,10 +460,13 @@ def report(
         hit = [o for o in outcomes if o.started <= t1 and o.started + o.seconds >= t0]
         normal = max((o.seconds for o in steady if o.ok), default=0.0)
         bound = max(router.values()) + normal
-        longest = max((o.seconds for o in hit), default=0.0)
+        # The router's bounds are a stream's (a plain completion is silent until whole, so
+        # it has none): a plain request on the frozen replica waits for the thaw.
+        longest = max((o.seconds for o in hit if o.stream), default=0.0)
         stalled.update(
             requests=len(hit),
             longest_request_s=round(longest, 1),
+            longest_any_request_s=round(max((o.seconds for o in hit), default=0.0), 1),
             bound_s=round(bound, 1),
             within_bound=longest <= bound,
         )
@@ -479,9 +494,10 @@ def report(
             f"stall: {stalled['in_flight_at_freeze']} in flight at the freeze "
             f"({stalled['frozen_s']:g}s; router bounds first token "
             f"{router['firstTokenSeconds']:g}s, stall {router['stallSeconds']:g}s); "
-            f"{stalled['requests']} requests in flight or started meanwhile, longest "
+            f"{stalled['requests']} requests in flight or started meanwhile, longest stream "
             f"{stalled['longest_request_s']:g}s (bound {stalled['bound_s']:g}s: the larger "
-            f"bound + the steady phase's longest); used again "
+            f"bound + the steady phase's longest), longest of all "
+            f"{stalled['longest_any_request_s']:g}s; used again "
             + (
                 f"{stalled['used_again_after_s']:g}s after the thaw"
                 if stalled["used_again_after_s"] is not None
