@@ -60,22 +60,29 @@ def pool_from_example(
 
 
 def publish_adapters(
-    bucket_uri: str, model_dir: Path, workdir: Path, names: Sequence[str]
+    bucket_uri: str,
+    model_dir: Path,
+    workdir: Path,
+    names: Sequence[str],
+    *,
+    first_seed: int = 1,
+    prefix: str = "adapters",
 ) -> dict[str, str]:
-    """Random-weight PEFT adapters for ``model_dir`` (different seeds), published with
-    manifests below ``bucket_uri``; name -> URI."""
+    """Random-weight PEFT adapters for ``model_dir`` (seeds ``first_seed``, ``first_seed`` +
+    1, ...), published with manifests at ``prefix/NAME/`` below ``bucket_uri``; name -> URI.
+    Another seed and prefix make a new version of a name (a different adapter, a new URI)."""
     from cheapspot.store import Store
     from cheapspot_worker.tiny import build_adapter
 
     store = Store(bucket_uri.rstrip("/") + "/")
     out: dict[str, str] = {}
-    for seed, name in enumerate(names, start=1):
+    for seed, name in enumerate(names, start=first_seed):
         directory = build_adapter(workdir / f"adapter-{name}", model_dir, r=4, seed=seed)
         files = {
             p.name: p for p in sorted(directory.iterdir()) if p.is_file() and p.suffix != ".md"
         }
-        store.publish(f"adapters/{name}/", files)
-        out[name] = store.uri(f"adapters/{name}/")
+        store.publish(f"{prefix}/{name}/", files)
+        out[name] = store.uri(f"{prefix}/{name}/")
     return out
 
 
